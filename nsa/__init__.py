@@ -1,0 +1,8 @@
+"""nsa: Native Sparse Attention, a pure-PyTorch reference, Triton kernels and a verification harness."""
+
+from nsa.config import NSAConfig
+from nsa.functional import NSAInfo, compressed_cu_seqlens, nsa_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["NSAConfig", "NSAInfo", "compressed_cu_seqlens", "nsa_attention", "__version__"]

@@ -1,0 +1,58 @@
+"""Backend choice for the NSA ops: which implementation runs, and why (recorded, never silent)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from nsa.ops.reference import nsa_reference
+
+BACKEND_CHOICES = ("auto", "reference", "triton")
+
+# name -> callable with nsa_reference's signature. The Triton package registers itself here.
+_IMPLEMENTATIONS: dict[str, Callable] = {"reference": nsa_reference}
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    """Make ``fn`` (``nsa_reference``'s signature) available as ``backend=name``."""
+    _IMPLEMENTATIONS[name] = fn
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, a Triton switch)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
+    if "triton" not in _IMPLEMENTATIONS:
+        try:
+            import nsa.kernels  # noqa: F401  (registers the backend when the kernels are present)
+        except ImportError as exc:
+            return False, f"Triton kernels unavailable: {exc}"
+    if "triton" not in _IMPLEMENTATIONS:
+        return False, "Triton kernels are not part of this build"
+    if q.is_cuda or triton_interpreting():
+        return True, "CUDA tensors" if q.is_cuda else "TRITON_INTERPRET=1 (CPU interpreter)"
+    return False, f"inputs are on {q.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
+    """``(name, reason)`` of the backend that will run for ``backend`` and these inputs."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "reference":
+        return "reference", "requested"
+    ok, why = _triton_status(q)
+    if backend == "triton":
+        if not ok:
+            raise RuntimeError(f"backend='triton' cannot run: {why}")
+        return "triton", "requested"
+    if ok and q.is_cuda:
+        return "triton", f"auto: {why}"
+    return "reference", f"auto: {why if not ok else 'CPU tensors'}"
+
+
+def run_backend(name: str, *args, **kwargs):
+    return _IMPLEMENTATIONS[name](*args, **kwargs)

@@ -1,0 +1,8 @@
+"""The verification suites. Importing this package registers every suite module listed here."""
+
+import importlib
+
+SUITE_MODULES: tuple[str, ...] = ()
+
+for _module in SUITE_MODULES:
+    importlib.import_module(f"suites.{_module}")
