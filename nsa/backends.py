@@ -11,7 +11,7 @@ from nsa.ops.reference import nsa_reference
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
 
-# name -> callable with nsa_reference's signature. The Triton package registers itself here.
+# name -> callable with nsa_reference's signature; "triton" is added on first use.
 _IMPLEMENTATIONS: dict[str, Callable] = {"reference": nsa_reference}
 
 
@@ -28,9 +28,10 @@ def triton_interpreting() -> bool:
 def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
     if "triton" not in _IMPLEMENTATIONS:
         try:
-            import nsa.kernels  # noqa: F401  (registers the backend when the kernels are present)
+            from nsa.ops.triton_nsa import nsa_triton
         except ImportError as exc:
             return False, f"Triton kernels unavailable: {exc}"
+        register_backend("triton", nsa_triton)
     if "triton" not in _IMPLEMENTATIONS:
         return False, "Triton kernels are not part of this build"
     if q.is_cuda or triton_interpreting():

@@ -1,0 +1,116 @@
+"""`nsa bench`: NSA against dense attention (torch SDPA, FlashAttention-2 and cuDNN backends) and
+fla-core's ``parallel_nsa``, all in one process on one card."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from nsa.bench.prefill import HEAD_DIMS, SEQ_LENS
+
+
+def _parse_head_dims(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            dk, _, dv = item.partition("/")
+            pairs.append((int(dk), int(dv or dk)))
+        except ValueError:
+            raise click.BadParameter(f"expected DK/DV pairs like 128/128,192/128, got {item!r}",
+                                     param_hint="--head-dims") from None
+    return pairs
+
+
+def _parse_ints(text: str, hint: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=hint) from None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
+    """Bench rows as one Parquet table per run, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    target = out_dir / "bench" / f"run={run_id}"
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{kind}.parquet"
+    table = pa.Table.from_pylist(rows)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@click.group("bench", invoke_without_command=True)
+@click.option("--seq-lens", default=",".join(map(str, SEQ_LENS)), show_default=True,
+              help="Comma-separated sequence lengths.")
+@click.option("--head-dims", default=",".join(f"{a}/{b}" for a, b in HEAD_DIMS), show_default=True,
+              help="Comma-separated DK/DV pairs.")
+@click.option("--peer/--no-peer", default=True, show_default=True, help="Also time fla-core's parallel_nsa.")
+@click.option("--breakdown/--no-breakdown", default=True, show_default=True, help="Per-branch kernel times.")
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Where the result table goes (reports/bench/run=<id>/prefill.parquet).")
+@click.pass_context
+def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdown: bool, out_dir: str) -> None:
+    """Prefill benchmark (default): forward, backward, forward+backward, peak memory and ratios."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from nsa.bench import prefill
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("nsa bench needs a CUDA device (none is visible to torch)")
+    lengths = _parse_ints(seq_lens, "--seq-lens")
+    dims = _parse_head_dims(head_dims)
+    console = Console()
+    card = torch.cuda.get_device_name()
+    rows = []
+    for dk, dv in dims:
+        for n in lengths:
+            console.print(f"[dim]T={n} Dk={dk} Dv={dv} ...[/dim]")
+            group = prefill.dense_rows(n, dk, dv) + [prefill.nsa_row(n, dk, dv)]
+            if peer:
+                group.append(prefill.fla_row(n, dk, dv))
+            if breakdown:
+                group += prefill.nsa_branch_rows(n, dk, dv)
+            torch.cuda.empty_cache()
+            rows += group
+    table = Table(title=f"NSA prefill, B=1 HQ=64 HK=4 bf16, paper blocks, {card}")
+    for col in ("impl", "T", "Dk/Dv", "fwd ms", "bwd ms", "f+b ms", "peak GiB",
+                "fwd x cudnn", "bwd x cudnn", "fwd x fa2", "x fla f/b", "note"):
+        table.add_column(col)
+    records = []
+    for r in rows:
+        base = {b.impl: b for b in rows if b.seq_len == r.seq_len and b.head_dim == r.head_dim
+                and b.v_head_dim == r.v_head_dim}
+        cudnn, fa2, fla = base.get("sdpa-cudnn"), base.get("sdpa-flash2"), base.get("fla-parallel_nsa")
+        ratios = {
+            "fwd_x_cudnn": cudnn and prefill.ratio(cudnn, r, "fwd_ms"),
+            "bwd_x_cudnn": cudnn and prefill.ratio(cudnn, r, "bwd_ms"),
+            "fwd_x_flash2": fa2 and prefill.ratio(fa2, r, "fwd_ms"),
+            "fwd_x_fla": fla and prefill.ratio(fla, r, "fwd_ms"),
+            "bwd_x_fla": fla and prefill.ratio(fla, r, "bwd_ms"),
+        }
+        records.append({**r.as_dict(), **ratios, "device": card, "torch": torch.__version__})
+        table.add_row(r.impl, str(r.seq_len), f"{r.head_dim}/{r.v_head_dim}", _fmt(r.fwd_ms), _fmt(r.bwd_ms),
+                      _fmt(r.fwdbwd_ms), _fmt(r.peak_mem_gib), _fmt(ratios["fwd_x_cudnn"]),
+                      _fmt(ratios["bwd_x_cudnn"]), _fmt(ratios["fwd_x_flash2"]),
+                      f"{_fmt(ratios['fwd_x_fla'])}/{_fmt(ratios['bwd_x_fla'])}", r.note[:40])
+    path = _write_rows(records, Path(out_dir), "prefill")
+    console.print(table)
+    console.print(f"rows written to {path}")
+    click.echo(json.dumps({"rows": len(records), "path": str(path)}))

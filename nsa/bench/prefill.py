@@ -1,0 +1,200 @@
+"""Prefill (training) benchmark: NSA forward/backward beside dense attention and a peer NSA.
+
+Every number of one run comes from the same process on the same card, so the ratios are
+meaningful. Times are medians of ``triton.testing.do_bench`` after warm-up on random data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nsa.config import NSAConfig
+
+SEQ_LENS = (8192, 16384, 32768, 65536, 131072)
+HEAD_DIMS = ((128, 128), (192, 128))
+
+
+@dataclass
+class BenchRow:
+    """One implementation at one shape. Times in milliseconds; ``None`` when it cannot run (see ``note``)."""
+
+    impl: str
+    seq_len: int
+    head_dim: int
+    v_head_dim: int
+    fwd_ms: float | None = None
+    bwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    peak_mem_gib: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _time_fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> tuple[float, float, float, float]:
+    """(fwd, bwd, fwd+bwd) medians in ms and the peak memory of one fwd+bwd in GiB."""
+    fwd = _bench(forward)
+    out = forward()
+    grad = torch.randn_like(out)
+
+    def backward():
+        for x in inputs:
+            x.grad = None
+        out.backward(grad, retain_graph=True)
+
+    bwd = _bench(backward)
+
+    def both():
+        for x in inputs:
+            x.grad = None
+        forward().backward(grad)
+
+    fwdbwd = _bench(both)
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    both()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return fwd, bwd, fwdbwd, peak
+
+
+def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = 64, num_kv_heads: int = 4,
+               dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
+    """torch SDPA dense causal with the FlashAttention-2 backend and with the cuDNN backend.
+
+    K/V are expanded to all query heads outside the timed region (both backends then run MHA).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    q = torch.randn(1, num_heads, seq_len, head_dim, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, num_kv_heads, seq_len, head_dim, device=dev, dtype=dtype)
+    v = torch.randn(1, num_kv_heads, seq_len, v_head_dim, device=dev, dtype=dtype)
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, 1).requires_grad_()
+    v = v.repeat_interleave(group, 1).requires_grad_()
+    rows = []
+    for name, backend in (("sdpa-flash2", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        row = BenchRow(name, seq_len, head_dim, v_head_dim)
+        try:
+            with sdpa_kernel([backend]):
+                row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+        except RuntimeError as exc:  # e.g. FlashAttention-2 rejects Dk != Dv
+            row.note = f"cannot run: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+    return rows
+
+
+def nsa_inputs(config: NSAConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random q, k, v, gates of one sequence for ``config`` (leaf tensors that require grad)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+
+    return {
+        "q": rand(1, seq_len, config.num_heads, config.head_dim),
+        "k": rand(1, seq_len, config.num_kv_heads, config.head_dim),
+        "v": rand(1, seq_len, config.num_kv_heads, config.v_head_dim),
+        "gates": torch.rand(1, seq_len, config.num_heads, 3, device=device, dtype=dtype,
+                            generator=gen).requires_grad_(),
+    }
+
+
+def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton",
+            dtype: torch.dtype = torch.bfloat16) -> BenchRow:
+    """Our NSA (paper block sizes, mean phi so that only attention is timed)."""
+    from nsa.functional import nsa_attention
+
+    config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
+    x = nsa_inputs(config, seq_len, dtype)
+    row = BenchRow(f"nsa-{backend}", seq_len, head_dim, v_head_dim)
+    row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
+        lambda: nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend=backend), list(x.values()))
+    return row
+
+
+def fla_row(seq_len: int, head_dim: int, v_head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BenchRow:
+    """fla-core's ``parallel_nsa`` in its own configuration: mean pooling, l = d = l' = 64, no window."""
+    row = BenchRow("fla-parallel_nsa", seq_len, head_dim, v_head_dim)
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except ImportError as exc:
+        row.note = f"fla-core not installed ({exc}); pip install 'nsa[bench]'"
+        return row
+    config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
+    x = nsa_inputs(config, seq_len, dtype)
+    g_cmp = x["gates"][..., 0].detach().contiguous().requires_grad_()
+    g_slc = x["gates"][..., 1].detach().contiguous().requires_grad_()
+    try:
+        row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
+            lambda: parallel_nsa(x["q"], x["k"], x["v"], g_cmp, g_slc, None, block_counts=16,
+                                 block_size=64, window_size=0),
+            [x["q"], x["k"], x["v"], g_cmp, g_slc])
+    except Exception as exc:  # the peer's own limits (e.g. head dims) are reported, not fatal
+        row.note = f"cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return row
+
+
+def ratio(baseline: BenchRow, row: BenchRow, field: str) -> float | None:
+    """``baseline / row`` for a time field: how many times faster ``row`` is."""
+    a, b = getattr(baseline, field), getattr(row, field)
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
+                    dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
+    """Per-branch breakdown of the Triton NSA: each kernel timed alone (forward and backward)."""
+    from nsa.ops.combine import combine_branches
+    from nsa.ops.compressed_attention.triton import compressed_attention_triton
+    from nsa.ops.compression import compress_mean
+    from nsa.ops.selected_attention.triton import selected_attention_triton
+    from nsa.ops.selection.triton import select_blocks_triton
+    from nsa.ops.window_attention.triton import window_attention_triton
+
+    c = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
+    x = nsa_inputs(c, seq_len, dtype)
+    q, k, v = x["q"], x["k"], x["v"]
+    k_cmp = compress_mean(k.detach(), c.compress_block, c.compress_stride).requires_grad_()
+    v_cmp = compress_mean(v.detach(), c.compress_block, c.compress_stride).requires_grad_()
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, block=c.compress_block, stride=c.compress_stride)
+    blocks = select_blocks_triton(q.detach(), k_cmp.detach(), lse.detach(), block=c.compress_block,
+                                  stride=c.compress_stride, select_block=c.select_block,
+                                  select_count=c.select_count)
+    branches = {
+        "compression": (lambda: compressed_attention_triton(q, k_cmp, v_cmp, block=c.compress_block,
+                                                            stride=c.compress_stride)[0], [q, k_cmp, v_cmp]),
+        "selection": (lambda: selected_attention_triton(q, k, v, blocks, select_block=c.select_block)[0],
+                      [q, k, v]),
+        "window": (lambda: window_attention_triton(q, k, v, window=c.window)[0], [q, k, v]),
+    }
+    rows = []
+    for name, (forward, inputs) in branches.items():
+        row = BenchRow(f"nsa-branch-{name}", seq_len, head_dim, v_head_dim)
+        row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(forward, inputs)
+        rows.append(row)
+    scoring = BenchRow("nsa-branch-scoring-topn", seq_len, head_dim, v_head_dim, note="forward only (no gradient)")
+    scoring.fwd_ms = _bench(lambda: select_blocks_triton(
+        q.detach(), k_cmp.detach(), lse.detach(), block=c.compress_block, stride=c.compress_stride,
+        select_block=c.select_block, select_count=c.select_count))
+    rows.append(scoring)
+    o = torch.randn(1, seq_len, c.num_heads, v_head_dim, device="cuda", dtype=dtype)
+    gates = x["gates"].detach()
+    combine = BenchRow("nsa-branch-gate-combine", seq_len, head_dim, v_head_dim, note="forward only")
+    combine.fwd_ms = _bench(lambda: combine_branches(o, o, o, gates))
+    rows.append(combine)
+    return rows
