@@ -68,15 +68,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      plan: Callable[[int, int], tuple[int, int, torch.Tensor]],
+                      plan: Callable[[int, int], tuple[int, int, torch.Tensor]], *, upcast: bool = True,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :func:`masked_attention` chunk by chunk over the queries.
 
     ``plan(q_start, q_end)`` returns ``(k_start, k_end, allowed)``: the key slice the query rows
     ``[q_start, q_end)`` may read and the mask over it (broadcastable to
-    ``[B, q_end - q_start, HK, k_end - k_start]``).
+    ``[B, q_end - q_start, HK, k_end - k_start]``). ``upcast=False`` computes in the input dtype
+    (the "same low precision" baseline that kernel tolerances are measured against).
     """
-    dtype = compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype) if upcast else q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batch, q_len, num_heads, _ = q.shape
     per_query = max(1, batch * num_heads * max(k.shape[1], 1))

@@ -17,7 +17,7 @@ def visible_compressed(positions: torch.Tensor, block: int, stride: int) -> torc
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *, block: int,
-                         stride: int, scale: float | None = None, q_offset: int = 0,
+                         stride: int, scale: float | None = None, q_offset: int = 0, upcast: bool = True,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over the compressed tokens visible to it.
 
@@ -27,6 +27,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         v_cmp: ``[B, N, HK, Dv]``.
         block, stride: ``l`` and ``d``.
         scale: defaults to ``1/sqrt(Dk)``.
+        upcast: compute in float32 (float64 stays float64); ``False`` computes in the input dtype.
         q_offset: absolute position of the first query.
 
     Returns:
@@ -43,5 +44,5 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         allowed = torch.arange(k_end, device=device)[None, :] < visible[:, None]
         return 0, k_end, allowed[None, :, None, :]
 
-    o, lse = chunked_attention(q, k_cmp, v_cmp, scale, plan)
+    o, lse = chunked_attention(q, k_cmp, v_cmp, scale, plan, upcast=upcast)
     return o.to(q.dtype), lse

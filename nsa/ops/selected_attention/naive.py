@@ -30,7 +30,7 @@ def selected_positions_mask(block_indices: torch.Tensor, positions: torch.Tensor
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
-                       *, select_block: int, scale: float | None = None, q_offset: int = 0,
+                       *, select_block: int, scale: float | None = None, q_offset: int = 0, upcast: bool = True,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over the positions ``<= t`` of its selected blocks.
 
@@ -42,6 +42,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
             every query head of a group reads its key/value head's blocks.
         select_block: ``l'``.
         scale: defaults to ``1/sqrt(Dk)``.
+        upcast: compute in float32 (float64 stays float64); ``False`` computes in the input dtype.
 
     Returns:
         ``o [B, Tq, HQ, Dv]`` and ``lse [B, Tq, HQ]`` (float32/float64).
@@ -54,5 +55,5 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         allowed = selected_positions_mask(block_indices[:, start:end], positions, k_end, select_block)
         return 0, k_end, allowed
 
-    o, lse = chunked_attention(q, k, v, scale, plan)
+    o, lse = chunked_attention(q, k, v, scale, plan, upcast=upcast)
     return o.to(q.dtype), lse

@@ -8,7 +8,7 @@ from nsa.ops.attention_core import chunked_attention, default_scale
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                     scale: float | None = None, q_offset: int = 0, k_offset: int = 0,
+                     scale: float | None = None, q_offset: int = 0, k_offset: int = 0, upcast: bool = True,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the query at ``t`` over keys ``max(0, t - window + 1) .. t``.
 
@@ -19,6 +19,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
         v: ``[B, Tk, HK, Dv]``.
         window: ``w``, current token included.
         scale: defaults to ``1/sqrt(Dk)``.
+        upcast: compute in float32 (float64 stays float64); ``False`` computes in the input dtype.
 
     Returns:
         ``o [B, Tq, HQ, Dv]`` and ``lse [B, Tq, HQ]`` (float32/float64).
@@ -33,5 +34,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
         allowed = (keys[None, :] <= positions[:, None]) & (keys[None, :] > positions[:, None] - window)
         return first - k_offset, last - k_offset, allowed[None, :, None, :]
 
-    o, lse = chunked_attention(q, k, v, scale, plan)
+    o, lse = chunked_attention(q, k, v, scale, plan, upcast=upcast)
     return o.to(q.dtype), lse
