@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import torch
 
-# Upper bound on the elements of one chunk's score tensor; keeps the reference within a few
-# hundred MiB at 16k+ tokens on a CPU.
-SCORE_ELEMENTS_PER_CHUNK = 1 << 24
+
+def score_elements_per_chunk(device: torch.device) -> int:
+    """Upper bound on the elements of one chunk's score tensor: a few hundred MiB on a CPU, a few
+    GiB on a GPU (where fewer, larger chunks keep a 64k-token reference call to seconds)."""
+    return 1 << 28 if device.type == "cuda" else 1 << 24
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,7 +83,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batch, q_len, num_heads, _ = q.shape
     per_query = max(1, batch * num_heads * max(k.shape[1], 1))
-    chunk = max(1, min(q_len, SCORE_ELEMENTS_PER_CHUNK // per_query))
+    chunk = max(1, min(q_len, score_elements_per_chunk(q.device) // per_query))
     outputs, lses = [], []
     for start in range(0, q_len, chunk):
         end = min(q_len, start + chunk)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nsa.ops.attention_core import (SCORE_ELEMENTS_PER_CHUNK, compute_dtype, default_scale,
-                                    masked_softmax)
+from nsa.ops.attention_core import (compute_dtype, default_scale, masked_softmax,
+                                    score_elements_per_chunk)
 from nsa.ops.compressed_attention.naive import visible_compressed
 
 
@@ -60,7 +60,7 @@ def selection_block_scores(q: torch.Tensor, k_cmp: torch.Tensor, *, block: int, 
     q, k_cmp = q.to(dtype), k_cmp.to(dtype)
     weights = eq9_weights(k_cmp.shape[1], num_blocks, block=block, stride=stride,
                           select_block=select_block, device=q.device, dtype=dtype)
-    chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // max(1, batch * num_heads * max(k_cmp.shape[1], num_blocks)))
+    chunk = max(1, score_elements_per_chunk(q.device) // max(1, batch * num_heads * max(k_cmp.shape[1], num_blocks)))
     out = []
     for start in range(0, q_len, chunk):
         end = min(q_len, start + chunk)
