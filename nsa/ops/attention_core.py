@@ -29,6 +29,10 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.T
     Returns ``(probs, lse)`` with ``lse`` lacking the last dim. A row with nothing allowed gets
     all-zero probabilities and ``lse = -inf``; its gradients stay finite (no NaN).
     """
+    if scores.shape[-1] == 0:
+        # No keys at all (e.g. every query of a chunk precedes the first compressed block):
+        # amax over an empty dim would raise.
+        return scores, scores.new_full(scores.shape[:-1], float("-inf"))
     scores = scores.masked_fill(~allowed, float("-inf"))
     # A fully masked row would give (-inf) - (-inf) = NaN; shift it by 0 instead.
     row_max = scores.amax(dim=-1, keepdim=True).detach()
