@@ -1,0 +1,448 @@
+"""Compressed-token attention in Triton: forward with log-sum-exp, FlashAttention-2 style backward.
+
+Same function as :func:`nsa.ops.compressed_attention.naive.compressed_attention` (``q_offset = 0``):
+query ``t`` reads compressed token ``i`` iff ``i*stride + block - 1 <= t``; a query that sees none
+gets ``o = 0``, ``lse = -inf`` and zero gradients.
+
+Layout of a program's query tile (shared with the block-selection kernel): the ``G`` query heads
+of one key/value head are folded into the M dimension of every ``tl.dot``. Row ``r`` of a tile is
+position ``t0 + r // GP`` and head ``h*G + r % GP``, where ``GP`` is ``G`` rounded up to a power of
+two (rows with ``r % GP >= G`` are padding and are masked). So each K/V tile is loaded once for
+the whole group, as in the paper's kernel, and a tile holds ``BLOCK_M // GP`` positions.
+
+Argument checking is :mod:`nsa.functional`'s job; these wrappers only assume well-formed input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors, autotuning is bypassed."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int) -> int:
+    """Smallest power of two ``>= max(n, 1)``."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full precision (``tf32`` would cost ~1e-3); 16-bit inputs ignore this."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch(kernel, tuned, grid, args, fixed: dict, interpret_config: dict):
+    """Launch ``tuned`` (the autotuned kernel) or, under the interpreter, ``kernel`` with one config.
+
+    ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs.
+    """
+    if interpreting():
+        meta = {**fixed, **interpret_config}
+        kernel[grid(meta)](*args, **meta)
+    else:
+        tuned[grid](*args, **fixed)
+
+
+def group_configs(block_ms, block_ns, warps_stages):
+    """Cartesian autotune configs over ``BLOCK_M x BLOCK_N x (num_warps, num_stages)``."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m in block_ms for n in block_ns for w, s in warps_stages]
+
+
+def prune_group_rows(configs, named_args, **kwargs):
+    """Drop configs whose tile cannot hold one position's ``GP`` heads, or exceeds 16 positions
+    per tile when ``MAX_POSITIONS`` caps it (the block-selection kernel does)."""
+    gp = named_args.get("GP", kwargs.get("GP"))
+    cap = named_args.get("MAX_POSITIONS", kwargs.get("MAX_POSITIONS", 1 << 30))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= gp and c.kwargs["BLOCK_M"] // gp <= cap]
+    if not kept:  # very large groups: one position per tile
+        base = configs[0]
+        kept = [triton.Config({**base.kwargs, "BLOCK_M": gp}, num_warps=base.num_warps,
+                              num_stages=base.num_stages)]
+    return kept
+
+
+@triton.jit
+def tile_rows(pid_m, T, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Positions, group-local heads and validity of the rows of query tile ``pid_m``."""
+    rows = tl.arange(0, BLOCK_M)
+    pos = pid_m * (BLOCK_M // GP) + rows // GP
+    g = rows % GP
+    return pos, g, (g < G) & (pos < T)
+
+
+@triton.jit
+def visible_count(pos, BLOCK: tl.constexpr, STRIDE: tl.constexpr):
+    """``num_cmp(pos + 1)``: compressed tokens visible to the query at ``pos``."""
+    return tl.where(pos + 1 >= BLOCK, (pos + 1 - BLOCK) // STRIDE + 1, 0)
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
+              DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    col_off = cols.to(tl.int64)
+    # Only tiles past the fully-visible prefix can run past the last compressed token.
+    if MASK:
+        col_ok = cols < tl.max(vis)
+    else:
+        col_ok = cols >= 0
+    k = tl.load(k_base + col_off[:, None] * stride_kn + dk[None, :],
+                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(v_base + col_off[:, None] * stride_vn + dv[None, :],
+                mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK:
+        s = tl.where(cols[None, :] < vis[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK:
+        # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.exp2(s - m_new_safe[:, None])
+    alpha = tl.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
+                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
+                    stride_lb, stride_lt, stride_lh, qk_scale,
+                    G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Later tiles see more keys; launching them first evens out the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    head = (h * G + g).to(tl.int64)
+    pos64 = pos.to(tl.int64)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
+    t0 = pid_m * BLOCK_T
+    # Keys below n_full are visible to every row of the tile: no mask there.
+    n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
+    n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
+    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKP, DVP, BLOCK_N, False, PRECISION)
+    for start in range(n_full, n_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, lse, mask=row_ok)
+
+
+_FWD_CONFIGS = group_configs([64, 128], [64], [(4, 3), (8, 3)]) + group_configs([128], [128], [(8, 2)])
+_cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
+                                 prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, rows, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``delta = rowsum(dO * O)`` over contiguous ``[rows, DV]`` (FlashAttention-2's preprocess)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, DVP)
+    mask = (r < rows)[:, None] & (d < DV)[None, :]
+    o = tl.load(O + r[:, None] * DV + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + r[:, None] * DV + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < rows)
+
+
+@triton.jit
+def _load_query_tile(Q, DO, LSE, DELTA, b, pos64, head, row_ok, stride_qb, stride_qt, stride_qh,
+                     stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+                     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr):
+    """q, dO, lse*log2(e) and delta of a query tile; padding rows load zeros, so they add nothing."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do = tl.load(DO + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+                 mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    row_off = b * stride_lb + pos64 * stride_lt + head * stride_lh
+    lse2 = tl.load(LSE + row_off, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+               stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+               stride_lb, stride_lt, stride_lh, qk_scale,
+               G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    head = (h * G + g).to(tl.int64)
+    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pos.to(tl.int64), head, row_ok,
+                                          stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                          stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASK:
+        # Rows before the key's first reader have lse = -inf (exp2 -> inf); where() drops them.
+        p_t = tl.where(cols[:, None] * STRIDE + BLOCK - 1 <= pos[None, :], p_t, 0.0)
+    dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk_acc, dv_acc
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, T, N, HK,
+                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
+                         stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
+                         stride_lb, stride_lt, stride_lh, qk_scale, scale,
+                         G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                         DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    col_off = cols.to(tl.int64)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    k_ptrs = K + b * stride_kb + h.to(tl.int64) * stride_kh + col_off[:, None] * stride_kn + dk[None, :]
+    v_ptrs = V + b * stride_vb + h.to(tl.int64) * stride_vh + col_off[:, None] * stride_vn + dv[None, :]
+    k = tl.load(k_ptrs, mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(v_ptrs, mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    dk_acc = tl.zeros([BLOCK_N, DKP], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
+    first_reader = pid_n * BLOCK_N * STRIDE + BLOCK - 1
+    last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, N) - 1
+    # From tile m_full on, every row reads every key of this tile.
+    m_start = first_reader // BLOCK_T
+    m_full = tl.minimum(tl.cdiv(last_col * STRIDE + BLOCK - 1, BLOCK_T), tl.cdiv(T, BLOCK_T))
+    for pid_m in range(m_start, m_full):
+        dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+                                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+                                    stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
+                                    DK, DV, DKP, DVP, BLOCK_M, True, PRECISION)
+    for pid_m in range(m_full, tl.cdiv(T, BLOCK_T)):
+        dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+                                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+                                    stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
+                                    DK, DV, DKP, DVP, BLOCK_M, False, PRECISION)
+    tl.store(DK_OUT + b * stride_kb + h.to(tl.int64) * stride_kh + col_off[:, None] * stride_kn + dk[None, :],
+             (dk_acc * scale).to(DK_OUT.dtype.element_ty), mask=col_ok[:, None] & (dk < DK)[None, :])
+    tl.store(DV_OUT + b * stride_vb + h.to(tl.int64) * stride_vh + col_off[:, None] * stride_vn + dv[None, :],
+             dv_acc.to(DV_OUT.dtype.element_ty), mask=col_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
+             DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    col_off = cols.to(tl.int64)
+    if MASK:
+        col_ok = cols < tl.max(vis)
+    else:
+        col_ok = cols >= 0
+    k = tl.load(k_base + col_off[:, None] * stride_kn + dk[None, :],
+                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(v_base + col_off[:, None] * stride_vn + dv[None, :],
+                mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if MASK:
+        p = tl.where(cols[None, :] < vis[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq_acc + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
+                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
+                       stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
+                       stride_lb, stride_lt, stride_lh, qk_scale, scale,
+                       G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    head = (h * G + g).to(tl.int64)
+    pos64 = pos.to(tl.int64)
+    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pos64, head, row_ok,
+                                          stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                          stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
+    vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
+    t0 = pid_m * BLOCK_T
+    n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
+    n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
+    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    dq_acc = tl.zeros([BLOCK_M, DKP], dtype=tl.float32)
+    for start in range(0, n_full, BLOCK_N):
+        dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
+                          qk_scale, DK, DV, DKP, DVP, BLOCK_N, False, PRECISION)
+    for start in range(n_full, n_end, BLOCK_N):
+        dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
+                          qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
+    dk = tl.arange(0, DKP)
+    tl.store(DQ + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+             (dq_acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dk < DK)[None, :])
+
+
+_BWD_CONFIGS = group_configs([64, 128], [64], [(4, 2), (8, 2)])
+_TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
+_cmp_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by={"early_config_prune": prune_group_rows}
+                                      )(_cmp_bwd_dkdv_kernel)
+_cmp_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
+                                    prune_configs_by={"early_config_prune": prune_group_rows}
+                                    )(_cmp_bwd_dq_kernel)
+
+# Interpreter tiles: small enough that the tests' short sequences cross several key and query
+# tiles (masked and unmasked loops both run), large enough to keep numpy busy.
+INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _interpret_tiles(gp: int) -> dict:
+    return {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
+
+
+def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int,
+                     stride: int) -> dict:
+    group = q.shape[2] // k_cmp.shape[2]
+    return dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, DK=q.shape[3], DV=v_cmp.shape[3],
+                DKP=max(16, pow2(q.shape[3])), DVP=max(16, pow2(v_cmp.shape[3])),
+                PRECISION=dot_precision(q.dtype))
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _forward(q, k_cmp, v_cmp, block, stride, scale):
+    batch, seq_len, num_heads, _ = q.shape
+    num_kv = k_cmp.shape[2]
+    o = q.new_empty(batch, seq_len, num_heads, v_cmp.shape[3])
+    lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
+    if seq_len == 0 or batch == 0:
+        return o, lse
+    consts = _shape_constants(q, k_cmp, v_cmp, block, stride)
+    gp = consts["GP"]
+
+    def grid(meta):
+        return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
+
+    args = (q, k_cmp, v_cmp, o, lse, seq_len, num_kv, *_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp),
+            *_strides3(o), *_strides3(lse), scale * LOG2E)
+    launch(_cmp_fwd_kernel, _cmp_fwd_tuned, grid, args, consts, _interpret_tiles(gp))
+    return o, lse
+
+
+def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
+    batch, seq_len, num_heads, _ = q.shape
+    num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k_cmp)
+    dv = torch.zeros_like(v_cmp)
+    if seq_len == 0 or batch == 0 or num_cmp == 0:
+        return dq, dk, dv
+    do = do.contiguous()
+    o = o.contiguous()
+    consts = _shape_constants(q, k_cmp, v_cmp, block, stride)
+    gp = consts["GP"]
+    rows = batch * seq_len * num_heads
+    delta = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
+    block_r = 64
+    _delta_kernel[(triton.cdiv(rows, block_r),)](o, do, delta, rows, DV=consts["DV"], DVP=consts["DVP"],
+                                                BLOCK_R=block_r)
+    # do/o/lse/delta share one set of row strides: make lse contiguous like delta.
+    lse = lse.contiguous()
+    common = (*_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(do), *_strides3(delta),
+              scale * LOG2E, scale)
+    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk, dv, seq_len, num_cmp, num_kv, *common)
+    launch(_cmp_bwd_dkdv_kernel, _cmp_bwd_dkdv_tuned,
+           lambda meta: (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv),
+           dkdv_args, consts, _interpret_tiles(gp))
+    dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
+    launch(_cmp_bwd_dq_kernel, _cmp_bwd_dq_tuned,
+           lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv),
+           dq_args, consts, _interpret_tiles(gp))
+    return dq, dk, dv
+
+
+class _CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block, stride, scale):
+        o, lse = _forward(q, k_cmp, v_cmp, block, stride, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.config = (block, stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k_cmp, v_cmp, o, lse, do, *ctx.config)
+        return dq, dk, dv, None, None, None
+
+
+def compressed_attention_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *, block: int,
+                                stride: int, scale: float | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over compressed tokens, differentiable w.r.t. ``q``, ``k_cmp``, ``v_cmp``.
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` float16/bfloat16/float32, row ``t`` is the query at position ``t``;
+            last dim contiguous.
+        k_cmp: ``[B, N, HK, Dk]``, same dtype, ``HQ % HK == 0``; token ``i`` built from
+            positions ``[i*stride, i*stride + block)``.
+        v_cmp: ``[B, N, HK, Dv]``, same dtype.
+        block, stride: ``l`` and ``d``.
+        scale: softmax scale, default ``1/sqrt(Dk)``.
+
+    Returns:
+        ``o [B, T, HQ, Dv]`` in ``q.dtype`` (0 where a query sees no compressed token) and
+        ``lse [B, T, HQ]`` float32, natural log (``-inf`` there); ``lse`` is not differentiable.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k_cmp, v_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cmp, v_cmp))
+    return _CompressedAttention.apply(q, k_cmp, v_cmp, block, stride, scale)
