@@ -2,7 +2,7 @@
 
 import importlib
 
-SUITE_MODULES: tuple[str, ...] = ()
+SUITE_MODULES: tuple[str, ...] = ("decode",)
 
 for _module in SUITE_MODULES:
     importlib.import_module(f"suites.{_module}")

@@ -1,0 +1,267 @@
+"""`NSAAttention`: the Native Sparse Attention layer (projections, RoPE, learned phi, gates) with
+training/prefill over whole or packed sequences and incremental decode through an `NSACache`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nsa.backends import BACKEND_CHOICES
+from nsa.cache import NSACache
+from nsa.config import NSAConfig
+from nsa.functional import BRANCHES, NSAInfo, nsa_attention
+from nsa.ops.reference import nsa_reference
+from nsa.phi import BlockCompressor
+from nsa.rope import apply_rope, check_rope_dim
+
+
+@dataclass
+class NSADecodeInfo(NSAInfo):
+    """What one cache step did; tensors follow ``x``'s layout (``[B, K, ...]`` or packed ``[1, total_new, ...]``).
+
+    Attributes (besides :class:`~nsa.NSAInfo`'s):
+        selected_blocks: int64 ``[.., HK, n]`` per new token (ascending, ``-1`` padded).
+        reads: ``{"cmp", "slc", "win"} -> int64 [.., HK]``: key positions (compressed tokens for
+            ``cmp``) each new token's branch read, counted from the index ranges the step used.
+        positions: int64 ``[..]`` absolute position of every new token.
+        lengths: int64 ``[num_sequences]`` cache lengths after the step.
+    """
+
+    positions: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+
+def resolve_decode_backend(backend: str) -> tuple[str, str]:
+    """``(name, reason)`` of the backend that runs a cache step; only the reference exists so far."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "triton":
+        raise RuntimeError("backend='triton' has no incremental-decode kernels yet; cache steps run "
+                           "with backend='auto' or 'reference'")
+    return "reference", "requested" if backend == "reference" else "auto: decode runs the reference path"
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor) -> list[int]:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of sequence offsets")
+    if x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, x must be packed as [1, total, d_model], got batch {x.shape[0]}")
+    offsets = cu_seqlens.tolist()
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != x.shape[1] or any(
+            b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at total={x.shape[1]}, "
+                         f"got {offsets}")
+    return offsets
+
+
+class NSAAttention(nn.Module):
+    """Native Sparse Attention layer.
+
+    Args:
+        d_model: width of the layer's input and output.
+        config: the :class:`~nsa.NSAConfig` (``config.head_dim`` must be even for RoPE).
+        rope_theta: RoPE base.
+        phi_hidden: hidden width of the learned phi MLP (``config.phi == "mlp"``); default ``4 * D``.
+        bias: bias on the q/k/v and output projections (the gate always has one).
+
+    Parameters: ``q_proj`` (``d_model -> HQ*Dk``); ``k_proj[branch]``, ``v_proj[branch]`` for each
+    branch ``cmp, slc, win`` (``d_model -> HK*Dk`` / ``HK*Dv``); ``phi_k``, ``phi_v`` (learned phi of
+    the compression branch's keys / values); ``gate_proj`` (``d_model -> HQ*3``, zero-initialised, so
+    sigmoid gates start at 0.5 and softmax gates at 1/3); ``o_proj`` (``HQ*Dv -> d_model``).
+    """
+
+    def __init__(self, d_model: int, config: NSAConfig, *, rope_theta: float = 10000.0,
+                 phi_hidden: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+        check_rope_dim(config.head_dim, "config.head_dim")
+        if not float(rope_theta) > 0:
+            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        self.d_model, self.config, self.rope_theta = d_model, config, float(rope_theta)
+        hq, hk, dk, dv = config.num_heads, config.num_kv_heads, config.head_dim, config.v_head_dim
+        self.q_proj = nn.Linear(d_model, hq * dk, bias=bias)
+        self.k_proj = nn.ModuleDict({b: nn.Linear(d_model, hk * dk, bias=bias) for b in BRANCHES})
+        self.v_proj = nn.ModuleDict({b: nn.Linear(d_model, hk * dv, bias=bias) for b in BRANCHES})
+        self.phi_k = BlockCompressor(config.phi, config.compress_block, config.compress_stride, dk, phi_hidden)
+        self.phi_v = BlockCompressor(config.phi, config.compress_block, config.compress_stride, dv, phi_hidden)
+        self.gate_proj = nn.Linear(d_model, hq * 3)
+        nn.init.zeros_(self.gate_proj.weight)
+        nn.init.zeros_(self.gate_proj.bias)
+        self.o_proj = nn.Linear(hq * dv, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, rope_theta={self.rope_theta}, config={self.config}"
+
+    # ----- pieces ------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> NSACache:
+        """An empty :class:`NSACache` for this layer; dtype/device default to the parameters'."""
+        weight = self.q_proj.weight
+        return NSACache.allocate(self.config, batch_size, max_len, dtype=dtype or weight.dtype,
+                                 device=device if device is not None else weight.device)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor,
+                ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Queries, per-branch keys/values and activated gates of ``x``.
+
+        Args:
+            x: ``[B, T, d_model]``.
+            positions: int64 ``[T]`` or ``[B, T]`` absolute positions (RoPE).
+
+        Returns:
+            ``q [B, T, HQ, Dk]`` (rotated), ``{branch: (k [B, T, HK, Dk] rotated, v [B, T, HK, Dv])}``
+            and ``gates [B, T, HQ, 3]`` (cmp, slc, win), all in ``x``'s dtype.
+        """
+        c = self.config
+        batch, seq_len, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions,
+                       theta=self.rope_theta)
+        kv = {}
+        for branch in BRANCHES:
+            k = self.k_proj[branch](x).view(batch, seq_len, c.num_kv_heads, c.head_dim)
+            v = self.v_proj[branch](x).view(batch, seq_len, c.num_kv_heads, c.v_head_dim)
+            kv[branch] = (apply_rope(k, positions, theta=self.rope_theta), v)
+        logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
+        gates = torch.sigmoid(logits) if c.gate == "sigmoid" else torch.softmax(logits, dim=-1)
+        return q, kv, gates
+
+    def compress_blocks(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi: ``[B, N, l, HK, Dk|Dv]`` raw (rotated) blocks -> ``[B, N, HK, Dk|Dv]`` compressed tokens."""
+        return self.phi_k.compress_blocks(k_blocks), self.phi_v.compress_blocks(v_blocks)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, T, d_model], got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be 3-D [B, T, d_model] (or packed [1, total, d_model] with cu_seqlens), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x's last dim must be d_model={self.d_model}, got shape {tuple(x.shape)}")
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x must have the layer's parameter dtype {weight.dtype}, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"x must be on the layer's device {weight.device}, got {x.device}")
+
+    # ----- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                cache: NSACache | None = None, backend: str = "auto", return_info: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, NSAInfo]:
+        """NSA over ``x``; with ``cache``, append ``x``'s tokens to the cached sequences.
+
+        Args:
+            x: ``[B, T, d_model]``, or packed ``[1, total, d_model]`` with ``cu_seqlens``; the
+                parameters' dtype and device.
+            cu_seqlens: int32/int64 ``[N + 1]`` offsets of the packed sequences (FlashAttention's
+                varlen layout). Without a cache each sequence starts at position 0; with one,
+                entry ``i`` counts sequence ``i``'s new tokens (``N == cache.batch_size``, 0 allowed).
+            cache: an :class:`NSACache` (``new_cache``); without ``cu_seqlens`` ``x`` is
+                ``[cache.batch_size, K, d_model]``, ``K`` new tokens per sequence. Prefilling an empty
+                cache is the same call. The cache path is for inference: it stores detached tensors.
+            backend: ``"auto"``, ``"reference"`` or ``"triton"`` (prefill/training only so far).
+            return_info: also return an :class:`~nsa.NSAInfo` (an :class:`NSADecodeInfo` for cache steps).
+
+        Returns:
+            ``[B, T, d_model]`` (``x``'s shape and dtype), and the info when ``return_info``.
+        """
+        self._check_x(x)
+        offsets = _check_cu_seqlens(cu_seqlens, x) if cu_seqlens is not None else None
+        if cache is not None:
+            return self._step(x, offsets, cache, backend, return_info)
+        return self._prefill(x, cu_seqlens, offsets, backend, return_info)
+
+    def _prefill(self, x, cu_seqlens, offsets, backend, return_info):
+        c = self.config
+        batch, seq_len, _ = x.shape
+        if offsets is None:
+            positions = torch.arange(seq_len, device=x.device)
+        else:
+            starts = torch.tensor(offsets[:-1], device=x.device)
+            counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=x.device)
+            positions = torch.arange(seq_len, device=x.device) - torch.repeat_interleave(starts, counts)
+        q, kv, gates = self.project(x, positions)
+        k_cmp, v_cmp = kv["cmp"]
+        if offsets is None:
+            compressed = (self.phi_k(k_cmp), self.phi_v(v_cmp))
+        else:
+            pieces = [(self.phi_k(k_cmp[:, a:b]), self.phi_v(v_cmp[:, a:b])) for a, b in zip(offsets, offsets[1:])]
+            compressed = (torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1))
+        result = nsa_attention(q, *kv["slc"], gates, c, compressed_kv=compressed, selection_kv=kv["slc"],
+                               window_kv=kv["win"], cu_seqlens=cu_seqlens, backend=backend,
+                               return_info=return_info)
+        o, info = result if return_info else (result, None)
+        out = self.o_proj(o.reshape(batch, seq_len, c.num_heads * c.v_head_dim))
+        return (out, info) if return_info else out
+
+    def _check_cache(self, cache: NSACache, x: torch.Tensor, num_sequences: int, packed: bool) -> None:
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an nsa.NSACache (layer.new_cache), got {type(cache).__name__}")
+        if cache.config != self.config:
+            raise ValueError(f"cache was allocated for config {cache.config}, the layer has {self.config}")
+        if cache.batch_size != num_sequences:
+            where = "cu_seqlens describes" if packed else "x has batch"
+            raise ValueError(f"cache batch mismatch: the cache holds {cache.batch_size} sequences, "
+                             f"{where} {num_sequences}")
+        if cache.dtype != x.dtype:
+            raise TypeError(f"cache dtype {cache.dtype} must equal x's dtype {x.dtype}")
+        if cache.device != x.device:
+            raise ValueError(f"cache is on {cache.device}, x on {x.device}")
+
+    def _step(self, x, offsets, cache, backend, return_info):
+        c = self.config
+        batch, seq_len, _ = x.shape
+        packed = offsets is not None
+        if not packed:
+            offsets = list(range(0, batch * seq_len + 1, seq_len)) if seq_len else [0] * (batch + 1)
+        counts = [b - a for a, b in zip(offsets, offsets[1:])]
+        self._check_cache(cache, x, len(counts), packed)
+        cache.check_room(counts)
+        name, reason = resolve_decode_backend(backend)
+        tokens = x.reshape(1, batch * seq_len, self.d_model)
+        old_lengths = cache.lengths.tolist()
+        positions = torch.cat([torch.arange(n, device=x.device) + s for n, s in zip(counts, old_lengths)])
+        q, kv, gates = self.project(tokens, positions[None])
+        outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
+        for index, (start, end) in enumerate(zip(offsets, offsets[1:])):
+            if start == end:
+                continue
+            view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),
+                                compress=self.compress_blocks)
+            o, sel, rd = nsa_reference(q[:, start:end], view.k_cmp, view.v_cmp, view.k_slc, view.v_slc,
+                                       view.k_win, view.v_win, gates[:, start:end], c,
+                                       q_offset=view.q_offset, win_offset=view.win_offset)
+            outputs.append(o)
+            blocks.append(sel)
+            for branch in BRANCHES:
+                reads[branch].append(rd[branch])
+        o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(1, 0, c.num_heads, c.v_head_dim)
+        out = self.o_proj(o.reshape(batch, seq_len, c.num_heads * c.v_head_dim))
+        if not return_info:
+            return out
+
+        def layout(parts: list[torch.Tensor], tail: tuple[int, ...]) -> torch.Tensor:
+            packed = torch.cat(parts, dim=1) if parts else torch.zeros(
+                1, 0, *tail, dtype=torch.int64, device=x.device)
+            return packed.reshape(batch, seq_len, *tail)
+
+        hk = c.num_kv_heads
+        info = NSADecodeInfo(selected_blocks=layout(blocks, (hk, c.select_count)),
+                             reads={b: layout(reads[b], (hk,)) for b in BRANCHES},
+                             backend=name, backend_reason=reason, gate_stats=_gate_stats(gates),
+                             positions=positions.reshape(batch, seq_len), lengths=cache.lengths.clone())
+        return out, info
+
+
+def _gate_stats(gates: torch.Tensor) -> dict[str, tuple[float, float]]:
+    g = gates.detach().float()
+    return {b: (g[..., i].mean().item() if g.numel() else float("nan"),
+                g[..., i].std().item() if g[..., i].numel() > 1 else 0.0) for i, b in enumerate(BRANCHES)}
