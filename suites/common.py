@@ -155,19 +155,28 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return max_abs(a.detach().to(torch.float64) - b.detach().to(b.device, torch.float64))
 
 
-def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Explicit bool ``[T, T]``: query ``i`` may read key ``j`` iff ``j <= i``."""
+def causal_rows(seq_len: int, device: torch.device | str = "cpu",
+                cu_seqlens: torch.Tensor | None = None) -> Callable[[int, int], torch.Tensor]:
+    """Rows ``[start, end)`` of the explicit bool ``[T, T]`` causal mask: query ``i`` may read key
+    ``j`` iff ``j <= i`` (and, for packed sequences, both lie in the same sequence)."""
     pos = torch.arange(seq_len, device=device)
-    return pos[None, :] <= pos[:, None]
+    seq_id = None
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        allowed = pos[None, :] <= pos[start:end, None]
+        if seq_id is not None:
+            allowed &= seq_id[None, :] == seq_id[start:end, None]
+        return allowed
+    return rows
 
 
-def varlen_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Explicit bool ``[total, total]`` for packed sequences: same sequence and ``j <= i``."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device),
-                                     torch.tensor(lengths, device=cu_seqlens.device))
-    same = seq_id[None, :] == seq_id[:, None]
-    return same & causal_mask(int(cu_seqlens[-1]), cu_seqlens.device)
+def causal_mask(seq_len: int, device: torch.device | str = "cpu",
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole explicit bool ``[T, T]`` mask of :func:`causal_rows`."""
+    return causal_rows(seq_len, device, cu_seqlens)(0, seq_len)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
