@@ -91,20 +91,44 @@ def check_reads(config: NSAConfig, reads: dict[str, torch.Tensor], positions: to
     checks.at_most(f"{prefix}reads_formula_minus_counted_max", short_by, config.select_block - 1)
 
 
-def _schedule(params: dict[str, Any], prefill: list[int], final: list[int], rng: random.Random):
-    """New-token counts per step: ``[(counts, padded)]`` growing ``prefill`` to ``final``."""
+def _next_boundaries(config: NSAConfig, length: int) -> dict[str, int]:
+    """The next length ``> length`` at which a compressed block is emitted / a selection block starts."""
+    l, d, sel = config.compress_block, config.compress_stride, config.select_block
+    emit = l if length < l else l + ((length - l) // d + 1) * d
+    return {"emit": emit, "block": ((length - 1) // sel + 1) * sel + 1}
+
+
+def _plan(config: NSAConfig, start: int, final: int, sizes: list[int], rng: random.Random) -> list[int]:
+    """One sequence's new-token counts from ``start`` to ``final``: random ``sizes``, steered so that
+    an emission and a block start are each crossed by a 1-token step and by a multi-token step."""
+    plan, length, missing = [], start, {"emit_single", "emit_multi", "block_single", "block_multi"}
+    while length < final:
+        count = min(rng.choice(sizes), final - length)
+        for kind, boundary in _next_boundaries(config, length).items():
+            if boundary > final or boundary > length + max(count, 1):
+                continue
+            if f"{kind}_single" in missing:
+                count = max(1, boundary - length - 1)  # stop just before it, or take it alone
+            elif f"{kind}_multi" in missing and count < 2 <= final - length:
+                count = 2
+        if count and length:
+            kinds = [k for k, b in _next_boundaries(config, length).items() if b <= length + count]
+            missing -= {f"{k}_{'single' if count == 1 else 'multi'}" for k in kinds}
+        plan.append(count)
+        length += count
+    return plan
+
+
+def _schedule(config: NSAConfig, params: dict[str, Any], prefill: list[int], final: list[int],
+              rng: random.Random) -> list[tuple[list[int], bool]]:
+    """New-token counts per step, ``[(counts per sequence, padded layout)]``, after the prefill."""
     spec = params["steps"]
     if spec.startswith("padded:"):
         sizes = _ints(spec.split(":", 1)[1])
         return [([k] * len(prefill), True) for k in (sizes * params["rounds"])[: params["rounds"]]]
-    sizes, lengths, steps = _ints(spec), list(prefill), []
-    # First a step of single tokens for everyone, then random mixes, so both kinds always occur.
-    while any(n < f for n, f in zip(lengths, final)):
-        counts = [min(f - n, 1 if not steps else rng.choice(sizes)) for n, f in zip(lengths, final)]
-        if sum(counts):
-            steps.append((counts, False))
-            lengths = [n + k for n, k in zip(lengths, counts)]
-    return steps
+    plans = [_plan(config, n, f, _ints(spec), rng) for n, f in zip(prefill, final)]
+    steps = [[p[j] if j < len(p) else 0 for p in plans] for j in range(max(map(len, plans)))]
+    return [(counts, False) for counts in steps if sum(counts)]
 
 
 def _packed(xs: list[torch.Tensor], starts: list[int], counts: list[int]):
@@ -134,7 +158,7 @@ def check_continuity(params: dict[str, Any], checks: Checks) -> None:
     d_model = 2 * config.num_heads * config.head_dim
     layer = NSAAttention(d_model, config).to(device=device, dtype=dtype)
     prefill = _ints(params["prefill"])
-    steps = _schedule(params, prefill, _ints(params["final"]) or prefill, rng)
+    steps = _schedule(config, params, prefill, _ints(params["final"]) or prefill, rng)
     final = [n + sum(counts[i] for counts, _ in steps) for i, n in enumerate(prefill)]
     xs = [torch.randn(1, n, d_model, device=device, dtype=dtype) for n in final]
 
