@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels may only read constexpr globals.
+LOG2E_JIT = tl.constexpr(LOG2E)
+LN2_JIT = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:
@@ -159,7 +161,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
                                   qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2_JIT, float("-inf"))
     tl.store(O + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
     tl.store(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, lse, mask=row_ok)
@@ -193,7 +195,7 @@ def _load_query_tile(Q, DO, LSE, DELTA, b, pos64, head, row_ok, stride_qb, strid
     do = tl.load(DO + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
                  mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     row_off = b * stride_lb + pos64 * stride_lt + head * stride_lh
-    lse2 = tl.load(LSE + row_off, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + row_off, mask=row_ok, other=0.0) * LOG2E_JIT
     delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
     return q, do, lse2, delta
 

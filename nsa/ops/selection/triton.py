@@ -1,0 +1,227 @@
+"""Block selection in Triton: p_cmp -> Eq. 9 -> Eq. 10 group sum -> top-n, in one streaming pass.
+
+Same result as ``select_blocks(selection_block_scores(...))`` of :mod:`nsa.ops.selection.naive`
+(``q_offset = 0``), without ever holding a ``[T, num_compressed]`` or ``[T, num_blocks]`` tensor.
+
+One program owns a tile of positions and all ``G`` query heads of one key/value head (the row
+layout of :mod:`nsa.ops.compressed_attention.triton`). It walks the selection blocks in steps of
+``NB_STEP``; a step loads the ``BLOCK_N`` compressed keys those blocks overlap, recomputes
+``p_cmp = exp(q.k*scale - lse)`` with the compressed attention's log-sum-exp (the "second pass
+over the compressed keys"), sums it over the group's heads (Eq. 10), maps it to block scores with
+the step's slice of Eq. 9 and merges the step's blocks into a running top-n kept in registers.
+
+Eq. 9 windows overlap: block ``j`` reads compressed tokens ``a*j-(b-1) .. a*j+a-1`` (``a = l'/d``,
+``b = l/d``), so consecutive steps share ``b-1`` keys; a step starts its key tile at
+``a*j0 - (b-1)`` and covers ``NB_STEP = (BLOCK_N - b + 1) // a`` whole windows.
+
+Ranking uses one int64 per block: the float bits of its score (scores are >= 0, so the bits
+order like the floats) above ``2^31 - 1 - j``; so larger keys are better blocks and equal scores
+rank the lower index first, exactly the naive stable sort. Forced blocks get the bits of +inf,
+blocks that are neither forced nor candidates get -1 and are never picked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_precision, interpreting, pow2, tile_rows,
+                                                 visible_count)
+
+INDEX_BITS = tl.constexpr(0x7FFFFFFF)
+FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
+
+
+@triton.jit
+def _block_keys(scores, j, cur, in_step, t_ok):
+    """Ranking keys ``[BLOCK_T, NBT]`` of blocks ``j`` (forced +inf, candidates by score, else -1)."""
+    cur = cur[:, None]
+    forced = ((j == 0) | (j == cur) | (j == cur - 1)) & in_step
+    candidate = (j >= 1) & (j <= cur - 2) & in_step
+    # Scores are sums of exp2 >= 0; clamping the bits drops a possible -0.0.
+    bits = tl.maximum(scores.to(tl.int32, bitcast=True), 0).to(tl.int64)
+    low = INDEX_BITS.value - j.to(tl.int64)
+    key = tl.where(candidate, (bits << 32) | low, -1)
+    key = tl.where(forced, FORCED_KEY_HIGH | low, key)
+    return tl.where(t_ok[:, None], key, -1)
+
+
+@triton.jit
+def _largest(keys, WIDTH: tl.constexpr, K: tl.constexpr):
+    """The ``K`` largest of each row of ``keys [R, WIDTH]`` (all distinct), in descending order.
+
+    Rank counting rather than ``tl.topk``: it is as cheap at these widths and runs fast under the
+    interpreter (``tl.topk``'s xor reductions take minutes there).
+    """
+    rank = tl.sum((keys[:, :, None] > keys[:, None, :]).to(tl.int32), axis=1)
+    slot = tl.arange(0, K)[None, None, :]
+    return tl.sum(tl.where(rank[:, :, None] == slot, keys[:, :, None], 0), axis=1)
+
+
+@triton.jit
+def _merge_top(top, key, NP: tl.constexpr):
+    """Running top-n update: the ``NP`` best of ``top [R, NP]`` and ``key [R, NP]``."""
+    merged = tl.reshape(tl.join(top, key), [top.shape[0], 2 * NP])
+    # -1 marks "no block" in several slots; distinct negatives keep ranks unique and below all blocks.
+    merged = tl.where(merged >= 0, merged, -1 - tl.arange(0, 2 * NP)[None, :].to(tl.int64))
+    return _largest(merged, 2 * NP, NP)
+
+
+@triton.jit
+def _select_kernel(Q, K, LSE, OUT, T, HK,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
+                   stride_lb, stride_lt, stride_lh, stride_out_b, stride_out_t, stride_out_h, qk_scale,
+                   G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                   SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, NP: tl.constexpr,
+                   DK: tl.constexpr, DKP: tl.constexpr, PRECISION: tl.constexpr, MAX_POSITIONS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
+    A: tl.constexpr = SELECT_BLOCK // STRIDE
+    B: tl.constexpr = BLOCK // STRIDE
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    head = (h * G + g).to(tl.int64)
+    pos64 = pos.to(tl.int64)
+    dk = tl.arange(0, DKP)
+    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    lse2 = tl.load(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E_JIT
+    vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
+    n_vis = tl.max(vis)
+    t0 = pid_m * BLOCK_T
+    tpos = t0 + tl.arange(0, BLOCK_T)
+    t_ok = tpos < T
+    cur = tpos // SELECT_BLOCK
+    last_block = (tl.minimum(t0 + BLOCK_T, T) - 1) // SELECT_BLOCK
+    # Eq. 9 slice of one step: w[i, k] = #{(m, u): a*k + m - u = i - (b-1)}, step-local i and k.
+    local_i = tl.arange(0, BLOCK_N)[:, None]
+    local_k = tl.arange(0, NBT)[None, :]
+    r = local_i - (B - 1) - A * local_k
+    w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
+    w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float32)
+    in_step = local_k < NB_STEP
+    col_np = tl.arange(0, NP)[None, :]
+    top = tl.full([BLOCK_T, NP], -1, dtype=tl.int64)
+    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    for j0 in range(0, last_block + 1, NB_STEP):
+        cols = A * j0 - (B - 1) + tl.arange(0, BLOCK_N)
+        col_ok = (cols >= 0) & (cols < n_vis)
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + dk[None, :],
+                    mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
+        p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        group_sum = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_N]), axis=1)  # Eq. 10
+        scores = tl.sum(group_sum[:, :, None] * w[None, :, :], axis=1)  # Eq. 9, [BLOCK_T, NBT]
+        key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
+        if NBT > NP:
+            key = _largest(tl.where(key >= 0, key, -1 - local_k.to(tl.int64)), NBT, NP)
+        # Merge only when some block beats a row's current n-th best (keys are unique, -1 aside).
+        nth_best = tl.sum(tl.where(col_np == COUNT - 1, top, 0), axis=1)
+        if tl.max((key > nth_best[:, None]).to(tl.int32)) > 0:
+            top = _merge_top(top, key, NP)
+    # Ascending block order, padding last: the largest of -index (unused slots far below).
+    valid = (top >= 0) & (col_np < COUNT)
+    order = tl.where(valid, (top & INDEX_BITS.value) - INDEX_BITS.value, -(1 << 40) - col_np.to(tl.int64))
+    order = _largest(order, NP, NP)
+    chosen = tl.where(order > -(1 << 40), -order, -1)
+    tl.store(OUT + b * stride_out_b + tpos.to(tl.int64)[:, None] * stride_out_t + h * stride_out_h + col_np,
+             chosen, mask=t_ok[:, None] & (col_np < COUNT))
+
+
+def selection_tiles(block_m: int, block_n: int, *, group_pow2: int, max_positions: int, block: int,
+                    stride: int, select_block: int, count_pow2: int) -> dict:
+    """Tile sizes of the selection kernel for a requested ``(BLOCK_M, BLOCK_N)``, made legal.
+
+    ``BLOCK_M`` holds 1..``max_positions`` whole positions (and >= 16 rows for ``tl.dot``);
+    ``BLOCK_N`` covers at least one Eq. 9 window; ``NBT`` (block slots per step) is a power of two
+    no smaller than the top-n width, so a step's keys merge with the running top-n directly.
+    """
+    a, b = select_block // stride, block // stride
+    block_m = min(max(block_m, 16, group_pow2), max(16, group_pow2 * max_positions))
+    block_n = max(block_n, pow2(a + b - 1))
+    nb_step = (block_n - b + 1) // a
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "NB_STEP": nb_step, "NBT": max(count_pow2, pow2(nb_step))}
+
+
+def _prune_selection(configs, named_args, **kwargs):
+    meta = {**named_args, **kwargs}
+    kept, seen = [], set()
+    for config in configs:
+        tiles = selection_tiles(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], group_pow2=meta["GP"],
+                                max_positions=meta["MAX_POSITIONS"], block=meta["BLOCK"],
+                                stride=meta["STRIDE"], select_block=meta["SELECT_BLOCK"],
+                                count_pow2=meta["NP"])
+        ident = (tuple(sorted(tiles.items())), config.num_warps, config.num_stages)
+        if ident not in seen:
+            seen.add(ident)
+            kept.append(triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages))
+    return kept
+
+
+# NB_STEP/NBT are placeholders: _prune_selection derives them from BLOCK_N and the block sizes.
+_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s)
+                   for m in (64, 128) for w, s in ((4, 2), (8, 2))]
+_select_tuned = triton.autotune(_SELECT_CONFIGS,
+                                key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
+                                prune_configs_by={"early_config_prune": _prune_selection})(_select_kernel)
+
+# Positions per tile, at most: bounds the [positions, BLOCK_N, NBT] Eq. 9 product in registers.
+MAX_POSITIONS = 16
+# Interpreter tiles: short test sequences still cross several steps and query tiles.
+INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
+
+
+def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, block: int, stride: int,
+                         select_block: int, select_count: int, scale: float | None = None) -> torch.Tensor:
+    """Top-n selection blocks per query and key/value head, streamed over the compressed keys.
+
+    Equals ``select_blocks(selection_block_scores(q, k_cmp, ...), ...)`` of the naive code, except
+    where two blocks' scores tie within rounding.
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` float16/bfloat16/float32 (no gradient flows through selection).
+        k_cmp: ``[B, N, HK, Dk]`` compressed keys, same dtype, ``HQ % HK == 0``.
+        lse: ``[B, T, HQ]`` float32 natural-log log-sum-exp of ``q`` over its visible compressed
+            keys, as returned by :func:`compressed_attention_triton` (``-inf`` where none).
+        block, stride, select_block: ``l``, ``d``, ``l'`` (``d | l``, ``d | l'``, ``l <= l'``).
+        select_count: ``n``, forced blocks 0, ``c`` and ``c-1`` included.
+        scale: softmax scale, default ``1/sqrt(Dk)``.
+
+    Returns:
+        int64 ``[B, T, HK, n]``: ascending block indices, then ``-1`` padding.
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv = k_cmp.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    out = torch.empty(batch, seq_len, num_kv, select_count, dtype=torch.int64, device=q.device)
+    if batch == 0 or seq_len == 0:
+        return out
+    q = q.detach()
+    k_cmp = k_cmp.detach()
+    q, k_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cmp))
+    lse = lse.detach().float()
+    group = num_heads // num_kv
+    consts = dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, SELECT_BLOCK=select_block,
+                  COUNT=select_count, NP=pow2(select_count), DK=head_dim, DKP=max(16, pow2(head_dim)),
+                  PRECISION=dot_precision(q.dtype), MAX_POSITIONS=MAX_POSITIONS)
+    gp = consts["GP"]
+
+    def grid(meta):
+        return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
+
+    args = (q, k_cmp, lse, out, seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
+            k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
+    if interpreting():
+        meta = {**consts, **selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
+                                            max_positions=MAX_POSITIONS, block=block, stride=stride,
+                                            select_block=select_block, count_pow2=consts["NP"])}
+        _select_kernel[grid(meta)](*args, **meta)
+    else:
+        _select_tuned[grid](*args, **consts)
+    return out
