@@ -85,7 +85,7 @@ class NSACache:
 
     @classmethod
     def allocate(cls, config: NSAConfig, batch_size: int, max_len: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "NSACache":
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> NSACache:
         """An empty cache (every length 0) for ``batch_size`` sequences of at most ``max_len`` tokens."""
         return cls(config, batch_size, max_len, dtype=dtype, device=device)
 
@@ -110,8 +110,9 @@ class NSACache:
             if count < 0:
                 raise ValueError(f"new-token count of sequence {index} must be >= 0, got {count}")
             if length + count > self.max_len:
-                raise ValueError(f"sequence {index} would reach {length + count} tokens, more than the cache's "
-                                 f"max_len={self.max_len} (it holds {length}); allocate a larger cache")
+                raise ValueError(f"sequence {index} would reach {length + count} tokens, more than the "
+                                 f"cache's max_len={self.max_len} (it holds {length}); "
+                                 "allocate a larger cache")
 
     def append(self, index: int, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,

@@ -4,6 +4,7 @@ training/prefill over whole or packed sequences and incremental decode through a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from nsa.rope import apply_rope, check_rope_dim
 
 @dataclass
 class NSADecodeInfo(NSAInfo):
-    """What one cache step did; tensors follow ``x``'s layout (``[B, K, ...]`` or packed ``[1, total_new, ...]``).
+    """What one cache step did; tensors follow ``x``'s layout (``[B, K, ...]`` or ``[1, total_new, ...]``).
 
     Attributes (besides :class:`~nsa.NSAInfo`'s):
         selected_blocks: int64 ``[.., HK, n]`` per new token (ascending, ``-1`` padded).
@@ -51,7 +52,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor) -> list[int]:
         raise ValueError(f"with cu_seqlens, x must be packed as [1, total, d_model], got batch {x.shape[0]}")
     offsets = cu_seqlens.tolist()
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != x.shape[1] or any(
-            b < a for a, b in zip(offsets, offsets[1:])):
+            b < a for a, b in pairwise(offsets)):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at total={x.shape[1]}, "
                          f"got {offsets}")
     return offsets
@@ -88,8 +89,9 @@ class NSAAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, hq * dk, bias=bias)
         self.k_proj = nn.ModuleDict({b: nn.Linear(d_model, hk * dk, bias=bias) for b in BRANCHES})
         self.v_proj = nn.ModuleDict({b: nn.Linear(d_model, hk * dv, bias=bias) for b in BRANCHES})
-        self.phi_k = BlockCompressor(config.phi, config.compress_block, config.compress_stride, dk, phi_hidden)
-        self.phi_v = BlockCompressor(config.phi, config.compress_block, config.compress_stride, dv, phi_hidden)
+        block, stride = config.compress_block, config.compress_stride
+        self.phi_k = BlockCompressor(config.phi, block, stride, dk, phi_hidden)
+        self.phi_v = BlockCompressor(config.phi, block, stride, dv, phi_hidden)
         self.gate_proj = nn.Linear(d_model, hq * 3)
         nn.init.zeros_(self.gate_proj.weight)
         nn.init.zeros_(self.gate_proj.bias)
@@ -141,8 +143,8 @@ class NSAAttention(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, T, d_model], got {type(x).__name__}")
         if x.dim() != 3:
-            raise ValueError(f"x must be 3-D [B, T, d_model] (or packed [1, total, d_model] with cu_seqlens), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"x must be 3-D [B, T, d_model] (or packed [1, total, d_model] with "
+                             f"cu_seqlens), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x's last dim must be d_model={self.d_model}, got shape {tuple(x.shape)}")
         weight = self.q_proj.weight
@@ -186,14 +188,14 @@ class NSAAttention(nn.Module):
             positions = torch.arange(seq_len, device=x.device)
         else:
             starts = torch.tensor(offsets[:-1], device=x.device)
-            counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=x.device)
+            counts = torch.tensor([b - a for a, b in pairwise(offsets)], device=x.device)
             positions = torch.arange(seq_len, device=x.device) - torch.repeat_interleave(starts, counts)
         q, kv, gates = self.project(x, positions)
         k_cmp, v_cmp = kv["cmp"]
         if offsets is None:
             compressed = (self.phi_k(k_cmp), self.phi_v(v_cmp))
         else:
-            pieces = [(self.phi_k(k_cmp[:, a:b]), self.phi_v(v_cmp[:, a:b])) for a, b in zip(offsets, offsets[1:])]
+            pieces = [(self.phi_k(k_cmp[:, a:b]), self.phi_v(v_cmp[:, a:b])) for a, b in pairwise(offsets)]
             compressed = (torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1))
         result = nsa_attention(q, *kv["slc"], gates, c, compressed_kv=compressed, selection_kv=kv["slc"],
                                window_kv=kv["win"], cu_seqlens=cu_seqlens, backend=backend,
@@ -222,7 +224,7 @@ class NSAAttention(nn.Module):
         packed = offsets is not None
         if not packed:
             offsets = list(range(0, batch * seq_len + 1, seq_len)) if seq_len else [0] * (batch + 1)
-        counts = [b - a for a, b in zip(offsets, offsets[1:])]
+        counts = [b - a for a, b in pairwise(offsets)]
         self._check_cache(cache, x, len(counts), packed)
         cache.check_room(counts)
         name, reason = resolve_decode_backend(backend)
@@ -231,7 +233,7 @@ class NSAAttention(nn.Module):
         positions = torch.cat([torch.arange(n, device=x.device) + s for n, s in zip(counts, old_lengths)])
         q, kv, gates = self.project(tokens, positions[None])
         outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
-        for index, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        for index, (start, end) in enumerate(pairwise(offsets)):
             if start == end:
                 continue
             view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),

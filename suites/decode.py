@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from typing import Any
 
 import torch
 
 from nsa import NSAAttention, NSAConfig
-from nsa.cache import NSACache
 from suites.common import OUTPUT_TOLERANCE, case_seed, config_from, device_of, dtype_of
 from verify.registry import Checks, suite
 
@@ -29,32 +29,38 @@ BRANCHES = ("cmp", "slc", "win")
 # Paper Table 4: expected decode reads (tokens) at these contexts with the default config.
 TABLE4 = {8192: 2048, 16384: 2560, 32768: 3584, 65536: 5632}
 
-SMALL = dict(l=4, d=2, lp=8)
+# Small CI configs: l=4, d=2, l'=8 cross many emissions and blocks within ~40 tokens.
+SMALL = {"l": 4, "d": 2, "lp": 8}
+
+
+def _continuity(heads: int, kv_heads: int, dk: int, dv: int, n: int, w: int, phi: str, gate: str,
+                prefill: str, final: str, steps: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "continuity", "heads": heads, "kv_heads": kv_heads, "dk": dk, "dv": dv, "n": n, "w": w,
+            "phi": phi, "gate": gate, "prefill": prefill, "final": final, "steps": steps, **extra}
 
 
 def _cases(scale: str):
     if scale == "ci":
-        yield "G2-dk8-dv6-n3-w6-mlp-sigmoid", dict(kind="continuity", heads=4, kv_heads=2, dk=8, dv=6, n=3, w=6,
-                                                   phi="mlp", gate="sigmoid", prefill="5,0,17,9",
-                                                   final="29,34,45,26", steps="1,1,2,3,5,0", **SMALL)
-        yield "G1-dk8-dv12-n4-w16-mean-softmax", dict(kind="continuity", heads=3, kv_heads=3, dk=8, dv=12, n=4,
-                                                      w=16, phi="mean", gate="softmax", prefill="1,12,0",
-                                                      final="40,31,27", steps="1,4,7,2", **SMALL)
-        yield "G4-dk4-dv4-n3-w10-mlp-padded", dict(kind="continuity", heads=8, kv_heads=2, dk=4, dv=4, n=3, w=10,
-                                                   phi="mlp", gate="sigmoid", prefill="3,14", final="",
-                                                   steps="padded:1,3,1,6", rounds=16, **SMALL)
-        yield "reads-defaults-8k-64k", dict(kind="reads", contexts="8192,16384,32768,65536,8193,40000,65531", heads=2, kv_heads=1,
-                                            dk=8, dv=8, phi="mean")
-        yield "table4", dict(kind="table4")
+        yield "G2-dk8-dv6-n3-w6-mlp-sigmoid", _continuity(4, 2, 8, 6, 3, 6, "mlp", "sigmoid", "5,0,17,9",
+                                                          "29,34,45,26", "1,1,2,3,5,0", **SMALL)
+        yield "G1-dk8-dv12-n4-w16-mean-softmax", _continuity(3, 3, 8, 12, 4, 16, "mean", "softmax", "1,12,0",
+                                                             "40,31,27", "1,4,7,2", **SMALL)
+        yield "G4-dk4-dv4-n3-w10-mlp-padded", _continuity(8, 2, 4, 4, 3, 10, "mlp", "sigmoid", "3,14", "",
+                                                          "padded:1,3,1,6", rounds=16, **SMALL)
+        yield "reads-defaults-8k-64k", {"kind": "reads", "heads": 2, "kv_heads": 1, "dk": 8, "dv": 8,
+                                        "phi": "mean",
+                                        "contexts": "8192,16384,32768,65536,8193,40000,65531"}
+        yield "table4", {"kind": "table4"}
         return
     for backend, dtype in (("reference", "float64"), ("auto", "float32")):
         yield (f"continuity-8k-64k-{dtype}-{backend}",
-               dict(kind="continuity", heads=16, kv_heads=2, dk=64, dv=64, l=32, d=16, lp=64, n=16, w=512,
-                    phi="mlp", gate="sigmoid", prefill="8190,16380,65000", final="8260,16450,65570",
-                    steps="1,1,1,5,17,33,0", dtype=dtype, backend=backend, needs_gpu=True))
-    yield "reads-defaults-8k-128k", dict(kind="reads", contexts="8192,16384,32768,65536,131072", heads=64,
-                                         kv_heads=4, dk=192, dv=128, phi="mlp", needs_gpu=True)
-    yield "table4", dict(kind="table4")
+               _continuity(16, 2, 64, 64, 16, 512, "mlp", "sigmoid", "8190,16380,65000", "8260,16450,65570",
+                           "1,1,1,5,17,33,0", l=32, d=16, lp=64, dtype=dtype, backend=backend,
+                           needs_gpu=True))
+    yield "reads-defaults-8k-128k", {"kind": "reads", "heads": 64, "kv_heads": 4, "dk": 192, "dv": 128,
+                                     "phi": "mlp", "contexts": "8192,16384,32768,65536,131072",
+                                     "needs_gpu": True}
+    yield "table4", {"kind": "table4"}
 
 
 def _ints(text: str) -> list[int]:
@@ -140,8 +146,8 @@ def _packed(xs: list[torch.Tensor], starts: list[int], counts: list[int]):
 
 def _boundaries(config: NSAConfig, old: int, new: int) -> tuple[int, int]:
     """Compression emissions and selection-block starts among lengths ``old+1 .. new``."""
-    emissions = sum(1 for s in range(old + 1, new + 1)
-                    if s >= config.compress_block and (s - config.compress_block) % config.compress_stride == 0)
+    l, d = config.compress_block, config.compress_stride
+    emissions = sum(1 for s in range(old + 1, new + 1) if s >= l and (s - l) % d == 0)
     block_starts = sum(1 for s in range(old + 1, new + 1) if (s - 1) % config.select_block == 0)
     return emissions, block_starts
 
@@ -181,7 +187,7 @@ def check_continuity(params: dict[str, Any], checks: Checks) -> None:
             info_blocks = info.selected_blocks.flatten(0, 1)
             info_reads = {b: r.flatten(0, 1) for b, r in info.reads.items()}
             bounds = offsets.tolist()
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            for i, (a, b) in enumerate(pairwise(bounds)):
                 outputs[i].append(out[0, a:b])
                 blocks[i].append(info_blocks[a:b])
                 for branch in BRANCHES:
@@ -199,7 +205,7 @@ def check_continuity(params: dict[str, Any], checks: Checks) -> None:
     got = torch.cat([torch.cat(o) for o in outputs])
     got_blocks = torch.cat([torch.cat(b) for b in blocks])
     agree = (got_blocks == ref_info.selected_blocks[0]).all(-1).all(-1)
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for i, (a, b) in enumerate(pairwise(bounds)):
         check_reads(config, {br: torch.cat(reads[i][br]) for br in BRANCHES}, torch.arange(final[i]),
                     checks, f"seq{i}_")
     exact = dtype == torch.float64 and ref_info.backend == "reference"

@@ -28,7 +28,8 @@ class RecordingMean:
 def raw_tokens(count: int, config: NSAConfig = CONFIG) -> list[torch.Tensor]:
     """Random (k_cmp, v_cmp, k_slc, v_slc, k_win, v_win), each ``[count, HK, D]`` float64."""
     hk = config.num_kv_heads
-    return [torch.randn(count, hk, dim, dtype=torch.float64) for dim in (config.head_dim, config.v_head_dim) * 3]
+    dims = (config.head_dim, config.v_head_dim) * 3
+    return [torch.randn(count, hk, dim, dtype=torch.float64) for dim in dims]
 
 
 def grow(cache: NSACache, index: int, raw: list[torch.Tensor], sizes: list[int], compress) -> list[int]:
@@ -98,7 +99,8 @@ def test_selection_cache_keeps_all_and_window_ring_keeps_last_w():
 
 def test_window_memory_does_not_grow_with_context():
     small, large = (NSACache.allocate(CONFIG, 2, n) for n in (64, 4096))
-    assert small.allocated_bytes()["win"] == large.allocated_bytes()["win"] == 2 * CONFIG.window * small.entry_bytes()
+    ring = 2 * CONFIG.window * small.entry_bytes()
+    assert small.allocated_bytes()["win"] == large.allocated_bytes()["win"] == ring
     assert large.allocated_bytes()["slc"] == 64 * small.allocated_bytes()["slc"]
     tiny = NSACache.allocate(CONFIG, 1, 3)
     assert tiny.k_win.shape[1] == 3, "a cache shorter than the window needs no more slots than max_len"
@@ -109,7 +111,8 @@ def test_memory_accounting():
     entry = CONFIG.num_kv_heads * (CONFIG.head_dim + CONFIG.v_head_dim) * 2
     assert cache.entry_bytes() == entry
     assert cache.bytes_per_token() == {"cmp": entry / CONFIG.compress_stride, "slc": entry, "win": 0.0}
-    assert cache.fixed_bytes() == {"cmp": CONFIG.compress_block * entry, "slc": 0, "win": CONFIG.window * entry}
+    assert cache.fixed_bytes() == {"cmp": CONFIG.compress_block * entry, "slc": 0,
+                                   "win": CONFIG.window * entry}
     assert cache.used_bytes(50) == {"cmp": (CONFIG.num_compressed(50) + CONFIG.compress_block) * entry,
                                     "slc": 50 * entry, "win": CONFIG.window * entry}
     assert cache.allocated_bytes() == {
