@@ -106,6 +106,29 @@ def test_decode_step_no_nan_for_first_token():
     assert torch.isfinite(out).all()
     assert info.reads["cmp"].eq(0).all() and info.reads["win"].eq(1).all() and info.reads["slc"].eq(1).all()
     assert info.positions.tolist() == [[0], [0]] and info.lengths.tolist() == [1, 1]
+    assert info.backend == "reference" and info.backend_reason == "auto: decode runs the reference path"
+
+
+@pytest.mark.parametrize("phi", ["mlp", "mean"])
+def test_layer_is_causal(phi):
+    """Changing x after t changes no output at or before t (phi over blocks that end after t, RoPE,
+    the selection and every branch included)."""
+    layer = make_layer(small_config(phi=phi), seed=5)
+    x = torch.randn(1, 30, 16, dtype=torch.float64)
+    base = layer(x)
+    for t in (0, 3, 4, 9, 17, 28):
+        changed = x.clone()
+        changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 3
+        out = layer(changed)
+        assert torch.equal(out[:, :t + 1], base[:, :t + 1]), f"output at or before {t} changed"
+        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:]), "the perturbation did nothing"
+
+
+def test_rope_and_phi_gradcheck():
+    x = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, torch.arange(3, 8)), (x,))
+    phi = BlockCompressor("mlp", 2, 1, 4, hidden=3).double()
+    assert torch.autograd.gradcheck(phi, (x,))
 
 
 # ----- RoPE and phi against independent formulas ----------------------------------------------
