@@ -9,12 +9,24 @@ before t changes the output at t of every branch that reads it, and changes some
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from suites.common import (BRANCHES, PAPER, case_seed, config_from, device_of, dtype_of, generator,
-                           make_inputs, max_abs, one_hot_gates, run_nsa)
+from suites.common import (
+    BRANCHES,
+    PAPER,
+    case_seed,
+    config_from,
+    device_of,
+    dtype_of,
+    generator,
+    make_inputs,
+    max_abs,
+    one_hot_gates,
+    run_nsa,
+)
 from verify.registry import Checks, suite
 
 # Gate settings run side by side as batch rows: each branch alone, then all three (random gates).
@@ -44,7 +56,7 @@ def _cases(scale: str):
 def _positions(params: dict[str, Any], seq_len: int, seed: int) -> list[int]:
     """Boundary positions (before any compressed block, where the first ends, the end of the second
     selection block, the next-to-last) plus a random one; never ``T - 1`` (nothing follows it)."""
-    l, lp = params["l"], params["lp"]  # noqa: E741
+    l, lp = params["l"], params["lp"]
     gen = torch.Generator().manual_seed(seed)
     picks = {0, l - 1, 2 * lp - 1, seq_len - 2}
     picks |= set(torch.randint(1, seq_len - 1, (1,), generator=gen).tolist())
@@ -124,7 +136,8 @@ def causality(params: dict[str, Any], checks: Checks) -> None:
             if after:
                 for r, row in enumerate(GATE_ROWS):
                     change = max_abs(o[r, :t + 1].double() - base_out[r, :t + 1].double())
-                    leak[row] = max(leak[row], change) if change == change else float("nan")
+                    nan = math.isnan(change) or math.isnan(leak[row])
+                    leak[row] = math.nan if nan else max(leak[row], change)
                     if change != 0.0:
                         leaks.append(f"{label} after t={t} -> {row} output (max change {change:.3g})")
                 if not same_selection:

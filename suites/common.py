@@ -216,12 +216,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(out, dim=1)
 
 
-def overlap_tokens(i: int, j: int, l: int, d: int, lp: int) -> int:  # noqa: E741  (paper's name)
+def overlap_tokens(i: int, j: int, l: int, d: int, lp: int) -> int:
     """Tokens compressed block ``i`` ([i*d, i*d+l)) shares with selection block ``j`` ([j*l', (j+1)*l'))."""
     return max(0, min(i * d + l, (j + 1) * lp) - max(i * d, j * lp))
 
 
-def overlap_matrix(num_cmp: int, num_blocks: int, l: int, d: int, lp: int,  # noqa: E741
+def overlap_matrix(num_cmp: int, num_blocks: int, l: int, d: int, lp: int,
                    *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[num_cmp, num_blocks]`` of :func:`overlap_tokens` / d, by interval intersection (vectorised)."""
     i = torch.arange(num_cmp, device=device, dtype=torch.int64)[:, None]
@@ -231,7 +231,7 @@ def overlap_matrix(num_cmp: int, num_blocks: int, l: int, d: int, lp: int,  # no
 
 
 def oracle_head_scores_loops(q_head: list[list[float]], k_cmp_head: list[list[float]], positions: list[int],
-                             l: int, d: int, lp: int, num_blocks: int, scale: float) -> list[list[float]]:  # noqa: E741
+                             l: int, d: int, lp: int, num_blocks: int, scale: float) -> list[list[float]]:
     """Per-query-head Eq. 8 + Eq. 9 in plain Python floats (explicit loops; no torch, no matrix).
 
     ``q_head[r]`` is the query at ``positions[r]``; ``k_cmp_head[i]`` compressed key ``i``.
@@ -268,7 +268,7 @@ def oracle_block_scores(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     """
     batch, q_len, hq, dk = q.shape
     hk = k_cmp.shape[2]
-    l, d = config.compress_block, config.compress_stride  # noqa: E741
+    l, d = config.compress_block, config.compress_stride
     weights = overlap_matrix(k_cmp.shape[1], num_blocks, l, d, config.select_block, dtype=dtype,
                              device=q.device)
     kf = k_cmp.to(dtype).repeat_interleave(hq // hk, dim=2)

@@ -16,9 +16,23 @@ from typing import Any
 import torch
 
 from nsa.ops import select_blocks, selection_block_scores
-from suites.common import (PAPER, brute_force_topn, case_seed, config_from, dense_attention, device_of,
-                           dtype_of, make_inputs, max_err, one_hot_gates, oracle_block_scores,
-                           oracle_dtype, run_nsa, sample_positions, topn_violations)
+from suites.common import (
+    PAPER,
+    brute_force_topn,
+    case_seed,
+    config_from,
+    dense_attention,
+    device_of,
+    dtype_of,
+    make_inputs,
+    max_err,
+    one_hot_gates,
+    oracle_block_scores,
+    oracle_dtype,
+    run_nsa,
+    sample_positions,
+    topn_violations,
+)
 from verify.registry import Checks, suite
 
 
@@ -51,7 +65,7 @@ def _check_group_sharing(params: dict[str, Any], checks: Checks) -> None:
     config = config_from(params)
     device, dtype = device_of(params), dtype_of(params)
     seq_len, group, hk = params["seq_len"], config.group_size, config.num_kv_heads
-    l, d, lp = config.compress_block, config.compress_stride, config.select_block  # noqa: E741
+    l, d, lp = config.compress_block, config.compress_stride, config.select_block
     num_blocks = config.num_select_blocks(seq_len)
     inputs = make_inputs(config, batch=1, seq_len=seq_len, dtype=dtype, device=device, seed=case_seed(params))
     inputs["gates"] = one_hot_gates(inputs["gates"], "slc")
@@ -112,7 +126,7 @@ def _check_topn_rules(params: dict[str, Any], checks: Checks) -> None:
     # The properties the brute force encodes, asserted on their own so a failure names the rule.
     current = torch.arange(seq_len)[:, None] // lp
     real = got >= 0
-    has = lambda j: ((got == j[None, :, None, :]) & real).any(-1)  # noqa: E731
+    has = lambda j: ((got == j[None, :, None, :]) & real).any(-1)
     forced_ok = has(torch.zeros_like(current)).all() and has(current).all() and \
         has(current - 1)[:, current[:, 0] >= 1].all()
     checks.true("forced_blocks_present", bool(forced_ok))

@@ -13,9 +13,20 @@ from typing import Any
 import torch
 
 from nsa.ops import eq9_weights, selection_block_scores
-from suites.common import (PAPER, case_seed, config_from, device_of, dtype_of, make_inputs, max_err,
-                           oracle_block_scores, oracle_head_scores_loops, run_nsa, sample_positions,
-                           topn_violations)
+from suites.common import (
+    PAPER,
+    case_seed,
+    config_from,
+    device_of,
+    dtype_of,
+    make_inputs,
+    max_err,
+    oracle_block_scores,
+    oracle_head_scores_loops,
+    run_nsa,
+    sample_positions,
+    topn_violations,
+)
 from verify.registry import Checks, suite
 
 # (l, d, l') of the ci cases: the paper's, l = d, l = l', l larger than d by 4, tiny ones.
@@ -24,7 +35,7 @@ GEOMETRIES = ((32, 16, 64), (16, 8, 64), (32, 32, 64), (64, 16, 64), (8, 4, 32),
 
 def _cases(scale: str):
     if scale == "ci":
-        for l, d, lp in GEOMETRIES:  # noqa: E741
+        for l, d, lp in GEOMETRIES:
             # Long enough for several selection blocks and a partial last one.
             seq_len = 3 * lp + l + d + 3
             yield f"l{l}-d{d}-lp{lp}", {"heads": 2, "kv_heads": 1, "dk": 8, "dv": 4, "l": l, "d": d, "lp": lp,
@@ -35,7 +46,7 @@ def _cases(scale: str):
                                          "check_rows": 512, "needs_gpu": True}
 
 
-def _token_overlap_weights(num_cmp: int, num_blocks: int, l: int, d: int, lp: int) -> torch.Tensor:  # noqa: E741
+def _token_overlap_weights(num_cmp: int, num_blocks: int, l: int, d: int, lp: int) -> torch.Tensor:
     """``|[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d``, counting token by token."""
     weights = torch.zeros(num_cmp, num_blocks, dtype=torch.float64)
     for i in range(num_cmp):
@@ -62,7 +73,7 @@ def _check_paper_pattern(weights: torch.Tensor, checks: Checks) -> None:
 def eq9(params: dict[str, Any], checks: Checks) -> None:
     config = config_from(params)
     device, dtype = device_of(params), dtype_of(params)
-    l, d, lp = config.compress_block, config.compress_stride, config.select_block  # noqa: E741
+    l, d, lp = config.compress_block, config.compress_stride, config.select_block
     seq_len = params["seq_len"]
     num_cmp, num_blocks = config.num_compressed(seq_len), config.num_select_blocks(seq_len)
 
@@ -88,7 +99,8 @@ def eq9(params: dict[str, Any], checks: Checks) -> None:
     # p_slc sums p_cmp (which sums to 1) with weights totalling l/d per compressed token, per head.
     visible = (torch.arange(seq_len, device=device) + 1 >= l)
     totals = oracle.sum(-1)[:, visible]
-    checks.at_most("block_score_mass_err", max_err(totals, torch.full_like(totals, config.group_size * l / d)),
+    expected_total = torch.full_like(totals, config.group_size * l / d)
+    checks.at_most("block_score_mass_err", max_err(totals, expected_total),
                    1e-9 if oracle.dtype == torch.float64 else 1e-3)
 
     _, info = run_nsa(inputs, config, params, checks)
@@ -106,7 +118,8 @@ def _loop_scores(q: torch.Tensor, k_cmp: torch.Tensor, config, num_blocks: int) 
     positions = list(range(seq_len))
     for b in range(batch):
         for head in range(hq):
-            rows = oracle_head_scores_loops(q[b, :, head].double().tolist(), k_cmp[b, :, head // group].double().tolist(),
+            rows = oracle_head_scores_loops(q[b, :, head].double().tolist(),
+                                            k_cmp[b, :, head // group].double().tolist(),
                                             positions, config.compress_block, config.compress_stride,
                                             config.select_block, num_blocks, dk ** -0.5)
             out[b, :, head // group] += torch.tensor(rows, dtype=torch.float64)

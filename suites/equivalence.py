@@ -16,9 +16,22 @@ from typing import Any
 
 import torch
 
-from suites.common import (OUTPUT_TOLERANCE, PAPER, case_seed, causal_mask, causal_rows, config_from,
-                           dense_attention, device_of, dtype_of, make_inputs, max_err, one_hot_gates,
-                           oracle_dtype, run_nsa)
+from suites.common import (
+    OUTPUT_TOLERANCE,
+    PAPER,
+    case_seed,
+    causal_mask,
+    causal_rows,
+    config_from,
+    dense_attention,
+    device_of,
+    dtype_of,
+    make_inputs,
+    max_err,
+    one_hot_gates,
+    oracle_dtype,
+    run_nsa,
+)
 from verify.registry import Checks, suite
 
 # Small-block geometry for ci cases; each branch then widens what it must (n, w, or l = d = 1).

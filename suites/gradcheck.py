@@ -14,10 +14,26 @@ from typing import Any
 
 import torch
 
-from nsa.ops import (combine_branches, compress_mean, compressed_attention, select_blocks,
-                     selected_attention, window_attention)
-from suites.common import (PAPER, case_seed, config_from, device_of, dtype_of, make_inputs, max_abs,
-                           one_hot_gates, randn, run_nsa)
+from nsa.ops import (
+    combine_branches,
+    compress_mean,
+    compressed_attention,
+    select_blocks,
+    selected_attention,
+    window_attention,
+)
+from suites.common import (
+    PAPER,
+    case_seed,
+    config_from,
+    device_of,
+    dtype_of,
+    make_inputs,
+    max_abs,
+    one_hot_gates,
+    randn,
+    run_nsa,
+)
 from verify.registry import Checks, suite
 
 _TINY = {"heads": 2, "kv_heads": 1, "dk": 3, "dv": 2}
@@ -27,13 +43,14 @@ def _cases(scale: str):
     if scale == "ci":
         yield "compress_mean-l4-d2", {"op": "compress_mean", "l": 4, "d": 2, "seq_len": 11}
         yield "compress_mean-l3-d3", {"op": "compress_mean", "l": 3, "d": 3, "seq_len": 10}
-        yield "compressed_attention-G2", {"op": "compressed_attention", **_TINY, "l": 4, "d": 2, "seq_len": 11}
-        yield "compressed_attention-G1-l=d", {"op": "compressed_attention", "heads": 2, "kv_heads": 2, "dk": 2,
-                                              "dv": 3, "l": 3, "d": 3, "seq_len": 10}
+        yield "compressed_attention-G2", {"op": "compressed_attention", **_TINY, "l": 4, "d": 2,
+                                          "seq_len": 11}
+        yield "compressed_attention-G1-l=d", {"op": "compressed_attention", "heads": 2, "kv_heads": 2,
+                                              "dk": 2, "dv": 3, "l": 3, "d": 3, "seq_len": 10}
         yield "selected_attention-G2", {"op": "selected_attention", **_TINY, "lp": 3, "n": 3, "seq_len": 13}
         yield "window_attention-G2-w3", {"op": "window_attention", **_TINY, "w": 3, "seq_len": 10}
-        yield "window_attention-G1-w1", {"op": "window_attention", "heads": 2, "kv_heads": 2, "dk": 2, "dv": 3,
-                                         "w": 1, "seq_len": 6}
+        yield "window_attention-G1-w1", {"op": "window_attention", "heads": 2, "kv_heads": 2, "dk": 2,
+                                         "dv": 3, "w": 1, "seq_len": 6}
         yield "combine_branches", {"op": "combine_branches", **_TINY, "seq_len": 7}
         e2e = {**_TINY, "l": 4, "d": 2, "lp": 4, "n": 4, "w": 3, "seq_len": 17}
         yield "nsa_attention-mean", {"op": "nsa_attention", **e2e, "phi": "mean"}
@@ -50,8 +67,9 @@ def _cases(scale: str):
     for phi in ("mean", "mlp"):
         for label, lengths in (("T1", "1"), ("T31-lt-l", "31"), ("T63-lt-lp", "63"),
                                ("varlen-edges", "1,0,31,600,2,8192")):
-            yield f"finite-{label}-{phi}-paper-bf16", {"op": "finite", **PAPER, "phi": phi, "dtype": "bfloat16",
-                                                       "lengths": lengths, "needs_gpu": True}
+            yield f"finite-{label}-{phi}-paper-bf16", {"op": "finite", **PAPER, "phi": phi,
+                                                       "lengths": lengths, "dtype": "bfloat16",
+                                                       "needs_gpu": True}
 
 
 @suite("gradcheck", "float64 gradcheck of every sub-op and of nsa_attention; no NaN/inf in forward "
@@ -81,7 +99,7 @@ def gradcheck(params: dict[str, Any], checks: Checks) -> None:
     checks.true("finite_forward", all(bool(torch.isfinite(o).all()) for o in outputs))
     checks.true("finite_grads", all(g is None or bool(torch.isfinite(g).all()) for g in grads))
     if op == "compressed_attention":
-        l = params["l"]  # noqa: E741
+        l = params["l"]
         # Queries with no visible compressed block (t + 1 < l) get exactly 0.
         checks.equal("max_abs_output_before_first_block", max_abs(outputs[0][:, :l - 1]), 0.0)
 
@@ -96,15 +114,16 @@ def _qkv(params: dict[str, Any], gen: torch.Generator) -> list[torch.Tensor]:
 
 
 def _compress_mean(params, gen):
-    l, d = params["l"], params["d"]  # noqa: E741
+    l, d = params["l"], params["d"]
     return (lambda x: compress_mean(x, l, d)), [_draw(gen, 2, params["seq_len"], 2, 3)]
 
 
 def _compressed_attention(params, gen):
-    l, d, t = params["l"], params["d"], params["seq_len"]  # noqa: E741
+    l, d, t = params["l"], params["d"], params["seq_len"]
     q, _, _ = _qkv(params, gen)
     n = (t - l) // d + 1
-    k_cmp, v_cmp = _draw(gen, 1, n, params["kv_heads"], params["dk"]), _draw(gen, 1, n, params["kv_heads"], params["dv"])
+    k_cmp = _draw(gen, 1, n, params["kv_heads"], params["dk"])
+    v_cmp = _draw(gen, 1, n, params["kv_heads"], params["dv"])
     # lse is -inf for queries with no visible block, so only the output is differentiated.
     return (lambda q, k, v: compressed_attention(q, k, v, block=l, stride=d)[0]), [q, k_cmp, v_cmp]
 
