@@ -167,7 +167,9 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     tl.store(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
-_FWD_CONFIGS = group_configs([64, 128], [64], [(4, 3), (8, 3)]) + group_configs([128], [128], [(8, 2)])
+# Few configs: each costs a compile per (G, head dims) on first use.
+_FWD_CONFIGS = (group_configs([128], [64], [(8, 3)]) + group_configs([64], [64], [(4, 3)])
+                + group_configs([128], [128], [(8, 2)]))
 _cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
 
@@ -330,7 +332,7 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
              (dq_acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
-_BWD_CONFIGS = group_configs([64, 128], [64], [(4, 2), (8, 2)])
+_BWD_CONFIGS = group_configs([128], [64], [(8, 2)]) + group_configs([64], [64], [(4, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows}

@@ -165,7 +165,7 @@ def _prune_selection(configs, named_args, **kwargs):
 
 # NB_STEP/NBT are placeholders: _prune_selection derives them from BLOCK_N and the block sizes.
 _SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s)
-                   for m in (64, 128) for w, s in ((4, 2), (8, 2))]
+                   for m, w, s in ((128, 8, 2), (64, 4, 2))]
 _select_tuned = triton.autotune(_SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})(_select_kernel)
