@@ -69,10 +69,10 @@ def _cases(scale: str):
                        _branch_params(branch, base, longest))
         return
     for branch in ("slc", "win", "cmp"):
-        for seq_len in (8192, 32768):
-            base = {**PAPER, "phi": "mean", "dtype": "bfloat16", "layout": "batch", "batch": 1,
+        for seq_len, dtype, batch in ((8192, "bfloat16", 2), (8192, "float16", 1), (32768, "bfloat16", 1)):
+            base = {**PAPER, "phi": "mean", "dtype": dtype, "layout": "batch", "batch": batch,
                     "seq_len": seq_len, "branch": branch, "needs_gpu": True}
-            yield f"{branch}-paper-T{seq_len}-bf16", _branch_params(branch, base, seq_len)
+            yield f"{branch}-paper-B{batch}-T{seq_len}-{dtype}", _branch_params(branch, base, seq_len)
     base = {**PAPER, "phi": "mean", "dtype": "bfloat16", "layout": "varlen", "branch": "win",
             "lengths": "8192,1,30000,4095,20480", "needs_gpu": True}
     yield "win-paper-varlen-bf16", _branch_params("win", base, 30000)
