@@ -119,3 +119,17 @@ def needle(params: dict[str, Any], checks: Checks) -> None:
     cos = torch.nn.functional.cosine_similarity(out[:, -1].float(), target[None], dim=-1)  # [2, HQ]
     checks.at_least("min_cosine_last_output_vs_needle_value", float(cos[0].min()), COSINE_BOUND)
     checks.record("min_cosine_with_initial_gates", float(cos[1].min()))
+
+
+def _plot_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """The planted haystack of kv head 0 for ``nsa report plot``: ``q [1, T, G, Dk]``,
+    ``k [1, T, 1, Dk]`` (CPU, float32) and the config of that one group."""
+    config = config_from(params)
+    q, k, _, _, _ = _haystack(params, config, torch.device("cpu"), torch.float32)
+    group = config.group_size
+    return {"q": q[:, :, :group], "k": k[:, :, :1],
+            "config": config.replace(num_heads=group, num_kv_heads=1)}
+
+
+# Set after decoration so this module also imports with a registry that predates the hook.
+needle.plot_inputs = _plot_inputs
