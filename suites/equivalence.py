@@ -84,22 +84,21 @@ def equivalence(params: dict[str, Any], checks: Checks) -> None:
     config = config_from(params)
     device, dtype = device_of(params), dtype_of(params)
     seed = case_seed(params)
+    branch = params["branch"]
     if params["layout"] == "varlen":
         lengths = [int(x) for x in str(params["lengths"]).split(",")]
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
                                   device=device)
-        total = int(cu_seqlens[-1])
-        inputs = make_inputs(config, batch=1, seq_len=total, dtype=dtype, device=device, seed=seed)
-        seq_len = total
+        batch, seq_len, longest = 1, int(cu_seqlens[-1]), max(lengths)
         extra = {"cu_seqlens": cu_seqlens}
-        longest = max(lengths)
     else:
-        seq_len = params["seq_len"]
-        inputs = make_inputs(config, batch=params["batch"], seq_len=seq_len, dtype=dtype, device=device,
-                             seed=seed)
+        batch, seq_len, longest = params["batch"], params["seq_len"], params["seq_len"]
         cu_seqlens, extra = None, {}
-        longest = seq_len
-    branch = params["branch"]
+    # The selection and window branches get their own keys/values (as in the layer), so reading
+    # the wrong branch's projections fails the comparison.
+    inputs = make_inputs(config, batch=batch, seq_len=seq_len, dtype=dtype, device=device, seed=seed,
+                         selection_kv=branch == "slc", window_kv=branch == "win")
+    keys, values = {"slc": ("k_slc", "v_slc"), "win": ("k_win", "v_win")}.get(branch, ("k", "v"))
     # The precondition of each equivalence, recorded so a changed case cannot pass vacuously.
     if branch == "slc":
         checks.at_least("n_times_lp_minus_S", config.select_count * config.select_block - longest, 0)
@@ -113,7 +112,7 @@ def equivalence(params: dict[str, Any], checks: Checks) -> None:
     # The whole explicit [T, T] mask where it is small; its rows on demand for 32k-token cases.
     mask = (causal_mask(seq_len, device, cu_seqlens) if seq_len <= 8192
             else causal_rows(seq_len, device, cu_seqlens))
-    ref = dense_attention(inputs["q"], inputs["k"], inputs["v"], mask, dtype=oracle_dtype(device))
+    ref = dense_attention(inputs["q"], inputs[keys], inputs[values], mask, dtype=oracle_dtype(device))
     checks.at_most("max_abs_err_vs_masked_attention", max_err(out, ref), OUTPUT_TOLERANCE[params["dtype"]])
     checks.record("max_abs_ref", float(ref.abs().max()))
 
