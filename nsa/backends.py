@@ -10,6 +10,7 @@ import torch
 from nsa.ops.reference import nsa_reference
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # name -> callable with nsa_reference's signature; "triton" is added on first use.
 _IMPLEMENTATIONS: dict[str, Callable] = {"reference": nsa_reference}
@@ -34,6 +35,8 @@ def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
         register_backend("triton", nsa_triton)
     if "triton" not in _IMPLEMENTATIONS:
         return False, "Triton kernels are not part of this build"
+    if q.dtype not in TRITON_DTYPES:
+        return False, f"Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     if q.is_cuda or triton_interpreting():
         return True, "CUDA tensors" if q.is_cuda else "TRITON_INTERPRET=1 (CPU interpreter)"
     return False, f"inputs are on {q.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"

@@ -12,3 +12,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest-xdist runs one worker per core; one intra-op thread per worker avoids oversubscription.
+torch.set_num_threads(1)
