@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nsa.config import NSAConfig
+
 from nsa.ops.compressed_attention.naive import visible_compressed
 
 
@@ -31,3 +33,25 @@ def selected_reads(block_indices: torch.Tensor, positions: torch.Tensor, *, sele
 def window_reads(positions: torch.Tensor, *, window: int) -> torch.Tensor:
     """Keys read by the window branch: the range ``[max(0, t - w + 1), t]``."""
     return positions - (positions - window + 1).clamp(min=0) + 1
+
+
+def branch_reads(block_indices: torch.Tensor, q_offset: int, config: NSAConfig) -> dict[str, torch.Tensor]:
+    """All three branches' reads for queries at ``q_offset ..`` given their selected blocks.
+
+    Args:
+        block_indices: int ``[B, Tq, HK, n]``.
+
+    Returns:
+        ``{"cmp", "slc", "win"} -> int64 [B, Tq, HK]``.
+    """
+    shape = block_indices.shape[:3]
+    positions = torch.arange(q_offset, q_offset + shape[1], device=block_indices.device)
+    per_position = {
+        "cmp": compressed_reads(positions, block=config.compress_block, stride=config.compress_stride),
+        "win": window_reads(positions, window=config.window),
+    }
+    return {
+        "cmp": per_position["cmp"][None, :, None].expand(shape),
+        "slc": selected_reads(block_indices, positions, select_block=config.select_block),
+        "win": per_position["win"][None, :, None].expand(shape),
+    }

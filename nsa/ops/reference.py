@@ -7,7 +7,7 @@ import torch
 from nsa.config import NSAConfig
 from nsa.ops.combine import combine_branches
 from nsa.ops.compressed_attention import compressed_attention
-from nsa.ops.reads import compressed_reads, selected_reads, window_reads
+from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention import selected_attention
 from nsa.ops.selection import select_blocks, selection_block_scores
 from nsa.ops.window_attention import window_attention
@@ -43,11 +43,5 @@ def nsa_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
     o_win, _ = window_attention(q, k_win, v_win, window=c.window, scale=scale, q_offset=q_offset,
                                 k_offset=win_offset)
     out = combine_branches(o_cmp, o_slc, o_win, gates)
-    positions = torch.arange(q_offset, q_offset + q.shape[1], device=q.device)
-    shape = (q.shape[0], q.shape[1], k_cmp.shape[2])
-    reads = {
-        "cmp": compressed_reads(positions, block=c.compress_block, stride=c.compress_stride)[None, :, None].expand(shape),
-        "slc": selected_reads(blocks, positions, select_block=c.select_block),
-        "win": window_reads(positions, window=c.window)[None, :, None].expand(shape),
-    }
+    reads = branch_reads(blocks, q_offset, config)
     return out, blocks, reads

@@ -11,7 +11,7 @@ import torch
 from nsa.config import NSAConfig
 from nsa.ops.combine import combine_branches
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
-from nsa.ops.reads import compressed_reads, selected_reads, window_reads
+from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention.triton import selected_attention_triton
 from nsa.ops.selection.triton import select_blocks_triton
 from nsa.ops.window_attention.triton import window_attention_triton
@@ -34,11 +34,5 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
     o_slc, _ = selected_attention_triton(q, k_slc, v_slc, blocks, select_block=c.select_block, scale=scale)
     o_win, _ = window_attention_triton(q, k_win, v_win, window=c.window, scale=scale)
     out = combine_branches(o_cmp, o_slc, o_win, gates)
-    positions = torch.arange(q.shape[1], device=q.device)
-    shape = (q.shape[0], q.shape[1], k_cmp.shape[2])
-    reads = {
-        "cmp": compressed_reads(positions, block=c.compress_block, stride=c.compress_stride)[None, :, None].expand(shape),
-        "slc": selected_reads(blocks, positions, select_block=c.select_block),
-        "win": window_reads(positions, window=c.window)[None, :, None].expand(shape),
-    }
+    reads = branch_reads(blocks, 0, config)
     return out, blocks, reads
