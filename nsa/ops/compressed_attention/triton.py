@@ -76,11 +76,19 @@ def prune_group_rows(configs, named_args, **kwargs):
 
 @triton.jit
 def tile_rows(pid_m, T, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Positions, group-local heads and validity of the rows of query tile ``pid_m``."""
+    """Rows of query tile ``pid_m``: positions, group-local heads, validity, tile-local positions."""
     rows = tl.arange(0, BLOCK_M)
-    pos = pid_m * (BLOCK_M // GP) + rows // GP
+    local_t = rows // GP
+    pos = pid_m * (BLOCK_M // GP) + local_t
     g = rows % GP
-    return pos, g, (g < G) & (pos < T)
+    return pos, g, (g < G) & (pos < T), local_t
+
+
+@triton.jit
+def tile_base(X, b, t0, h0, stride_b, stride_t, stride_h):
+    """Scalar pointer to ``X[b, t0, h0]``: the only 64-bit offset arithmetic (T up to 128k);
+    element offsets inside a tile stay 32-bit, which keeps pointer tensors out of registers."""
+    return X + tl.cast(b, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t + tl.cast(h0, tl.int64) * stride_h
 
 
 @triton.jit
@@ -90,22 +98,30 @@ def visible_count(pos, BLOCK: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK: tl.constexpr, DV: tl.constexpr,
+                  DKP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Compressed keys/values ``start .. start + BLOCK_N`` of one key/value head."""
+    local = tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    # Only tiles past the fully-visible prefix can run past the last compressed token.
+    if MASK:
+        col_ok = start + local < tl.max(vis)
+    else:
+        col_ok = local >= 0
+    k = tl.load(k_base + tl.cast(start, tl.int64) * stride_kn + local[:, None] * stride_kn + dk[None, :],
+                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(v_base + tl.cast(start, tl.int64) * stride_vn + local[:, None] * stride_vn + dv[None, :],
+                mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
               DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    col_off = cols.to(tl.int64)
-    # Only tiles past the fully-visible prefix can run past the last compressed token.
-    if MASK:
-        col_ok = cols < tl.max(vis)
-    else:
-        col_ok = cols >= 0
-    k = tl.load(k_base + col_off[:, None] * stride_kn + dk[None, :],
-                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    v = tl.load(v_base + col_off[:, None] * stride_vn + dv[None, :],
-                mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    k, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKP, DVP, BLOCK_N, MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK:
         s = tl.where(cols[None, :] < vis[:, None], s, float("-inf"))
@@ -133,23 +149,21 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     # Later tiles see more keys; launching them first evens out the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
+    b = pid_bh // HK
     h = pid_bh % HK
     BLOCK_T: tl.constexpr = BLOCK_M // GP
-    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    head = (h * G + g).to(tl.int64)
-    pos64 = pos.to(tl.int64)
+    t0 = pid_m * BLOCK_T
+    pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
-                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
-    t0 = pid_m * BLOCK_T
     # Keys below n_full are visible to every row of the tile: no mask there.
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
     n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
-    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
+    v_base = tile_base(V, b, 0, h, stride_vb, 0, stride_vh)
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -162,9 +176,10 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2_JIT, float("-inf"))
-    tl.store(O + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, lse, mask=row_ok)
+    o_rows = tile_base(O, b, t0, h * G, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
+    tl.store(o_rows[:, None] + dv[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    lse_rows = tile_base(LSE, b, t0, h * G, stride_lb, stride_lt, stride_lh) + local_t * stride_lt + g * stride_lh
+    tl.store(lse_rows, lse, mask=row_ok)
 
 
 # Few configs: each costs a compile per (G, head dims) on first use.
@@ -177,28 +192,32 @@ _cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "S
 @triton.jit
 def _delta_kernel(O, DO, DELTA, rows, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_R: tl.constexpr):
     """``delta = rowsum(dO * O)`` over contiguous ``[rows, DV]`` (FlashAttention-2's preprocess)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R
+    local = tl.arange(0, BLOCK_R)
     d = tl.arange(0, DVP)
-    mask = (r < rows)[:, None] & (d < DV)[None, :]
-    o = tl.load(O + r[:, None] * DV + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + r[:, None] * DV + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < rows)
+    row_ok = first + local < rows
+    mask = row_ok[:, None] & (d < DV)[None, :]
+    offsets = local[:, None] * DV + d[None, :]
+    o = tl.load(O + first * DV + offsets, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + first * DV + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + first + local, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
-def _load_query_tile(Q, DO, LSE, DELTA, b, pos64, head, row_ok, stride_qb, stride_qt, stride_qh,
+def _load_query_tile(Q, DO, LSE, DELTA, b, t0, h0, g, local_t, row_ok, stride_qb, stride_qt, stride_qh,
                      stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
                      DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr):
     """q, dO, lse*log2(e) and delta of a query tile; padding rows load zeros, so they add nothing."""
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
-                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    do = tl.load(DO + b * stride_ob + pos64[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
-                 mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    row_off = b * stride_lb + pos64 * stride_lt + head * stride_lh
-    lse2 = tl.load(LSE + row_off, mask=row_ok, other=0.0) * LOG2E_JIT
-    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do_rows = tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
+    do = tl.load(do_rows[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    row_off = local_t * stride_lt + g * stride_lh
+    lse2 = tl.load(tile_base(LSE, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off,
+                   mask=row_ok, other=0.0) * LOG2E_JIT
+    delta = tl.load(tile_base(DELTA, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off, mask=row_ok, other=0.0)
     return q, do, lse2, delta
 
 
@@ -209,10 +228,9 @@ def _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
                G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
                BLOCK_M: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    head = (h * G + g).to(tl.int64)
-    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pos.to(tl.int64), head, row_ok,
-                                          stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+    pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pid_m * (BLOCK_M // GP), h * G, g, local_t,
+                                          row_ok, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                           stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     p_t = tl.exp2(s_t - lse2[None, :])
@@ -236,18 +254,20 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, T, N, HK,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
+    b = pid_bh // HK
     h = pid_bh % HK
     BLOCK_T: tl.constexpr = BLOCK_M // GP
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + local
     col_ok = cols < N
-    col_off = cols.to(tl.int64)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    k_ptrs = K + b * stride_kb + h.to(tl.int64) * stride_kh + col_off[:, None] * stride_kn + dk[None, :]
-    v_ptrs = V + b * stride_vb + h.to(tl.int64) * stride_vh + col_off[:, None] * stride_vn + dv[None, :]
-    k = tl.load(k_ptrs, mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    v = tl.load(v_ptrs, mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    k_off = local[:, None] * stride_kn + dk[None, :]
+    v_off = local[:, None] * stride_vn + dv[None, :]
+    k_mask = col_ok[:, None] & (dk < DK)[None, :]
+    v_mask = col_ok[:, None] & (dv < DV)[None, :]
+    k = tl.load(tile_base(K, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + k_off, mask=k_mask, other=0.0)
+    v = tl.load(tile_base(V, b, pid_n * BLOCK_N, h, stride_vb, stride_vn, stride_vh) + v_off, mask=v_mask, other=0.0)
     dk_acc = tl.zeros([BLOCK_N, DKP], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
     first_reader = pid_n * BLOCK_N * STRIDE + BLOCK - 1
@@ -265,10 +285,11 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, T, N, HK,
                                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                                     stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
                                     DK, DV, DKP, DVP, BLOCK_M, False, PRECISION)
-    tl.store(DK_OUT + b * stride_kb + h.to(tl.int64) * stride_kh + col_off[:, None] * stride_kn + dk[None, :],
-             (dk_acc * scale).to(DK_OUT.dtype.element_ty), mask=col_ok[:, None] & (dk < DK)[None, :])
-    tl.store(DV_OUT + b * stride_vb + h.to(tl.int64) * stride_vh + col_off[:, None] * stride_vn + dv[None, :],
-             dv_acc.to(DV_OUT.dtype.element_ty), mask=col_ok[:, None] & (dv < DV)[None, :])
+    # DK_OUT/DV_OUT are allocated like K/V, so K/V's strides address them.
+    tl.store(tile_base(DK_OUT, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + k_off,
+             (dk_acc * scale).to(DK_OUT.dtype.element_ty), mask=k_mask)
+    tl.store(tile_base(DV_OUT, b, pid_n * BLOCK_N, h, stride_vb, stride_vn, stride_vh) + v_off,
+             dv_acc.to(DV_OUT.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -276,17 +297,7 @@ def _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, 
              DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    col_off = cols.to(tl.int64)
-    if MASK:
-        col_ok = cols < tl.max(vis)
-    else:
-        col_ok = cols >= 0
-    k = tl.load(k_base + col_off[:, None] * stride_kn + dk[None, :],
-                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    v = tl.load(v_base + col_off[:, None] * stride_vn + dv[None, :],
-                mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    k, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKP, DVP, BLOCK_N, MASK)
     p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(cols[None, :] < vis[:, None], p, 0.0)
@@ -305,21 +316,19 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
+    b = pid_bh // HK
     h = pid_bh % HK
     BLOCK_T: tl.constexpr = BLOCK_M // GP
-    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    head = (h * G + g).to(tl.int64)
-    pos64 = pos.to(tl.int64)
-    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pos64, head, row_ok,
+    t0 = pid_m * BLOCK_T
+    pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
+    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, t0, h * G, g, local_t, row_ok,
                                           stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                           stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
-    t0 = pid_m * BLOCK_T
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
     n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
-    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
+    v_base = tile_base(V, b, 0, h, stride_vb, 0, stride_vh)
     dq_acc = tl.zeros([BLOCK_M, DKP], dtype=tl.float32)
     for start in range(0, n_full, BLOCK_N):
         dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
@@ -328,8 +337,10 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
         dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
                           qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
     dk = tl.arange(0, DKP)
-    tl.store(DQ + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
-             (dq_acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dk < DK)[None, :])
+    # DQ is allocated like Q, so Q's strides address it.
+    dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+    tl.store(dq_rows[:, None] + dk[None, :], (dq_acc * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
 _BWD_CONFIGS = group_configs([128], [64], [(8, 2)]) + group_configs([64], [64], [(4, 2)])
@@ -395,7 +406,7 @@ def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     gp = consts["GP"]
     rows = batch * seq_len * num_heads
     delta = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
-    block_r = 64
+    block_r = 32
     _delta_kernel[(triton.cdiv(rows, block_r),)](o, do, delta, rows, DV=consts["DV"], DVP=consts["DVP"],
                                                 BLOCK_R=block_r)
     # do/o/lse/delta share one set of row strides: make lse contiguous like delta.

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_precision, interpreting, pow2, tile_rows,
-                                                 visible_count)
+from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_precision, interpreting, pow2, tile_base,
+                                                 tile_rows, visible_count)
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -81,19 +81,19 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
+    b = pid_bh // HK
     h = pid_bh % HK
-    pos, g, row_ok = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    head = (h * G + g).to(tl.int64)
-    pos64 = pos.to(tl.int64)
+    t0 = pid_m * BLOCK_T
+    pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
     dk = tl.arange(0, DKP)
-    q = tl.load(Q + b * stride_qb + pos64[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
-                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    lse2 = tl.load(LSE + b * stride_lb + pos64 * stride_lt + head * stride_lh, mask=row_ok, other=0.0) * LOG2E_JIT
+    q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    lse_rows = tile_base(LSE, b, t0, h * G, stride_lb, stride_lt, stride_lh) + local_t * stride_lt + g * stride_lh
+    lse2 = tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_vis = tl.max(vis)
-    t0 = pid_m * BLOCK_T
-    tpos = t0 + tl.arange(0, BLOCK_T)
+    local_pos = tl.arange(0, BLOCK_T)
+    tpos = t0 + local_pos
     t_ok = tpos < T
     cur = tpos // SELECT_BLOCK
     last_block = (tl.minimum(t0 + BLOCK_T, T) - 1) // SELECT_BLOCK
@@ -106,11 +106,13 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     in_step = local_k < NB_STEP
     col_np = tl.arange(0, NP)[None, :]
     top = tl.full([BLOCK_T, NP], -1, dtype=tl.int64)
-    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
+    local_n = tl.arange(0, BLOCK_N)
     for j0 in range(0, last_block + 1, NB_STEP):
-        cols = A * j0 - (B - 1) + tl.arange(0, BLOCK_N)
+        first_col = A * j0 - (B - 1)
+        cols = first_col + local_n
         col_ok = (cols >= 0) & (cols < n_vis)
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + dk[None, :],
+        k = tl.load(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n[:, None] * stride_kn + dk[None, :],
                     mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
@@ -129,8 +131,8 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     order = tl.where(valid, (top & INDEX_BITS.value) - INDEX_BITS.value, -(1 << 40) - col_np.to(tl.int64))
     order = _largest(order, NP, NP)
     chosen = tl.where(order > -(1 << 40), -order, -1)
-    tl.store(OUT + b * stride_out_b + tpos.to(tl.int64)[:, None] * stride_out_t + h * stride_out_h + col_np,
-             chosen, mask=t_ok[:, None] & (col_np < COUNT))
+    out_rows = tile_base(OUT, b, t0, h, stride_out_b, stride_out_t, stride_out_h) + local_pos * stride_out_t
+    tl.store(out_rows[:, None] + col_np, chosen, mask=t_ok[:, None] & (col_np < COUNT))
 
 
 def selection_tiles(block_m: int, block_n: int, *, group_pow2: int, max_positions: int, block: int,
