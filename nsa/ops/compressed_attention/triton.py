@@ -55,10 +55,9 @@ def launch(kernel, tuned, grid, args, fixed: dict, interpret_config: dict):
         tuned[grid](*args, **fixed)
 
 
-def group_configs(block_ms, block_ns, warps_stages):
-    """Cartesian autotune configs over ``BLOCK_M x BLOCK_N x (num_warps, num_stages)``."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m in block_ms for n in block_ns for w, s in warps_stages]
+def group_configs(tiles):
+    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
 def prune_group_rows(configs, named_args, **kwargs):
@@ -182,9 +181,9 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     tl.store(lse_rows, lse, mask=row_ok)
 
 
-# Few configs: each costs a compile per (G, head dims) on first use.
-_FWD_CONFIGS = (group_configs([128], [64], [(8, 3)]) + group_configs([64], [64], [(4, 3)])
-                + group_configs([128], [128], [(8, 2)]))
+# Few configs: each costs a compile per (G, head dims) on first use. All of them compile for sm_90
+# without register spills at Dk=Dv=128 and Dk=192/Dv=128 and fit Hopper's shared memory.
+_FWD_CONFIGS = group_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
 _cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
 
@@ -245,15 +244,18 @@ def _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
 
 
 @triton.jit
-def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, T, N, HK,
+def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SPLIT_LEN,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                          stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                          stride_lb, stride_lt, stride_lh, qk_scale, scale,
                          G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (key tile, b*HK + h, split) sums over the query tiles whose first position falls in
+    # [split*SPLIT_LEN, (split+1)*SPLIT_LEN); the host adds the splits' float32 partials in order.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // HK
     h = pid_bh % HK
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -274,22 +276,26 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, T, N, HK,
     last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, N) - 1
     # From tile m_full on, every row reads every key of this tile.
     m_start = first_reader // BLOCK_T
-    m_full = tl.minimum(tl.cdiv(last_col * STRIDE + BLOCK - 1, BLOCK_T), tl.cdiv(T, BLOCK_T))
-    for pid_m in range(m_start, m_full):
+    m_end = tl.cdiv(T, BLOCK_T)
+    m_full = tl.minimum(tl.cdiv(last_col * STRIDE + BLOCK - 1, BLOCK_T), m_end)
+    split_start = tl.cdiv(pid_s * SPLIT_LEN, BLOCK_T)
+    split_end = tl.cdiv((pid_s + 1) * SPLIT_LEN, BLOCK_T)
+    for pid_m in range(tl.maximum(m_start, split_start), tl.minimum(m_full, split_end)):
         dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
                                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                                     stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
                                     DK, DV, DKP, DVP, BLOCK_M, True, PRECISION)
-    for pid_m in range(m_full, tl.cdiv(T, BLOCK_T)):
+    for pid_m in range(tl.maximum(m_full, split_start), tl.minimum(m_end, split_end)):
         dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
                                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                                     stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
                                     DK, DV, DKP, DVP, BLOCK_M, False, PRECISION)
-    # DK_OUT/DV_OUT are allocated like K/V, so K/V's strides address them.
-    tl.store(tile_base(DK_OUT, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + k_off,
-             (dk_acc * scale).to(DK_OUT.dtype.element_ty), mask=k_mask)
-    tl.store(tile_base(DV_OUT, b, pid_n * BLOCK_N, h, stride_vb, stride_vn, stride_vh) + v_off,
-             dv_acc.to(DV_OUT.dtype.element_ty), mask=v_mask)
+    # Partials are contiguous float32 [splits, B*HK, N, D]; programs without work store zeros.
+    heads = tl.num_programs(1)
+    dk_part = tile_base(DK_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DK, N * DK, DK)
+    tl.store(dk_part + local[:, None] * DK + dk[None, :], dk_acc * scale, mask=k_mask)
+    dv_part = tile_base(DV_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DV, N * DV, DV)
+    tl.store(dv_part + local[:, None] * DV + dv[None, :], dv_acc, mask=v_mask)
 
 
 @triton.jit
@@ -343,12 +349,14 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
              mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
-_BWD_CONFIGS = group_configs([128], [64], [(8, 2)]) + group_configs([64], [64], [(4, 2)])
+# dK/dV keeps two [BLOCK_N, D] float32 accumulators live: narrow key tiles avoid spills.
+_DKDV_CONFIGS = group_configs([(128, 32, 8, 2), (64, 32, 8, 2), (32, 128, 8, 2)])
+_DQ_CONFIGS = group_configs([(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
-_cmp_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
+_cmp_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows}
                                       )(_cmp_bwd_dkdv_kernel)
-_cmp_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY,
+_cmp_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
                                     prune_configs_by={"early_config_prune": prune_group_rows}
                                     )(_cmp_bwd_dq_kernel)
 
@@ -392,6 +400,25 @@ def _forward(q, k_cmp, v_cmp, block, stride, scale):
     return o, lse
 
 
+# Interpreter: short splits so the CPU tests cover several of them.
+INTERPRET_SPLIT_LEN = 24
+
+
+def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device) -> int:
+    """Positions per query split of the dK/dV pass.
+
+    One program per (key tile, kv head) is too few to fill the GPU when ``B*HK`` is small (64
+    programs at 8k tokens, HK=4): the query range is cut into splits until there are about four
+    programs per SM, never below 1024 positions a split (each adds a float32 partial of dK/dV).
+    """
+    if interpreting():
+        return INTERPRET_SPLIT_LEN
+    programs = triton.cdiv(num_cmp, 32) * kv_heads
+    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(wanted, programs), seq_len // 1024))
+    return triton.cdiv(seq_len, splits)
+
+
 def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     batch, seq_len, num_heads, _ = q.shape
     num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
@@ -413,10 +440,16 @@ def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     lse = lse.contiguous()
     common = (*_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(do), *_strides3(delta),
               scale * LOG2E, scale)
-    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk, dv, seq_len, num_cmp, num_kv, *common)
+    split_len = _query_split(seq_len, num_cmp, batch * num_kv, q.device)
+    splits = triton.cdiv(seq_len, split_len)
+    dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
+    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, seq_len, num_cmp, num_kv, split_len, *common)
     launch(_cmp_bwd_dkdv_kernel, _cmp_bwd_dkdv_tuned,
-           lambda meta: (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv),
+           lambda meta: (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits),
            dkdv_args, consts, _interpret_tiles(gp))
+    dk.copy_(dk_part.sum(0).transpose(1, 2))
+    dv.copy_(dv_part.sum(0).transpose(1, 2))
     dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
     launch(_cmp_bwd_dq_kernel, _cmp_bwd_dq_tuned,
            lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv),
