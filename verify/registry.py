@@ -45,6 +45,9 @@ class CaseResult:
     message: str = ""
     backend: str = ""
     duration_s: float = 0.0
+    # Which way each bound points ("max": metric <= bound, "min": >=, "eq": ==), so reports can
+    # tell a regression from an improvement.
+    bound_kinds: dict[str, str] = field(default_factory=dict)
 
 
 class Checks:
@@ -54,6 +57,7 @@ class Checks:
         self.metrics: dict[str, float] = {}
         self.tolerances: dict[str, float] = {}
         self.failures: list[str] = []
+        self.bound_kinds: dict[str, str] = {}
         self.backend = ""
 
     def record(self, name: str, value: float) -> None:
@@ -62,16 +66,19 @@ class Checks:
 
     def at_most(self, name: str, value: float, bound: float) -> None:
         self.metrics[name], self.tolerances[name] = float(value), float(bound)
+        self.bound_kinds[name] = "max"
         if not (math.isfinite(float(value)) and float(value) <= bound):
             self.failures.append(f"{name} = {float(value):.4g} > {bound:.4g}")
 
     def at_least(self, name: str, value: float, bound: float) -> None:
         self.metrics[name], self.tolerances[name] = float(value), float(bound)
+        self.bound_kinds[name] = "min"
         if not (math.isfinite(float(value)) and float(value) >= bound):
             self.failures.append(f"{name} = {float(value):.4g} < {bound:.4g}")
 
     def equal(self, name: str, value: float, expected: float) -> None:
         self.metrics[name], self.tolerances[name] = float(value), float(expected)
+        self.bound_kinds[name] = "eq"
         if float(value) != float(expected):
             self.failures.append(f"{name} = {value} != {expected}")
 
@@ -83,7 +90,7 @@ class Checks:
     def result(self) -> CaseResult:
         status = "fail" if self.failures else "pass"
         return CaseResult(status, dict(self.metrics), dict(self.tolerances), "; ".join(self.failures),
-                          self.backend)
+                          self.backend, bound_kinds=dict(self.bound_kinds))
 
 
 class SkipCase(Exception):
@@ -100,6 +107,9 @@ class Suite:
     check_fn: Callable[[dict[str, Any], Checks], None]
     needs_gpu: bool = False
     timeout_s: float = 600.0
+    # Optional: ``plot_inputs(params) -> {"q": [1, T, G, Dk], "k": [1, T, 1, Dk], "config": NSAConfig}``
+    # for ``nsa report plot`` when a suite's inputs are not plain random (e.g. a planted needle).
+    plot_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def cases(self, scale: str) -> list[Case]:
         if scale not in SCALES:
@@ -116,10 +126,12 @@ class Suite:
             self.check_fn(dict(case.params), checks)
             result = checks.result()
         except SkipCase as exc:
-            result = CaseResult("skip", dict(checks.metrics), dict(checks.tolerances), str(exc), checks.backend)
+            result = CaseResult("skip", dict(checks.metrics), dict(checks.tolerances), str(exc), checks.backend,
+                                bound_kinds=dict(checks.bound_kinds))
         except Exception as exc:  # a broken case is reported, not fatal
             result = CaseResult("error", dict(checks.metrics), dict(checks.tolerances),
-                                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}", checks.backend)
+                                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}", checks.backend,
+                                bound_kinds=dict(checks.bound_kinds))
         result.duration_s = time.perf_counter() - start
         return result
 
@@ -134,8 +146,14 @@ def register(suite: Suite) -> Suite:
     return suite
 
 
+def unregister(name: str) -> None:
+    """Forget suite ``name`` (tests register throw-away suites and remove them afterwards)."""
+    _SUITES.pop(name, None)
+
+
 def suite(name: str, description: str, *, cases: Callable[[str], Iterable[tuple[str, dict[str, Any]]]],
-          needs_gpu: bool = False, timeout_s: float = 600.0):
+          needs_gpu: bool = False, timeout_s: float = 600.0,
+          plot_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     """Register the decorated ``check(params, checks)`` as suite ``name``::
 
         def _cases(scale):
@@ -145,7 +163,7 @@ def suite(name: str, description: str, *, cases: Callable[[str], Iterable[tuple[
         def causality(params, checks): ...
     """
     def wrap(check_fn: Callable[[dict[str, Any], Checks], None]) -> Suite:
-        return register(Suite(name, description, cases, check_fn, needs_gpu, timeout_s))
+        return register(Suite(name, description, cases, check_fn, needs_gpu, timeout_s, plot_inputs))
     return wrap
 
 
