@@ -60,12 +60,20 @@ def _largest(keys, WIDTH: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(top, key, NP: tl.constexpr):
-    """Running top-n update: the ``NP`` best of ``top [R, NP]`` and ``key [R, NP]``."""
-    merged = tl.reshape(tl.join(top, key), [top.shape[0], 2 * NP])
-    # -1 marks "no block" in several slots; distinct negatives keep ranks unique and below all blocks.
-    merged = tl.where(merged >= 0, merged, -1 - tl.arange(0, 2 * NP)[None, :].to(tl.int64))
-    return _largest(merged, 2 * NP, NP)
+def _merge_sorted(top, new, NP: tl.constexpr):
+    """The ``NP`` best of two descending rows ``top, new [R, NP]`` (all keys distinct), descending.
+
+    Each key's merged position is its own index plus the number of keys of the other row above it;
+    keys landing at ``NP`` or later drop out. Works on ``[R, NP, NP]``, half the registers of
+    ranking the concatenation.
+    """
+    idx = tl.arange(0, NP)[None, :]
+    new_above_top = (new[:, None, :] > top[:, :, None]).to(tl.int32)  # [R, i (top), j (new)]
+    top_pos = idx + tl.sum(new_above_top, axis=2)
+    new_pos = idx + (NP - tl.sum(new_above_top, axis=1))
+    slot = tl.arange(0, NP)[None, None, :]
+    return (tl.sum(tl.where(top_pos[:, :, None] == slot, top[:, :, None], 0), axis=1)
+            + tl.sum(tl.where(new_pos[:, :, None] == slot, new[:, :, None], 0), axis=1))
 
 
 @triton.jit
@@ -105,7 +113,10 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float32)
     in_step = local_k < NB_STEP
     col_np = tl.arange(0, NP)[None, :]
-    top = tl.full([BLOCK_T, NP], -1, dtype=tl.int64)
+    # "No block" keys must stay distinct for the rank arithmetic: the running top-n holds them as
+    # -1 - slot (in [-NP, -1]), a step's new keys as -1 - NP - slot (below all of those).
+    empty_top = -1 - col_np.to(tl.int64)
+    top = tl.broadcast_to(empty_top, [BLOCK_T, NP])
     k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
     local_n = tl.arange(0, BLOCK_N)
     for j0 in range(0, last_block + 1, NB_STEP):
@@ -120,12 +131,12 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
         group_sum = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_N]), axis=1)  # Eq. 10
         scores = tl.sum(group_sum[:, :, None] * w[None, :, :], axis=1)  # Eq. 9, [BLOCK_T, NBT]
         key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
-        if NBT > NP:
-            key = _largest(tl.where(key >= 0, key, -1 - local_k.to(tl.int64)), NBT, NP)
-        # Merge only when some block beats a row's current n-th best (keys are unique, -1 aside).
+        key = _largest(tl.where(key >= 0, key, -1 - NP - local_k.to(tl.int64)), NBT, NP)
+        # Merge only when some block beats a row's current n-th best.
         nth_best = tl.sum(tl.where(col_np == COUNT - 1, top, 0), axis=1)
         if tl.max((key > nth_best[:, None]).to(tl.int32)) > 0:
-            top = _merge_top(top, key, NP)
+            top = _merge_sorted(top, key, NP)
+            top = tl.where(top >= 0, top, empty_top)
     # Ascending block order, padding last: the largest of -index (unused slots far below).
     valid = (top >= 0) & (col_np < COUNT)
     order = tl.where(valid, (top & INDEX_BITS.value) - INDEX_BITS.value, -(1 << 40) - col_np.to(tl.int64))
@@ -172,8 +183,9 @@ _select_tuned = triton.autotune(_SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})(_select_kernel)
 
-# Positions per tile, at most: bounds the [positions, BLOCK_N, NBT] Eq. 9 product in registers.
-MAX_POSITIONS = 16
+# Positions per tile, at most: bounds the [positions, BLOCK_N, NBT] Eq. 9 product and the
+# [positions, NP, NP] top-n merge in registers.
+MAX_POSITIONS = 8
 # Interpreter tiles: short test sequences still cross several steps and query tiles.
 INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
 
