@@ -1,0 +1,367 @@
+"""Selection attention in Triton (forward and backward), organised per GQA group.
+
+Forward and dq: a program owns ``BT`` consecutive positions x the ``G`` query heads of one
+key/value head (``BLOCK_M`` rows) and walks the selected blocks. With ``BT = 1`` (the paper's
+kernel, used when ``G >= 16``) every row reads the same block list and each block is loaded once
+for the whole group. With ``BT > 1`` (small ``G``, so the dot still has >= 16 rows) the program
+walks the union of its positions' lists: a block listed by an earlier position of the tile is
+skipped, and each row keeps only the blocks its own position selected.
+
+dk/dv (deterministic, no atomics): the selections are inverted on the GPU (one sort of
+``(kv head, block, position)`` keys), giving for every key block the ascending list of query
+positions that selected it. The list is cut into chunks of ``CHUNK`` positions; one program per
+chunk loads its key block once and accumulates over the chunk's queries in list order, writing
+fp32 partial sums; a second kernel adds each block's partials in chunk order. Same inputs, same
+bits. Block 0 (forced for every query) is what the chunking balances: it would otherwise be one
+program over all ``T`` queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, softmax_delta, softmax_finish,
+                                   softmax_grad, softmax_step)
+
+# Query positions per dk/dv program: bounds the work of the block every query selects.
+CHUNK = 1024
+
+
+@triton.jit
+def _row_layout(t0, T, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    r = tl.arange(0, BLOCK_M)
+    row_pos = t0 + r // G
+    row_ok = (r < BT * G) & (row_pos < T)
+    return r, row_pos, row_ok
+
+
+@triton.jit
+def _load_rows(base, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def _load_block(base, kpos, T, stride_t, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + kpos.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=(kpos[:, None] < T) & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sib, sit, sih,
+                      sob, sot, soh, slb, slt, slh,
+                      T, NSEL, qk_scale, scale,
+                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr, N_PAD: tl.constexpr,
+                      BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
+
+    ``o``/``do``/``dq`` share the strides ``sob, sot, soh`` (dq uses ``q``'s shape; see the
+    launcher), ``lse``/``delta`` share ``slb, slt, slh``.
+    """
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    t0 = pid_t * BT
+    r, row_pos, row_ok = _row_layout(t0, T, G, BT, BLOCK_M)
+    head = h * G + r % G
+    qt = _load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    idx_base = idx + b * sib + h * sih
+    slot = tl.arange(0, N_PAD)
+    row_sel = tl.load(idx_base + row_pos.to(tl.int64)[:, None] * sit + slot[None, :],
+                      mask=row_ok[:, None] & (slot[None, :] < NSEL), other=-1)
+    k_base = k + b * skb + h * skh
+    v_base = v + b * svb + h * svh
+    kk = tl.arange(0, BS)
+    if BACKWARD:
+        do_t = _load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
+        lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, DK_PAD], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if BT == 1:
+        # One position: every row shares the list, -1 padding sits at its end.
+        n_valid = tl.max(tl.sum((row_sel >= 0).to(tl.int32), axis=1), axis=0)
+        for s in range(0, n_valid):
+            blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
+            kpos = blk * BS + kk
+            kb = _load_block(k_base, kpos, T, skt, DK, DK_PAD)
+            vb = _load_block(v_base, kpos, T, svt, DV, DV_PAD)
+            sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+            allowed = kpos[None, :] <= row_pos[:, None]
+            if BACKWARD:
+                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+                acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+            else:
+                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC)
+    else:
+        row_in_tile = r // G
+        for i in range(0, BT * NSEL):
+            src = i // NSEL
+            # Past T the clamped position repeats the tile's last one, whose blocks are duplicates.
+            src_pos = tl.minimum(t0 + src, T - 1)
+            blk = tl.load(idx_base + src_pos.to(tl.int64) * sit + i % NSEL)
+            listed_before = tl.sum(tl.sum(((row_sel == blk) & (row_in_tile < src)[:, None]).to(tl.int32),
+                                          axis=1), axis=0)
+            if (blk >= 0) & (listed_before == 0):
+                kpos = blk * BS + kk
+                kb = _load_block(k_base, kpos, T, skt, DK, DK_PAD)
+                vb = _load_block(v_base, kpos, T, svt, DV, DV_PAD)
+                sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+                member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
+                allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
+                if BACKWARD:
+                    p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+                    acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+                else:
+                    m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC)
+    if BACKWARD:
+        _store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    else:
+        out, lse_t = softmax_finish(m_i, l_i, acc)
+        _store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        tl.store(lse + b * slb + row_pos.to(tl.int64) * slt + head * slh, lse_t, mask=row_ok)
+
+
+@triton.jit
+def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item_len,
+                     dk_part, dv_part,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
+                     T, NB, qk_scale, scale,
+                     HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                     DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
+                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Partial dk/dv of one key block over one chunk of the queries that selected it."""
+    item = tl.program_id(0).to(tl.int64)
+    group = tl.load(item_group + item)
+    start = tl.load(item_start + item)
+    length = tl.load(item_len + item)
+    bh = group // NB
+    blk = group % NB
+    b = (bh // HK).to(tl.int64)
+    h = bh % HK
+    kk = tl.arange(0, BS)
+    kpos = blk * BS + kk
+    kb = _load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
+    vb = _load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
+    dk_acc = tl.zeros([BS, DK_PAD], dtype=tl.float32)
+    dv_acc = tl.zeros([BS, DV_PAD], dtype=tl.float32)
+    r = tl.arange(0, BLOCK_M)
+    head = h * G + r % G
+    for c in range(0, length, BT):
+        entry = c + r // G
+        row_ok = (r < BT * G) & (entry < length)
+        row_pos = tl.load(qpos + start + entry, mask=row_ok, other=0)
+        qt = _load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        do_t = _load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
+        lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
+        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        allowed = (kpos[None, :] <= row_pos[:, None]) & row_ok[:, None]
+        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+        dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
+    ck = tl.arange(0, DK_PAD)
+    cv = tl.arange(0, DV_PAD)
+    tl.store(dk_part + item * (BS * DK) + kk[:, None] * DK + ck[None, :], dk_acc * scale,
+             mask=ck[None, :] < DK)
+    tl.store(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :], dv_acc,
+             mask=cv[None, :] < DV)
+
+
+@triton.jit
+def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
+                       skb, skt, skh, svb, svt, svh, T, NB,
+                       HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
+                       DV_PAD: tl.constexpr, BS: tl.constexpr):
+    """dk/dv of one key block: its chunks' partials added in chunk order (0 if never selected)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    group = bh.to(tl.int64) * NB + blk
+    first = tl.load(group_first_item + group)
+    count = tl.load(group_items + group)
+    kk = tl.arange(0, BS)
+    ck = tl.arange(0, DK_PAD)
+    cv = tl.arange(0, DV_PAD)
+    dk_acc = tl.zeros([BS, DK_PAD], dtype=tl.float32)
+    dv_acc = tl.zeros([BS, DV_PAD], dtype=tl.float32)
+    for i in range(0, count):
+        item = (first + i).to(tl.int64)
+        dk_acc += tl.load(dk_part + item * (BS * DK) + kk[:, None] * DK + ck[None, :],
+                          mask=ck[None, :] < DK, other=0.0)
+        dv_acc += tl.load(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :],
+                          mask=cv[None, :] < DV, other=0.0)
+    b = (bh // HK).to(tl.int64)
+    h = bh % HK
+    kpos = (blk * BS + kk).to(tl.int64)
+    ok = kpos < T
+    tl.store(dk + b * skb + h * skh + kpos[:, None] * skt + ck[None, :], dk_acc.to(dk.dtype.element_ty),
+             mask=ok[:, None] & (ck[None, :] < DK))
+    tl.store(dv + b * svb + h * svh + kpos[:, None] * svt + cv[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=ok[:, None] & (cv[None, :] < DV))
+
+
+_query_kernel = GroupTunedKernel(
+    _sel_query_kernel,
+    # (rows, warps, stages): one position per program for G >= 16, position tiles below.
+    [(16, 4, 2), (16, 4, 3), (32, 4, 2), (64, 4, 2)],
+    key=["G", "DK", "DV", "BS", "BACKWARD"])
+_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 8, 3), (128, 8, 2)],
+                                key=["G", "DK", "DV", "BS"])
+
+
+def _common(q, k, v, select_block):
+    batch, seq_len, num_heads, dk = q.shape
+    num_kv = k.shape[2]
+    dv = v.shape[-1]
+    return dict(HK=num_kv, G=num_heads // num_kv, DK=dk, DV=dv, DK_PAD=triton.next_power_of_2(dk),
+                DV_PAD=triton.next_power_of_2(dv), BS=select_block, PREC=dot_precision(q.dtype))
+
+
+def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None, delta=None):
+    """Forward when ``do is None`` (returns o, lse), else dq."""
+    batch, seq_len, num_heads, _ = q.shape
+    meta = _common(q, k, v, select_block)
+    backward = do is not None
+    if backward:
+        dq = torch.empty_like(q)
+        rows, row_stats = do, lse
+    else:
+        o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
+        lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
+        do, delta, dq = o, lse, q  # unused in the forward
+        rows, row_stats = o, lse
+    n = idx.shape[-1]
+
+    def grid(cfg):
+        return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
+
+    _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq,
+                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
+                  *rows.stride()[:3], *row_stats.stride(),
+                  seq_len, n, scale * LOG2E, scale, N_PAD=triton.next_power_of_2(max(n, 1)),
+                  BACKWARD=backward, **meta)
+    return dq if backward else (o, lse)
+
+
+def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: int = CHUNK):
+    """For every (batch, kv head, key block): the ascending query positions that selected it.
+
+    Args:
+        idx: int ``[B, T, HK, n]`` block indices, ``-1`` padded, distinct within a list.
+
+    Returns:
+        ``qpos`` int32 ``[B*T*HK*n]`` positions grouped by ``(b*HK + h)*NB + block``; per work
+        item (a chunk of at most ``chunk`` positions of one group) int32 ``item_group,
+        item_start, item_len``; per group int32 ``group_first_item, group_items``. No host sync:
+        the item count is the bound ``B*T*HK*n/chunk + groups``; spare items have length 0.
+    """
+    batch, _, num_kv, n = idx.shape
+    nb = triton.cdiv(seq_len, select_block)
+    groups = batch * num_kv * nb
+    dev = idx.device
+    t = torch.arange(seq_len, device=dev, dtype=torch.int64)[None, :, None, None]
+    bh = (torch.arange(batch, device=dev)[:, None, None, None] * num_kv
+          + torch.arange(num_kv, device=dev)[None, None, :, None])
+    blk = idx.to(torch.int64)
+    key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), groups * seq_len).flatten()
+    key = torch.sort(key).values
+    qpos = (key % seq_len).to(torch.int32)
+    counts = torch.bincount(key // seq_len, minlength=groups + 1)[:groups]
+    group_start = torch.cumsum(counts, 0) - counts
+    items_per_group = (counts + chunk - 1) // chunk
+    items_end = torch.cumsum(items_per_group, 0)
+    group_first_item = items_end - items_per_group
+    max_items = key.numel() // chunk + groups + 1
+    item_ids = torch.arange(max_items, device=dev)
+    item_group = torch.searchsorted(items_end, item_ids, right=True).clamp(max=groups - 1)
+    local = item_ids - group_first_item[item_group]
+    item_start = group_start[item_group] + local * chunk
+    item_len = (counts[item_group] - local * chunk).clamp(0, chunk)
+    i32 = torch.int32
+    return (qpos, item_group.to(i32), item_start.to(i32), item_len.to(i32), group_first_item.to(i32),
+            items_per_group.to(i32))
+
+
+def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block):
+    batch, seq_len, _, _ = q.shape
+    meta = _common(q, k, v, select_block)
+    qpos, item_group, item_start, item_len, group_first, group_items = invert_selection(
+        idx, seq_len, select_block, CHUNK)
+    items = item_group.numel()
+    dk_part = torch.empty(items, select_block, meta["DK"], dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(items, select_block, meta["DV"], dtype=torch.float32, device=q.device)
+    nb = triton.cdiv(seq_len, select_block)
+    _dkdv_kernel(lambda cfg: (items,), q, k, v, do, lse, delta, qpos, item_group, item_start, item_len,
+                 dk_part, dv_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                 *lse.stride(), seq_len, nb, scale * LOG2E, scale, **meta)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _sel_reduce_kernel[(nb, batch * meta["HK"])](
+        dk_part, dv_part, group_first, group_items, dk, dv, *dk.stride()[:3], *dv.stride()[:3],
+        seq_len, nb, HK=meta["HK"], DK=meta["DK"], DV=meta["DV"], DK_PAD=meta["DK_PAD"],
+        DV_PAD=meta["DV_PAD"], BS=select_block)
+    return dk, dv
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, select_block, scale):
+        o, lse = _query_pass(q, k, v, idx, scale, select_block)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.select_block, ctx.scale = select_block, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        delta = softmax_delta(o, do, dlse)
+        dq = _query_pass(q, k, v, idx, ctx.scale, ctx.select_block, o=o, lse=lse, do=do, delta=delta)
+        dk, dv = _dkdv_pass(q, k, v, idx, do, lse, delta, ctx.scale, ctx.select_block)
+        return dq, dk, dv, None, None, None
+
+
+def selected_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                              *, select_block: int, scale: float | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over the positions ``<= t`` of its selected blocks (Triton).
+
+    Same function as :func:`nsa.ops.selected_attention.naive.selected_attention` with
+    ``q_offset = 0``; differentiable w.r.t. ``q, k, v`` (and through ``lse``). Deterministic.
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` float16/bfloat16/float32.
+        k: ``[B, T, HK, Dk]``, ``HQ % HK == 0``, same dtype.
+        v: ``[B, T, HK, Dv]``, same dtype.
+        block_indices: int ``[B, T, HK, n]``: per query and kv head, distinct ascending block
+            indices then ``-1`` padding (as :func:`nsa.ops.select_blocks` returns).
+        select_block: ``l'``, a power of two >= 16.
+        scale: defaults to ``1/sqrt(Dk)``.
+
+    Returns:
+        ``o [B, T, HQ, Dv]`` in ``q.dtype`` and ``lse [B, T, HQ]`` float32 (natural log; ``-inf``
+        and ``o = 0`` for a query that reads no key).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Contiguous so that o, do and dq (and q) share one set of strides in the kernels.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    idx = block_indices.to(torch.int32).contiguous()
+    return _SelectedAttention.apply(q, k, v, idx, select_block, scale)

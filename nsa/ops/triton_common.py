@@ -1,0 +1,148 @@
+"""Pieces shared by the selection- and window-attention Triton kernels.
+
+Row layout used by every kernel here: a program owns ``BLOCK_M`` rows, row ``r`` is query head
+``h*G + r % G`` of position ``r // G`` of the program's position tile, so the ``G`` heads of a
+group share every key/value tile they load (GQA folded into the M dimension of ``tl.dot``).
+Softmax runs in base 2 (``qk_scale = scale * log2(e)``); ``lse`` is stored in natural log.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """Kernels address the head dim with unit stride; other strides are free."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE dots (tf32 would lose ~3 digits); 16-bit inputs ignore this."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def row_tile_configs(group: int, options: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """Configs for kernels whose rows are ``BT positions x G heads``.
+
+    ``options`` holds ``(target_rows, num_warps, num_stages)``; ``BT = max(1, rows // G)`` and
+    ``BLOCK_M`` is ``BT * G`` rounded up to a power of two (and to 16, the smallest dot M).
+    """
+    seen, configs = set(), []
+    for rows, warps, stages in options:
+        positions = max(1, rows // group)
+        block_m = max(16, triton.next_power_of_2(positions * group))
+        if (positions, block_m, warps, stages) in seen:
+            continue
+        seen.add((positions, block_m, warps, stages))
+        configs.append(triton.Config({"BT": positions, "BLOCK_M": block_m}, num_warps=warps,
+                                     num_stages=stages))
+    return configs
+
+
+class GroupTunedKernel:
+    """A ``@triton.jit`` kernel autotuned per group size ``G`` (the configs depend on it).
+
+    Under the interpreter autotuning is bypassed: the first config's block sizes are passed.
+    """
+
+    def __init__(self, kernel, options: list[tuple[int, int, int]], key: list[str],
+                 extra: dict | None = None):
+        self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
+        self._tuned: dict[int, object] = {}
+
+    def configs(self, group: int) -> list[triton.Config]:
+        configs = row_tile_configs(group, self.options)
+        for c in configs:
+            c.kwargs.update(self.extra)
+        return configs
+
+    def __call__(self, grid, *args, G: int, **kwargs):
+        if INTERPRET:
+            config = self.configs(G)[0]
+            self.kernel[grid(config.kwargs)](*args, G=G, **kwargs, **config.kwargs)
+            return
+        if G not in self._tuned:
+            self._tuned[G] = triton.autotune(self.configs(G), key=self.key)(self.kernel)
+        self._tuned[G][grid](*args, G=G, **kwargs)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, dlse_ptr, delta_ptr, n_rows, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                  HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, DV_PAD)
+    ok = rows < n_rows
+    mask = ok[:, None] & (cols[None, :] < DV)
+    offs = rows[:, None] * DV + cols[None, :]
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_DLSE:
+        # d lse / d s = p, so an lse gradient folds into the softmax backward as -dlse.
+        delta -= tl.load(dlse_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, delta, mask=ok)
+
+
+def softmax_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """``delta = rowsum(o * do) - dlse``, float32 ``[B, T, HQ]`` (the FlashAttention-2 term).
+
+    Args:
+        o, do: ``[B, T, HQ, Dv]``, any float dtype.
+        dlse: ``[B, T, HQ]`` gradient of the returned ``lse``, or ``None``.
+    """
+    o, do = o.contiguous(), do.contiguous()
+    n_rows, dv = o.numel() // o.shape[-1], o.shape[-1]
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    dlse_c = dlse.contiguous() if dlse is not None else delta
+    block_r = 16
+    _delta_kernel[(triton.cdiv(n_rows, block_r),)](o, do, dlse_c, delta, n_rows, DV=dv,
+                                                   DV_PAD=triton.next_power_of_2(dv),
+                                                   HAS_DLSE=dlse is not None, BLOCK_R=block_r)
+    return delta
+
+
+@triton.jit
+def softmax_step(s, allowed, m_i, l_i, acc, v, PREC: tl.constexpr):
+    """One online-softmax update with scores ``s`` (base-2 units, [M, N]) and values ``v`` [N, DV].
+
+    Rows that have seen no allowed key keep ``m = -inf`` and contribute exactly 0 (no NaN).
+    """
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """``(o, lse)`` from the running max (base 2), sum and accumulator; empty rows: 0, -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    return o, lse
+
+
+@triton.jit
+def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr):
+    """Recompute ``p`` from ``lse`` and return ``(p, ds)`` for one [M, N] tile.
+
+    ``s`` is in base-2 units, ``lse2 = lse * log2(e)``; ``ds`` is the gradient of the natural
+    scores (multiply by ``scale`` for the gradient of ``q . k``).
+    """
+    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return p, ds
