@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 from nsa.ops import compress_mean, select_blocks, selection_block_scores  # noqa: E402
 from nsa.ops.selected_attention.naive import selected_attention  # noqa: E402
-import nsa.ops.selected_attention.triton as triton_selected  # noqa: E402
+from nsa.ops.selected_attention import triton as triton_selected  # noqa: E402
 from nsa.ops.selected_attention.triton import invert_selection, selected_attention_triton  # noqa: E402
 
 SELECT_BLOCK = 16
