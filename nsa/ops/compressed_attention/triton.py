@@ -423,7 +423,8 @@ def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device
 def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     batch, seq_len, num_heads, _ = q.shape
     num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
-    dq = torch.zeros_like(q)
+    # The dq kernel writes through q's strides, whatever they are.
+    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).zero_()
     dk = torch.zeros_like(k_cmp)
     dv = torch.zeros_like(v_cmp)
     if seq_len == 0 or batch == 0 or num_cmp == 0:
