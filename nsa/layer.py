@@ -9,10 +9,10 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from nsa.backends import BACKEND_CHOICES
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
 from nsa.functional import BRANCHES, NSAInfo, nsa_attention
+from nsa.ops.decode import resolve_decode
 from nsa.ops.reference import nsa_reference
 from nsa.phi import BlockCompressor
 from nsa.rope import apply_rope, check_rope_dim
@@ -34,14 +34,10 @@ class NSADecodeInfo(NSAInfo):
     lengths: torch.Tensor | None = None
 
 
-def resolve_decode_backend(backend: str) -> tuple[str, str]:
-    """``(name, reason)`` of the backend that runs a cache step; only the reference exists so far."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend == "triton":
-        raise RuntimeError("backend='triton' has no incremental-decode kernels yet; cache steps run "
-                           "with backend='auto' or 'reference'")
-    return "reference", "requested" if backend == "reference" else "auto: decode runs the reference path"
+def resolve_decode_backend(backend: str, x: torch.Tensor) -> tuple[str, str]:
+    """``(name, reason)`` of the implementation that runs a cache step (:func:`nsa.ops.decode.resolve_decode`):
+    ``auto`` takes the Triton decode kernels for CUDA tensors, the reference otherwise."""
+    return resolve_decode(backend, x)
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor) -> list[int]:
@@ -169,7 +165,8 @@ class NSAAttention(nn.Module):
             cache: an :class:`NSACache` (``new_cache``); without ``cu_seqlens`` ``x`` is
                 ``[cache.batch_size, K, d_model]``, ``K`` new tokens per sequence. Prefilling an empty
                 cache is the same call. The cache path is for inference: it stores detached tensors.
-            backend: ``"auto"``, ``"reference"`` or ``"triton"`` (prefill/training only so far).
+            backend: ``"auto"``, ``"reference"`` or ``"triton"``; cache steps on CUDA take the Triton
+                decode kernels under ``"auto"`` (``nsa.ops.decode``).
             return_info: also return an :class:`~nsa.NSAInfo` (an :class:`NSADecodeInfo` for cache steps).
 
         Returns:
@@ -227,24 +224,27 @@ class NSAAttention(nn.Module):
         counts = [b - a for a, b in pairwise(offsets)]
         self._check_cache(cache, x, len(counts), packed)
         cache.check_room(counts)
-        name, reason = resolve_decode_backend(backend)
+        name, reason = resolve_decode_backend(backend, x)
         tokens = x.reshape(1, batch * seq_len, self.d_model)
         old_lengths = cache.lengths.tolist()
         positions = torch.cat([torch.arange(n, device=x.device) + s for n, s in zip(counts, old_lengths)])
         q, kv, gates = self.project(tokens, positions[None])
-        outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
-        for index, (start, end) in enumerate(pairwise(offsets)):
-            if start == end:
-                continue
-            view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),
-                                compress=self.compress_blocks)
-            o, sel, rd = nsa_reference(q[:, start:end], view.k_cmp, view.v_cmp, view.k_slc, view.v_slc,
-                                       view.k_win, view.v_win, gates[:, start:end], c,
-                                       q_offset=view.q_offset, win_offset=view.win_offset)
-            outputs.append(o)
-            blocks.append(sel)
-            for branch in BRANCHES:
-                reads[branch].append(rd[branch])
+        if name == "triton":
+            outputs, blocks, reads = self._triton_step(q, kv, gates, offsets, cache)
+        else:
+            outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
+            for index, (start, end) in enumerate(pairwise(offsets)):
+                if start == end:
+                    continue
+                view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),
+                                    compress=self.compress_blocks)
+                o, sel, rd = nsa_reference(q[:, start:end], view.k_cmp, view.v_cmp, view.k_slc, view.v_slc,
+                                           view.k_win, view.v_win, gates[:, start:end], c,
+                                           q_offset=view.q_offset, win_offset=view.win_offset)
+                outputs.append(o)
+                blocks.append(sel)
+                for branch in BRANCHES:
+                    reads[branch].append(rd[branch])
         o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(1, 0, c.num_heads, c.v_head_dim)
         out = self.o_proj(o.reshape(batch, seq_len, c.num_heads * c.v_head_dim))
         if not return_info:
@@ -261,6 +261,47 @@ class NSAAttention(nn.Module):
                              backend=name, backend_reason=reason, gate_stats=_gate_stats(gates),
                              positions=positions.reshape(batch, seq_len), lengths=cache.lengths.clone())
         return out, info
+
+    def _triton_step(self, q, kv, gates, offsets, cache):
+        """Append every sequence's tokens, then one batched Triton decode step over the caches.
+
+        Returns per-sequence pieces like the reference loop: outputs ``[1, K_i, HQ, Dv]``, blocks
+        ``[1, K_i, HK, n]`` and reads ``[1, K_i, HK]`` per branch, for sequences with ``K_i > 0``.
+        """
+        c = self.config
+        counts = [b - a for a, b in pairwise(offsets)]
+        steps, batch = max(counts), len(counts)
+        windows = {}
+        for index, (start, end) in enumerate(pairwise(offsets)):
+            if start < end:
+                view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),
+                                    compress=self.compress_blocks)
+                windows[index] = (view.win_offset, view.k_win[0], view.v_win[0])
+        q_step = q.new_zeros(batch, steps, *q.shape[2:])
+        gates_step = gates.new_zeros(batch, steps, *gates.shape[2:])
+        for index, (start, end) in enumerate(pairwise(offsets)):
+            q_step[index, :end - start] = q[0, start:end]
+            gates_step[index, :end - start] = gates[0, start:end]
+        if steps == 1:
+            k_ring, v_ring = cache.k_win, cache.v_win
+        else:
+            # The cache's w-slot ring already dropped what a K-token step's first queries read;
+            # the appended window segments rebuild a ring of w + K - 1 slots for this step.
+            slots = min(c.window + steps - 1, cache.max_len)
+            k_ring = cache.k_win.new_zeros(batch, slots, *cache.k_win.shape[2:])
+            v_ring = cache.v_win.new_zeros(batch, slots, *cache.v_win.shape[2:])
+            for index, (first, k_seg, v_seg) in windows.items():
+                ring_slots = torch.arange(first, first + k_seg.shape[0], device=q.device) % slots
+                k_ring[index, ring_slots] = k_seg
+                v_ring[index, ring_slots] = v_seg
+        from nsa.ops.decode.triton import nsa_decode_triton
+
+        o, sel, rd = nsa_decode_triton(q_step, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, k_ring, v_ring,
+                                       gates_step, cache.lengths, c,
+                                       num_new=torch.tensor(counts, device=q.device))
+        kept = [(index, count) for index, count in enumerate(counts) if count]
+        return ([o[i:i + 1, :k] for i, k in kept], [sel[i:i + 1, :k] for i, k in kept],
+                {b: [rd[b][i:i + 1, :k] for i, k in kept] for b in BRANCHES})
 
 
 def _gate_stats(gates: torch.Tensor) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,434 @@
+"""Triton decode step: NSA for a few new tokens per sequence, read straight from the caches.
+
+Same function as :func:`nsa.ops.decode.naive.nsa_decode_reference` (same arguments). Every
+program owns one new token of one sequence and one key/value head, i.e. the ``G`` query heads of
+a GQA group (the M dimension of its ``tl.dot``, padded to ``GP >= 16`` rows), so each key/value
+tile is loaded once for the whole group. The key range of each branch is split across programs
+(flash-decoding): program ``(split, row)`` writes a partial ``(o, log2-sum-exp, keys counted)``
+and one combine kernel merges the splits, applies the gates and writes the output and the reads.
+
+A step is five launches and a ``torch.topk``, with no host synchronisation, so it can be captured
+in a CUDA graph (shapes and the split plan depend only on tensor shapes):
+
+1. ``_partial_kernel`` MODE_CMP: compressed attention over ``[0, num_cmp(t + 1))``.
+2. ``_partial_kernel`` MODE_WIN: window attention over ``max(0, t - w + 1) .. t`` from the ring.
+3. ``_score_kernel``: ``p_cmp = exp2(q.k * scale * log2e - lse)`` with the merged log-sum-exp of 1,
+   summed over the group's heads (Eq. 10) and mapped to selection blocks by Eq. 9; it writes one
+   int64 ranking key per block (float bits of the score above ``2^31 - 1 - j``, +inf bits for the
+   forced blocks 0, c, c-1, ``-1`` for blocks that cannot be chosen), so ``torch.topk`` picks the
+   highest score with ties to the lower index, exactly the reference's stable sort.
+4. ``_partial_kernel`` MODE_SLC: selection attention over the positions ``<= t`` of the chosen
+   blocks, read from the selection cache.
+5. ``_combine_kernel``: merge the splits of each branch, gate, sum; reads = keys counted.
+
+The read counters are the number of key positions whose masks were on in the tiles each branch
+loaded, summed over splits: counted from the ranges used, not from the formula.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.config import NSAConfig
+from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
+
+LOG2E = 1.4426950408889634
+INDEX_BITS = tl.constexpr(0x7FFFFFFF)
+FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
+MODE_CMP = tl.constexpr(0)
+MODE_WIN = tl.constexpr(1)
+MODE_SLC = tl.constexpr(2)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@triton.jit
+def _token(pid_r, KQ, HK, LENGTHS, NUM_NEW):
+    """Sequence, new-token row, kv head, absolute position and validity of program row ``pid_r``."""
+    b = pid_r // (KQ * HK)
+    i = (pid_r // HK) % KQ
+    h = pid_r % HK
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    count = tl.load(NUM_NEW + b).to(tl.int32)
+    return b, i, h, length - count + i, i < count
+
+
+@triton.jit
+def _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh,
+                        G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr):
+    g = tl.arange(0, GP)
+    dk = tl.arange(0, DKP)
+    head = (h * G + g).to(tl.int64)
+    return tl.load(Q + b.to(tl.int64) * stride_qb + i.to(tl.int64) * stride_qt + head[:, None] * stride_qh
+                   + dk[None, :], mask=(g < G)[:, None] & (dk < DK)[None, :], other=0.0)
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn, qk_scale,
+            DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update (base 2) of the group's rows with the keys at cache ``rows`` where ``kmask``."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    rows64 = rows.to(tl.int64)
+    k = tl.load(k_base + rows64[:, None] * stride_kn + dk[None, :], mask=kmask[:, None] & (dk < DK)[None, :],
+                other=0.0)
+    v = tl.load(v_base + rows64[:, None] * stride_vn + dv[None, :], mask=kmask[:, None] & (dv < DV)[None, :],
+                other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key keeps m = -inf; shifting by 0 keeps exp2 finite (it gives 0).
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _partial_kernel(Q, K, V, SEL, LENGTHS, NUM_NEW, O_PART, LSE_PART, CNT_PART, KQ, HK, RING,
+                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh, stride_sb, stride_st, stride_sh, qk_scale,
+                    MODE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                    DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                    SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WINDOW: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial attention of one token's group over split ``program_id(0)`` of one branch's keys.
+
+    ``CHUNK`` is keys per split (MODE_CMP, MODE_WIN) or selected blocks per split (MODE_SLC).
+    """
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
+    acc = tl.zeros([GP, DVP], dtype=tl.float32)
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    counted = tl.zeros([BLOCK_N], dtype=tl.int32)
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    cols = tl.arange(0, BLOCK_N)
+    if MODE == MODE_CMP:
+        visible = tl.where(valid & (t + 1 >= BLOCK), (t + 1 - BLOCK) // STRIDE + 1, 0)
+        lo = pid_s * CHUNK
+        hi = tl.minimum(lo + CHUNK, visible)
+        for start in range(lo, hi, BLOCK_N):
+            rows = start + cols
+            kmask = rows < hi
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn,
+                                    qk_scale, DK, DKP, DV, DVP, PRECISION)
+            counted += kmask.to(tl.int32)
+    elif MODE == MODE_WIN:
+        lo = tl.maximum(t - WINDOW + 1, 0) + pid_s * CHUNK
+        hi = tl.where(valid, tl.minimum(lo + CHUNK, t + 1), lo)
+        for start in range(lo, hi, BLOCK_N):
+            positions = start + cols
+            kmask = positions < hi
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions % RING, kmask, stride_kn,
+                                    stride_vn, qk_scale, DK, DKP, DV, DVP, PRECISION)
+            counted += kmask.to(tl.int32)
+    else:
+        sel_base = SEL + b.to(tl.int64) * stride_sb + i.to(tl.int64) * stride_st + h.to(tl.int64) * stride_sh
+        for slot in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)):
+            j = tl.load(sel_base + slot)
+            positions = j * SELECT_BLOCK + cols
+            # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
+            span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
+            kmask = cols < span
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
+                                    qk_scale, DK, DKP, DV, DVP, PRECISION)
+            counted += kmask.to(tl.int32)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, DVP)
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = (pid_r * SPLITS + pid_s).to(tl.int64)
+    tl.store(O_PART + (part * GP + g[:, None]) * DVP + dv[None, :], o)
+    tl.store(LSE_PART + part * GP + g, lse)
+    tl.store(CNT_PART + part, tl.sum(counted))
+
+
+@triton.jit
+def _merged_lse(LSE_PART, pid_r, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, GP: tl.constexpr):
+    """log2-sum-exp2 over a branch's splits, per row of the group (``-inf`` where nothing was seen)."""
+    sp = tl.arange(0, SPLITS_P)
+    g = tl.arange(0, GP)
+    parts = tl.load(LSE_PART + (pid_r.to(tl.int64) * SPLITS + sp[:, None]) * GP + g[None, :],
+                    mask=(sp < SPLITS)[:, None], other=float("-inf"))
+    m = tl.max(parts, 0)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    return m_shift + tl.log2(tl.sum(tl.exp2(parts - m_shift[None, :]), 0))
+
+
+@triton.jit
+def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, qk_scale,
+                  CMP_SPLITS: tl.constexpr, CMP_SPLITS_P: tl.constexpr, STEPS: tl.constexpr,
+                  G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                  BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
+    """Ranking keys of ``STEPS * NB_STEP`` selection blocks for one token's group (Eq. 8-10)."""
+    A: tl.constexpr = SELECT_BLOCK // STRIDE
+    B: tl.constexpr = BLOCK // STRIDE
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
+    lse2 = _merged_lse(LSE_PART, pid_r, CMP_SPLITS, CMP_SPLITS_P, GP)
+    row_ok = tl.arange(0, GP) < G
+    visible = tl.where(valid & (t + 1 >= BLOCK), (t + 1 - BLOCK) // STRIDE + 1, 0)
+    current = tl.where(valid, t // SELECT_BLOCK, -3)
+    dk = tl.arange(0, DKP)
+    # Eq. 9 slice of one step: w[i, k] = #{(m, u): a*k + m - u = i - (b-1)}, step-local i and k.
+    local_i = tl.arange(0, BLOCK_N)[:, None]
+    local_k = tl.arange(0, NBT)
+    r = local_i - (B - 1) - A * local_k[None, :]
+    w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
+    w = tl.where(local_k[None, :] < NB_STEP, tl.maximum(w, 0), 0).to(tl.float32)
+    k_base = KC + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    key_base = KEYS + pid_r.to(tl.int64) * NB_CAP
+    for step in range(STEPS):
+        j0 = (pid_s * STEPS + step) * NB_STEP
+        cols = A * j0 - (B - 1) + tl.arange(0, BLOCK_N)
+        col_ok = (cols >= 0) & (cols < visible)
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + dk[None, :],
+                    mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # lse2 = -inf only where no column is visible, and where() drops those with the rest.
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        group_sum = tl.sum(p, 0)  # Eq. 10
+        scores = tl.sum(group_sum[:, None] * w, 0)  # Eq. 9
+        j = j0 + local_k
+        forced = ((j == 0) | (j == current) | (j == current - 1)) & valid
+        candidate = (j >= 1) & (j <= current - 2)
+        # Scores are sums of exp2 >= 0; clamping the bits drops a possible -0.0.
+        bits = tl.maximum(scores.to(tl.int32, bitcast=True), 0).to(tl.int64)
+        low = INDEX_BITS - j.to(tl.int64)
+        key = tl.where(candidate, (bits << 32) | low, -1)
+        key = tl.where(forced, FORCED_KEY_HIGH | low, key)
+        tl.store(key_base + j, key, mask=(local_k < NB_STEP) & (j < NB_CAP))
+
+
+@triton.jit
+def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+                  GP: tl.constexpr, DVP: tl.constexpr):
+    total = _merged_lse(LSE_PART, pid_r, SPLITS, SPLITS_P, GP)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, DVP)
+    acc = tl.zeros([GP, DVP], dtype=tl.float32)
+    for s in range(SPLITS):
+        part = pid_r.to(tl.int64) * SPLITS + s
+        lse = tl.load(LSE_PART + part * GP + g)
+        weight = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - total))
+        acc += weight[:, None] * tl.load(O_PART + (part * GP + g[:, None]) * DVP + dv[None, :])
+    sp = tl.arange(0, SPLITS_P)
+    counted = tl.sum(tl.load(CNT_PART + pid_r.to(tl.int64) * SPLITS + sp, mask=sp < SPLITS, other=0))
+    return acc, counted
+
+
+@triton.jit
+def _combine_kernel(O_CMP, L_CMP, C_CMP, O_SLC, L_SLC, C_SLC, O_WIN, L_WIN, C_WIN, GATES, OUT, READS,
+                    LENGTHS, NUM_NEW, KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot,
+                    stride_oh, S_CMP: tl.constexpr, S_CMP_P: tl.constexpr, S_SLC: tl.constexpr,
+                    S_SLC_P: tl.constexpr, S_WIN: tl.constexpr, S_WIN_P: tl.constexpr,
+                    G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for one token's group, plus its reads."""
+    pid_r = tl.program_id(0)
+    b, i, h, _, _ = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    o_cmp, n_cmp = _merge_branch(O_CMP, L_CMP, C_CMP, pid_r, S_CMP, S_CMP_P, GP, DVP)
+    o_slc, n_slc = _merge_branch(O_SLC, L_SLC, C_SLC, pid_r, S_SLC, S_SLC_P, GP, DVP)
+    o_win, n_win = _merge_branch(O_WIN, L_WIN, C_WIN, pid_r, S_WIN, S_WIN_P, GP, DVP)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, DVP)
+    row_ok = g < G
+    head = (h * G + g).to(tl.int64)
+    gate_ptr = GATES + b.to(tl.int64) * stride_gb + i.to(tl.int64) * stride_gt + head * stride_gh
+    g_cmp = tl.load(gate_ptr, mask=row_ok, other=0.0).to(tl.float32)
+    g_slc = tl.load(gate_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
+    g_win = tl.load(gate_ptr + 2, mask=row_ok, other=0.0).to(tl.float32)
+    out = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
+    out_ptr = OUT + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_ot + head[:, None] * stride_oh + dv[None, :]
+    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    row = pid_r.to(tl.int64)
+    tl.store(READS + row, n_cmp.to(tl.int64))
+    tl.store(READS + ROWS + row, n_slc.to(tl.int64))
+    tl.store(READS + 2 * ROWS + row, n_win.to(tl.int64))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Split plan of a decode step: a function of shapes only, so a captured step replays it.
+
+    ``*_chunk`` is keys (``cmp``, ``win``) or selected blocks (``slc``) per program and
+    ``*_splits`` programs per token group; ``score_steps`` Eq. 9 steps of ``nb_step`` blocks per
+    scoring program.
+    """
+
+    block_n: int
+    slc_block_n: int
+    cmp_chunk: int
+    cmp_splits: int
+    win_chunk: int
+    win_splits: int
+    slc_chunk: int
+    slc_splits: int
+    score_block_n: int
+    nb_step: int
+    nbt: int
+    score_steps: int
+    score_splits: int
+    num_blocks: int
+    num_warps: int
+
+
+def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
+                block_n: int | None = None) -> DecodePlan:
+    """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups.
+
+    Every branch gets about ``target_programs`` programs (default: 4 per SM on CUDA) so that
+    batch 1 at a long context still fills the card, but never fewer keys per program than one
+    tile; a large batch gets one split per branch and no partial-merge traffic to speak of.
+    """
+    c = config
+    if target_programs is None:
+        if interpreting() or not torch.cuda.is_available():
+            target_programs = 4 * rows
+        else:
+            target_programs = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if block_n is None:
+        block_n = 16 if interpreting() else 64
+    want = max(1, -(-target_programs // max(rows, 1)))
+
+    def split(total: int, unit: int) -> tuple[int, int]:
+        tiles = max(1, -(-total // unit))
+        splits = min(want, tiles)
+        chunk = -(-tiles // splits) * unit
+        return chunk, max(1, -(-total // chunk))
+
+    cmp_chunk, cmp_splits = split(max(1, c.num_compressed(max_len)), block_n)
+    win_chunk, win_splits = split(min(c.window, max_len), block_n)
+    slc_chunk, slc_splits = split(c.select_count, 1)
+    a, b = c.select_block // c.compress_stride, c.compress_block // c.compress_stride
+    score_block_n = max(16, pow2(a + b - 1), block_n)
+    nb_step = (score_block_n - b + 1) // a
+    num_blocks = c.num_select_blocks(max_len)
+    score_steps, score_splits = split(num_blocks, nb_step)
+    return DecodePlan(block_n=block_n, slc_block_n=max(16, pow2(c.select_block)), cmp_chunk=cmp_chunk,
+                      cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
+                      slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step,
+                      nbt=max(16, pow2(nb_step)), score_steps=score_steps // nb_step,
+                      score_splits=score_splits, num_blocks=num_blocks, num_warps=4)
+
+
+def _top_n(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending block indices of the ``count`` largest ranking keys per row, ``-1`` padded."""
+    if keys.shape[-1] < count:
+        keys = torch.cat([keys, keys.new_full((*keys.shape[:-1], count - keys.shape[-1]), -1)], dim=-1)
+    top = torch.topk(keys, count, dim=-1, sorted=False).values
+    index = 0x7FFFFFFF - (top & 0x7FFFFFFF)
+    far = torch.iinfo(torch.int64).max
+    ordered = torch.sort(torch.where(top >= 0, index, far), dim=-1).values
+    return torch.where(ordered == far, -1, ordered)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@torch.no_grad()
+def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+                      v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
+                      lengths: torch.Tensor, config: NSAConfig, *, num_new: torch.Tensor | None = None,
+                      scale: float | None = None, plan: DecodePlan | None = None, check_values: bool = True,
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Triton decode step; arguments and results as :func:`nsa.ops.decode.naive.nsa_decode_reference`.
+
+    ``q`` and the caches are float16, bfloat16 or float32 on CUDA (or CPU under
+    ``TRITON_INTERPRET=1``); the key/value last dim must be contiguous. ``plan`` defaults to
+    :func:`plan_decode`. ``check_values=False`` skips the host-side checks of ``lengths`` and
+    ``num_new`` (needed inside CUDA-graph capture): the caller then guarantees them.
+    """
+    num_new = check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, num_new,
+                                  config, check_values=check_values)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton decode, got {q.dtype}")
+    for name, t in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+                    ("k_win", k_win), ("v_win", v_win)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    c = config
+    batch, steps, hq, dk = q.shape
+    hk, dv, group = c.num_kv_heads, c.v_head_dim, c.group_size
+    rows = batch * steps * hk
+    max_len, ring = k_slc.shape[1], k_win.shape[1]
+    plan = plan or plan_decode(c, rows, max_len)
+    out = q.new_empty(batch, steps, hq, dv)
+    blocks_shape = (batch, steps, hk, c.select_count)
+    if rows == 0:
+        empty = torch.zeros(batch, steps, hk, dtype=torch.int64, device=q.device)
+        return out, torch.full(blocks_shape, -1, dtype=torch.int64, device=q.device), {
+            b: empty.clone() for b in BRANCH_NAMES}
+    scale = dk ** -0.5 if scale is None else float(scale)
+    qk_scale = scale * LOG2E
+    gp, dkp, dvp = max(16, pow2(group)), max(16, pow2(dk)), max(16, pow2(dv))
+    lengths = lengths.contiguous()
+    num_new = num_new.contiguous()
+    gates = gates if gates.stride(-1) == 1 else gates.contiguous()
+    f32 = {"dtype": torch.float32, "device": q.device}
+
+    def partial_buffers(splits: int):
+        return (torch.empty(rows, splits, gp, dvp, **f32), torch.empty(rows, splits, gp, **f32),
+                torch.empty(rows, splits, dtype=torch.int32, device=q.device))
+
+    parts = {"cmp": partial_buffers(plan.cmp_splits), "win": partial_buffers(plan.win_splits),
+             "slc": partial_buffers(plan.slc_splits)}
+    common = {"G": group, "GP": gp, "DK": dk, "DKP": dkp, "DV": dv, "DVP": dvp, "BLOCK": c.compress_block,
+              "STRIDE": c.compress_stride, "SELECT_BLOCK": c.select_block, "COUNT": c.select_count,
+              "WINDOW": c.window, "PRECISION": _dot_precision(q.dtype), "num_warps": plan.num_warps}
+    q_strides = q.stride()[:3]
+    no_sel = torch.empty(1, dtype=torch.int64, device=q.device)
+
+    def partial(mode, k, v, sel, sel_strides, buffers, chunk, splits, block_n):
+        _partial_kernel[(splits, rows)](
+            q, k, v, sel, lengths, num_new, *buffers, steps, hk, ring, *q_strides, k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), *sel_strides, qk_scale, MODE=mode, CHUNK=chunk,
+            SPLITS=splits, BLOCK_N=block_n, **common)
+
+    partial(0, k_cmp, v_cmp, no_sel, (0, 0, 0), parts["cmp"], plan.cmp_chunk, plan.cmp_splits, plan.block_n)
+    partial(1, k_win, v_win, no_sel, (0, 0, 0), parts["win"], plan.win_chunk, plan.win_splits, plan.block_n)
+    keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
+    _score_kernel[(plan.score_splits, rows)](
+        q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), qk_scale, CMP_SPLITS=plan.cmp_splits,
+        CMP_SPLITS_P=pow2(plan.cmp_splits), STEPS=plan.score_steps, G=group, GP=gp, DK=dk, DKP=dkp,
+        BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
+        PRECISION=common["PRECISION"], BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
+        num_warps=plan.num_warps)
+    blocks = _top_n(keys, c.select_count).view(blocks_shape)
+    partial(2, k_slc, v_slc, blocks, blocks.stride()[:3], parts["slc"], plan.slc_chunk, plan.slc_splits,
+            plan.slc_block_n)
+    reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
+    _combine_kernel[(rows,)](
+        *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, lengths, num_new, steps, hk, rows,
+        *gates.stride()[:3], *out.stride()[:3], S_CMP=plan.cmp_splits, S_CMP_P=pow2(plan.cmp_splits),
+        S_SLC=plan.slc_splits, S_SLC_P=pow2(plan.slc_splits), S_WIN=plan.win_splits,
+        S_WIN_P=pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.num_warps)
+    return out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0)))
+
+
+__all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode"]

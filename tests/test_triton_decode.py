@@ -1,0 +1,214 @@
+"""Triton decode step == reference decode step == prefill reference, on CPU (Triton interpreter).
+
+Caches are filled with fresh random keys/values at known positions (the selection cache and the
+compressed tokens position-indexed, the window a ring), then a step of ``K`` new tokens per
+sequence (``num_new`` of them real, 0 allowed) runs through :func:`nsa_decode_triton`,
+:func:`nsa_decode_reference` and, as the independent oracle, :func:`nsa_reference` over each whole
+sequence in float64 whose last rows are the step's tokens. Kernels run in float32 (the
+interpreter's bf16 dot is wrong).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
+
+import pytest
+import torch
+from test_triton_selection import assert_same_selection
+
+from nsa import NSAAttention
+from nsa.config import NSAConfig
+from nsa.ops.decode import nsa_decode, nsa_decode_reference, resolve_decode
+from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+from nsa.ops.reads import compressed_reads, selected_reads, window_reads
+from nsa.ops.reference import nsa_reference
+from nsa.ops.selection import selection_block_scores
+
+OUTPUT_TOL = 2e-5  # float32 kernels against the float64 oracle, relative to max |o|
+
+
+def small(**changes) -> NSAConfig:
+    base = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "v_head_dim": 32, "compress_block": 8,
+            "compress_stride": 4, "select_block": 16, "select_count": 4, "window": 12, "phi": "mean"}
+    return NSAConfig(**{**base, **changes})
+
+
+def make_step(config: NSAConfig, lengths: list[int], counts: list[int], steps: int, max_len: int,
+              ring: int, seed: int, *, zero_cmp_keys: bool = False):
+    """Random whole sequences, their caches after the step and the step's inputs (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    c, batch = config, len(lengths)
+    hq, hk, dk, dv = c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    n_cmp = c.num_compressed(max_len)
+    full = {"q": randn(batch, max_len, hq, dk), "k_cmp": randn(batch, n_cmp, hk, dk),
+            "v_cmp": randn(batch, n_cmp, hk, dv), "k_slc": randn(batch, max_len, hk, dk),
+            "v_slc": randn(batch, max_len, hk, dv), "k_win": randn(batch, max_len, hk, dk),
+            "v_win": randn(batch, max_len, hk, dv), "gates": torch.rand(batch, max_len, hq, 3, generator=g,
+                                                                           dtype=torch.float64)}
+    if zero_cmp_keys:
+        full["k_cmp"].zero_()
+    # Ring slot p % ring holds the latest position p < length with that slot; older ones are
+    # overwritten with noise, so reading a stale slot shows.
+    rings = {name: randn(batch, ring, hk, full[name].shape[-1]) * 100 for name in ("k_win", "v_win")}
+    q = torch.zeros(batch, steps, hq, dk, dtype=torch.float64)
+    gates = torch.zeros(batch, steps, hq, 3, dtype=torch.float64)
+    for b, (length, count) in enumerate(zip(lengths, counts)):
+        for p in range(max(0, length - ring), length):
+            for name, ring_tensor in rings.items():
+                ring_tensor[b, p % ring] = full[name][b, p]
+        q[b, :count] = full["q"][b, length - count:length]
+        gates[b, :count] = full["gates"][b, length - count:length]
+    step = {**{name: full[name] for name in ("k_cmp", "v_cmp", "k_slc", "v_slc")}, **rings, "q": q,
+            "gates": gates, "lengths": torch.tensor(lengths), "num_new": torch.tensor(counts)}
+    return full, step
+
+
+def as_args(step: dict, dtype: torch.dtype):
+    tensors = [step[k].to(dtype) for k in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")]
+    return (*tensors, step["lengths"])
+
+
+def oracle(config: NSAConfig, full: dict, lengths: list[int], counts: list[int], steps: int):
+    """Prefill reference over each whole sequence (float64): the step's rows, blocks, reads, scores."""
+    c, batch = config, len(lengths)
+    o = torch.zeros(batch, steps, c.num_heads, c.v_head_dim, dtype=torch.float64)
+    blocks = torch.full((batch, steps, c.num_kv_heads, c.select_count), -1, dtype=torch.int64)
+    scores = torch.zeros(batch, steps, c.num_kv_heads, c.num_select_blocks(max(lengths)), dtype=torch.float64)
+    for b, (length, count) in enumerate(zip(lengths, counts)):
+        if not count:
+            continue
+        seq = slice(b, b + 1)
+        n_cmp = c.num_compressed(length)
+        out, sel, _ = nsa_reference(full["q"][seq, :length], full["k_cmp"][seq, :n_cmp], full["v_cmp"][seq, :n_cmp],
+                                    full["k_slc"][seq, :length], full["v_slc"][seq, :length],
+                                    full["k_win"][seq, :length], full["v_win"][seq, :length],
+                                    full["gates"][seq, :length], c)
+        o[b, :count] = out[0, length - count:]
+        blocks[b, :count] = sel[0, length - count:]
+        s = selection_block_scores(full["q"][seq, length - count:length], full["k_cmp"][seq, :n_cmp],
+                                   block=c.compress_block, stride=c.compress_stride, select_block=c.select_block,
+                                   num_blocks=scores.shape[-1], q_offset=length - count)
+        scores[b, :count] = s[0]
+    return o, blocks, scores
+
+
+def expected_reads(config: NSAConfig, blocks: torch.Tensor, lengths: list[int], counts: list[int]):
+    """Reads by nsa.ops.reads from the ranges, 0 for padding rows (``[B, K, HK]`` per branch)."""
+    c = config
+    out = {b: torch.zeros(blocks.shape[:3], dtype=torch.int64) for b in ("cmp", "slc", "win")}
+    for b, (length, count) in enumerate(zip(lengths, counts)):
+        pos = torch.arange(length - count, length)
+        out["cmp"][b, :count] = compressed_reads(pos, block=c.compress_block, stride=c.compress_stride)[:, None]
+        out["slc"][b, :count] = selected_reads(blocks[b, :count], pos, select_block=c.select_block)
+        out["win"][b, :count] = window_reads(pos, window=c.window)[:, None]
+    return out
+
+
+def check_step(config, lengths, counts, steps, max_len, ring, seed, *, plan_kwargs=None, zero_cmp_keys=False):
+    full, step = make_step(config, lengths, counts, steps, max_len, ring, seed, zero_cmp_keys=zero_cmp_keys)
+    want_o, want_blocks, scores = oracle(config, full, lengths, counts, steps)
+    plan = plan_decode(config, len(lengths) * steps * config.num_kv_heads, max_len, **(plan_kwargs or {}))
+    o, blocks, reads = nsa_decode_triton(*as_args(step, torch.float32), config, num_new=step["num_new"], plan=plan)
+    ref_o, ref_blocks, ref_reads = nsa_decode_reference(*as_args(step, torch.float64), config,
+                                                        num_new=step["num_new"])
+    assert torch.isfinite(o).all()
+    assert torch.equal(ref_blocks, want_blocks), "reference decode must pick the prefill's blocks exactly"
+    assert torch.allclose(ref_o, want_o, rtol=0, atol=1e-12), "reference decode must equal the prefill"
+    assert_same_selection(blocks.flatten(0, 1)[None], want_blocks.flatten(0, 1)[None],
+                          scores.flatten(0, 1)[None], select_block=config.select_block)
+    agree = (blocks == want_blocks).all(-1).all(-1)
+    err = (o.double() - want_o)[agree].abs().max().item() if agree.any() else 0.0
+    assert err <= OUTPUT_TOL * max(1.0, want_o.abs().max().item()), err
+    # Reads are counted by the kernels; they must equal the ranges of the blocks they chose.
+    want_reads = expected_reads(config, blocks, lengths, counts)
+    for branch in ("cmp", "slc", "win"):
+        assert torch.equal(reads[branch], want_reads[branch]), branch
+        assert torch.equal(reads[branch][agree], ref_reads[branch][agree]), branch
+    return blocks, want_blocks
+
+
+@pytest.mark.parametrize("config,lengths,counts,steps,max_len,ring,seed", [
+    # G=2 (padded to 16 rows), Dk != Dv; one token each, lengths across emission/block boundaries;
+    # 91: c = 5, a real top-n among candidates 1..3.
+    (small(), [1, 8, 37, 91], [1, 1, 1, 1], 1, 96, 12, 0),
+    # Three-token steps (chunked prefill / speculative), 0 and 2 new tokens among them, ring w + K - 1.
+    (small(), [3, 40, 77, 66], [3, 0, 2, 3], 3, 80, 14, 1),
+    # G=1, d = l (no overlap), w larger than every sequence, more blocks than n.
+    (small(num_heads=2, num_kv_heads=2, head_dim=32, v_head_dim=16, compress_block=8, compress_stride=8,
+           select_count=3, window=64), [50, 120], [1, 1], 1, 128, 64, 2),
+    # G=16 (the paper's group), l/d = 4, l'/d = 8, n = 6.
+    (small(num_heads=16, num_kv_heads=1, head_dim=16, v_head_dim=16, compress_block=16, compress_stride=4,
+           select_block=32, select_count=6, window=20), [130, 161], [2, 1], 2, 170, 21, 3),
+])
+def test_triton_decode_matches_reference_and_prefill(config, lengths, counts, steps, max_len, ring, seed):
+    check_step(config, lengths, counts, steps, max_len, ring, seed)
+
+
+def test_split_plans_agree():
+    """Many small splits per branch and one split per branch give the prefill's result."""
+    config = small()
+    for plan_kwargs in ({"target_programs": 1, "block_n": 16}, {"target_programs": 1024, "block_n": 16}):
+        check_step(config, [90, 57], [1, 1], 1, 96, 12, 4, plan_kwargs=plan_kwargs)
+    many = plan_decode(config, 4, 96, target_programs=1024, block_n=16)
+    assert many.cmp_splits > 1 and many.slc_splits > 1 and many.score_splits > 1
+
+
+def test_exact_ties_go_to_the_lower_block():
+    """Zero compressed keys make p_cmp uniform (num_cmp = 16 or 32, so 1/num_cmp is exact): every
+    candidate block that is fully visible scores the same, and the lowest indices must win."""
+    config = small(select_count=5)
+    blocks, want = check_step(config, [72, 136], [1, 1], 1, 140, 12, 5, zero_cmp_keys=True)
+    assert torch.equal(blocks, want)
+    assert blocks[0, 0, 0].tolist() == [0, 1, 2, 3, 4] and blocks[1, 0, 0].tolist() == [0, 1, 2, 7, 8]
+
+
+def test_bad_inputs_name_the_argument():
+    config = small()
+    _, step = make_step(config, [20], [2], 2, 32, 12, 6)
+    args = as_args(step, torch.float32)
+    with pytest.raises(ValueError, match="k_win ring has 12 slots; a step of K=2 tokens needs"):
+        nsa_decode_triton(*args, config)
+    _, step = make_step(config, [20], [1], 1, 32, 12, 6)
+    args = list(as_args(step, torch.float32))
+    with pytest.raises(ValueError, match=r"num_new\[0\] must be in \[0, K=1\], got 2"):
+        nsa_decode_triton(*args, config, num_new=torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"lengths\[0\] must be in \[num_new=1, max_len=32\], got 33"):
+        nsa_decode_triton(*args[:-1], torch.tensor([33]), config)
+    with pytest.raises(TypeError, match="k_slc must have q's dtype"):
+        nsa_decode_triton(*args[:3], args[3].double(), *args[4:], config)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nsa_decode(*args, config, backend="cuda")
+    with pytest.raises(RuntimeError, match="no incremental-decode kernels for torch.float64"):
+        resolve_decode("triton", args[0].double())
+    assert resolve_decode("auto", args[0]) == ("reference", "auto: decode runs the reference path")
+
+
+def test_layer_cache_steps_on_triton_equal_reference():
+    """NSAAttention's cache path with backend='triton' (a 1-token step, then a 3-token step with a
+    0-count sequence, after a prefill into the cache) equals backend='reference' and records it."""
+    torch.manual_seed(7)
+    config = small(phi="mlp")
+    layer = NSAAttention(24, config).float()
+    with torch.no_grad():
+        layer.gate_proj.weight.normal_()
+    caches = {name: layer.new_cache(2, 96) for name in ("triton", "reference")}
+    prompt, prompt_offsets = torch.randn(1, 125, 24), torch.tensor([0, 40, 125])
+    for cache in caches.values():  # the prefill (one long step) on the reference keeps the test short
+        layer(prompt, cu_seqlens=prompt_offsets, cache=cache, backend="reference")
+    xs = [torch.randn(2, 1, 24), torch.randn(1, 3, 24)]
+    offsets = [None, torch.tensor([0, 0, 3])]
+    for x, off in zip(xs, offsets):
+        results = {name: layer(x, cu_seqlens=off, cache=cache, backend=name, return_info=True)
+                   for name, cache in caches.items()}
+        (out_t, info_t), (out_r, info_r) = results["triton"], results["reference"]
+        assert info_t.backend == "triton" and info_r.backend == "reference"
+        assert torch.equal(info_t.selected_blocks, info_r.selected_blocks)
+        assert torch.allclose(out_t, out_r, rtol=0, atol=1e-5 * max(1.0, out_r.abs().max().item()))
+        for branch in ("cmp", "slc", "win"):
+            assert torch.equal(info_t.reads[branch], info_r.reads[branch]), branch
+        assert torch.equal(info_t.lengths, info_r.lengths) and torch.equal(info_t.positions, info_r.positions)
+    assert caches["triton"].lengths.tolist() == [41, 89]
