@@ -110,12 +110,14 @@ def softmax_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) 
 
 
 @triton.jit
-def softmax_step(s, allowed, m_i, l_i, acc, v, PREC: tl.constexpr):
+def softmax_step(s, allowed, m_i, l_i, acc, v, PREC: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax update with scores ``s`` (base-2 units, [M, N]) and values ``v`` [N, DV].
 
-    Rows that have seen no allowed key keep ``m = -inf`` and contribute exactly 0 (no NaN).
+    ``allowed`` is applied only when ``MASKED`` (interior tiles skip the select). Rows that have
+    seen no allowed key keep ``m = -inf`` and contribute exactly 0 (no NaN).
     """
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
@@ -136,13 +138,48 @@ def softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
-def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr):
+def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.constexpr):
     """Recompute ``p`` from ``lse`` and return ``(p, ds)`` for one [M, N] tile.
 
     ``s`` is in base-2 units, ``lse2 = lse * log2(e)``; ``ds`` is the gradient of the natural
-    scores (multiply by ``scale`` for the gradient of ``q . k``).
+    scores (multiply by ``scale`` for the gradient of ``q . k``). Unmasked tiles rely on
+    ``lse = +inf`` for rows that must not contribute.
     """
-    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return p, ds
+
+
+@triton.jit
+def row_layout(t0, T, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row r: head r % G of position t0 + r // G; rows past BT*G or past T are off."""
+    r = tl.arange(0, BLOCK_M)
+    row_pos = t0 + r // G
+    row_ok = (r < BT * G) & (row_pos < T)
+    return r, row_pos, row_ok
+
+
+@triton.jit
+def load_rows(base, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows ([M], at (row_pos, head)) of a [T, H, D] view; 64-bit offsets (T up to 128k+)."""
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_rows(base, x, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def load_block(base, kpos, T, stride_t, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Key/value rows at positions kpos of one head, [N, D_PAD], zero past T and past D."""
+    cols = tl.arange(0, D_PAD)
+    ptrs = base + kpos.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=(kpos[:, None] < T) & (cols[None, :] < D), other=0.0)

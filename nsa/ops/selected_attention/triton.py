@@ -22,40 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, softmax_delta, softmax_finish,
-                                   softmax_grad, softmax_step)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
+                                   row_layout, softmax_delta, softmax_finish, softmax_grad,
+                                   softmax_step, store_rows)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
-
-
-@triton.jit
-def _row_layout(t0, T, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
-    r = tl.arange(0, BLOCK_M)
-    row_pos = t0 + r // G
-    row_ok = (r < BT * G) & (row_pos < T)
-    return r, row_pos, row_ok
-
-
-@triton.jit
-def _load_rows(base, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
-    cols = tl.arange(0, D_PAD)
-    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _store_rows(base, x, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, D_PAD: tl.constexpr):
-    cols = tl.arange(0, D_PAD)
-    ptrs = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
-
-
-@triton.jit
-def _load_block(base, kpos, T, stride_t, D: tl.constexpr, D_PAD: tl.constexpr):
-    cols = tl.arange(0, D_PAD)
-    ptrs = base + kpos.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    return tl.load(ptrs, mask=(kpos[:, None] < T) & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -76,9 +48,9 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
     b = (pid_bh // HK).to(tl.int64)
     h = pid_bh % HK
     t0 = pid_t * BT
-    r, row_pos, row_ok = _row_layout(t0, T, G, BT, BLOCK_M)
+    r, row_pos, row_ok = row_layout(t0, T, G, BT, BLOCK_M)
     head = h * G + r % G
-    qt = _load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
     idx_base = idx + b * sib + h * sih
     slot = tl.arange(0, N_PAD)
     row_sel = tl.load(idx_base + row_pos.to(tl.int64)[:, None] * sit + slot[None, :],
@@ -87,7 +59,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
     v_base = v + b * svb + h * svh
     kk = tl.arange(0, BS)
     if BACKWARD:
-        do_t = _load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
@@ -102,15 +74,15 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
         for s in range(0, n_valid):
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
-            kb = _load_block(k_base, kpos, T, skt, DK, DK_PAD)
-            vb = _load_block(v_base, kpos, T, svt, DV, DV_PAD)
+            kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+            vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
             sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
             allowed = kpos[None, :] <= row_pos[:, None]
             if BACKWARD:
-                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
                 acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
             else:
-                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC)
+                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     else:
         row_in_tile = r // G
         for i in range(0, BT * NSEL):
@@ -122,21 +94,21 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
                                           axis=1), axis=0)
             if (blk >= 0) & (listed_before == 0):
                 kpos = blk * BS + kk
-                kb = _load_block(k_base, kpos, T, skt, DK, DK_PAD)
-                vb = _load_block(v_base, kpos, T, svt, DV, DV_PAD)
+                kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+                vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
                 sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
                 member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
                 allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
                 if BACKWARD:
-                    p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+                    p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
                     acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
                 else:
-                    m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC)
+                    m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     if BACKWARD:
-        _store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
-        _store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         tl.store(lse + b * slb + row_pos.to(tl.int64) * slt + head * slh, lse_t, mask=row_ok)
 
 
@@ -159,8 +131,8 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
     h = bh % HK
     kk = tl.arange(0, BS)
     kpos = blk * BS + kk
-    kb = _load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
-    vb = _load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
+    kb = load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
+    vb = load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
     dk_acc = tl.zeros([BS, DK_PAD], dtype=tl.float32)
     dv_acc = tl.zeros([BS, DV_PAD], dtype=tl.float32)
     r = tl.arange(0, BLOCK_M)
@@ -169,14 +141,14 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         entry = c + r // G
         row_ok = (r < BT * G) & (entry < length)
         row_pos = tl.load(qpos + start + entry, mask=row_ok, other=0)
-        qt = _load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
-        do_t = _load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
         sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
         allowed = (kpos[None, :] <= row_pos[:, None]) & row_ok[:, None]
-        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC)
+        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
         dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
         dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
     ck = tl.arange(0, DK_PAD)

@@ -1,0 +1,252 @@
+"""Sliding-window attention in Triton (forward and backward), FlashAttention-2 style, GQA folded.
+
+The query at ``t`` reads keys ``max(0, t - w + 1) .. t``. A query program owns ``BT`` positions x
+the ``G`` heads of one key/value head (``BLOCK_M`` rows) and walks only the key tiles of its band,
+in three runs: lower edge tiles (window start masked), interior tiles (no mask at all), upper
+edge tiles (causal diagonal masked). The dk/dv program owns one key tile and walks the position
+tiles that read it, with the same split. No atomics: every output element has one writer, so
+results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
+                                   row_layout, softmax_delta, softmax_finish, softmax_grad,
+                                   softmax_step, store_rows)
+
+
+@triton.jit
+def _query_tiles(qt, k_base, v_base, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
+                 lse2, delta_t, do_t, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
+                 DV_PAD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+                 BACKWARD: tl.constexpr, PREC: tl.constexpr):
+    for k0 in range(lo, hi, BN):
+        kpos = k0 + tl.arange(0, BN)
+        kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+        vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
+        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
+        if BACKWARD:
+            p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
+            acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+        else:
+            m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, MASKED)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
+                      T, W, qk_scale, scale,
+                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
+                      BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    t0 = pid_t * BT
+    r, row_pos, row_ok = row_layout(t0, T, G, BT, BLOCK_M)
+    head = h * G + r % G
+    qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    k_base = k + b * skb + h * skh
+    v_base = v + b * svb + h * svh
+    if BACKWARD:
+        do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
+        lse2 = tl.load(lse + lse_rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, DK_PAD], dtype=tl.float32)
+    else:
+        do_t = qt
+        lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        delta_t = lse2
+        acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_last = tl.minimum(t0 + BT, T) - 1
+    end = t_last + 1
+    end_tiles = tl.cdiv(end, BN) * BN
+    lo = tl.maximum(t0 - W + 1, 0) // BN * BN
+    # Interior tiles: every key is inside every row's window and at or before every row.
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(t_last - W + 1, 0), BN) * BN, end_tiles)
+    full_hi = tl.maximum((t0 + 1) // BN * BN, full_lo)
+    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, lo, full_lo, row_pos, T, W, skt, svt, qk_scale,
+                                 m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD, BN,
+                                 True, BACKWARD, PREC)
+    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, full_lo, full_hi, row_pos, T, W, skt, svt,
+                                 qk_scale, m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD,
+                                 BN, False, BACKWARD, PREC)
+    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, full_hi, end, row_pos, T, W, skt, svt, qk_scale,
+                                 m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD, BN,
+                                 True, BACKWARD, PREC)
+    if BACKWARD:
+        store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    else:
+        out, lse_t = softmax_finish(m_i, l_i, acc)
+        store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        tl.store(lse + b * slb + row_pos.to(tl.int64) * slt + head * slh, lse_t, mask=row_ok)
+
+
+@triton.jit
+def _kv_tiles(kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
+              sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
+              G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
+              DV_PAD: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    for p0 in range(lo, hi, BT):
+        row_pos = p0 + r // G
+        row_ok = (r < BT * G) & (row_pos < T)
+        qt = load_rows(q_base, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        do_t = load_rows(do_base, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        rows = row_pos.to(tl.int64) * slt + head * slh
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
+                   & row_ok[:, None])
+        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
+        dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
+    return dk_acc, dv_acc
+
+
+@triton.jit
+def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
+                     T, W, qk_scale, scale,
+                     HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                     DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
+                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dk, dv of one key tile over the positions k0 .. k0 + BN - 2 + W that read it."""
+    k0 = tl.program_id(0) * BN
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    h = pid_bh % HK
+    kpos = k0 + tl.arange(0, BN)
+    kb = load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
+    vb = load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
+    r = tl.arange(0, BLOCK_M)
+    head = h * G + r % G
+    dk_acc = tl.zeros([BN, DK_PAD], dtype=tl.float32)
+    dv_acc = tl.zeros([BN, DV_PAD], dtype=tl.float32)
+    end = tl.minimum(T, tl.minimum(k0 + BN, T) - 1 + W)
+    end_tiles = k0 + tl.cdiv(end - k0, BT) * BT
+    # Interior position tiles: every row is at or after every key and inside every key's window.
+    full_lo = tl.minimum(k0 + tl.cdiv(BN - 1, BT) * BT, end_tiles)
+    full_hi = tl.maximum(tl.minimum(k0 + (W // BT) * BT, end_tiles), full_lo)
+    q_base = q + b * sqb
+    do_base = do + b * sob
+    lse_base = lse + b * slb
+    delta_base = delta + b * slb
+    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, k0, full_lo, q_base, do_base, lse_base, delta_base, head,
+                               r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
+                               G, DK, DV, DK_PAD, DV_PAD, BT, True, PREC)
+    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, full_lo, full_hi, q_base, do_base, lse_base, delta_base,
+                               head, r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
+                               G, DK, DV, DK_PAD, DV_PAD, BT, False, PREC)
+    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, full_hi, end, q_base, do_base, lse_base, delta_base, head,
+                               r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
+                               G, DK, DV, DK_PAD, DV_PAD, BT, True, PREC)
+    kvalid = kpos < T
+    ck = tl.arange(0, DK_PAD)
+    cv = tl.arange(0, DV_PAD)
+    kp = kpos.to(tl.int64)[:, None]
+    tl.store(dk + b * skb + h * skh + kp * skt + ck[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
+             mask=kvalid[:, None] & (ck[None, :] < DK))
+    tl.store(dv + b * svb + h * svh + kp * svt + cv[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=kvalid[:, None] & (cv[None, :] < DV))
+
+
+_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3)],
+                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
+_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (64, 8, 3), (128, 8, 2)],
+                                key=["G", "DK", "DV"], extra={"BN": 64})
+
+
+def _meta(q, k, v):
+    num_kv = k.shape[2]
+    dk, dv = q.shape[-1], v.shape[-1]
+    return dict(HK=num_kv, G=q.shape[2] // num_kv, DK=dk, DV=dv, DK_PAD=triton.next_power_of_2(dk),
+                DV_PAD=triton.next_power_of_2(dv), PREC=dot_precision(q.dtype))
+
+
+def _query_pass(q, k, v, window, scale, *, o=None, lse=None, do=None, delta=None):
+    """Forward when ``do is None`` (returns o, lse), else dq."""
+    batch, seq_len, num_heads, _ = q.shape
+    meta = _meta(q, k, v)
+    backward = do is not None
+    if backward:
+        dq = torch.empty_like(q)
+    else:
+        o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
+        lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
+        do, delta, dq = o, lse, q  # unused in the forward
+    rows = do if backward else o
+
+    def grid(cfg):
+        return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
+
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *q.stride()[:3], *k.stride()[:3],
+                  *v.stride()[:3], *rows.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
+                  scale, BACKWARD=backward, **meta)
+    return dq if backward else (o, lse)
+
+
+def _dkdv_pass(q, k, v, do, lse, delta, window, scale):
+    batch, seq_len = q.shape[:2]
+    meta = _meta(q, k, v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def grid(cfg):
+        return (triton.cdiv(seq_len, cfg["BN"]), batch * meta["HK"])
+
+    _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
+                 *v.stride()[:3], *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
+                 scale, **meta)
+    return dk, dv
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale):
+        o, lse = _query_pass(q, k, v, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.window, ctx.scale = window, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        delta = softmax_delta(o, do, dlse)
+        dq = _query_pass(q, k, v, ctx.window, ctx.scale, o=o, lse=lse, do=do, delta=delta)
+        dk, dv = _dkdv_pass(q, k, v, do, lse, delta, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
+                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention (Triton): the query at ``t`` reads keys ``max(0, t-w+1)..t``.
+
+    Same function as :func:`nsa.ops.window_attention.naive.window_attention` with
+    ``q_offset = k_offset = 0``; differentiable w.r.t. ``q, k, v`` (and through ``lse``).
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` float16/bfloat16/float32.
+        k: ``[B, T, HK, Dk]``, ``HQ % HK == 0``, same dtype.
+        v: ``[B, T, HK, Dv]``, same dtype.
+        window: ``w >= 1``, current token included.
+        scale: defaults to ``1/sqrt(Dk)``.
+
+    Returns:
+        ``o [B, T, HQ, Dv]`` in ``q.dtype`` and ``lse [B, T, HQ]`` float32 (natural log).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Contiguous so that o, do and dq (and q) share one set of strides in the kernels.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _WindowAttention.apply(q, k, v, int(window), scale)
