@@ -38,6 +38,18 @@ def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def head_dim_blocks(dim: int) -> tuple[int, int]:
+    """A head dim as two power-of-two blocks ``(DA, DB)`` covering it, ``DB = 0`` when one suffices.
+
+    192 -> (128, 64), 128 -> (128, 0), 80 -> (64, 16), 24 -> (16, 16); blocks are >= 16 for ``tl.dot``.
+    """
+    if dim <= 16:
+        return 16, 0
+    first = 1 << (dim.bit_length() - 1)
+    rest = dim - first
+    return first, (max(16, pow2(rest)) if rest else 0)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs keep full precision (``tf32`` would cost ~1e-3); 16-bit inputs ignore this."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -97,31 +109,67 @@ def visible_count(pos, BLOCK: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def load_head_dim(row_ptrs, row_ok, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """Rows ``[R, D]`` as two power-of-two column blocks ``[0, DA)`` and ``[DA, DA + DB)``.
+
+    Splitting (192 = 128 + 64) instead of padding to a power of two (256) saves a quarter of the
+    ``q.k`` work at Dk=192. With ``DB == 0`` the second block is the first again, never used.
+    """
+    da = tl.arange(0, DA)
+    xa = tl.load(row_ptrs[:, None] + da[None, :], mask=row_ok[:, None] & (da < D)[None, :], other=0.0)
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        xb = tl.load(row_ptrs[:, None] + db[None, :], mask=row_ok[:, None] & (db < D)[None, :], other=0.0)
+    else:
+        xb = xa
+    return xa, xb
+
+
+@triton.jit
+def store_head_dim(row_ptrs, row_ok, xa, xb, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """Store the two column blocks of :func:`load_head_dim`."""
+    da = tl.arange(0, DA)
+    tl.store(row_ptrs[:, None] + da[None, :], xa, mask=row_ok[:, None] & (da < D)[None, :])
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        tl.store(row_ptrs[:, None] + db[None, :], xb, mask=row_ok[:, None] & (db < D)[None, :])
+
+
+@triton.jit
+def dot_head_dim(xa, xb, ya, yb, DB: tl.constexpr, PRECISION: tl.constexpr):
+    """``x @ y^T`` over a split head dim: ``[M, D] x [N, D] -> [M, N]`` float32."""
+    s = tl.dot(xa, tl.trans(ya), input_precision=PRECISION)
+    if DB > 0:
+        s = tl.dot(xb, tl.trans(yb), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
 def _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK: tl.constexpr, DV: tl.constexpr,
-                  DKP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
-    """Compressed keys/values ``start .. start + BLOCK_N`` of one key/value head."""
+                  DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr):
+    """Compressed keys (two head-dim blocks) and values ``start .. start + BLOCK_N`` of one kv head."""
     local = tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     # Only tiles past the fully-visible prefix can run past the last compressed token.
     if MASK:
         col_ok = start + local < tl.max(vis)
     else:
         col_ok = local >= 0
-    k = tl.load(k_base + tl.cast(start, tl.int64) * stride_kn + local[:, None] * stride_kn + dk[None, :],
-                mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    ka, kb = load_head_dim(k_base + tl.cast(start, tl.int64) * stride_kn + local * stride_kn, col_ok, DK, DKA, DKB)
     v = tl.load(v_base + tl.cast(start, tl.int64) * stride_vn + local[:, None] * stride_vn + dv[None, :],
                 mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    return k, v
+    return ka, kb, v
 
 
 @triton.jit
-def _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
-              DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+def _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
+              DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    k, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKP, DVP, BLOCK_N, MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    ka, kb, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
+                              BLOCK_N, MASK)
+    s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
     if MASK:
         s = tl.where(cols[None, :] < vis[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -143,7 +191,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
                     stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                     stride_lb, stride_lt, stride_lh, qk_scale,
                     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Later tiles see more keys; launching them first evens out the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -153,10 +201,9 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     t0 = pid_m * BLOCK_T
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     # Keys below n_full are visible to every row of the tile: no mask there.
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
@@ -167,11 +214,11 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKP, DVP, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False, PRECISION)
     for start in range(n_full, n_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True, PRECISION)
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2_JIT, float("-inf"))
@@ -206,42 +253,45 @@ def _delta_kernel(O, DO, DELTA, rows, DV: tl.constexpr, DVP: tl.constexpr, BLOCK
 @triton.jit
 def _load_query_tile(Q, DO, LSE, DELTA, b, t0, h0, g, local_t, row_ok, stride_qb, stride_qt, stride_qh,
                      stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
-                     DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr):
-    """q, dO, lse*log2(e) and delta of a query tile; padding rows load zeros, so they add nothing."""
-    dk = tl.arange(0, DKP)
+                     DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
+                     DVP: tl.constexpr):
+    """q (two head-dim blocks), dO, lse*log2(e) and delta of a query tile; padding rows load zeros,
+    so they add nothing."""
     dv = tl.arange(0, DVP)
     q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
     do_rows = tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
     do = tl.load(do_rows[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     row_off = local_t * stride_lt + g * stride_lh
     lse2 = tl.load(tile_base(LSE, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off,
                    mask=row_ok, other=0.0) * LOG2E_JIT
     delta = tl.load(tile_base(DELTA, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off, mask=row_ok, other=0.0)
-    return q, do, lse2, delta
+    return qa, qb, do, lse2, delta
 
 
 @triton.jit
-def _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
                stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                stride_lb, stride_lt, stride_lh, qk_scale,
                G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-               DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
                BLOCK_M: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pid_m * (BLOCK_M // GP), h * G, g, local_t,
-                                          row_ok, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                          stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pid_m * (BLOCK_M // GP), h * G, g, local_t,
+                                               row_ok, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP)
+    s_t = dot_head_dim(ka, kb, qa, qb, DKB, PRECISION) * qk_scale
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASK:
         # Rows before the key's first reader have lse = -inf (exp2 -> inf); where() drops them.
         p_t = tl.where(cols[:, None] * STRIDE + BLOCK - 1 <= pos[None, :], p_t, 0.0)
     dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    return dk_acc, dv_acc
+    ds_t = (p_t * (dp_t - delta[None, :])).to(qa.dtype)
+    dk_acc_a += tl.dot(ds_t, qa, input_precision=PRECISION)
+    if DKB > 0:
+        dk_acc_b += tl.dot(ds_t, qb, input_precision=PRECISION)
+    return dk_acc_a, dk_acc_b, dv_acc
 
 
 @triton.jit
@@ -250,8 +300,9 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SP
                          stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                          stride_lb, stride_lt, stride_lh, qk_scale, scale,
                          G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-                         DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
+                         DVP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     # Program (key tile, b*HK + h, split) sums over the query tiles whose first position falls in
     # [split*SPLIT_LEN, (split+1)*SPLIT_LEN); the host adds the splits' float32 partials in order.
     pid_n = tl.program_id(0)
@@ -263,15 +314,15 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SP
     local = tl.arange(0, BLOCK_N)
     cols = pid_n * BLOCK_N + local
     col_ok = cols < N
-    dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    k_off = local[:, None] * stride_kn + dk[None, :]
-    v_off = local[:, None] * stride_vn + dv[None, :]
-    k_mask = col_ok[:, None] & (dk < DK)[None, :]
     v_mask = col_ok[:, None] & (dv < DV)[None, :]
-    k = tl.load(tile_base(K, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + k_off, mask=k_mask, other=0.0)
-    v = tl.load(tile_base(V, b, pid_n * BLOCK_N, h, stride_vb, stride_vn, stride_vh) + v_off, mask=v_mask, other=0.0)
-    dk_acc = tl.zeros([BLOCK_N, DKP], dtype=tl.float32)
+    k_rows = tile_base(K, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + local * stride_kn
+    ka, kb = load_head_dim(k_rows, col_ok, DK, DKA, DKB)
+    v = tl.load(tile_base(V, b, pid_n * BLOCK_N, h, stride_vb, stride_vn, stride_vh) + local[:, None] * stride_vn
+                + dv[None, :], mask=v_mask, other=0.0)
+    dk_acc_a = tl.zeros([BLOCK_N, DKA], dtype=tl.float32)
+    # Unused (and compiled away) when DKB == 0.
+    dk_acc_b = tl.zeros([BLOCK_N, DKB if DKB > 0 else 16], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
     first_reader = pid_n * BLOCK_N * STRIDE + BLOCK - 1
     last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, N) - 1
@@ -282,35 +333,39 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SP
     split_start = tl.cdiv(pid_s * SPLIT_LEN, BLOCK_T)
     split_end = tl.cdiv((pid_s + 1) * SPLIT_LEN, BLOCK_T)
     for pid_m in range(tl.maximum(m_start, split_start), tl.minimum(m_full, split_end)):
-        dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
-                                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                                    stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
-                                    DK, DV, DKP, DVP, BLOCK_M, True, PRECISION)
+        dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
+            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+            stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, True, PRECISION)
     for pid_m in range(tl.maximum(m_full, split_start), tl.minimum(m_end, split_end)):
-        dk_acc, dv_acc = _dkdv_step(k, v, dk_acc, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
-                                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
-                                    stride_lb, stride_lt, stride_lh, qk_scale, G, GP, BLOCK, STRIDE,
-                                    DK, DV, DKP, DVP, BLOCK_M, False, PRECISION)
+        dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
+            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+            stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, False, PRECISION)
     # Partials are contiguous float32 [splits, B*HK, N, D]; programs without work store zeros.
     heads = tl.num_programs(1)
-    dk_part = tile_base(DK_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DK, N * DK, DK)
-    tl.store(dk_part + local[:, None] * DK + dk[None, :], dk_acc * scale, mask=k_mask)
+    dk_part = tile_base(DK_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DK, N * DK, DK) + local * DK
+    store_head_dim(dk_part, col_ok, dk_acc_a * scale, dk_acc_b * scale, DK, DKA, DKB)
     dv_part = tile_base(DV_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DV, N * DV, DV)
     tl.store(dv_part + local[:, None] * DV + dv[None, :], dv_acc, mask=v_mask)
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
-             DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis, stride_kn, stride_vn,
+             qk_scale, DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
+             DVP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    k, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKP, DVP, BLOCK_N, MASK)
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    ka, kb, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
+                              BLOCK_N, MASK)
+    p = tl.exp2(dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(cols[None, :] < vis[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    return dq_acc + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(ka.dtype)
+    dq_acc_a += tl.dot(ds, ka, input_precision=PRECISION)
+    if DKB > 0:
+        dq_acc_b += tl.dot(ds, kb, input_precision=PRECISION)
+    return dq_acc_a, dq_acc_b
 
 
 @triton.jit
@@ -319,7 +374,7 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
                        stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                        stride_lb, stride_lt, stride_lh, qk_scale, scale,
                        G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-                       DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -328,26 +383,29 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     t0 = pid_m * BLOCK_T
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    q, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, t0, h * G, g, local_t, row_ok,
-                                          stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                          stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKP, DVP)
+    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, t0, h * G, g, local_t, row_ok,
+                                               stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
+                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
     n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
     k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
     v_base = tile_base(V, b, 0, h, stride_vb, 0, stride_vh)
-    dq_acc = tl.zeros([BLOCK_M, DKP], dtype=tl.float32)
+    dq_acc_a = tl.zeros([BLOCK_M, DKA], dtype=tl.float32)
+    # Unused (and compiled away) when DKB == 0.
+    dq_acc_b = tl.zeros([BLOCK_M, DKB if DKB > 0 else 16], dtype=tl.float32)
     for start in range(0, n_full, BLOCK_N):
-        dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
-                          qk_scale, DK, DV, DKP, DVP, BLOCK_N, False, PRECISION)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis,
+                                      stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False,
+                                      PRECISION)
     for start in range(n_full, n_end, BLOCK_N):
-        dq_acc = _dq_step(q, do, lse2, delta, dq_acc, k_base, v_base, start, vis, stride_kn, stride_vn,
-                          qk_scale, DK, DV, DKP, DVP, BLOCK_N, True, PRECISION)
-    dk = tl.arange(0, DKP)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis,
+                                      stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True,
+                                      PRECISION)
     # DQ is allocated like Q, so Q's strides address it.
     dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    tl.store(dq_rows[:, None] + dk[None, :], (dq_acc * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (dk < DK)[None, :])
+    store_head_dim(dq_rows, row_ok, (dq_acc_a * scale).to(DQ.dtype.element_ty),
+                   (dq_acc_b * scale).to(DQ.dtype.element_ty), DK, DKA, DKB)
 
 
 # dK/dV keeps two [BLOCK_N, D] float32 accumulators live: narrow key tiles avoid spills.
@@ -373,9 +431,9 @@ def _interpret_tiles(gp: int) -> dict:
 def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int,
                      stride: int) -> dict:
     group = q.shape[2] // k_cmp.shape[2]
+    dka, dkb = head_dim_blocks(q.shape[3])
     return dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, DK=q.shape[3], DV=v_cmp.shape[3],
-                DKP=max(16, pow2(q.shape[3])), DVP=max(16, pow2(v_cmp.shape[3])),
-                PRECISION=dot_precision(q.dtype))
+                DKA=dka, DKB=dkb, DVP=max(16, pow2(v_cmp.shape[3])), PRECISION=dot_precision(q.dtype))
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_precision, interpreting, pow2, tile_base,
-                                                 tile_rows, visible_count)
+from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_head_dim, dot_precision, head_dim_blocks,
+                                                 interpreting, load_head_dim, pow2, tile_base, tile_rows,
+                                                 visible_count)
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -82,7 +83,8 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
                    stride_lb, stride_lt, stride_lh, stride_out_b, stride_out_t, stride_out_h, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                    SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, NP: tl.constexpr,
-                   DK: tl.constexpr, DKP: tl.constexpr, PRECISION: tl.constexpr, MAX_POSITIONS: tl.constexpr,
+                   DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
+                   MAX_POSITIONS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
@@ -93,9 +95,8 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     h = pid_bh % HK
     t0 = pid_m * BLOCK_T
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    dk = tl.arange(0, DKP)
     q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    q = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
     lse_rows = tile_base(LSE, b, t0, h * G, stride_lb, stride_lt, stride_lh) + local_t * stride_lt + g * stride_lh
     lse2 = tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
@@ -123,9 +124,9 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
         first_col = A * j0 - (B - 1)
         cols = first_col + local_n
         col_ok = (cols >= 0) & (cols < n_vis)
-        k = tl.load(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n[:, None] * stride_kn + dk[None, :],
-                    mask=col_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
+                               DK, DKA, DKB)
+        s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
         # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
         p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         group_sum = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_N]), axis=1)  # Eq. 10
@@ -220,8 +221,9 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     q, k_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cmp))
     lse = lse.detach().float()
     group = num_heads // num_kv
+    dka, dkb = head_dim_blocks(head_dim)
     consts = dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, SELECT_BLOCK=select_block,
-                  COUNT=select_count, NP=pow2(select_count), DK=head_dim, DKP=max(16, pow2(head_dim)),
+                  COUNT=select_count, NP=pow2(select_count), DK=head_dim, DKA=dka, DKB=dkb,
                   PRECISION=dot_precision(q.dtype), MAX_POSITIONS=MAX_POSITIONS)
     gp = consts["GP"]
 
