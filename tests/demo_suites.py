@@ -76,7 +76,7 @@ def _gpu(params, checks):
 
 def _slow_cases(scale):
     for i in range(4):
-        yield f"s{i}", {"sleep": 0.6}
+        yield f"s{i}", {"sleep": 1.0}
 
 
 def _slow(params, checks):

@@ -39,8 +39,10 @@ class RunData:
 
 
 def new_run_id() -> str:
-    """UTC time plus a random suffix: sorts by start time, unique across concurrent runs."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    """UTC time to the millisecond plus a random suffix: sorts by start time, unique across
+    concurrent runs (``20261128T115242.123Z-ab12``)."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
 
 
 def run_dir(out_dir: Path | str, run_id: str) -> Path:

@@ -1,0 +1,146 @@
+"""The Ray runner on a real local Ray instance with 2 CPUs and 2 pretend GPUs (started once here):
+GPU cases land on GPU slots, crashed and hung workers become error rows while the rest runs,
+--fail-fast, Ctrl-C, the backend injection and the checkpointed results file."""
+
+import logging
+import os
+
+import demo_suites
+import pytest
+import ray
+
+from verify import runner, store
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=runner.OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+    with demo_suites.registered():
+        yield runner.connect(None)  # joins the instance above; does not own it
+    ray.shutdown()
+
+
+def _run(cluster, tmp_path, suites, **options):
+    opts = runner.RunOptions(suites=suites, out_dir=tmp_path, **options)
+    plan = runner.plan_cases(opts.suites, opts.scale, opts.backend)
+    return runner.run_cases(plan, cluster, opts)
+
+
+def _by_name(outcome):
+    return {row.name: row for row in outcome.rows}
+
+
+def test_connect_reuses_the_running_instance(cluster):
+    assert not cluster.owned
+    assert cluster.cpus == 2 and cluster.gpus == 2 and cluster.max_node_gpus == 2
+
+
+def test_gpu_cases_land_on_gpu_slots_and_cpu_cases_run_alongside(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-gpu", "demo-ok"])
+    rows = _by_name(outcome)
+    assert len(rows) == 4 and all(r.status == "pass" for r in rows.values()), [r.message for r in rows.values()]
+    for name in ("demo-gpu::gpu-a", "demo-gpu::gpu-b"):
+        assert rows[name].needs_gpu
+        assert rows[name].metrics["gpus_seen"] == 1  # ray.get_gpu_ids() inside the case
+        assert rows[name].metrics["gpu_id"] in (0.0, 1.0)
+    assert not rows["demo-ok::small"].needs_gpu
+
+
+def test_fractional_gpus_share_a_card_and_oversized_requests_are_refused(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-gpu"], gpus_per_case=0.5)
+    assert [r.status for r in outcome.rows] == ["pass", "pass"]
+    with pytest.raises(runner.RunnerError, match="gpus-per-case 3"):
+        _run(cluster, tmp_path, ["demo-gpu"], gpus_per_case=3.0)
+
+
+def test_crash_raise_and_hang_become_error_rows_and_the_rest_runs(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-mixed", "demo-ok"])  # demo-mixed has timeout_s=3
+    rows = _by_name(outcome)
+    assert rows["demo-mixed::fine"].status == "pass"
+    assert rows["demo-mixed::after"].status == "pass"
+    assert rows["demo-ok::small"].status == rows["demo-ok::medium"].status == "pass"
+    raised = rows["demo-mixed::raises"]
+    assert raised.status == "error" and "demo case raised on purpose" in raised.message
+    crashed = rows["demo-mixed::crashes"]
+    assert crashed.status == "error" and "worker process died" in crashed.message
+    hung = rows["demo-mixed::hangs"]
+    assert hung.status == "error" and "timed out" in hung.message and "limit 3s" in hung.message
+    assert 3.0 <= hung.duration_s < 10.0
+    assert outcome.info["complete"] and not outcome.info["not_run"]
+    # the file on disk holds every row
+    assert len(store.read_run(tmp_path, outcome.run_id).rows) == 7
+
+
+def test_timeout_option_overrides_case_timeouts(cluster, tmp_path):
+    plan = [(s, c) for s, c in runner.plan_cases(["demo-mixed"], "ci", "auto") if c.case_id in ("hangs", "fine")]
+    outcome = runner.run_cases(plan, cluster, runner.RunOptions(out_dir=tmp_path, timeout_s=1.0))
+    rows = _by_name(outcome)
+    assert rows["demo-mixed::hangs"].status == "error" and "limit 1s" in rows["demo-mixed::hangs"].message
+    assert rows["demo-mixed::fine"].status == "pass"
+
+
+def test_two_cpu_cases_run_at_once(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-slow"])  # 4 cases x 1 s
+    assert all(r.status == "pass" for r in outcome.rows)
+    assert len({r.metrics["pid"] for r in outcome.rows}) == 2  # two workers
+    spans = [(r.started_at.timestamp(), r.started_at.timestamp() + r.duration_s) for r in outcome.rows]
+    assert any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i + 1:])  # overlap
+
+
+def test_fail_fast_stops_scheduling(cluster, tmp_path):
+    plan = runner.plan_cases(["demo-fail", "demo-slow"], "ci", "auto")
+    outcome = runner.run_cases(plan, cluster, runner.RunOptions(out_dir=tmp_path, fail_fast=True))
+    statuses = {r.name: r.status for r in outcome.rows}
+    assert statuses["demo-fail::too-big"] == "fail"
+    assert outcome.info["fail_fast_stopped"]
+    # 2 slots: at most the one case dispatched alongside the failure ran; the rest were not run
+    assert len(outcome.info["not_run"]) >= 3 and len(outcome.rows) + len(outcome.info["not_run"]) == 5
+    assert not outcome.info["complete"]
+
+
+def test_ctrl_c_writes_what_finished(cluster, tmp_path):
+    class InterruptAfterFirst(runner.SilentProgress):
+        def case_finished(self, row):
+            raise KeyboardInterrupt
+
+    plan = runner.plan_cases(["demo-slow"], "ci", "auto")
+    outcome = runner.run_cases(plan, cluster, runner.RunOptions(out_dir=tmp_path), progress=InterruptAfterFirst())
+    assert outcome.interrupted
+    stored = store.read_run(tmp_path, outcome.run_id)
+    assert len(stored.rows) == 1 and stored.rows[0].status == "pass"
+    assert stored.info["interrupted"] and not stored.info["complete"]
+    assert len(stored.info["not_run"]) == 3
+
+
+def test_backend_is_injected_unless_the_case_pins_one(cluster, tmp_path):
+    plan = runner.plan_cases(["demo-ok"], "ci", "reference")
+    assert all(case.params["backend"] == "reference" for _, case in plan)
+    outcome = runner.run_cases(plan, cluster, runner.RunOptions(out_dir=tmp_path, backend="reference"))
+    assert all(r.metrics["backend_is_reference"] == 1.0 and r.backend == "reference" for r in outcome.rows)
+    suite = demo_suites.SUITES[0]
+    pinned = suite.cases("ci")[0]
+    pinned = type(pinned)(pinned.suite, pinned.case_id, {**pinned.params, "backend": "triton"}, "ci")
+    suite.cases_fn, original = (lambda scale: [(pinned.case_id, pinned.params)]), suite.cases_fn
+    try:
+        assert runner.plan_cases(["demo-ok"], "ci", "reference")[0][1].params["backend"] == "triton"
+    finally:
+        suite.cases_fn = original
+
+
+def test_unknown_suite_names_the_known_ones(cluster):
+    with pytest.raises(runner.RunnerError, match=r"unknown suite\(s\) 'nope'.*known suites: .*demo-ok"):
+        runner.plan_cases(["demo-ok", "nope"], "ci", "auto")
+
+
+def test_rows_carry_environment_and_the_file_is_written_atomically(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-ok"], scale="full")
+    assert len(outcome.rows) == 3
+    row = outcome.rows[0]
+    assert row.scale == "full" and row.device.startswith("cpu: ") and row.host and row.python_version
+    assert row.torch_version and row.nsa_version and row.run_id == outcome.run_id
+    assert sorted(p.name for p in outcome.path.parent.iterdir()) == ["results.parquet"]  # no temp files left
+    assert store.latest_run(tmp_path) == outcome.run_id
