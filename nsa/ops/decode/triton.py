@@ -19,7 +19,8 @@ in a CUDA graph (shapes and the split plan depend only on tensor shapes):
    highest score with ties to the lower index, exactly the reference's stable sort.
 4. ``_partial_kernel`` MODE_SLC: selection attention over the positions ``<= t`` of the chosen
    blocks, read from the selection cache.
-5. ``_combine_kernel``: merge the splits of each branch, gate, sum; reads = keys counted.
+5. ``_combine_kernel`` (one program per query head): merge the splits of each branch, gate, sum;
+   reads = keys counted.
 
 The read counters are the number of key positions whose masks were on in the tiles each branch
 loaded, summed over splits: counted from the ranges used, not from the formula.
@@ -44,6 +45,7 @@ FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the
 MODE_CMP = tl.constexpr(0)
 MODE_WIN = tl.constexpr(1)
 MODE_SLC = tl.constexpr(2)
+MAX_SPLITS = 64
 
 
 def interpreting() -> bool:
@@ -101,8 +103,8 @@ def _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn,
 @triton.jit
 def _partial_kernel(Q, K, V, SEL, LENGTHS, NUM_NEW, O_PART, LSE_PART, CNT_PART, KQ, HK, RING,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
-                    stride_vb, stride_vn, stride_vh, stride_sb, stride_st, stride_sh, qk_scale,
-                    MODE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                    stride_vb, stride_vn, stride_vh, stride_sb, stride_st, stride_sh, qk_scale, CHUNK, SPLITS,
+                    MODE: tl.constexpr,
                     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                     SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WINDOW: tl.constexpr,
@@ -164,7 +166,7 @@ def _partial_kernel(Q, K, V, SEL, LENGTHS, NUM_NEW, O_PART, LSE_PART, CNT_PART, 
 
 
 @triton.jit
-def _merged_lse(LSE_PART, pid_r, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, GP: tl.constexpr):
+def _merged_lse(LSE_PART, pid_r, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexpr):
     """log2-sum-exp2 over a branch's splits, per row of the group (``-inf`` where nothing was seen)."""
     sp = tl.arange(0, SPLITS_P)
     g = tl.arange(0, GP)
@@ -177,8 +179,8 @@ def _merged_lse(LSE_PART, pid_r, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, G
 
 @triton.jit
 def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
-                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, qk_scale,
-                  CMP_SPLITS: tl.constexpr, CMP_SPLITS_P: tl.constexpr, STEPS: tl.constexpr,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, qk_scale, CMP_SPLITS, STEPS,
+                  CMP_SPLITS_P: tl.constexpr,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
@@ -218,52 +220,53 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
         candidate = (j >= 1) & (j <= current - 2)
         # Scores are sums of exp2 >= 0; clamping the bits drops a possible -0.0.
         bits = tl.maximum(scores.to(tl.int32, bitcast=True), 0).to(tl.int64)
-        low = INDEX_BITS - j.to(tl.int64)
+        low = INDEX_BITS.value - j.to(tl.int64)
         key = tl.where(candidate, (bits << 32) | low, -1)
         key = tl.where(forced, FORCED_KEY_HIGH | low, key)
         tl.store(key_base + j, key, mask=(local_k < NB_STEP) & (j < NB_CAP))
 
 
 @triton.jit
-def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
-                  GP: tl.constexpr, DVP: tl.constexpr):
-    total = _merged_lse(LSE_PART, pid_r, SPLITS, SPLITS_P, GP)
-    g = tl.arange(0, GP)
-    dv = tl.arange(0, DVP)
-    acc = tl.zeros([GP, DVP], dtype=tl.float32)
-    for s in range(SPLITS):
-        part = pid_r.to(tl.int64) * SPLITS + s
-        lse = tl.load(LSE_PART + part * GP + g)
-        weight = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - total))
-        acc += weight[:, None] * tl.load(O_PART + (part * GP + g[:, None]) * DVP + dv[None, :])
+def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexpr,
+                  DVP: tl.constexpr):
+    """One head's branch output merged over the splits (one vector load each), and the keys counted."""
     sp = tl.arange(0, SPLITS_P)
-    counted = tl.sum(tl.load(CNT_PART + pid_r.to(tl.int64) * SPLITS + sp, mask=sp < SPLITS, other=0))
-    return acc, counted
+    dv = tl.arange(0, DVP)
+    part = pid_r.to(tl.int64) * SPLITS + sp
+    lse = tl.load(LSE_PART + part * GP + g, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.exp2(lse - m_shift)
+    total = tl.sum(weight, 0)
+    weight = weight / tl.where(total > 0, total, 1.0)
+    o = tl.load(O_PART + (part[:, None] * GP + g) * DVP + dv[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
+    counted = tl.sum(tl.load(CNT_PART + part, mask=sp < SPLITS, other=0))
+    return tl.sum(weight[:, None] * o, 0), counted
 
 
 @triton.jit
 def _combine_kernel(O_CMP, L_CMP, C_CMP, O_SLC, L_SLC, C_SLC, O_WIN, L_WIN, C_WIN, GATES, OUT, READS,
-                    LENGTHS, NUM_NEW, KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot,
-                    stride_oh, S_CMP: tl.constexpr, S_CMP_P: tl.constexpr, S_SLC: tl.constexpr,
-                    S_SLC_P: tl.constexpr, S_WIN: tl.constexpr, S_WIN_P: tl.constexpr,
+                    KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh,
+                    S_CMP, S_SLC, S_WIN, S_CMP_P: tl.constexpr, S_SLC_P: tl.constexpr, S_WIN_P: tl.constexpr,
                     G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-    """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for one token's group, plus its reads."""
-    pid_r = tl.program_id(0)
-    b, i, h, _, _ = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
-    o_cmp, n_cmp = _merge_branch(O_CMP, L_CMP, C_CMP, pid_r, S_CMP, S_CMP_P, GP, DVP)
-    o_slc, n_slc = _merge_branch(O_SLC, L_SLC, C_SLC, pid_r, S_SLC, S_SLC_P, GP, DVP)
-    o_win, n_win = _merge_branch(O_WIN, L_WIN, C_WIN, pid_r, S_WIN, S_WIN_P, GP, DVP)
-    g = tl.arange(0, GP)
-    dv = tl.arange(0, DVP)
-    row_ok = g < G
+    """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for one query head of one token, and the
+    token's reads (every head of the group stores the same counts)."""
+    pid = tl.program_id(0)
+    pid_r = pid // G
+    g = pid % G
+    b = pid_r // (KQ * HK)
+    i = (pid_r // HK) % KQ
+    h = pid_r % HK
+    o_cmp, n_cmp = _merge_branch(O_CMP, L_CMP, C_CMP, pid_r, g, S_CMP, S_CMP_P, GP, DVP)
+    o_slc, n_slc = _merge_branch(O_SLC, L_SLC, C_SLC, pid_r, g, S_SLC, S_SLC_P, GP, DVP)
+    o_win, n_win = _merge_branch(O_WIN, L_WIN, C_WIN, pid_r, g, S_WIN, S_WIN_P, GP, DVP)
     head = (h * G + g).to(tl.int64)
     gate_ptr = GATES + b.to(tl.int64) * stride_gb + i.to(tl.int64) * stride_gt + head * stride_gh
-    g_cmp = tl.load(gate_ptr, mask=row_ok, other=0.0).to(tl.float32)
-    g_slc = tl.load(gate_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
-    g_win = tl.load(gate_ptr + 2, mask=row_ok, other=0.0).to(tl.float32)
-    out = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
-    out_ptr = OUT + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_ot + head[:, None] * stride_oh + dv[None, :]
-    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    out = (tl.load(gate_ptr).to(tl.float32) * o_cmp + tl.load(gate_ptr + 1).to(tl.float32) * o_slc
+           + tl.load(gate_ptr + 2).to(tl.float32) * o_win)
+    dv = tl.arange(0, DVP)
+    out_ptr = OUT + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_ot + head * stride_oh + dv
+    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=dv < DV)
     row = pid_r.to(tl.int64)
     tl.store(READS + row, n_cmp.to(tl.int64))
     tl.store(READS + ROWS + row, n_slc.to(tl.int64))
@@ -312,7 +315,8 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
             target_programs = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if block_n is None:
         block_n = 16 if interpreting() else 64
-    want = max(1, -(-target_programs // max(rows, 1)))
+    # At most MAX_SPLITS partials per token and branch: the combine loads them as one tile.
+    want = min(MAX_SPLITS, max(1, -(-target_programs // max(rows, 1))))
 
     def split(total: int, unit: int) -> tuple[int, int]:
         tiles = max(1, -(-total // unit))
@@ -344,6 +348,11 @@ def _top_n(keys: torch.Tensor, count: int) -> torch.Tensor:
     far = torch.iinfo(torch.int64).max
     ordered = torch.sort(torch.where(top >= 0, index, far), dim=-1).values
     return torch.where(ordered == far, -1, ordered)
+
+
+def splits_pow2(splits: int) -> int:
+    """Tile width over a branch's splits; at least 16 so that few variants get compiled."""
+    return max(16, pow2(splits))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -406,16 +415,16 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     def partial(mode, k, v, sel, sel_strides, buffers, chunk, splits, block_n):
         _partial_kernel[(splits, rows)](
             q, k, v, sel, lengths, num_new, *buffers, steps, hk, ring, *q_strides, k.stride(0), k.stride(1),
-            k.stride(2), v.stride(0), v.stride(1), v.stride(2), *sel_strides, qk_scale, MODE=mode, CHUNK=chunk,
-            SPLITS=splits, BLOCK_N=block_n, **common)
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), *sel_strides, qk_scale, chunk, splits, MODE=mode,
+            BLOCK_N=block_n, **common)
 
     partial(0, k_cmp, v_cmp, no_sel, (0, 0, 0), parts["cmp"], plan.cmp_chunk, plan.cmp_splits, plan.block_n)
     partial(1, k_win, v_win, no_sel, (0, 0, 0), parts["win"], plan.win_chunk, plan.win_splits, plan.block_n)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
     _score_kernel[(plan.score_splits, rows)](
         q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
-        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), qk_scale, CMP_SPLITS=plan.cmp_splits,
-        CMP_SPLITS_P=pow2(plan.cmp_splits), STEPS=plan.score_steps, G=group, GP=gp, DK=dk, DKP=dkp,
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), qk_scale, plan.cmp_splits, plan.score_steps,
+        CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
         BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
         PRECISION=common["PRECISION"], BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
         num_warps=plan.num_warps)
@@ -423,11 +432,11 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     partial(2, k_slc, v_slc, blocks, blocks.stride()[:3], parts["slc"], plan.slc_chunk, plan.slc_splits,
             plan.slc_block_n)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
-    _combine_kernel[(rows,)](
-        *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, lengths, num_new, steps, hk, rows,
-        *gates.stride()[:3], *out.stride()[:3], S_CMP=plan.cmp_splits, S_CMP_P=pow2(plan.cmp_splits),
-        S_SLC=plan.slc_splits, S_SLC_P=pow2(plan.slc_splits), S_WIN=plan.win_splits,
-        S_WIN_P=pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.num_warps)
+    _combine_kernel[(rows * group,)](
+        *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
+        *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
+        S_CMP_P=splits_pow2(plan.cmp_splits), S_SLC_P=splits_pow2(plan.slc_splits),
+        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.num_warps)
     return out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0)))
 
 
