@@ -16,13 +16,14 @@ from nsa.ops.compressed_attention.naive import compressed_attention, visible_com
 from nsa.ops.compressed_attention.triton import compressed_attention_triton  # noqa: E402
 
 # (batch, T, HK, G, Dk, Dv, l, d): G in {1, 2, 4, 8} and one non-power-of-two group, Dk != Dv,
+# Dk split into two dot blocks (24 = 16 + 8 padded, 48 = 32 + 16),
 # T off every tile size, and T < l (no row sees a compressed token).
 CASES = [
     (2, 45, 2, 1, 16, 16, 8, 4),
     (2, 61, 2, 2, 32, 16, 8, 8),
     (1, 77, 1, 4, 24, 40, 16, 8),
     (2, 38, 1, 8, 16, 16, 4, 2),
-    (1, 50, 2, 3, 16, 32, 8, 4),
+    (1, 50, 2, 3, 48, 32, 8, 4),
     (2, 6, 2, 2, 16, 16, 8, 4),
 ]
 
