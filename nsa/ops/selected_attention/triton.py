@@ -257,8 +257,10 @@ def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: 
     key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), groups * seq_len).flatten()
     key = torch.sort(key).values
     qpos = (key % seq_len).to(torch.int32)
-    counts = torch.bincount(key // seq_len, minlength=groups + 1)[:groups]
-    group_start = torch.cumsum(counts, 0) - counts
+    # Group boundaries by binary search in the sorted keys (no atomics, unlike bincount).
+    bounds = torch.searchsorted(key // seq_len, torch.arange(groups + 1, device=dev))
+    group_start = bounds[:-1]
+    counts = bounds[1:] - group_start
     items_per_group = (counts + chunk - 1) // chunk
     items_end = torch.cumsum(items_per_group, 0)
     group_first_item = items_end - items_per_group
