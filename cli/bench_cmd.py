@@ -114,3 +114,44 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
     console.print(table)
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))
+
+
+@bench.command("decode")
+@click.option("--contexts", default="8192,16384,32768,65536,131072", show_default=True,
+              help="Comma-separated context lengths S (tokens in the cache, the new one included).")
+@click.option("--batches", default="1,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--head-dims", default="128/128,192/128", show_default=True, help="Comma-separated DK/DV pairs.")
+@click.option("--budget-s", default=None, type=float,
+              help="Start no new shape after this many seconds (rows past it say 'skipped').")
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Where the result table goes (reports/bench/run=<id>/decode.parquet).")
+def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | None, out_dir: str) -> None:
+    """Decode benchmark: one NSA decode step (Triton, CUDA graph) beside torch SDPA over a dense
+    cache (every backend that runs), bytes the step must read (spec formula) and bandwidth achieved."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from nsa.bench import decode
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("nsa bench decode needs a CUDA device (none is visible to torch)")
+    console = Console()
+    card = torch.cuda.get_device_name()
+    deadline = None if budget_s is None else time.time() + budget_s
+    rows, copy = decode.measure(_parse_ints(contexts, "--contexts"), _parse_ints(batches, "--batches"),
+                                _parse_head_dims(head_dims), deadline=deadline,
+                                log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    records = [{**r.as_dict(), "copy_gbps": copy, "device": card, "torch": torch.__version__} for r in rows]
+    path = _write_rows(records, Path(out_dir), "decode")
+    table = Table(title=f"NSA decode step, HQ=64 HK=4 bf16, paper blocks, {card} (copy {copy:.0f} GB/s)")
+    for col in ("impl", "S", "B", "Dk/Dv", "us/step", "MB read", "GB/s", "% copy", "x best dense", "graph", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.impl, str(r.context), str(r.batch), f"{r.head_dim}/{r.v_head_dim}", _fmt(r.us),
+                      f"{r.bytes_read / 1e6:.1f}", _fmt(r.gbps),
+                      _fmt(None if r.copy_fraction is None else 100 * r.copy_fraction), _fmt(r.speedup_vs_dense),
+                      "yes" if r.cuda_graph else "no", r.note[:40])
+    console.print(table)
+    console.print(f"rows written to {path}")
+    click.echo(json.dumps({"rows": len(records), "path": str(path)}))

@@ -1,7 +1,7 @@
 """Triton decode step: NSA for a few new tokens per sequence, read straight from the caches.
 
 Same function as :func:`nsa.ops.decode.naive.nsa_decode_reference` (same arguments). Every
-program owns one new token of one sequence and one key/value head, i.e. the ``G`` query heads of
+program owns one new token of one sequence and one key/value head (grid axis 0, so any batch fits), i.e. the ``G`` query heads of
 a GQA group (the M dimension of its ``tl.dot``, padded to ``GP >= 16`` rows), so each key/value
 tile is loaded once for the whole group. The key range of each branch is split across programs
 (flash-decoding): program ``(split, row)`` writes a partial ``(o, log2-sum-exp, keys counted)``
@@ -109,12 +109,12 @@ def _partial_kernel(Q, K, V, SEL, LENGTHS, NUM_NEW, O_PART, LSE_PART, CNT_PART, 
                     DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                     SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WINDOW: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Partial attention of one token's group over split ``program_id(0)`` of one branch's keys.
+    """Partial attention of token group ``program_id(0)`` over split ``program_id(1)`` of one branch's keys.
 
     ``CHUNK`` is keys per split (MODE_CMP, MODE_WIN) or selected blocks per split (MODE_SLC).
     """
-    pid_s = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
@@ -187,8 +187,8 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
     """Ranking keys of ``STEPS * NB_STEP`` selection blocks for one token's group (Eq. 8-10)."""
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
-    pid_s = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
     lse2 = _merged_lse(LSE_PART, pid_r, CMP_SPLITS, CMP_SPLITS_P, GP)
@@ -413,7 +413,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     no_sel = torch.empty(1, dtype=torch.int64, device=q.device)
 
     def partial(mode, k, v, sel, sel_strides, buffers, chunk, splits, block_n):
-        _partial_kernel[(splits, rows)](
+        _partial_kernel[(rows, splits)](
             q, k, v, sel, lengths, num_new, *buffers, steps, hk, ring, *q_strides, k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), *sel_strides, qk_scale, chunk, splits, MODE=mode,
             BLOCK_N=block_n, **common)
@@ -421,7 +421,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     partial(0, k_cmp, v_cmp, no_sel, (0, 0, 0), parts["cmp"], plan.cmp_chunk, plan.cmp_splits, plan.block_n)
     partial(1, k_win, v_win, no_sel, (0, 0, 0), parts["win"], plan.win_chunk, plan.win_splits, plan.block_n)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
-    _score_kernel[(plan.score_splits, rows)](
+    _score_kernel[(rows, plan.score_splits)](
         q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
         k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), qk_scale, plan.cmp_splits, plan.score_steps,
         CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,

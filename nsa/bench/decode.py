@@ -1,0 +1,285 @@
+"""Decode benchmark: one NSA decode step (Triton kernels, CUDA graph) beside torch SDPA over a
+dense KV cache, in one process on one card, plus a parity check against the reference step.
+
+Both sides time the attention of one new token per sequence over a cache that already holds it
+(the cache writes are not timed on either side). Times are medians of ``triton.testing.do_bench``,
+which empties the L2 cache before every call, so a step that fits in L2 is not flattered.
+Bytes per step follow the spec's formula: ``B * reads(S) * HK * (Dk + Dv) * itemsize`` for NSA
+(``reads(S) = num_cmp(S) + min(n*l', S) + min(w, S)``; the compressed keys are read by the
+attention and again by the block scoring, counted once), ``B * S * HK * (Dk + Dv) * itemsize``
+for the dense cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nsa.cache import NSACache
+from nsa.config import NSAConfig
+
+CONTEXTS = (8192, 16384, 32768, 65536, 131072)
+BATCHES = (1, 32)
+HEAD_DIMS = ((128, 128), (192, 128))
+NUM_HEADS, NUM_KV_HEADS = 64, 4
+
+
+@dataclass
+class DecodeRow:
+    """One implementation at one shape; ``us`` is the median time per step in microseconds."""
+
+    impl: str
+    context: int
+    batch: int
+    head_dim: int
+    v_head_dim: int
+    us: float | None = None
+    bytes_read: int = 0
+    read_tokens: int = 0
+    gbps: float | None = None
+    copy_fraction: float | None = None
+    speedup_vs_dense: float | None = None
+    cuda_graph: bool = False
+    eager_us: float | None = None
+    best_dense: str | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_us(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return 1000.0 * float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
+    """Device copy bandwidth (bytes read + written per second, GB/s) of a ``nbytes`` buffer."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = bench_us(lambda: dst.copy_(src)) * 1e-6
+    return 2 * nbytes / seconds / 1e9
+
+
+def graphed(fn: Callable[[], object]) -> tuple[Callable[[], object], bool, str]:
+    """``fn`` captured in a CUDA graph (replay), or ``fn`` itself with the reason capture failed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles kernels and settles the allocator before capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, recorded
+        torch.cuda.synchronize()
+        return fn, False, f"graph capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+    torch.cuda.synchronize()
+    return graph.replay, True, ""
+
+
+def paper_config(head_dim: int, v_head_dim: int) -> NSAConfig:
+    return NSAConfig(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, v_head_dim=v_head_dim)
+
+
+def filled_cache(config: NSAConfig, batch: int, context: int, dtype: torch.dtype,
+                 device: str = "cuda") -> NSACache:
+    """An :class:`NSACache` of ``batch`` sequences of ``context`` tokens, every slot random."""
+    cache = NSACache.allocate(config, batch, context, dtype=dtype, device=device)
+    for t in (cache.k_cmp, cache.v_cmp, cache.k_tail, cache.v_tail, cache.k_slc, cache.v_slc, cache.k_win,
+              cache.v_win):
+        t.normal_()
+    cache.lengths.fill_(context)
+    return cache
+
+
+def nsa_step(config: NSAConfig, cache: NSACache, q: torch.Tensor, gates: torch.Tensor,
+             num_new: torch.Tensor) -> Callable[[], object]:
+    """The Triton decode step over ``cache`` as a capturable closure (no host synchronisation)."""
+    from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+
+    plan = plan_decode(config, q.shape[0] * q.shape[1] * config.num_kv_heads, cache.max_len)
+
+    def step():
+        return nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win,
+                                 cache.v_win, gates, cache.lengths, config, num_new=num_new, plan=plan,
+                                 check_values=False)
+
+    return step
+
+
+def read_bytes(config: NSAConfig, batch: int, context: int, itemsize: int) -> tuple[int, int]:
+    """(tokens, bytes) one NSA step must read per the spec's formula, all sequences together."""
+    tokens = config.decode_reads(context)
+    entry = config.num_kv_heads * (config.head_dim + config.v_head_dim) * itemsize
+    return tokens, batch * tokens * entry
+
+
+def dense_rows(batch: int, context: int, head_dim: int, v_head_dim: int,
+               dtype: torch.dtype = torch.bfloat16) -> list[DecodeRow]:
+    """torch SDPA of one new token over a dense GQA cache, each backend that runs (graphed).
+
+    The ``G`` query heads of a kv head are laid out as ``G`` queries of one head (no mask: the
+    new token sees the whole cache), so every backend reads each key/value once, as GQA does.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = NUM_HEADS // NUM_KV_HEADS
+    q = torch.randn(batch, NUM_KV_HEADS, group, head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(batch, NUM_KV_HEADS, context, head_dim, dtype=dtype, device="cuda")
+    v = torch.randn(batch, NUM_KV_HEADS, context, v_head_dim, dtype=dtype, device="cuda")
+    nbytes = batch * context * NUM_KV_HEADS * (head_dim + v_head_dim) * dtype.itemsize
+    rows = []
+    for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
+        row = DecodeRow(name, context, batch, head_dim, v_head_dim, bytes_read=nbytes, read_tokens=context)
+
+        def attend(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        try:
+            attend()
+            torch.cuda.synchronize()
+            fn, row.cuda_graph, row.note = graphed(attend)
+            row.us = bench_us(fn)
+            row.gbps = nbytes / (row.us * 1e-6) / 1e9
+        except RuntimeError as exc:
+            torch.cuda.synchronize()
+            row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+    return rows
+
+
+def nsa_row(batch: int, context: int, head_dim: int, v_head_dim: int,
+            dtype: torch.dtype = torch.bfloat16) -> DecodeRow:
+    """One NSA decode step (one new token per sequence) over full caches of ``context`` tokens."""
+    config = paper_config(head_dim, v_head_dim)
+    cache = filled_cache(config, batch, context, dtype)
+    q = torch.randn(batch, 1, NUM_HEADS, head_dim, dtype=dtype, device="cuda")
+    gates = torch.rand(batch, 1, NUM_HEADS, 3, dtype=dtype, device="cuda")
+    num_new = torch.ones(batch, dtype=torch.int64, device="cuda")
+    tokens, nbytes = read_bytes(config, batch, context, dtype.itemsize)
+    row = DecodeRow("nsa-triton", context, batch, head_dim, v_head_dim, bytes_read=nbytes, read_tokens=tokens)
+    step = nsa_step(config, cache, q, gates, num_new)
+    fn, row.cuda_graph, row.note = graphed(step)
+    row.us = bench_us(fn)
+    row.gbps = nbytes / (row.us * 1e-6) / 1e9
+    row.eager_us = bench_us(step)
+    del cache
+    return row
+
+
+def measure(contexts=CONTEXTS, batches=BATCHES, head_dims=HEAD_DIMS, *, deadline: float | None = None,
+            log: Callable[[str], None] = print) -> tuple[list[DecodeRow], float]:
+    """Rows for every (head dims, context, batch) and the card's copy bandwidth in GB/s.
+
+    Shapes not started before ``deadline`` (``time.time()`` seconds) get a row saying so.
+    """
+    copy = copy_bandwidth_gbps()
+    log(f"device copy bandwidth: {copy:.0f} GB/s")
+    rows: list[DecodeRow] = []
+    for dk, dv in head_dims:
+        for context in contexts:
+            for batch in batches:
+                if deadline is not None and time.time() > deadline:
+                    rows.append(DecodeRow("nsa-triton", context, batch, dk, dv, note="skipped: time budget"))
+                    continue
+                started = time.time()
+                group = [nsa_row(batch, context, dk, dv)]
+                torch.cuda.empty_cache()
+                group += dense_rows(batch, context, dk, dv)
+                torch.cuda.empty_cache()
+                timed = [r for r in group[1:] if r.us is not None]
+                best = min(timed, key=lambda r: r.us) if timed else None
+                for r in group:
+                    if r.gbps is not None:
+                        r.copy_fraction = r.gbps / copy
+                    if best is not None and r.us is not None:
+                        r.speedup_vs_dense = best.us / r.us
+                    r.best_dense = best.impl if best else None
+                nsa = group[0]
+                log(f"Dk/Dv={dk}/{dv} S={context} B={batch}: nsa {nsa.us:.1f} us ({nsa.gbps:.0f} GB/s, "
+                    f"graph={nsa.cuda_graph}), best dense {best.impl if best else '-'} "
+                    f"{best.us if best else math.nan:.1f} us, x{nsa.speedup_vs_dense or math.nan:.2f} "
+                    f"[{time.time() - started:.1f}s]")
+                rows += group
+    return rows, copy
+
+
+# ----- parity ----------------------------------------------------------------------------------
+
+
+def parity(config: NSAConfig, lengths: list[int], counts: list[int], dtype: torch.dtype, seed: int,
+           *, tie_rtol: float, device: str = "cuda") -> dict:
+    """Triton decode step against the reference step on the same caches (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``).
+
+    Blocks that differ must be ties within ``tie_rtol`` of the row's best score (scores from the
+    reference's float32 scorer); outputs are compared on rows whose blocks agree; reads must equal
+    the ranges of the kernel's own blocks and the reference's reads where blocks agree.
+    """
+    from nsa.ops.decode import nsa_decode_reference
+    from nsa.ops.decode.triton import nsa_decode_triton
+    from nsa.ops.reads import selected_reads
+    from nsa.ops.selection import selection_block_scores
+
+    torch.manual_seed(seed)
+    c, batch, steps = config, len(lengths), max(counts)
+    max_len = max(lengths)
+    cache = filled_cache(c, batch, max_len, dtype, device)
+    cache.lengths.copy_(torch.tensor(lengths))
+    if steps > 1:  # a K-token step reads w + K - 1 window keys
+        slots = min(c.window + steps - 1, max_len)
+        cache.k_win = torch.randn(batch, slots, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
+        cache.v_win = torch.randn(batch, slots, c.num_kv_heads, c.v_head_dim, dtype=dtype, device=device)
+    q = torch.randn(batch, steps, c.num_heads, c.head_dim, dtype=dtype, device=device)
+    gates = torch.rand(batch, steps, c.num_heads, 3, dtype=dtype, device=device)
+    num_new = torch.tensor(counts, device=device)
+    args = (q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, gates,
+            cache.lengths, c)
+    o, blocks, reads = nsa_decode_triton(*args, num_new=num_new)
+    ref_o, ref_blocks, ref_reads = nsa_decode_reference(*args, num_new=num_new)
+    agree = (blocks == ref_blocks).all(-1)  # [B, K, HK]
+    not_tied = 0
+    for b, i, h in (~agree).nonzero().tolist():
+        length, count = lengths[b], counts[b]
+        pos = length - count + i
+        scores = selection_block_scores(q[b:b + 1, i:i + 1], cache.k_cmp[b:b + 1, :c.num_compressed(length)],
+                                        block=c.compress_block, stride=c.compress_stride,
+                                        select_block=c.select_block, num_blocks=c.num_select_blocks(length),
+                                        q_offset=pos)[0, 0, h].double()
+        current = pos // c.select_block
+        forced = {0, current, current - 1}
+        got = sorted(scores[[j for j in blocks[b, i, h].tolist() if j >= 0 and j not in forced]].tolist())
+        want = sorted(scores[[j for j in ref_blocks[b, i, h].tolist() if j >= 0 and j not in forced]].tolist())
+        tol = tie_rtol * scores.max().item()
+        if len(got) != len(want) or any(abs(x - y) > tol for x, y in zip(got, want)):
+            not_tied += 1
+    rows_agree = agree.all(-1)  # every head of a token must agree to compare its output row
+    o_err = ((o.float() - ref_o.float())[rows_agree].abs().max().item() if rows_agree.any() else 0.0)
+    o_scale = max(1.0, ref_o.float().abs().max().item())
+    valid = torch.arange(steps, device=device)[None, :] < num_new[:, None]
+    positions = cache.lengths[:, None] - num_new[:, None] + torch.arange(steps, device=device)[None, :]
+    counted_ok = True
+    for b in range(batch):
+        own = selected_reads(blocks[b], positions[b], select_block=c.select_block)
+        counted_ok &= bool(torch.equal(torch.where(valid[b, :, None], own, 0), reads["slc"][b]))
+    for branch in ("cmp", "slc", "win"):
+        counted_ok &= bool(torch.equal(reads[branch][agree], ref_reads[branch][agree]))
+    return {"dtype": str(dtype).replace("torch.", ""), "lengths": lengths, "num_new": counts,
+            "token_heads": int(valid.sum().item()) * c.num_kv_heads,
+            "block_mismatch_heads": int((~agree & valid[:, :, None]).sum().item()),
+            "block_mismatch_not_tied": not_tied, "max_abs_err_rel": o_err / o_scale,
+            "reads_exact": counted_ok, "finite": bool(torch.isfinite(o).all().item())}
