@@ -2,7 +2,7 @@
 
 import importlib
 
-SUITE_MODULES: tuple[str, ...] = ("decode", "causality", "eq9", "eq10", "equivalence", "gradcheck", "needle")
+SUITE_MODULES: tuple[str, ...] = ("decode", "causality", "eq9", "eq10", "equivalence", "gradcheck", "needle", "parity", "performance")
 
 for _module in SUITE_MODULES:
     importlib.import_module(f"suites.{_module}")
