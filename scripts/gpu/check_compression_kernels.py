@@ -197,7 +197,7 @@ def run_case(seq_len: int, dk: int, dv: int, rep: int) -> dict:
                                                                select_count=SELECT_COUNT), rep=rep)
     row["ms"] = {"fwd": fwd, "bwd": bwd, "select": sel}
     row["tflops"] = {"fwd": flops_pair * (dk + dv) / fwd / 1e9,
-                     "bwd": flops_pair * (5 * dk + 3 * dv) / bwd / 1e9,  # dk/dv pass 2Dk+2Dv, dq pass 2Dk+Dv
+                     "bwd": flops_pair * (4 * dk + 3 * dv) / bwd / 1e9,  # dk/dv pass 2Dk+2Dv, dq pass 2Dk+Dv
                      "select": flops_pair * dk / sel / 1e9}
     row["ms"]["sdpa_cudnn_fwd"] = sdpa_cudnn_forward_ms(q, k, v, rep)
     return row
