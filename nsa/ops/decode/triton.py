@@ -7,19 +7,22 @@ tile is loaded once for the whole group. The key range of each branch is split a
 (flash-decoding): program ``(split, row)`` writes a partial ``(o, log2-sum-exp, keys counted)``
 and one combine kernel merges the splits, applies the gates and writes the output and the reads.
 
-A step is five launches and a ``torch.topk``, with no host synchronisation, so it can be captured
-in a CUDA graph (shapes and the split plan depend only on tensor shapes):
+A step is four launches and no host synchronisation, so it can be captured in a CUDA graph
+(shapes and the split plan depend only on tensor shapes):
 
-1. ``_partial_kernel`` MODE_CMP: compressed attention over ``[0, num_cmp(t + 1))``.
-2. ``_partial_kernel`` MODE_WIN: window attention over ``max(0, t - w + 1) .. t`` from the ring.
-3. ``_score_kernel``: ``p_cmp = exp2(q.k * scale * log2e - lse)`` with the merged log-sum-exp of 1,
-   summed over the group's heads (Eq. 10) and mapped to selection blocks by Eq. 9; it writes one
-   int64 ranking key per block (float bits of the score above ``2^31 - 1 - j``, +inf bits for the
-   forced blocks 0, c, c-1, ``-1`` for blocks that cannot be chosen), so ``torch.topk`` picks the
-   highest score with ties to the lower index, exactly the reference's stable sort.
-4. ``_partial_kernel`` MODE_SLC: selection attention over the positions ``<= t`` of the chosen
-   blocks, read from the selection cache.
-5. ``_combine_kernel`` (one program per query head): merge the splits of each branch, gate, sum;
+1. ``_range_kernel``: the two contiguous key ranges in one launch: compressed attention over
+   ``[0, num_cmp(t + 1))`` (the first splits of grid axis 1) and window attention over
+   ``max(0, t - w + 1) .. t`` read from the ring (the other splits).
+2. ``_score_kernel``: ``p_cmp = exp2(q.k * scale * log2e - lse)`` with the merged log-sum-exp of
+   1, summed over the group's heads (Eq. 10) and mapped to selection blocks by Eq. 9 (the second
+   pass over the compressed keys); it writes one int64 ranking key per block: float bits of the
+   score above ``2^31 - 1 - j``, +inf bits for the forced blocks 0, c, c-1, ``-1`` for blocks that
+   cannot be chosen. Larger key = better block, equal scores rank the lower index first: exactly
+   the reference's stable sort.
+3. ``_select_kernel``: top-n of those keys (remove the maximum ``n - 1`` times; the chosen blocks
+   in ascending order by a prefix sum), then selection attention over the positions ``<= t`` of
+   the chosen blocks of its slots, read from the selection cache; it writes the block indices.
+4. ``_combine_kernel`` (one program per query head): merge each branch's splits, gate, sum;
    reads = keys counted.
 
 The read counters are the number of key positions whose masks were on in the tiles each branch
@@ -42,9 +45,6 @@ from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
 LOG2E = 1.4426950408889634
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
-MODE_CMP = tl.constexpr(0)
-MODE_WIN = tl.constexpr(1)
-MODE_SLC = tl.constexpr(2)
 MAX_SPLITS = 64
 
 
@@ -101,68 +101,113 @@ def _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn,
 
 
 @triton.jit
-def _partial_kernel(Q, K, V, SEL, LENGTHS, NUM_NEW, O_PART, LSE_PART, CNT_PART, KQ, HK, RING,
-                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
-                    stride_vb, stride_vn, stride_vh, stride_sb, stride_st, stride_sh, qk_scale, CHUNK, SPLITS,
-                    MODE: tl.constexpr,
-                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
-                    DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-                    SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WINDOW: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Partial attention of token group ``program_id(0)`` over split ``program_id(1)`` of one branch's keys.
-
-    ``CHUNK`` is keys per split (MODE_CMP, MODE_WIN) or selected blocks per split (MODE_SLC).
-    """
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
-    q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
-    acc = tl.zeros([GP, DVP], dtype=tl.float32)
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    counted = tl.zeros([BLOCK_N], dtype=tl.int32)
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    cols = tl.arange(0, BLOCK_N)
-    if MODE == MODE_CMP:
-        visible = tl.where(valid & (t + 1 >= BLOCK), (t + 1 - BLOCK) // STRIDE + 1, 0)
-        lo = pid_s * CHUNK
-        hi = tl.minimum(lo + CHUNK, visible)
-        for start in range(lo, hi, BLOCK_N):
-            rows = start + cols
-            kmask = rows < hi
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn,
-                                    qk_scale, DK, DKP, DV, DVP, PRECISION)
-            counted += kmask.to(tl.int32)
-    elif MODE == MODE_WIN:
-        lo = tl.maximum(t - WINDOW + 1, 0) + pid_s * CHUNK
-        hi = tl.where(valid, tl.minimum(lo + CHUNK, t + 1), lo)
-        for start in range(lo, hi, BLOCK_N):
-            positions = start + cols
-            kmask = positions < hi
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions % RING, kmask, stride_kn,
-                                    stride_vn, qk_scale, DK, DKP, DV, DVP, PRECISION)
-            counted += kmask.to(tl.int32)
-    else:
-        sel_base = SEL + b.to(tl.int64) * stride_sb + i.to(tl.int64) * stride_st + h.to(tl.int64) * stride_sh
-        for slot in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)):
-            j = tl.load(sel_base + slot)
-            positions = j * SELECT_BLOCK + cols
-            # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
-            span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
-            kmask = cols < span
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
-                                    qk_scale, DK, DKP, DV, DVP, PRECISION)
-            counted += kmask.to(tl.int32)
+def _store_partial(acc, m_i, l_i, counted, O_PART, LSE_PART, CNT_PART, part, GP: tl.constexpr, DVP: tl.constexpr):
+    """A split's normalised output, log2-sum-exp2 (``-inf`` where it saw no key) and keys counted."""
     g = tl.arange(0, GP)
     dv = tl.arange(0, DVP)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = (pid_r * SPLITS + pid_s).to(tl.int64)
+    part = part.to(tl.int64)
     tl.store(O_PART + (part * GP + g[:, None]) * DVP + dv[None, :], o)
     tl.store(LSE_PART + part * GP + g, lse)
     tl.store(CNT_PART + part, tl.sum(counted))
+
+
+@triton.jit
+def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, KQ, HK, RING,
+                  stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn,
+                  stride_vch, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh, qk_scale,
+                  CMP_CHUNK, CMP_SPLITS, WIN_CHUNK, WIN_SPLITS,
+                  G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                  DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+                  WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial compressed attention (splits ``0 .. CMP_SPLITS-1`` of axis 1) or window attention
+    (the next ``WIN_SPLITS``) of token group ``program_id(0)``: one launch for both contiguous
+    key ranges, the branch picked per program by scalar selects rather than divergent code."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    is_win = pid_s >= CMP_SPLITS
+    split = tl.where(is_win, pid_s - CMP_SPLITS, pid_s)
+    b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
+    # Compressed: tokens [0, num_cmp(t + 1)) of the compressed cache. Window: positions
+    # max(0, t - w + 1) .. t, position p at ring slot p % RING.
+    visible = tl.where(valid & (t + 1 >= BLOCK), (t + 1 - BLOCK) // STRIDE + 1, 0)
+    cmp_lo = split * CMP_CHUNK
+    win_lo = tl.maximum(t - WINDOW + 1, 0) + split * WIN_CHUNK
+    lo = tl.where(is_win, win_lo, cmp_lo)
+    hi = tl.where(is_win, tl.where(valid, tl.minimum(win_lo + WIN_CHUNK, t + 1), win_lo),
+                  tl.minimum(cmp_lo + CMP_CHUNK, visible))
+    ring = tl.where(is_win, RING, 1 << 30)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_base = tl.where(is_win, KW + b64 * stride_kwb + h64 * stride_kwh, KC + b64 * stride_kcb + h64 * stride_kch)
+    v_base = tl.where(is_win, VW + b64 * stride_vwb + h64 * stride_vwh, VC + b64 * stride_vcb + h64 * stride_vch)
+    stride_kn = tl.where(is_win, stride_kwn, stride_kcn)
+    stride_vn = tl.where(is_win, stride_vwn, stride_vcn)
+    acc = tl.zeros([GP, DVP], dtype=tl.float32)
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    counted = tl.zeros([BLOCK_N], dtype=tl.int32)
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        positions = start + cols
+        kmask = positions < hi
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions % ring, kmask, stride_kn, stride_vn,
+                                qk_scale, DK, DKP, DV, DVP, PRECISION)
+        counted += kmask.to(tl.int32)
+    part = pid_r * tl.where(is_win, WIN_SPLITS, CMP_SPLITS) + split
+    _store_partial(acc, m_i, l_i, counted, tl.where(is_win, O_WIN, O_CMP), tl.where(is_win, L_WIN, L_CMP),
+                   tl.where(is_win, C_WIN, C_CMP), part, GP, DVP)
+
+
+@triton.jit
+def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SLC, KQ, HK, NB_CAP,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                   qk_scale, CHUNK, SPLITS,
+                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                   DV: tl.constexpr, DVP: tl.constexpr, SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr,
+                   NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top-n of token group ``program_id(0)``'s ranking keys, then partial selection attention over
+    the chosen blocks of slots ``[s*CHUNK, (s+1)*CHUNK)``, ``s = program_id(1)``.
+
+    Every split recomputes the (cheap, <= a few thousand keys) top-n rather than waiting for
+    another launch, and writes the block indices of its own slots.
+    """
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
+    jj = tl.arange(0, NBP)
+    keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
+    # Valid keys are distinct, so removing the maximum COUNT - 1 times leaves the COUNT-th largest
+    # (-1 when fewer blocks can be chosen, which then takes every valid one).
+    threshold = tl.max(keys, 0)
+    work = keys
+    for _ in range(COUNT - 1):
+        work = tl.where(work == threshold, -1, work)
+        threshold = tl.max(work, 0)
+    chosen = (keys >= threshold) & (keys >= 0)
+    slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
+    acc = tl.zeros([GP, DVP], dtype=tl.float32)
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    counted = tl.zeros([BLOCK_N], dtype=tl.int32)
+    k_base = KS + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = VS + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    cols = tl.arange(0, BLOCK_N)
+    for slot in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)):
+        j = tl.max(tl.where(chosen & (slot_of == slot), jj, -1), 0)
+        tl.store(BLOCKS + pid_r.to(tl.int64) * COUNT + slot, j.to(tl.int64))
+        positions = j * SELECT_BLOCK + cols
+        # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
+        span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
+        kmask = cols < span
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
+                                qk_scale, DK, DKP, DV, DVP, PRECISION)
+        counted += kmask.to(tl.int32)
+    _store_partial(acc, m_i, l_i, counted, O_SLC, L_SLC, C_SLC, pid_r * SPLITS + pid_s, GP, DVP)
 
 
 @triton.jit
@@ -303,14 +348,15 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                 block_n: int | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups.
 
-    Every branch gets about ``target_programs`` programs (default: 4 per SM on CUDA) so that
+    Every branch gets about ``target_programs`` programs (default: 4 per SM on CUDA, 2 splits
+    per token group under the interpreter) so that
     batch 1 at a long context still fills the card, but never fewer keys per program than one
     tile; a large batch gets one split per branch and no partial-merge traffic to speak of.
     """
     c = config
     if target_programs is None:
         if interpreting() or not torch.cuda.is_available():
-            target_programs = 4 * rows
+            target_programs = 2 * rows  # a few splits per branch, and interpreter time stays small
         else:
             target_programs = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if block_n is None:
@@ -337,17 +383,6 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step,
                       nbt=max(16, pow2(nb_step)), score_steps=score_steps // nb_step,
                       score_splits=score_splits, num_blocks=num_blocks, num_warps=4)
-
-
-def _top_n(keys: torch.Tensor, count: int) -> torch.Tensor:
-    """Ascending block indices of the ``count`` largest ranking keys per row, ``-1`` padded."""
-    if keys.shape[-1] < count:
-        keys = torch.cat([keys, keys.new_full((*keys.shape[:-1], count - keys.shape[-1]), -1)], dim=-1)
-    top = torch.topk(keys, count, dim=-1, sorted=False).values
-    index = 0x7FFFFFFF - (top & 0x7FFFFFFF)
-    far = torch.iinfo(torch.int64).max
-    ordered = torch.sort(torch.where(top >= 0, index, far), dim=-1).values
-    return torch.where(ordered == far, -1, ordered)
 
 
 def splits_pow2(splits: int) -> int:
@@ -406,31 +441,29 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
 
     parts = {"cmp": partial_buffers(plan.cmp_splits), "win": partial_buffers(plan.win_splits),
              "slc": partial_buffers(plan.slc_splits)}
-    common = {"G": group, "GP": gp, "DK": dk, "DKP": dkp, "DV": dv, "DVP": dvp, "BLOCK": c.compress_block,
-              "STRIDE": c.compress_stride, "SELECT_BLOCK": c.select_block, "COUNT": c.select_count,
-              "WINDOW": c.window, "PRECISION": _dot_precision(q.dtype), "num_warps": plan.num_warps}
+    precision = _dot_precision(q.dtype)
     q_strides = q.stride()[:3]
-    no_sel = torch.empty(1, dtype=torch.int64, device=q.device)
-
-    def partial(mode, k, v, sel, sel_strides, buffers, chunk, splits, block_n):
-        _partial_kernel[(rows, splits)](
-            q, k, v, sel, lengths, num_new, *buffers, steps, hk, ring, *q_strides, k.stride(0), k.stride(1),
-            k.stride(2), v.stride(0), v.stride(1), v.stride(2), *sel_strides, qk_scale, chunk, splits, MODE=mode,
-            BLOCK_N=block_n, **common)
-
-    partial(0, k_cmp, v_cmp, no_sel, (0, 0, 0), parts["cmp"], plan.cmp_chunk, plan.cmp_splits, plan.block_n)
-    partial(1, k_win, v_win, no_sel, (0, 0, 0), parts["win"], plan.win_chunk, plan.win_splits, plan.block_n)
+    _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](
+        q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], steps, hk, ring, *q_strides,
+        *k_cmp.stride()[:3], *v_cmp.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], qk_scale,
+        plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits, G=group, GP=gp, DK=dk, DKP=dkp,
+        DV=dv, DVP=dvp, BLOCK=c.compress_block, STRIDE=c.compress_stride, WINDOW=c.window, PRECISION=precision,
+        BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
     _score_kernel[(rows, plan.score_splits)](
         q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
-        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), qk_scale, plan.cmp_splits, plan.score_steps,
+        *k_cmp.stride()[:3], qk_scale, plan.cmp_splits, plan.score_steps,
         CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
         BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
-        PRECISION=common["PRECISION"], BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
+        PRECISION=precision, BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
         num_warps=plan.num_warps)
-    blocks = _top_n(keys, c.select_count).view(blocks_shape)
-    partial(2, k_slc, v_slc, blocks, blocks.stride()[:3], parts["slc"], plan.slc_chunk, plan.slc_splits,
-            plan.slc_block_n)
+    blocks = torch.empty(blocks_shape, dtype=torch.int64, device=q.device)
+    _select_kernel[(rows, plan.slc_splits)](
+        q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
+        *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
+        DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
+        NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision, BLOCK_N=plan.slc_block_n,
+        num_warps=plan.num_warps)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     _combine_kernel[(rows * group,)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
