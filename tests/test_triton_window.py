@@ -14,7 +14,7 @@ CASES = [  # (G, HK, Dk, Dv, T, window)
     (1, 2, 32, 32, 200, 150),   # window below T; interior (unmasked) tiles at 64 positions x G=1
     (2, 2, 24, 16, 90, 200),    # window above T: full causal attention
     (4, 1, 16, 16, 130, 17),    # window smaller than a key tile
-    (8, 1, 32, 16, 100, 64),
+    (8, 1, 48, 16, 100, 64),    # Dk = 32 + 16: two exact column tiles, like 192 = 128 + 64
     (16, 1, 16, 32, 77, 1),     # each query reads only itself
 ]
 

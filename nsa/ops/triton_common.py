@@ -183,3 +183,74 @@ def load_block(base, kpos, T, stride_t, D: tl.constexpr, D_PAD: tl.constexpr):
     cols = tl.arange(0, D_PAD)
     ptrs = base + kpos.to(tl.int64)[:, None] * stride_t + cols[None, :]
     return tl.load(ptrs, mask=(kpos[:, None] < T) & (cols[None, :] < D), other=0.0)
+
+
+def split_dim(d: int) -> tuple[int, int]:
+    """A head dim as two power-of-two column tiles ``(DA, DB)``: ``DA`` the largest power of two
+    <= d (at least 16, the smallest dot K), ``DB`` the rest rounded up (0 when none).
+
+    192 -> (128, 64): no padding to 256, so Dk = 192 costs 192 columns of dot, not 256.
+    """
+    da = max(16, 1 << (d.bit_length() - 1))
+    rest = d - da
+    return da, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+
+
+@triton.jit
+def load_rows_split(base, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr, DA: tl.constexpr,
+                    DB: tl.constexpr):
+    """:func:`load_rows` as the column tiles ``[0, DA)`` and ``[DA, DA + DB)`` (zero past D).
+
+    With ``DB == 0`` the second tile is the first again, never used.
+    """
+    rows = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h
+    ca = tl.arange(0, DA)
+    a = tl.load(rows + ca[None, :], mask=row_ok[:, None] & (ca[None, :] < D), other=0.0)
+    if DB > 0:
+        cb = DA + tl.arange(0, DB)
+        b = tl.load(rows + cb[None, :], mask=row_ok[:, None] & (cb[None, :] < D), other=0.0)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def store_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr,
+                     DA: tl.constexpr, DB: tl.constexpr):
+    """Inverse of :func:`load_rows_split`, casting to the destination dtype."""
+    rows = base + row_pos.to(tl.int64)[:, None] * stride_t + head.to(tl.int64)[:, None] * stride_h
+    ca = tl.arange(0, DA)
+    tl.store(rows + ca[None, :], xa.to(base.dtype.element_ty), mask=row_ok[:, None] & (ca[None, :] < D))
+    if DB > 0:
+        cb = DA + tl.arange(0, DB)
+        tl.store(rows + cb[None, :], xb.to(base.dtype.element_ty), mask=row_ok[:, None] & (cb[None, :] < D))
+
+
+@triton.jit
+def split_acc(M: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """fp32 zero accumulators for the two column tiles (a 16-wide unused one when DB == 0)."""
+    acc_a = tl.zeros([M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([M, DB], dtype=tl.float32)
+    else:
+        acc_b = tl.zeros([M, 16], dtype=tl.float32)
+    return acc_a, acc_b
+
+
+@triton.jit
+def split_scores(qa, qb, ka, kb, DB: tl.constexpr, PREC: tl.constexpr):
+    """``q @ k^T`` over both column tiles: [M, D] x [N, D] -> [M, N] float32."""
+    s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+    if DB > 0:
+        s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def split_acc_dot(acc_a, acc_b, x, ya, yb, DB: tl.constexpr, PREC: tl.constexpr):
+    """``acc += x @ y`` for both column tiles of ``y`` ([M, N] x [N, D])."""
+    x = x.to(ya.dtype)
+    acc_a += tl.dot(x, ya, input_precision=PREC)
+    if DB > 0:
+        acc_b += tl.dot(x, yb, input_precision=PREC)
+    return acc_a, acc_b

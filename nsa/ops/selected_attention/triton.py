@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
-                                   row_layout, softmax_delta, softmax_finish, softmax_grad,
-                                   softmax_step, store_rows)
+                                   load_rows_split, row_layout, softmax_delta, softmax_finish,
+                                   softmax_grad, softmax_step, split_acc, split_acc_dot, split_dim,
+                                   split_scores, store_rows, store_rows_split)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
@@ -36,7 +37,8 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
                       sob, sot, soh, slb, slt, slh,
                       T, NSEL, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr, N_PAD: tl.constexpr,
+                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
+                      N_PAD: tl.constexpr,
                       BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
 
@@ -50,7 +52,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
     t0 = pid_t * BT
     r, row_pos, row_ok = row_layout(t0, T, G, BT, BLOCK_M)
     head = h * G + r % G
-    qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    qa, qb = load_rows_split(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
     idx_base = idx + b * sib + h * sih
     slot = tl.arange(0, N_PAD)
     row_sel = tl.load(idx_base + row_pos.to(tl.int64)[:, None] * sit + slot[None, :],
@@ -63,7 +65,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, DK_PAD], dtype=tl.float32)
+        acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
     else:
         acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -74,13 +76,13 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
         for s in range(0, n_valid):
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
-            kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+            ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
             vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-            sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
             allowed = kpos[None, :] <= row_pos[:, None]
             if BACKWARD:
                 p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-                acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+                acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
             else:
                 m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     else:
@@ -94,18 +96,19 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
                                           axis=1), axis=0)
             if (blk >= 0) & (listed_before == 0):
                 kpos = blk * BS + kk
-                kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+                ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
                 vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-                sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+                sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
                 member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
                 allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
                 if BACKWARD:
                     p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-                    acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+                    acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
                 else:
                     m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     if BACKWARD:
-        store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                         DK, DK_A, DK_B)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
@@ -118,7 +121,7 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                      T, NB, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
+                     DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
                      PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Partial dk/dv of one key block over one chunk of the queries that selected it."""
     item = tl.program_id(0).to(tl.int64)
@@ -131,9 +134,9 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
     h = bh % HK
     kk = tl.arange(0, BS)
     kpos = blk * BS + kk
-    kb = load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
+    ka, kb = load_rows_split(k + b * skb + h * skh, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
     vb = load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
-    dk_acc = tl.zeros([BS, DK_PAD], dtype=tl.float32)
+    dk_acc, dk_acc_b = split_acc(BS, DK_A, DK_B)
     dv_acc = tl.zeros([BS, DV_PAD], dtype=tl.float32)
     r = tl.arange(0, BLOCK_M)
     head = h * G + r % G
@@ -141,20 +144,19 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         entry = c + r // G
         row_ok = (r < BT * G) & (entry < length)
         row_pos = tl.load(qpos + start + entry, mask=row_ok, other=0)
-        qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        qa, qb = load_rows_split(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
         do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
-        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         allowed = (kpos[None, :] <= row_pos[:, None]) & row_ok[:, None]
         p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
         dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
-    ck = tl.arange(0, DK_PAD)
+        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, tl.trans(ds), qa, qb, DK_B, PREC)
+    store_rows_split(dk_part + item * (BS * DK), dk_acc * scale, dk_acc_b * scale, kk, kk * 0, DK, 0,
+                     kk < BS, DK, DK_A, DK_B)
     cv = tl.arange(0, DV_PAD)
-    tl.store(dk_part + item * (BS * DK) + kk[:, None] * DK + ck[None, :], dk_acc * scale,
-             mask=ck[None, :] < DK)
     tl.store(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :], dv_acc,
              mask=cv[None, :] < DV)
 
@@ -204,7 +206,8 @@ def _common(q, k, v, select_block):
     batch, seq_len, num_heads, dk = q.shape
     num_kv = k.shape[2]
     dv = v.shape[-1]
-    return dict(HK=num_kv, G=num_heads // num_kv, DK=dk, DV=dv, DK_PAD=triton.next_power_of_2(dk),
+    dk_a, dk_b = split_dim(dk)
+    return dict(HK=num_kv, G=num_heads // num_kv, DK=dk, DV=dv, DK_A=dk_a, DK_B=dk_b,
                 DV_PAD=triton.next_power_of_2(dv), BS=select_block, PREC=dot_precision(q.dtype))
 
 
@@ -290,7 +293,8 @@ def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _sel_reduce_kernel[(nb, batch * meta["HK"])](
         dk_part, dv_part, group_first, group_items, dk, dv, *dk.stride()[:3], *dv.stride()[:3],
-        seq_len, nb, HK=meta["HK"], DK=meta["DK"], DV=meta["DV"], DK_PAD=meta["DK_PAD"],
+        seq_len, nb, HK=meta["HK"], DK=meta["DK"], DV=meta["DV"],
+        DK_PAD=triton.next_power_of_2(meta["DK"]),
         DV_PAD=meta["DV_PAD"], BS=select_block)
     return dk, dv
 

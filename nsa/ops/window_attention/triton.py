@@ -15,27 +15,28 @@ import triton
 import triton.language as tl
 
 from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
-                                   row_layout, softmax_delta, softmax_finish, softmax_grad,
-                                   softmax_step, store_rows)
+                                   load_rows_split, row_layout, softmax_delta, softmax_finish,
+                                   softmax_grad, softmax_step, split_acc, split_acc_dot, split_dim,
+                                   split_scores, store_rows, store_rows_split)
 
 
 @triton.jit
-def _query_tiles(qt, k_base, v_base, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
-                 lse2, delta_t, do_t, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
-                 DV_PAD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+def _query_tiles(qa, qb, k_base, v_base, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
+                 acc_b, lse2, delta_t, do_t, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
+                 DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
                  BACKWARD: tl.constexpr, PREC: tl.constexpr):
     for k0 in range(lo, hi, BN):
         kpos = k0 + tl.arange(0, BN)
-        kb = load_block(k_base, kpos, T, skt, DK, DK_PAD)
+        ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
         vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
         if BACKWARD:
             p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
-            acc += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+            acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
         else:
             m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, MASKED)
-    return m_i, l_i, acc
+    return m_i, l_i, acc, acc_b
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                       T, W, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
+                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
                       BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band."""
     pid_t = tl.program_id(0)
@@ -53,7 +54,7 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
     t0 = pid_t * BT
     r, row_pos, row_ok = row_layout(t0, T, G, BT, BLOCK_M)
     head = h * G + r % G
-    qt = load_rows(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+    qa, qb = load_rows_split(q + b * sqb, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
     if BACKWARD:
@@ -61,12 +62,13 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, DK_PAD], dtype=tl.float32)
+        acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
     else:
-        do_t = qt
+        do_t = qa
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         delta_t = lse2
         acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+        acc_b = acc
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_last = tl.minimum(t0 + BT, T) - 1
@@ -76,17 +78,20 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
     # Interior tiles: every key is inside every row's window and at or before every row.
     full_lo = tl.minimum(tl.cdiv(tl.maximum(t_last - W + 1, 0), BN) * BN, end_tiles)
     full_hi = tl.maximum((t0 + 1) // BN * BN, full_lo)
-    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, lo, full_lo, row_pos, T, W, skt, svt, qk_scale,
-                                 m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD, BN,
-                                 True, BACKWARD, PREC)
-    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, full_lo, full_hi, row_pos, T, W, skt, svt,
-                                 qk_scale, m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD,
-                                 BN, False, BACKWARD, PREC)
-    m_i, l_i, acc = _query_tiles(qt, k_base, v_base, full_hi, end, row_pos, T, W, skt, svt, qk_scale,
-                                 m_i, l_i, acc, lse2, delta_t, do_t, DK, DV, DK_PAD, DV_PAD, BN,
-                                 True, BACKWARD, PREC)
+    # Three runs of key tiles: lower edge (masked), interior (unmasked), diagonal edge (masked).
+    for run in tl.static_range(3):
+        if run == 0:
+            tiles_lo, tiles_hi = lo, full_lo
+        elif run == 1:
+            tiles_lo, tiles_hi = full_lo, full_hi
+        else:
+            tiles_lo, tiles_hi = full_hi, end
+        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, tiles_lo, tiles_hi, row_pos, T, W, skt,
+                                            svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
+                                            DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC)
     if BACKWARD:
-        store_rows(dq + b * sqb, acc * scale, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                         DK, DK_A, DK_B)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
@@ -94,25 +99,25 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
 
 
 @triton.jit
-def _kv_tiles(kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
-              sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
-              G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
+def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
+              sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dk_acc_b, dv_acc,
+              G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
               DV_PAD: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     for p0 in range(lo, hi, BT):
         row_pos = p0 + r // G
         row_ok = (r < BT * G) & (row_pos < T)
-        qt = load_rows(q_base, row_pos, head, sqt, sqh, row_ok, DK, DK_PAD)
+        qa, qb = load_rows_split(q_base, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
         do_t = load_rows(do_base, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         rows = row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        sc = tl.dot(qt, tl.trans(kb), input_precision=PREC) * qk_scale
+        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
                    & row_ok[:, None])
         p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
         dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
-    return dk_acc, dv_acc
+        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, tl.trans(ds), qa, qb, DK_B, PREC)
+    return dk_acc, dk_acc_b, dv_acc
 
 
 @triton.jit
@@ -120,7 +125,7 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                      T, W, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
+                     DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
                      PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """dk, dv of one key tile over the positions k0 .. k0 + BN - 2 + W that read it."""
     k0 = tl.program_id(0) * BN
@@ -128,11 +133,12 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
     b = (pid_bh // HK).to(tl.int64)
     h = pid_bh % HK
     kpos = k0 + tl.arange(0, BN)
-    kb = load_block(k + b * skb + h * skh, kpos, T, skt, DK, DK_PAD)
+    k_base = k + b * skb + h * skh
+    ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
     vb = load_block(v + b * svb + h * svh, kpos, T, svt, DV, DV_PAD)
     r = tl.arange(0, BLOCK_M)
     head = h * G + r % G
-    dk_acc = tl.zeros([BN, DK_PAD], dtype=tl.float32)
+    dk_acc, dk_acc_b = split_acc(BN, DK_A, DK_B)
     dv_acc = tl.zeros([BN, DV_PAD], dtype=tl.float32)
     end = tl.minimum(T, tl.minimum(k0 + BN, T) - 1 + W)
     end_tiles = k0 + tl.cdiv(end - k0, BT) * BT
@@ -143,21 +149,24 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
     do_base = do + b * sob
     lse_base = lse + b * slb
     delta_base = delta + b * slb
-    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, k0, full_lo, q_base, do_base, lse_base, delta_base, head,
-                               r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
-                               G, DK, DV, DK_PAD, DV_PAD, BT, True, PREC)
-    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, full_lo, full_hi, q_base, do_base, lse_base, delta_base,
-                               head, r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
-                               G, DK, DV, DK_PAD, DV_PAD, BT, False, PREC)
-    dk_acc, dv_acc = _kv_tiles(kb, vb, kpos, full_hi, end, q_base, do_base, lse_base, delta_base, head,
-                               r, T, W, sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dv_acc,
-                               G, DK, DV, DK_PAD, DV_PAD, BT, True, PREC)
+    # Three runs of position tiles: diagonal edge (masked), interior (unmasked), window end (masked).
+    for run in tl.static_range(3):
+        if run == 0:
+            tiles_lo, tiles_hi = k0, full_lo
+        elif run == 1:
+            tiles_lo, tiles_hi = full_lo, full_hi
+        else:
+            tiles_lo, tiles_hi = full_hi, end
+        dk_acc, dk_acc_b, dv_acc = _kv_tiles(ka, kb, vb, kpos, tiles_lo, tiles_hi, q_base, do_base, lse_base,
+                                             delta_base, head, r, T, W, sqt, sqh, sot, soh, slt, slh,
+                                             qk_scale, dk_acc, dk_acc_b, dv_acc, G, DK, DV, DK_A, DK_B,
+                                             DV_PAD, BT, run != 1, PREC)
     kvalid = kpos < T
-    ck = tl.arange(0, DK_PAD)
+    # dk/dv are allocated like k/v (empty_like of contiguous tensors), so k's strides address dk.
+    store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
+                     kvalid, DK, DK_A, DK_B)
     cv = tl.arange(0, DV_PAD)
     kp = kpos.to(tl.int64)[:, None]
-    tl.store(dk + b * skb + h * skh + kp * skt + ck[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
-             mask=kvalid[:, None] & (ck[None, :] < DK))
     tl.store(dv + b * svb + h * svh + kp * svt + cv[None, :], dv_acc.to(dv.dtype.element_ty),
              mask=kvalid[:, None] & (cv[None, :] < DV))
 
@@ -171,7 +180,8 @@ _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (64, 8, 3), (128,
 def _meta(q, k, v):
     num_kv = k.shape[2]
     dk, dv = q.shape[-1], v.shape[-1]
-    return dict(HK=num_kv, G=q.shape[2] // num_kv, DK=dk, DV=dv, DK_PAD=triton.next_power_of_2(dk),
+    dk_a, dk_b = split_dim(dk)
+    return dict(HK=num_kv, G=q.shape[2] // num_kv, DK=dk, DV=dv, DK_A=dk_a, DK_B=dk_b,
                 DV_PAD=triton.next_power_of_2(dv), PREC=dot_precision(q.dtype))
 
 
