@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -28,7 +29,8 @@ from nsa.bench import decode as bench
 # Scores within this fraction of a row's best count as tied (float32 kernels vs the float32
 # reference scorer; bf16 inputs give near-ties of random keys a few ulps of slack).
 TIE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-OUTPUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# Max |error| over max |reference output| (reference: float32 compute of the same bf16 caches).
+OUTPUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def run_parity(log) -> tuple[list[dict], bool]:
@@ -41,7 +43,14 @@ def run_parity(log) -> tuple[list[dict], bool]:
     results, ok = [], True
     for seed, (config, lengths, counts, dtype) in enumerate(cases):
         started = time.time()
-        r = bench.parity(config, lengths, counts, dtype, seed, tie_rtol=TIE_RTOL[dtype])
+        try:
+            r = bench.parity(config, lengths, counts, dtype, seed, tie_rtol=TIE_RTOL[dtype])
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed check; the timing still runs
+            log(f"parity crashed: {traceback.format_exc()}")
+            r = {"dtype": str(dtype), "lengths": lengths, "num_new": counts, "error": repr(exc)[:300],
+                 "finite": False, "reads_exact": False, "block_mismatch_not_tied": -1, "block_mismatch_heads": -1,
+                 "token_heads": 0, "max_abs_err_rel": float("inf")}
+            torch.cuda.synchronize()
         r["head_dims"] = f"{config.head_dim}/{config.v_head_dim}"
         r["passed"] = bool(r["finite"] and r["reads_exact"] and r["block_mismatch_not_tied"] == 0
                            and r["max_abs_err_rel"] <= OUTPUT_TOL[dtype])
@@ -58,7 +67,7 @@ def run_parity(log) -> tuple[list[dict], bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_decode.json")
-    parser.add_argument("--budget-s", type=float, default=200.0,
+    parser.add_argument("--budget-s", type=float, default=170.0,
                         help="no new timing shape starts after this many seconds from launch")
     parser.add_argument("--contexts", default=",".join(map(str, bench.CONTEXTS)))
     parser.add_argument("--batches", default=",".join(map(str, bench.BATCHES)))
