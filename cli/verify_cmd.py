@@ -160,6 +160,9 @@ def verify(suites: tuple[str, ...], scale: str, backend: str, address: str | Non
         outcome = runner.verify(options, progress=progress)
     except runner.RunnerError as exc:
         raise UsageProblem(str(exc)) from None
+    except KeyboardInterrupt:  # before any case ran (Ctrl-C during a run is handled by the runner)
+        console.print("[yellow]interrupted before any case ran; nothing written[/yellow]")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     verdict = render_report(RunData(outcome.run_id, outcome.path, outcome.rows, outcome.info), console)
     console.print(f"results: {outcome.path} ({time.monotonic() - start:.1f}s wall, Ray start included)",
                   highlight=False)

@@ -144,3 +144,19 @@ def test_rows_carry_environment_and_the_file_is_written_atomically(cluster, tmp_
     assert row.torch_version and row.nsa_version and row.run_id == outcome.run_id
     assert sorted(p.name for p in outcome.path.parent.iterdir()) == ["results.parquet"]  # no temp files left
     assert store.latest_run(tmp_path) == outcome.run_id
+
+
+def test_results_are_checkpointed_during_the_run(cluster, tmp_path):
+    seen = []
+
+    class ReadWhileRunning(runner.SilentProgress):
+        def case_finished(self, row):
+            if store.list_runs(tmp_path):
+                stored = store.read_run(tmp_path)
+                seen.append((len(stored.rows), stored.info["complete"]))
+
+    plan = runner.plan_cases(["demo-ok"], "ci", "auto")
+    outcome = runner.run_cases(plan, cluster, runner.RunOptions(out_dir=tmp_path), progress=ReadWhileRunning())
+    # the first finished case is on disk (marked incomplete) before the second finishes
+    assert seen == [(1, False)]
+    assert store.read_run(tmp_path, outcome.run_id).info["complete"]

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -177,20 +178,42 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     owned = False
     if not ray.is_initialized():
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        if address in (None, "local"):
-            # A throw-away single-user instance: token auth only adds a file race between runs.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address="local", num_cpus=num_cpus or available_cpus(), num_gpus=num_gpus,
-                     object_store_memory=OBJECT_STORE_BYTES, **quiet)
-            owned = True
-        else:
-            _init_with_deadline(address, timeout_s, quiet)
+        with _sigint_deferred() as interrupted:
+            if address in (None, "local"):
+                # A throw-away single-user instance: token auth only adds a file race between runs.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(address="local", num_cpus=num_cpus or available_cpus(), num_gpus=num_gpus,
+                         object_store_memory=OBJECT_STORE_BYTES, **quiet)
+                owned = True
+            else:
+                _init_with_deadline(address, timeout_s, quiet)
+        if interrupted:
+            if owned:
+                ray.shutdown()
+            raise KeyboardInterrupt
     resources = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     return Cluster(address=address or "local", cpus=float(resources.get("CPU", 0.0)),
                    gpus=float(resources.get("GPU", 0.0)),
                    max_node_gpus=max((float(n["Resources"].get("GPU", 0.0)) for n in nodes), default=0.0),
                    nodes=len(nodes), owned=owned)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C while Ray starts: interrupting ``ray.init`` half-way leaves its background
+    processes half set up and can crash the interpreter at exit. Yields a list that is non-empty
+    when Ctrl-C was pressed, so the caller can shut Ray down and then stop."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield received
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def disconnect(cluster: Cluster) -> None:
