@@ -2,6 +2,7 @@
 GPU cases land on GPU slots, crashed and hung workers become error rows while the rest runs,
 --fail-fast, Ctrl-C, the backend injection and the checkpointed results file."""
 
+import dataclasses
 import logging
 import os
 
@@ -160,3 +161,16 @@ def test_results_are_checkpointed_during_the_run(cluster, tmp_path):
     # the first finished case is on disk (marked incomplete) before the second finishes
     assert seen == [(1, False)]
     assert store.read_run(tmp_path, outcome.run_id).info["complete"]
+
+
+def test_workers_that_cannot_be_placed_give_error_rows_not_a_hang(cluster, tmp_path):
+    # the cluster claims 4 GPUs on a node but has 2: a 4-GPU worker can never be placed
+    claimed = dataclasses.replace(cluster, gpus=4.0, max_node_gpus=4.0)
+    plan = runner.plan_cases(["demo-gpu", "demo-ok"], "ci", "auto")
+    options = runner.RunOptions(out_dir=tmp_path, gpus_per_case=4.0, startup_timeout_s=2.0)
+    outcome = runner.run_cases(plan, claimed, options)
+    rows = _by_name(outcome)
+    assert rows["demo-ok::small"].status == "pass"
+    for name in ("demo-gpu::gpu-a", "demo-gpu::gpu-b"):
+        assert rows[name].status == "error" and "no gpu worker" in rows[name].message
+        assert "started within 2s" in rows[name].message

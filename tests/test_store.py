@@ -2,6 +2,7 @@
 
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,12 +13,12 @@ from verify.schema import RESULT_SCHEMA, ResultRow
 
 
 def make_row(run_id="r1", suite="s", case_id="c", status="pass", **extra):
-    values = dict(params={"seq_len": 64, "backend": "auto", "phi": "mlp"}, scale="ci",
-                  metrics={"err": 1e-7, "nan_metric": math.nan, "inf_metric": math.inf, "fwd_ms": 3.5},
-                  tolerances={"err": 1e-5}, bound_kinds={"err": "max"}, message="", duration_s=0.25,
-                  needs_gpu=False, device="cpu: test", backend="reference", torch_version="2.13",
-                  triton_version="3.9", nsa_version="0.1.0", python_version="3.11", git_sha="abc",
-                  host="h", started_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc))
+    values = {"params": {"seq_len": 64, "backend": "auto", "phi": "mlp"}, "scale": "ci",
+              "metrics": {"err": 1e-7, "nan_metric": math.nan, "inf_metric": math.inf, "fwd_ms": 3.5},
+              "tolerances": {"err": 1e-5}, "bound_kinds": {"err": "max"}, "message": "", "duration_s": 0.25,
+              "needs_gpu": False, "device": "cpu: test", "backend": "reference", "torch_version": "2.13",
+              "triton_version": "3.9", "nsa_version": "0.1.0", "python_version": "3.11", "git_sha": "abc",
+              "host": "h", "started_at": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)}
     values.update(extra)
     return ResultRow(run_id=run_id, suite=suite, case_id=case_id, status=status, **values)
 
@@ -68,7 +69,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     store.write_run(tmp_path, "r1", [make_row()], {})
 
     def broken(table, where, **kwargs):
-        open(where, "wb").write(b"PAR1 half a file")
+        Path(where).write_bytes(b"PAR1 half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", broken)
@@ -83,7 +84,7 @@ def test_list_and_latest_runs(tmp_path):
     assert store.list_runs(tmp_path / "missing") == []
     first, second = store.new_run_id(), store.new_run_id()
     assert first != second
-    for run_id in (f"20260101T000000Z-aaaa", f"20260102T000000Z-bbbb"):
+    for run_id in ("20260101T000000Z-aaaa", "20260102T000000Z-bbbb"):
         store.write_run(tmp_path, run_id, [make_row(run_id=run_id)], {})
     (tmp_path / "run=empty").mkdir()  # no results file: not a run
     (tmp_path / "bench").mkdir()

@@ -303,7 +303,8 @@ class _Slot:
     ready: bool = False
     work: tuple[Suite, Case] | None = None
     ref: Any = None
-    started_at: float = 0.0
+    started_at: float = 0.0  # monotonic, for timeouts
+    started_wall: datetime | None = None  # for the rows of cases that never report back
     deadline: float = math.inf
 
 
@@ -406,8 +407,14 @@ class _Run:
                 limit = self.options.timeout_s or case.timeout_s
                 slot.work, slot.ref = (suite, case), slot.actor.run.remote(suite, case)
                 slot.started_at, slot.deadline = time.monotonic(), time.monotonic() + limit
+                slot.started_wall = datetime.now(timezone.utc)
                 self.progress.case_started(case)
-            starting = sum(1 for s in mine if not s.ready)
+            starting = [s for s in mine if not s.ready]
+            # Work left for fewer actors than are starting (fail-fast, finished early): stop the
+            # extras, or one that cannot be placed would hold the run until its startup timeout.
+            for slot in starting[len(pool.queue):]:
+                self._retire(slot)
+            starting = min(len(starting), len(pool.queue))
             busy = sum(1 for s in mine if s.work is not None)
             wanted = min(pool.capacity, busy + len(pool.queue)) - busy - starting
             for _ in range(max(0, wanted)):
@@ -415,18 +422,18 @@ class _Run:
 
     def _finish_work(self, slot: _Slot, ref: Any) -> None:
         _, case = slot.work
-        elapsed = time.monotonic() - slot.started_at
+        elapsed, started_wall = time.monotonic() - slot.started_at, slot.started_wall
         slot.work = slot.ref = None
         try:
             payload = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             self._record(self._row(case, "error", f"the worker process died while running the case: "
-                                   f"{_first_lines(exc)}", duration_s=elapsed))
+                                   f"{_first_lines(exc)}", duration_s=elapsed, started_at=started_wall))
             self._retire(slot)
             return
         except self.ray.exceptions.RayError as exc:
             self._record(self._row(case, "error", f"the case could not run in its worker: {_first_lines(exc, 20)}",
-                                   duration_s=elapsed))
+                                   duration_s=elapsed, started_at=started_wall))
             return
         result: CaseResult = payload["result"]
         self._record(self._row(case, result.status, result.message, result=result,
@@ -442,9 +449,9 @@ class _Run:
         except self.ray.exceptions.RayError as exc:
             self._worker_start_failed(slot, pool, f"a {pool.name} worker failed to start: {_first_lines(exc)}")
 
-    def _worker_start_failed(self, slot: _Slot, pool: _Pool, why: str) -> None:
+    def _worker_start_failed(self, slot: _Slot, pool: _Pool, why: str, retry: bool = True) -> None:
         self._retire(slot)
-        pool.start_failures += 1
+        pool.start_failures = pool.start_failures + 1 if retry else MAX_WORKER_START_FAILURES
         pool.last_start_error = why
         if pool.start_failures >= MAX_WORKER_START_FAILURES:
             while pool.queue:
@@ -459,12 +466,13 @@ class _Run:
                 limit = self.options.timeout_s or case.timeout_s
                 self._retire(slot)
                 self._record(self._row(case, "error", f"timed out after {now - slot.started_at:.1f}s "
-                                       f"(limit {limit:g}s); its worker was killed", duration_s=now - slot.started_at))
+                                       f"(limit {limit:g}s); its worker was killed", duration_s=now - slot.started_at,
+                                       started_at=slot.started_wall))
             elif not slot.ready and now - slot.created_at > self.options.startup_timeout_s:
                 pool = self.pools[slot.pool]
                 self._worker_start_failed(slot, pool, f"no {pool.name} worker ({pool.options}) started within "
                                           f"{self.options.startup_timeout_s:g}s; does the cluster have those "
-                                          f"resources free?")
+                                          f"resources free?", retry=False)
         if now - self.last_heartbeat > HEARTBEAT_EVERY_S:
             self.last_heartbeat = now
             self.progress.heartbeat([(s.work[1], now - s.started_at) for s in self.slots if s.work])
