@@ -28,9 +28,15 @@ LOG2E_JIT = tl.constexpr(LOG2E)
 LN2_JIT = tl.constexpr(0.6931471805599453)
 
 
+# Triton decides interpret-or-compile when a kernel is defined, i.e. when this module is imported;
+# the launchers follow that decision, not a later change of the variable.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors, autotuning is bypassed."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when these kernels were defined under ``TRITON_INTERPRET=1``: they run on CPU tensors
+    and autotuning is bypassed."""
+    return _INTERPRETED
 
 
 def pow2(n: int) -> int:
