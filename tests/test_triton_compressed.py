@@ -8,12 +8,12 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from nsa.config import num_compressed  # noqa: E402
-from nsa.ops.compressed_attention.naive import compressed_attention, visible_compressed  # noqa: E402
-from nsa.ops.compressed_attention.triton import compressed_attention_triton  # noqa: E402
+from nsa.config import num_compressed
+from nsa.ops.compressed_attention.naive import compressed_attention, visible_compressed
+from nsa.ops.compressed_attention.triton import compressed_attention_triton
 
 # (batch, T, HK, G, Dk, Dv, l, d): G in {1, 2, 4, 8} and one non-power-of-two group, Dk != Dv,
 # Dk split into two dot blocks (24 = 16 + 8 padded, 48 = 32 + 16),

@@ -8,14 +8,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from nsa.config import num_compressed  # noqa: E402
-from nsa.ops.compressed_attention.naive import compressed_attention  # noqa: E402
-from nsa.ops.compressed_attention.triton import compressed_attention_triton  # noqa: E402
-from nsa.ops.selection.naive import select_blocks, selection_block_scores  # noqa: E402
-from nsa.ops.selection.triton import select_blocks_triton  # noqa: E402
+from nsa.config import num_compressed
+from nsa.ops.compressed_attention.naive import compressed_attention
+from nsa.ops.compressed_attention.triton import compressed_attention_triton
+from nsa.ops.selection.naive import select_blocks, selection_block_scores
+from nsa.ops.selection.triton import select_blocks_triton
 
 # Scores agreeing to this fraction of the row's best score count as tied (float32 kernels
 # against a float64 reference).

@@ -35,10 +35,10 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.config import num_compressed  # noqa: E402
-from nsa.ops.compressed_attention.triton import compressed_attention_triton  # noqa: E402
-from nsa.ops.selection.naive import select_blocks, selection_block_scores  # noqa: E402
-from nsa.ops.selection.triton import select_blocks_triton  # noqa: E402
+from nsa.config import num_compressed
+from nsa.ops.compressed_attention.triton import compressed_attention_triton
+from nsa.ops.selection.naive import select_blocks, selection_block_scores
+from nsa.ops.selection.triton import select_blocks_triton
 
 BLOCK, STRIDE, SELECT_BLOCK, SELECT_COUNT = 32, 16, 64, 16
 HQ, HK = 64, 4

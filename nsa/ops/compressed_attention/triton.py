@@ -10,6 +10,12 @@ position ``t0 + r // GP`` and head ``h*G + r % GP``, where ``GP`` is ``G`` round
 two (rows with ``r % GP >= G`` are padding and are masked). So each K/V tile is loaded once for
 the whole group, as in the paper's kernel, and a tile holds ``BLOCK_M // GP`` positions.
 
+Head dims: ``Dk`` is carried as two power-of-two column blocks (192 = 128 + 64, see
+:func:`head_dim_blocks`) so no ``q.k`` work is spent on padding; ``Dv`` is padded to a power of two.
+Backward: ``delta = rowsum(dO * O)``, then a dK/dV pass over key tiles (its query range cut into
+splits whose float32 partials are summed in a fixed order) and a dQ pass over query tiles; no
+atomics, so gradients are deterministic. 64-bit arithmetic is confined to scalar tile bases.
+
 Argument checking is :mod:`nsa.functional`'s job; these wrappers only assume well-formed input.
 """
 
@@ -439,8 +445,8 @@ def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                      stride: int) -> dict:
     group = q.shape[2] // k_cmp.shape[2]
     dka, dkb = head_dim_blocks(q.shape[3])
-    return dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, DK=q.shape[3], DV=v_cmp.shape[3],
-                DKA=dka, DKB=dkb, DVP=max(16, pow2(v_cmp.shape[3])), PRECISION=dot_precision(q.dtype))
+    return {"G": group, "GP": pow2(group), "BLOCK": block, "STRIDE": stride, "DK": q.shape[3], "DV": v_cmp.shape[3],
+                "DKA": dka, "DKB": dkb, "DVP": max(16, pow2(v_cmp.shape[3])), "PRECISION": dot_precision(q.dtype)}
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:

@@ -26,9 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.compressed_attention.triton import (LOG2E, LOG2E_JIT, dot_head_dim, dot_precision, head_dim_blocks,
-                                                 interpreting, load_head_dim, pow2, tile_base, tile_rows,
-                                                 visible_count)
+from nsa.ops.compressed_attention.triton import (
+    LOG2E,
+    LOG2E_JIT,
+    dot_head_dim,
+    dot_precision,
+    head_dim_blocks,
+    interpreting,
+    load_head_dim,
+    pow2,
+    tile_base,
+    tile_rows,
+    visible_count,
+)
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -222,9 +232,9 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     lse = lse.detach().float()
     group = num_heads // num_kv
     dka, dkb = head_dim_blocks(head_dim)
-    consts = dict(G=group, GP=pow2(group), BLOCK=block, STRIDE=stride, SELECT_BLOCK=select_block,
-                  COUNT=select_count, NP=pow2(select_count), DK=head_dim, DKA=dka, DKB=dkb,
-                  PRECISION=dot_precision(q.dtype), MAX_POSITIONS=MAX_POSITIONS)
+    consts = {"G": group, "GP": pow2(group), "BLOCK": block, "STRIDE": stride, "SELECT_BLOCK": select_block,
+                  "COUNT": select_count, "NP": pow2(select_count), "DK": head_dim, "DKA": dka, "DKB": dkb,
+                  "PRECISION": dot_precision(q.dtype), "MAX_POSITIONS": MAX_POSITIONS}
     gp = consts["GP"]
 
     def grid(meta):
