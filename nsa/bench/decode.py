@@ -7,7 +7,8 @@ which empties the L2 cache before every call, so a step that fits in L2 is not f
 Bytes per step follow the spec's formula: ``B * reads(S) * HK * (Dk + Dv) * itemsize`` for NSA
 (``reads(S) = num_cmp(S) + min(n*l', S) + min(w, S)``; the compressed keys are read by the
 attention and again by the block scoring, counted once), ``B * S * HK * (Dk + Dv) * itemsize``
-for the dense cache.
+for the dense cache. NSA rows also give ``bytes_with_rescoring``: the formula plus the scoring
+pass's second read of the compressed keys.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class DecodeRow:
     us: float | None = None
     bytes_read: int = 0
     read_tokens: int = 0
+    bytes_with_rescoring: int = 0
     gbps: float | None = None
     copy_fraction: float | None = None
     speedup_vs_dense: float | None = None
@@ -172,7 +174,10 @@ def nsa_row(batch: int, context: int, head_dim: int, v_head_dim: int,
     gates = torch.rand(batch, 1, NUM_HEADS, 3, dtype=dtype, device="cuda")
     num_new = torch.ones(batch, dtype=torch.int64, device="cuda")
     tokens, nbytes = read_bytes(config, batch, context, dtype.itemsize)
-    row = DecodeRow("nsa-triton", context, batch, head_dim, v_head_dim, bytes_read=nbytes, read_tokens=tokens)
+    # The block scoring reads the compressed keys a second time (L2 may serve part of it).
+    rescoring = batch * config.num_compressed(context) * config.num_kv_heads * head_dim * dtype.itemsize
+    row = DecodeRow("nsa-triton", context, batch, head_dim, v_head_dim, bytes_read=nbytes, read_tokens=tokens,
+                    bytes_with_rescoring=nbytes + rescoring)
     step = nsa_step(config, cache, q, gates, num_new)
     fn, row.cuda_graph, row.note = graphed(step)
     row.us = bench_us(fn)

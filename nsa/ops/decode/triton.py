@@ -341,7 +341,7 @@ class DecodePlan:
     score_steps: int
     score_splits: int
     num_blocks: int
-    num_warps: int
+    num_warps: int  # 8: the [16, 256] x [64, 256] tiles of Dk = 192 spill registers at 4 (sm_90)
 
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
@@ -382,7 +382,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step,
                       nbt=max(16, pow2(nb_step)), score_steps=score_steps // nb_step,
-                      score_splits=score_splits, num_blocks=num_blocks, num_warps=4)
+                      score_splits=score_splits, num_blocks=num_blocks, num_warps=8)
 
 
 def splits_pow2(splits: int) -> int:
