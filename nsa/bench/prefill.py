@@ -159,7 +159,7 @@ def ratio(baseline: BenchRow, row: BenchRow, field: str) -> float | None:
 def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
                     dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
     """Per-branch breakdown of the Triton NSA: each kernel timed alone (forward and backward)."""
-    from nsa.ops.combine import combine_branches
+    from nsa.ops.combine.triton import combine_branches_triton
     from nsa.ops.compressed_attention.triton import compressed_attention_triton
     from nsa.ops.compression import compress_mean
     from nsa.ops.selected_attention.triton import selected_attention_triton
@@ -195,6 +195,6 @@ def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
     o = torch.randn(1, seq_len, c.num_heads, v_head_dim, device="cuda", dtype=dtype)
     gates = x["gates"].detach()
     combine = BenchRow("nsa-branch-gate-combine", seq_len, head_dim, v_head_dim, note="forward only")
-    combine.fwd_ms = _bench(lambda: combine_branches(o, o, o, gates))
+    combine.fwd_ms = _bench(lambda: combine_branches_triton(o, o, o, gates))
     rows.append(combine)
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nsa.config import NSAConfig
-from nsa.ops.combine import combine_branches
+from nsa.ops.combine.triton import combine_branches_triton
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
 from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention.triton import selected_attention_triton
@@ -33,6 +33,6 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
                                   select_count=c.select_count, scale=scale)
     o_slc, _ = selected_attention_triton(q, k_slc, v_slc, blocks, select_block=c.select_block, scale=scale)
     o_win, _ = window_attention_triton(q, k_win, v_win, window=c.window, scale=scale)
-    out = combine_branches(o_cmp, o_slc, o_win, gates)
+    out = combine_branches_triton(o_cmp, o_slc, o_win, gates)
     reads = branch_reads(blocks, 0, config)
     return out, blocks, reads
