@@ -74,6 +74,18 @@ def _gpu(params, checks):
     checks.record("pid", float(os.getpid()))
 
 
+def _gpu_error_cases(scale):
+    yield "boom", {"raise": True}
+    yield "after", {"raise": False}
+
+
+def _gpu_error(params, checks):
+    checks.record("pid", float(os.getpid()))
+    if params["raise"]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (pretend)")
+    checks.true("ran", True)
+
+
 def _slow_cases(scale):
     for i in range(4):
         yield f"s{i}", {"sleep": 1.0}
@@ -90,6 +102,8 @@ SUITES = [
     Suite(f"{DEMO_PREFIX}fail", "always fails a bound", _fail_cases, _fail),
     Suite(f"{DEMO_PREFIX}mixed", "pass, raise, crash, hang, pass", _mixed_cases, _mixed, timeout_s=3.0),
     Suite(f"{DEMO_PREFIX}gpu", "needs a GPU slot", _gpu_cases, _gpu, needs_gpu=True),
+    Suite(f"{DEMO_PREFIX}gpu-error", "a GPU case errors, the next one runs", _gpu_error_cases, _gpu_error,
+          needs_gpu=True),
     Suite(f"{DEMO_PREFIX}slow", "sleeps, to show two cases run at once", _slow_cases, _slow),
 ]
 

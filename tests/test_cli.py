@@ -164,3 +164,32 @@ def test_help_lists_commands():
     result = CliRunner().invoke(nsa, ["verify", "--help"])
     for option in ("--scale", "--backend", "--address", "--gpus-per-case", "--out", "--timeout", "--fail-fast"):
         assert option in result.output
+
+
+def test_live_progress_on_a_terminal():
+    import io
+
+    from rich.console import Console
+    from test_store import make_row
+
+    from cli.verify_cmd import LiveProgress, PlainProgress
+    from verify.registry import Case
+
+    plan = [Case("s", "a", {}, "ci"), Case("s", "b", {}, "ci")]
+    cluster = runner.Cluster("local", 2.0, 0.0, 0.0, 1, True)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    live = LiveProgress(console)
+    live.begin(plan, cluster, "r1")
+    live.case_finished(make_row(case_id="a"))
+    live.case_finished(make_row(case_id="b", status="fail", message="err = 1 > 1e-05"))
+    live.end()
+    text = console.file.getvalue()
+    assert "\x1b[" in text and "2/2" in text and "s::b: err = 1 > 1e-05" in text
+    lines = []
+    plain = PlainProgress(lines.append)
+    plain.begin(plan, cluster, "r1")
+    plain.case_finished(make_row(case_id="a"))
+    plain.heartbeat([(plan[1], 42.0)])
+    plain.case_finished(make_row(case_id="b", status="fail", message="err = 1 > 1e-05\nmore"))
+    assert lines[1:] == ["[1/2] pass  s::a (0.25s)", "still running: s::b (42s)",
+                         "[2/2] fail  s::b (0.25s): err = 1 > 1e-05", "suite s: 1 pass, 1 fail (0.5s in workers)"]

@@ -166,11 +166,18 @@ def test_results_are_checkpointed_during_the_run(cluster, tmp_path):
 def test_workers_that_cannot_be_placed_give_error_rows_not_a_hang(cluster, tmp_path):
     # the cluster claims 4 GPUs on a node but has 2: a 4-GPU worker can never be placed
     claimed = dataclasses.replace(cluster, gpus=4.0, max_node_gpus=4.0)
-    plan = runner.plan_cases(["demo-gpu", "demo-ok"], "ci", "auto")
+    plan = runner.plan_cases(["demo-gpu"], "ci", "auto")
     options = runner.RunOptions(out_dir=tmp_path, gpus_per_case=4.0, startup_timeout_s=2.0)
     outcome = runner.run_cases(plan, claimed, options)
     rows = _by_name(outcome)
-    assert rows["demo-ok::small"].status == "pass"
     for name in ("demo-gpu::gpu-a", "demo-gpu::gpu-b"):
         assert rows[name].status == "error" and "no gpu worker" in rows[name].message
         assert "started within 2s" in rows[name].message
+
+
+def test_a_gpu_worker_is_replaced_after_an_error(cluster, tmp_path):
+    outcome = _run(cluster, tmp_path, ["demo-gpu-error"], gpus_per_case=2.0)  # one GPU worker at a time
+    rows = _by_name(outcome)
+    assert rows["demo-gpu-error::boom"].status == "error" and "illegal memory access" in rows["demo-gpu-error::boom"].message
+    assert rows["demo-gpu-error::after"].status == "pass"
+    assert rows["demo-gpu-error::after"].metrics["pid"] != rows["demo-gpu-error::boom"].metrics["pid"]

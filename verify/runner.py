@@ -436,6 +436,10 @@ class _Run:
                                    duration_s=elapsed, started_at=started_wall))
             return
         result: CaseResult = payload["result"]
+        if slot.pool == "gpu" and result.status == "error":
+            # A CUDA error (illegal address, device-side assert) poisons the process's context:
+            # every later case there would error too. A fresh worker costs seconds.
+            self._retire(slot)
         self._record(self._row(case, result.status, result.message, result=result,
                                started_at=payload["started_at"], duration_s=result.duration_s,
                                device=payload["device"], host=payload["host"]))
