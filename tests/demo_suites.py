@@ -88,7 +88,7 @@ def _gpu_error(params, checks):
 
 def _slow_cases(scale):
     for i in range(4):
-        yield f"s{i}", {"sleep": 1.0}
+        yield f"s{i}", {"sleep": 1.5}
 
 
 def _slow(params, checks):

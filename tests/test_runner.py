@@ -85,7 +85,7 @@ def test_timeout_option_overrides_case_timeouts(cluster, tmp_path):
 
 
 def test_two_cpu_cases_run_at_once(cluster, tmp_path):
-    outcome = _run(cluster, tmp_path, ["demo-slow"])  # 4 cases x 1 s
+    outcome = _run(cluster, tmp_path, ["demo-slow"])  # 4 cases x 1.5 s
     assert all(r.status == "pass" for r in outcome.rows)
     assert len({r.metrics["pid"] for r in outcome.rows}) == 2  # two workers
     spans = [(r.started_at.timestamp(), r.started_at.timestamp() + r.duration_s) for r in outcome.rows]
