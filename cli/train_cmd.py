@@ -1,0 +1,134 @@
+"""`nsa train`: train the NSA language model and/or its dense twin on synthetic long-context
+retrieval, evaluate retrieval at several contexts and depths, and write the log, plots and
+summary (see docs/TRAINING.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEPTH_HELP = "Comma-separated needle depths in percent (0-100)."
+
+
+def _parse_ints(text: str, hint: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=hint) from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"expected positive integers, got {text!r}", param_hint=hint)
+    return values
+
+
+def _parse_depths(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated percentages, got {text!r}",
+                                 param_hint="--eval-depths") from None
+    if not values or any(not 0 <= v <= 100 for v in values):
+        raise click.BadParameter(f"depths must be percentages in [0, 100], got {text!r}",
+                                 param_hint="--eval-depths")
+    return tuple(v / 100 for v in values)
+
+
+@click.command("train")
+@click.option("--model", "which", type=click.Choice(["nsa", "dense", "both"]), default="both", show_default=True,
+              help="Which attention to train; 'both' trains NSA, then the dense twin for as many steps.")
+@click.option("--context", type=click.IntRange(min=16), default=None,
+              help="Training context in tokens [default: 4096; 64 with --tiny].")
+@click.option("--start-context", type=click.IntRange(min=16), default=None,
+              help="Sequence-length warm-up start [default: 512; 32 with --tiny]; equal to --context "
+                   "disables the warm-up.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Training time budget per model; the schedule is fitted to it after timing the "
+                   "first steps.")
+@click.option("--eval-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Evaluation time budget per model; cells not reached are recorded as not_run.")
+@click.option("--eval-contexts", default=None,
+              help="Comma-separated evaluation contexts [default: 4096,16384,65536; 64,256 with --tiny].")
+@click.option("--eval-depths", default="0,10,20,30,40,50,60,70,80,90,100", show_default=True, help=DEPTH_HELP)
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None,
+              help="Sequences per (context, depth) cell [default: 8; 16 with --tiny].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Training sequences per step [default: 16].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate [default: 2e-3; 3e-3 with --tiny].")
+@click.option("--backend", type=click.Choice(["auto", "reference", "triton"]), default="auto", show_default=True,
+              help="NSA backend (auto: Triton on CUDA when its kernels are available).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Model init and data seed.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/train", show_default=True,
+              help="Output directory (train_log.parquet, retrieval.parquet, loss.png, summary.json, "
+                   "checkpoints/).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: cuda when available.")
+@click.option("--tiny", is_flag=True, help="A one-layer model and 64-token task that train on a CPU in ~20 s.")
+def train(which: str, context: int | None, start_context: int | None, steps: int | None,
+          minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
+          eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str, seed: int,
+          out_dir: str, device: str, tiny: bool) -> None:
+    """Train NSA and/or its dense twin on synthetic retrieval; report loss curves and retrieval
+    accuracy by context and depth."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from nsa.models.train import gpu_config, run_training, tiny_config
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available to torch here", param_hint="--device")
+    base = tiny_config() if tiny else gpu_config()
+    changes: dict = {"device": device, "seed": seed, "models": ("nsa", "dense") if which == "both" else (which,),
+                     "eval_depths": _parse_depths(eval_depths), "minutes": minutes, "eval_minutes": eval_minutes}
+    for key, value in (("context", context), ("steps", steps), ("eval_samples", eval_samples),
+                       ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            changes[key] = value
+    if eval_contexts is not None:
+        changes["eval_contexts"] = _parse_ints(eval_contexts, "--eval-contexts")
+    target_context = changes.get("context", base.context)
+    start = start_context if start_context is not None else base.start_context
+    changes["start_context"] = None if start is None or start >= target_context else start
+    try:
+        config = base.replace(**changes)
+        config = config.replace(model=config.model.replace(backend=backend))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    console = Console()
+    console.print(f"[bold]nsa train[/bold]: models {', '.join(config.models)} on {device}, context "
+                  f"{config.context} (warm-up from {config.start_context or config.context}), up to "
+                  f"{config.steps} steps" + (f", {minutes:g} min per model" if minutes else "")
+                  + f"; outputs in {out_dir}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # The bar only draws on a terminal; elsewhere (CI logs, remote runs) the periodic lines that
+    # `report` prints are the progress.
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                  disable=not console.is_terminal) as bar:
+        bars: dict[str, int] = {}
+
+        def progress(name: str, step: int, total: int, row: dict) -> None:
+            if name not in bars:
+                bars[name] = bar.add_task(name, total=total, loss="")
+            bar.update(bars[name], completed=step, total=total, loss=f"loss {row['loss']:.4f}")
+
+        summary = run_training(config, Path(out_dir), report=console.print, progress=progress)
+
+    table = Table(title="trainability")
+    for column in ("model", "backend", "steps", "train s", "initial loss", "final loss"):
+        table.add_column(column)
+    for name, info in summary["models"].items():
+        table.add_row(name, info["backend"], str(info["steps"]), f"{info['train_seconds']:.0f}",
+                      f"{info['initial_loss']:.3f}", f"{info['final_loss']:.4f}")
+    console.print(table)
+    goals = summary["goals"]
+    for key in sorted(goals):
+        console.print(f"  {key}: {goals[key]}")
+    console.print(f"wall time {summary['wall_seconds']:.0f} s; summary in {Path(out_dir) / 'summary.json'}")

@@ -1,0 +1,238 @@
+"""Synthetic long-context retrieval tasks, generated on the fly (nothing is downloaded).
+
+A sequence is ``BOS``, a haystack of random filler tokens with ``num_needles`` needles planted in
+it, then ``num_queries`` queries::
+
+    BOS  f f f  KEY k1 v1  f f f ... f  KEY k2 v2  f f   QUERY k2 v2  QUERY k1 v1
+         |<------------------ haystack --------------->|<---- queries ---->|
+
+Keys, values and filler come from disjoint token ranges, so a key token appears exactly twice:
+in its needle and in its query. The model must predict each query's value token (the only
+supervised targets; filler is unpredictable noise by construction). Answering needs an induction
+circuit: the query's key finds the needle holding the same key and copies the token after it
+(the model's token shift, :class:`nsa.models.RetrievalLM`, makes that one attention hop); for NSA at long context the compressed branch must score the needle's block so that the
+selection branch reads it (the sliding window cannot see a deep needle).
+
+- key-value retrieval: ``num_needles = num_queries = 1``;
+- multi-key: ``num_needles > 1`` needles with distinct keys; ``num_queries`` of them are asked
+  (the rest are distractors), in random order.
+
+Depth: a needle at depth ``p`` (0..1) starts at haystack offset ``round(p * (H - 3))`` where
+``H`` is the haystack length, so depth 0 is right after ``BOS`` and depth 1 ends right before the
+first query. Everything is drawn from a CPU ``torch.Generator``: the same seed gives the same
+batch on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD, BOS, KEY, QUERY = 0, 1, 2, 3
+NUM_SPECIAL = 8  # ids 4..7 are reserved, so token ranges do not shift if a marker is added
+NEEDLE_LEN = 3  # KEY k v
+QUERY_LEN = 3  # QUERY k v (v is the target at k's position)
+IGNORE = -100  # target id that cross-entropy skips
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """One retrieval task family.
+
+    Attributes:
+        num_keys: distinct key tokens (``>= num_needles``: keys within a sequence are distinct).
+        num_values: distinct value tokens; chance accuracy is ``1 / num_values``.
+        num_filler: distinct filler tokens of the haystack.
+        num_needles: needles planted per sequence.
+        num_queries: needles asked at the end (``1 <= num_queries <= num_needles``).
+    """
+
+    num_keys: int = 64
+    num_values: int = 64
+    num_filler: int = 128
+    num_needles: int = 1
+    num_queries: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_keys", "num_values", "num_filler", "num_needles", "num_queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RetrievalTask.{name} must be a positive int, got {value!r}")
+        if self.num_keys < self.num_needles:
+            raise ValueError(f"RetrievalTask.num_keys must be >= num_needles (keys in a sequence are "
+                             f"distinct), got num_keys={self.num_keys}, num_needles={self.num_needles}")
+        if self.num_queries > self.num_needles:
+            raise ValueError(f"RetrievalTask.num_queries must be <= num_needles, got "
+                             f"num_queries={self.num_queries}, num_needles={self.num_needles}")
+
+    @property
+    def key_start(self) -> int:
+        return NUM_SPECIAL
+
+    @property
+    def value_start(self) -> int:
+        return NUM_SPECIAL + self.num_keys
+
+    @property
+    def filler_start(self) -> int:
+        return NUM_SPECIAL + self.num_keys + self.num_values
+
+    @property
+    def vocab_size(self) -> int:
+        return NUM_SPECIAL + self.num_keys + self.num_values + self.num_filler
+
+    def haystack_len(self, context: int) -> int:
+        """Haystack tokens of a ``context``-token input (``BOS`` and queries excluded)."""
+        return context - QUERY_LEN * self.num_queries
+
+    def min_context(self) -> int:
+        """The shortest context that fits ``BOS``, the needles and the queries."""
+        return QUERY_LEN * self.num_queries + NEEDLE_LEN * self.num_needles + 1
+
+    def replace(self, **changes) -> RetrievalTask:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RetrievalBatch:
+    """A batch of task sequences (CPU tensors; ``.to(device)`` moves them).
+
+    Attributes:
+        tokens: int64 ``[B, T]`` model input (``T`` = the context).
+        targets: int64 ``[B, T]`` next-token labels: the value token at each query's key
+            position, ``IGNORE`` (-100) elsewhere.
+        answer_positions: int64 ``[B, Q]`` positions in ``tokens`` whose next token is an answer,
+            in query order.
+        answers: int64 ``[B, Q]`` the value token expected at each answer position.
+        needle_starts: int64 ``[B, Q]`` where the needle asked by each query starts in ``tokens``.
+        depths: float64 ``[B, Q]`` each asked needle's depth in the haystack (0..1).
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    answer_positions: torch.Tensor
+    answers: torch.Tensor
+    needle_starts: torch.Tensor
+    depths: torch.Tensor
+
+    def to(self, device: torch.device | str) -> RetrievalBatch:
+        return RetrievalBatch(*(getattr(self, name).to(device) for name in (
+            "tokens", "targets", "answer_positions", "answers", "needle_starts", "depths")))
+
+
+def _needle_offsets(haystack: int, count: int, gen: torch.Generator, fixed: int | None) -> list[int]:
+    """``count`` non-overlapping needle offsets in a haystack; the first is ``fixed`` if given.
+
+    Without ``fixed``: sorted gaps by stars and bars (uniform over placements), then shuffled so
+    that needle 0 (the one asked first) is not always the shallowest. With ``fixed``: each other
+    needle starts uniformly among the offsets where it still fits.
+    """
+    if fixed is None:
+        free = haystack - NEEDLE_LEN * count
+        cuts = sorted(torch.randint(0, free + 1, (count,), generator=gen).tolist())
+        offsets = [cut + NEEDLE_LEN * i for i, cut in enumerate(cuts)]
+        order = torch.randperm(count, generator=gen).tolist()
+        return [offsets[i] for i in order]
+    taken = torch.zeros(haystack, dtype=torch.bool)
+    taken[fixed: fixed + NEEDLE_LEN] = True
+    offsets = [fixed]
+    for _ in range(count - 1):
+        fits = ~taken[: haystack - NEEDLE_LEN + 1].clone()
+        for shift in range(1, NEEDLE_LEN):
+            fits &= ~taken[shift: haystack - NEEDLE_LEN + 1 + shift]
+        starts = fits.nonzero().flatten()
+        if starts.numel() == 0:
+            raise ValueError(f"no room for {count} needles in a haystack of {haystack} tokens")
+        start = int(starts[torch.randint(0, starts.numel(), (1,), generator=gen)])
+        taken[start: start + NEEDLE_LEN] = True
+        offsets.append(start)
+    return offsets
+
+
+def make_batch(task: RetrievalTask, batch_size: int, context: int, seed: int | torch.Generator,
+               *, depth: float | None = None) -> RetrievalBatch:
+    """Draw ``batch_size`` sequences of ``context`` tokens.
+
+    Args:
+        task: the :class:`RetrievalTask`.
+        batch_size: sequences ``B``.
+        context: tokens per sequence ``T`` (``>= task.min_context()``).
+        seed: an int seed or a CPU ``torch.Generator`` (advanced in place, for a stream of batches).
+        depth: where the needle asked by the first query sits (0..1); ``None``: every needle at a
+            uniformly random place.
+
+    Returns:
+        a :class:`RetrievalBatch` on the CPU.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or context < task.min_context():
+        raise ValueError(f"context must be an int >= {task.min_context()} for {task}, got {context!r}")
+    if depth is not None and not 0.0 <= float(depth) <= 1.0:
+        raise ValueError(f"depth must be in [0, 1] (fraction of the haystack) or None, got {depth!r}")
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    haystack = task.haystack_len(context) - 1  # position 0 is BOS
+    queries, needles = task.num_queries, task.num_needles
+    seq = torch.randint(task.filler_start, task.vocab_size, (batch_size, context + 1), generator=gen)
+    seq[:, 0] = BOS
+    fixed = None if depth is None else round(float(depth) * (haystack - NEEDLE_LEN))
+    answer_positions = torch.empty(batch_size, queries, dtype=torch.int64)
+    answers = torch.empty(batch_size, queries, dtype=torch.int64)
+    needle_starts = torch.empty(batch_size, queries, dtype=torch.int64)
+    query_start = 1 + haystack
+    for row in range(batch_size):
+        keys = task.key_start + torch.randperm(task.num_keys, generator=gen)[:needles]
+        values = task.value_start + torch.randint(0, task.num_values, (needles,), generator=gen)
+        offsets = _needle_offsets(haystack, needles, gen, fixed)
+        for key, value, offset in zip(keys.tolist(), values.tolist(), offsets):
+            seq[row, 1 + offset: 1 + offset + NEEDLE_LEN] = torch.tensor([KEY, key, value])
+        # Query i asks needle i: needle 0 is the one placed at `depth`.
+        for i in range(queries):
+            at = query_start + QUERY_LEN * i
+            seq[row, at: at + QUERY_LEN] = torch.tensor([QUERY, keys[i], values[i]])
+            answer_positions[row, i] = at + 1  # the query's key: its next token is the value
+            answers[row, i] = values[i]
+            needle_starts[row, i] = 1 + offsets[i]
+    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:]
+    targets = torch.full_like(tokens, IGNORE)
+    targets.scatter_(1, answer_positions, labels.gather(1, answer_positions))
+    depths = (needle_starts - 1).double() / max(1, haystack - NEEDLE_LEN)
+    return RetrievalBatch(tokens, targets, answer_positions, answers, needle_starts, depths)
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: torch.nn.Module, task: RetrievalTask, context: int, depth: float | None,
+                       *, num_samples: int, batch_size: int, seed: int,
+                       device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                       ) -> tuple[int, int]:
+    """How many of ``num_samples`` sequences' first query the model answers (greedy argmax).
+
+    ``model(tokens, logits_at=positions)`` must return logits ``[B, Q, vocab]`` at the given
+    positions (see :class:`nsa.models.RetrievalLM`). Only the first query is scored: with
+    ``depth`` given, it is the one asking the needle planted at that depth.
+
+    Args:
+        model: the language model (put in eval mode by the caller).
+        task, context, depth: as in :func:`make_batch`.
+        num_samples: sequences evaluated; batches of ``batch_size``.
+        seed: the data seed (the same seed gives the same sequences for every model).
+        device: where the model runs; ``autocast_dtype``: autocast dtype on CUDA, or None.
+
+    Returns:
+        ``(correct, total)``.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    correct = total = 0
+    device = torch.device(device)
+    while total < num_samples:
+        size = min(batch_size, num_samples - total)
+        batch = make_batch(task, size, context, gen, depth=depth).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1])
+        predicted = logits[:, 0].argmax(dim=-1)
+        correct += int((predicted == batch.answers[:, 0]).sum())
+        total += size
+    return correct, total
