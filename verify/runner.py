@@ -315,7 +315,6 @@ class _Pool:
     capacity: int
     queue: deque = field(default_factory=deque)
     start_failures: int = 0
-    last_start_error: str = ""
 
 
 class _Run:
@@ -330,7 +329,6 @@ class _Run:
         self.plan = plan
         self.rows: list[ResultRow] = []
         self.slots: list[_Slot] = []
-        self.failed = False
         self.last_write = 0.0
         self.last_heartbeat = time.monotonic()
         self.versions = environment.library_versions()
@@ -364,10 +362,8 @@ class _Run:
     def _record(self, row: ResultRow) -> None:
         self.rows.append(row)
         self.progress.case_finished(row)
-        if row.status in ("fail", "error"):
-            self.failed = True
-            if self.options.fail_fast:
-                self._stop_scheduling("fail_fast_stopped")
+        if row.status in ("fail", "error") and self.options.fail_fast:
+            self._stop_scheduling("fail_fast_stopped")
         if time.monotonic() - self.last_write > CHECKPOINT_EVERY_S:
             self.write(complete=False)
 
@@ -456,7 +452,6 @@ class _Run:
     def _worker_start_failed(self, slot: _Slot, pool: _Pool, why: str, retry: bool = True) -> None:
         self._retire(slot)
         pool.start_failures = pool.start_failures + 1 if retry else MAX_WORKER_START_FAILURES
-        pool.last_start_error = why
         if pool.start_failures >= MAX_WORKER_START_FAILURES:
             while pool.queue:
                 _, case = pool.queue.popleft()
