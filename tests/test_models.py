@@ -1,0 +1,310 @@
+"""nsa.models: retrieval task generator, the LM and its dense twin, training pieces, `nsa train`."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.train_cmd import train as train_command
+from nsa import NSAConfig
+from nsa.models import (
+    LMConfig,
+    RetrievalLM,
+    RetrievalTask,
+    make_batch,
+    nsa_only_parameters,
+    parameter_group,
+    retrieval_accuracy,
+)
+from nsa.models.lm import DenseAttention, init_phi_as_mean
+from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN
+from nsa.models.train import (
+    LOG_BASE_COLUMNS,
+    context_at,
+    group_grad_norms,
+    learning_rate,
+    read_table,
+    tiny_config,
+    write_table,
+)
+from nsa.phi import BlockCompressor
+
+SMALL_NSA = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=8, compress_block=4, compress_stride=2,
+                      select_block=8, select_count=4, window=8)
+
+
+def _model(attention: str, task: RetrievalTask, layers: int = 2, **changes) -> RetrievalLM:
+    torch.manual_seed(0)
+    return RetrievalLM(LMConfig(vocab_size=task.vocab_size, d_model=32, num_layers=layers, nsa=SMALL_NSA,
+                                attention=attention, **changes))
+
+
+# ----- tasks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("needles,queries,context", [(1, 1, 40), (4, 4, 96), (6, 2, 200), (3, 1, 25)])
+def test_batch_answer_is_retrievable_from_the_haystack(needles, queries, context):
+    task = RetrievalTask(num_keys=12, num_values=10, num_filler=20, num_needles=needles, num_queries=queries)
+    batch = make_batch(task, 5, context, seed=needles * 100 + context)
+    tokens, targets = batch.tokens, batch.targets
+    assert tokens.shape == targets.shape == (5, context) and tokens.dtype == torch.int64
+    assert (tokens[:, 0] == BOS).all()
+    haystack_end = context - QUERY_LEN * queries
+    for row in range(5):
+        hay = tokens[row, :haystack_end]
+        assert int((hay == KEY).sum()) == needles  # needles do not overlap or clip
+        supervised = (targets[row] != IGNORE).nonzero().flatten()
+        assert supervised.tolist() == sorted(batch.answer_positions[row].tolist())
+        for q in range(queries):
+            pos = int(batch.answer_positions[row, q])
+            key, answer = int(tokens[row, pos]), int(batch.answers[row, q])
+            assert int(tokens[row, pos - 1]) == QUERY
+            assert int(targets[row, pos]) == answer
+            assert task.value_start <= answer < task.filler_start
+            # The key occurs exactly once in the haystack, right after KEY, followed by the answer.
+            where = (hay == key).nonzero().flatten().tolist()
+            start = int(batch.needle_starts[row, q])
+            assert where == [start + 1]
+            assert int(tokens[row, start]) == KEY and int(tokens[row, start + 2]) == answer
+        # Every filler token is in the filler range; nothing else leaks into the haystack.
+        marked = torch.zeros(haystack_end, dtype=torch.bool)
+        marked[0] = True
+        for start in (hay == KEY).nonzero().flatten().tolist():
+            marked[start:start + NEEDLE_LEN] = True
+        assert (hay[~marked] >= task.filler_start).all()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("needles", [1, 5])
+def test_depth_is_honoured(depth, needles):
+    task = RetrievalTask(num_keys=16, num_values=8, num_filler=8, num_needles=needles, num_queries=1)
+    context = 300
+    batch = make_batch(task, 4, context, seed=7, depth=depth)
+    haystack = context - QUERY_LEN - 1
+    expected = 1 + round(depth * (haystack - NEEDLE_LEN))
+    assert (batch.needle_starts[:, 0] == expected).all()
+    assert torch.allclose(batch.depths[:, 0], torch.full((4,), depth, dtype=torch.float64), atol=1 / haystack)
+    if depth == 1.0:  # the needle ends right before the first query
+        assert expected + NEEDLE_LEN == context - QUERY_LEN
+    assert (batch.tokens[:, expected] == KEY).all()
+
+
+def test_batches_are_deterministic_and_seed_dependent():
+    task = RetrievalTask(num_needles=3, num_queries=2)
+    a, b = make_batch(task, 3, 128, seed=11), make_batch(task, 3, 128, seed=11)
+    c = make_batch(task, 3, 128, seed=12)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.answers, b.answers)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_task_and_batch_reject_bad_arguments():
+    with pytest.raises(ValueError, match="num_queries"):
+        RetrievalTask(num_needles=2, num_queries=3)
+    with pytest.raises(ValueError, match="num_keys"):
+        RetrievalTask(num_keys=2, num_needles=3, num_queries=1)
+    task = RetrievalTask(num_needles=2, num_queries=2)
+    with pytest.raises(ValueError, match="context"):
+        make_batch(task, 2, task.min_context() - 1, seed=0)
+    with pytest.raises(ValueError, match="depth"):
+        make_batch(task, 2, 64, seed=0, depth=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_batch(task, 0, 64, seed=0)
+
+
+# ----- model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_model_shapes_and_logits_at(attention):
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8, num_needles=2, num_queries=2)
+    model = _model(attention, task)
+    batch = make_batch(task, 3, 50, seed=1)
+    logits = model(batch.tokens)
+    assert logits.shape == (3, 50, task.vocab_size) and logits.dtype == torch.float32
+    picked = model(batch.tokens, logits_at=batch.answer_positions)
+    assert picked.shape == (3, 2, task.vocab_size)
+    expected = logits.gather(1, batch.answer_positions[..., None].expand(-1, -1, task.vocab_size))
+    torch.testing.assert_close(picked, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tokens"):
+        model(batch.tokens.float())
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_model_is_causal(attention):
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8)
+    model = _model(attention, task).double()
+    tokens = make_batch(task, 2, 48, seed=3).tokens
+    base = model(tokens)
+    changed = tokens.clone()
+    changed[:, 30] = task.filler_start + (changed[:, 30] - task.filler_start + 1) % task.num_filler
+    out = model(changed)
+    assert torch.equal(out[:, :30], base[:, :30])
+    assert (out[:, 30:] - base[:, 30:]).abs().max() > 0
+
+
+def test_dense_attention_matches_explicit_causal_softmax():
+    """The dense twin against a float64 softmax with an explicit causal mask (G = 2, RoPE'd q/k)."""
+    from nsa.rope import apply_rope
+
+    torch.manual_seed(0)
+    config = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=8, v_head_dim=8)
+    layer = DenseAttention(16, config).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    out = layer(x)
+    pos = torch.arange(23)
+    q = apply_rope(layer.q_proj(x).view(2, 23, 4, 8), pos)
+    k = apply_rope(layer.k_proj(x).view(2, 23, 2, 8), pos).repeat_interleave(2, dim=2)
+    v = layer.v_proj(x).view(2, 23, 2, 8).repeat_interleave(2, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    scores = scores.masked_fill(~torch.ones(23, 23, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(2, 23, 32)
+    torch.testing.assert_close(out, layer.o_proj(o), rtol=1e-10, atol=1e-10)
+
+
+def test_twins_differ_only_by_nsa_parts():
+    """Dense params = NSA params - (2 extra k/v projection pairs + phi_k/phi_v + gate MLP)."""
+    task = RetrievalTask()
+    for layers, tie in ((1, True), (3, False)):
+        nsa, dense = _model("nsa", task, layers, tie_embeddings=tie), _model("dense", task, layers,
+                                                                             tie_embeddings=tie)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        extra = nsa_only_parameters(nsa)
+        assert count(dense) == count(nsa) - sum(extra.values())
+        c, d = SMALL_NSA, 32
+        assert extra["kv_extra"] == layers * 2 * d * c.num_kv_heads * (c.head_dim + c.v_head_dim)
+        assert extra["gate"] == layers * (d * c.num_heads * 3 + c.num_heads * 3)
+        assert nsa_only_parameters(dense) == {"kv_extra": 0, "phi": 0, "gate": 0}
+
+
+def test_phi_starts_as_mean_pooling():
+    torch.manual_seed(1)
+    phi = BlockCompressor("mlp", 8, 4, 6)
+    init_phi_as_mean(phi)
+    blocks = torch.randn(2, 3, 8, 2, 6)
+    expected = (blocks + phi.position[None, None, :, None, :]).mean(dim=2)
+    torch.testing.assert_close(phi.compress_blocks(blocks), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hidden"):
+        init_phi_as_mean(BlockCompressor("mlp", 8, 4, 6, hidden=8))
+
+
+def test_parameter_groups_cover_every_parameter():
+    model = _model("nsa", RetrievalTask(), tie_embeddings=False)
+    groups = {name: parameter_group(name) for name, _ in model.named_parameters()}
+    assert "other" not in groups.values()
+    assert groups["blocks.0.attn.phi_k.mlp.0.weight"] == "attn_phi"
+    assert groups["blocks.0.mlp.0.weight"] == "mlp"
+    assert groups["blocks.1.attn.gate_proj.weight"] == "attn_gate"
+    assert groups["head.weight"] == "head" and groups["prev_embed.weight"] == "embed"
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_train_step_is_finite_and_moves_parameters(attention, autocast):
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8, num_needles=3, num_queries=3)
+    model = _model(attention, task)
+    batch = make_batch(task, 4, 64, seed=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(batch.tokens, logits_at=batch.answer_positions, collect_info=True)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
+    assert torch.isfinite(loss)
+    loss.backward()
+    norms = group_grad_norms(model)
+    assert norms and all(math.isfinite(v) for v in norms.values())
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "embed.weight" in moved and any(".attn." in n for n in moved)
+    if attention == "nsa":
+        assert all(info is not None and set(info.gate_stats) == {"cmp", "slc", "win"}
+                   for info in model.last_infos)
+        assert all(abs(info.gate_stats["slc"][0] - 0.5) < 1e-2 for info in model.last_infos)
+
+
+def test_retrieval_accuracy_counts_the_first_query():
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8, num_needles=2, num_queries=1)
+
+    class Oracle(torch.nn.Module):
+        """Answers by looking the key up in the haystack: always right."""
+
+        def forward(self, tokens, logits_at):
+            out = torch.zeros(*logits_at.shape, task.vocab_size)
+            for row in range(tokens.shape[0]):
+                key = tokens[row, logits_at[row, 0]]
+                start = int((tokens[row, :-QUERY_LEN] == key).nonzero()[0])
+                out[row, 0, tokens[row, start + 1]] = 1
+            return out
+
+    assert retrieval_accuracy(Oracle(), task, 60, 0.5, num_samples=10, batch_size=3, seed=0) == (10, 10)
+    model = _model("dense", task)
+    correct, total = retrieval_accuracy(model, task, 60, None, num_samples=5, batch_size=2, seed=0)
+    assert total == 5 and 0 <= correct <= 5
+
+
+# ----- training pieces -------------------------------------------------------------------------
+
+
+def test_learning_rate_and_context_schedules():
+    config = tiny_config(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, context=128, start_context=32,
+                         context_warmup=0.5)
+    assert learning_rate(0, 100, config) == pytest.approx(1e-4)
+    assert learning_rate(9, 100, config) == pytest.approx(1e-3)
+    assert learning_rate(100, 100, config) == pytest.approx(1e-4)
+    assert learning_rate(55, 100, config) == pytest.approx(5.5e-4)
+    # 32 -> 64 -> 128 in two stages of 25 steps.
+    assert [context_at(s, 100, config) for s in (0, 24, 25, 49, 50, 99)] == [32, 32, 64, 64, 128, 128]
+    assert context_at(0, 100, config.replace(start_context=None)) == 128
+    with pytest.raises(ValueError, match="start_context"):
+        tiny_config(start_context=16)
+    with pytest.raises(ValueError, match="start_context"):
+        tiny_config(start_context=128)
+
+
+def test_log_table_round_trips(tmp_path):
+    rows = [{"model": "nsa", "step": 0, "loss": 4.1, "lr": 1e-4, "grad_norm/mlp": 0.5, "gate_mean/cmp": 0.5,
+             "skipped": False},
+            {"model": "dense", "step": 0, "loss": float("nan"), "lr": 1e-4, "grad_norm/mlp": 0.25,
+             "skipped": True}]
+    path = write_table(rows, tmp_path / "log.parquet", LOG_BASE_COLUMNS)
+    back = read_table(path)
+    assert len(back) == 2
+    assert back[0]["gate_mean/cmp"] == 0.5 and back[1]["gate_mean/cmp"] is None
+    assert math.isnan(back[1]["loss"]) and back[1]["skipped"] is True and back[0]["step"] == 0
+    assert back[0]["eval_accuracy"] is None  # base columns are always present
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_cli_tiny_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train_command, [
+        "--tiny", "--model", "both", "--steps", "24", "--device", "cpu", "--out", str(out),
+        "--eval-contexts", "64", "--eval-depths", "0,100", "--eval-samples", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for name in ("train_log.parquet", "retrieval.parquet", "loss.png", "summary.json", "retrieval_nsa.png",
+                 "checkpoints/nsa.pt", "checkpoints/dense.pt"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"] == 24
+    assert summary["goals"]["finite_goal_met"] is True
+    log = read_table(out / "train_log.parquet")
+    assert len(log) == 48 and {r["model"] for r in log} == {"nsa", "dense"}
+    nsa_rows = [r for r in log if r["model"] == "nsa"]
+    assert nsa_rows[0]["gate_mean/slc"] == pytest.approx(0.5, abs=1e-3)
+    assert all(math.isfinite(r["grad_norm/attn_phi"]) for r in nsa_rows)
+    evals = read_table(out / "retrieval.parquet")
+    assert {(r["model"], r["task"], r["depth"]) for r in evals} >= {("nsa", "single", 0.0), ("dense", "single", 1.0)}
+    assert all(r["status"] == "ok" and r["correct"] <= 4 for r in evals)
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(train_command, ["--tiny", "--eval-depths", "0,150", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "--eval-depths" in bad.output
+    bad = runner.invoke(train_command, ["--tiny", "--eval-contexts", "64,x", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "--eval-contexts" in bad.output
+    bad = runner.invoke(train_command, ["--tiny", "--context", "20", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "context" in bad.output
