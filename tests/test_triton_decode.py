@@ -96,6 +96,15 @@ def oracle(config: NSAConfig, full: dict, lengths: list[int], counts: list[int],
     return o, blocks, scores
 
 
+def expected_candidates(config: NSAConfig, lengths: list[int], counts: list[int], steps: int) -> int:
+    """Candidate blocks ``1 .. c-2`` summed over real tokens and kv heads."""
+    total = 0
+    for length, count in zip(lengths, counts):
+        for t in range(length - count, length):
+            total += max(0, t // config.select_block - 2) * config.num_kv_heads
+    return total
+
+
 def expected_reads(config: NSAConfig, blocks: torch.Tensor, lengths: list[int], counts: list[int]):
     """Reads by nsa.ops.reads from the ranges, 0 for padding rows (``[B, K, HK]`` per branch)."""
     c = config
@@ -112,10 +121,16 @@ def check_step(config, lengths, counts, steps, max_len, ring, seed, *, plan_kwar
     full, step = make_step(config, lengths, counts, steps, max_len, ring, seed, zero_cmp_keys=zero_cmp_keys)
     want_o, want_blocks, scores = oracle(config, full, lengths, counts, steps)
     plan = plan_decode(config, len(lengths) * steps * config.num_kv_heads, max_len, **(plan_kwargs or {}))
-    o, blocks, reads = nsa_decode_triton(*as_args(step, torch.float32), config, num_new=step["num_new"], plan=plan)
+    o, blocks, reads, got_scores = nsa_decode_triton(*as_args(step, torch.float32), config, num_new=step["num_new"],
+                                                     plan=plan, return_scores=True)
     ref_o, ref_blocks, ref_reads = nsa_decode_reference(*as_args(step, torch.float64), config,
                                                         num_new=step["num_new"])
     assert torch.isfinite(o).all()
+    # Every candidate block's Eq. 10 score (what the top-n ranked) against the float64 scorer.
+    candidate = ~torch.isnan(got_scores[..., :scores.shape[-1]])
+    assert int(candidate.sum()) == expected_candidates(config, lengths, counts, steps)
+    err = (got_scores[..., :scores.shape[-1]].double() - scores)[candidate].abs().max() if candidate.any() else 0.0
+    assert err <= 1e-5 * max(1.0, scores.abs().max().item()), float(err)
     assert torch.equal(ref_blocks, want_blocks), "reference decode must pick the prefill's blocks exactly"
     assert torch.allclose(ref_o, want_o, rtol=0, atol=1e-12), "reference decode must equal the prefill"
     assert_same_selection(blocks.flatten(0, 1)[None], want_blocks.flatten(0, 1)[None],
@@ -146,6 +161,14 @@ def check_step(config, lengths, counts, steps, max_len, ring, seed, *, plan_kwar
 ])
 def test_triton_decode_matches_reference_and_prefill(config, lengths, counts, steps, max_len, ring, seed):
     check_step(config, lengths, counts, steps, max_len, ring, seed)
+
+
+def test_unfused_scoring_when_blocks_do_not_tile():
+    """l'/d = 3 does not divide a power-of-two tile, so the scoring re-reads the compressed keys
+    in Eq. 9 windows (the unfused kernel); the default plans above take the fused path."""
+    config = small(compress_block=4, compress_stride=2, select_block=6, select_count=5, window=9)
+    assert not plan_decode(config, 4, 100).fused and plan_decode(small(), 4, 96).fused
+    check_step(config, [100, 61], [2, 1], 2, 100, 10, 8)
 
 
 def test_split_plans_agree():

@@ -97,7 +97,7 @@ def _attend(q, acc, m_i, l_i, k_base, v_base, rows, kmask, stride_kn, stride_vn,
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, s
 
 
 @triton.jit
@@ -115,16 +115,25 @@ def _store_partial(acc, m_i, l_i, counted, O_PART, LSE_PART, CNT_PART, part, GP:
 
 
 @triton.jit
-def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, KQ, HK, RING,
+def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, P_TILE, M_TILE,
+                  KQ, HK, RING, N_TILES,
                   stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn,
                   stride_vch, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh, qk_scale,
                   CMP_CHUNK, CMP_SPLITS, WIN_CHUNK, WIN_SPLITS,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-                  WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                  WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                  FUSED: tl.constexpr, SELECT_BLOCK: tl.constexpr, NBT: tl.constexpr):
     """Partial compressed attention (splits ``0 .. CMP_SPLITS-1`` of axis 1) or window attention
     (the next ``WIN_SPLITS``) of token group ``program_id(0)``: one launch for both contiguous
-    key ranges, the branch picked per program by scalar selects rather than divergent code."""
+    key ranges, the branch picked per program by scalar selects rather than divergent code.
+
+    With ``FUSED`` the compressed programs also write, per tile ``u`` of ``BLOCK_N`` compressed
+    tokens, the Eq. 9 block sums of ``exp2(s - m_u)`` per head (``P_TILE [rows, N_TILES, GP, NBT]``)
+    and the tile maxima ``m_u`` (``M_TILE [rows, N_TILES, GP]``): slot ``k < J = BLOCK_N / a`` is
+    block ``u*J + k``, slot ``J`` the part of block ``(u+1)*J`` whose window starts in this tile.
+    Scaled by ``exp2(m_u - lse)`` they give ``p_slc`` without reading the compressed keys again.
+    """
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     is_win = pid_s >= CMP_SPLITS
@@ -151,12 +160,31 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     l_i = tl.zeros([GP], dtype=tl.float32)
     counted = tl.zeros([BLOCK_N], dtype=tl.int32)
     cols = tl.arange(0, BLOCK_N)
+    g = tl.arange(0, GP)
+    kk = tl.arange(0, NBT)
+    A: tl.constexpr = SELECT_BLOCK // STRIDE
+    B: tl.constexpr = BLOCK // STRIDE
+    J: tl.constexpr = BLOCK_N // A
+    # Eq. 9 weights of one tile: token i, block slot k: #{(m, u): m - u = i - a*k}, 0 <= m < a, 0 <= u < b.
+    r = cols[:, None] - A * kk[None, :]
+    w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
+    w = tl.where(kk[None, :] <= J, tl.maximum(w, 0), 0).to(tl.float32)
+    # Window programs compute but never store tile sums (a tensor mask, not a 0-d one).
+    tile_rows = tl.where(is_win, 0, GP)
+    tile_base = pid_r.to(tl.int64) * N_TILES
     for start in range(lo, hi, BLOCK_N):
         positions = start + cols
         kmask = positions < hi
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions % ring, kmask, stride_kn, stride_vn,
-                                qk_scale, DK, DKP, DV, DVP, PRECISION)
+        acc, m_i, l_i, s = _attend(q, acc, m_i, l_i, k_base, v_base, positions % ring, kmask, stride_kn,
+                                   stride_vn, qk_scale, DK, DKP, DV, DVP, PRECISION)
         counted += kmask.to(tl.int32)
+        if FUSED:
+            m_tile = tl.max(s, 1)
+            e = tl.exp2(s - tl.where(m_tile == float("-inf"), 0.0, m_tile)[:, None])
+            sums = tl.dot(e, w, input_precision="ieee")
+            tile = tile_base + start // BLOCK_N
+            tl.store(P_TILE + (tile * GP + g[:, None]) * NBT + kk[None, :], sums, mask=g[:, None] < tile_rows)
+            tl.store(M_TILE + tile * GP + g, m_tile, mask=g < tile_rows)
     part = pid_r * tl.where(is_win, WIN_SPLITS, CMP_SPLITS) + split
     _store_partial(acc, m_i, l_i, counted, tl.where(is_win, O_WIN, O_CMP), tl.where(is_win, L_WIN, L_CMP),
                    tl.where(is_win, C_WIN, C_CMP), part, GP, DVP)
@@ -204,8 +232,8 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
         # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
         span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
         kmask = cols < span
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
-                                qk_scale, DK, DKP, DV, DVP, PRECISION)
+        acc, m_i, l_i, _ = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
+                                   qk_scale, DK, DKP, DV, DVP, PRECISION)
         counted += kmask.to(tl.int32)
     _store_partial(acc, m_i, l_i, counted, O_SLC, L_SLC, C_SLC, pid_r * SPLITS + pid_s, GP, DVP)
 
@@ -272,6 +300,50 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
 
 
 @triton.jit
+def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK, NB_CAP, N_TILES, CMP_SPLITS,
+                        TILES, CMP_SPLITS_P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                        BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NBT: tl.constexpr):
+    """Ranking keys of the blocks of ``TILES`` tiles from the compressed pass's tile sums (Eq. 8-10)."""
+    A: tl.constexpr = SELECT_BLOCK // STRIDE
+    J: tl.constexpr = BLOCK_N // A
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    _, _, _, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
+    lse2 = _merged_lse(LSE_PART, pid_r, CMP_SPLITS, CMP_SPLITS_P, GP)
+    g = tl.arange(0, GP)
+    kk = tl.arange(0, NBT)
+    row_ok = g < G
+    visible = tl.where(valid & (t + 1 >= BLOCK), (t + 1 - BLOCK) // STRIDE + 1, 0)
+    current = tl.where(valid, t // SELECT_BLOCK, -3)
+    tile_base = pid_r.to(tl.int64) * N_TILES
+    key_base = KEYS + pid_r.to(tl.int64) * NB_CAP
+    for step in range(TILES):
+        u = pid_s * TILES + step
+        # Tiles with no visible token hold stale sums: read none of them.
+        rows_u = tl.where((u < N_TILES) & (u * BLOCK_N < visible), GP, 0)
+        rows_prev = tl.where((u >= 1) & (u - 1 < N_TILES) & ((u - 1) * BLOCK_N < visible), GP, 0)
+        tile = tile_base + u
+        sums = tl.load(P_TILE + (tile * GP + g[:, None]) * NBT + kk[None, :], mask=g[:, None] < rows_u, other=0.0)
+        m_u = tl.load(M_TILE + tile * GP + g, mask=g < rows_u, other=float("-inf"))
+        carry = tl.load(P_TILE + ((tile - 1) * GP + g) * NBT + J, mask=g < rows_prev, other=0.0)
+        m_prev = tl.load(M_TILE + (tile - 1) * GP + g, mask=g < rows_prev, other=float("-inf"))
+        # p_cmp = exp2(s - lse) = exp2(s - m_u) * exp2(m_u - lse); m_u <= lse wherever both exist.
+        f_u = tl.where(row_ok & (m_u != float("-inf")), tl.exp2(m_u - lse2), 0.0)
+        f_prev = tl.where(row_ok & (m_prev != float("-inf")), tl.exp2(m_prev - lse2), 0.0)
+        scores = tl.sum(f_u[:, None] * sums, 0)  # Eq. 10 over the group's heads
+        scores = tl.where(kk == 0, scores + tl.sum(f_prev * carry, 0), scores)
+        j = u * J + kk
+        forced = ((j == 0) | (j == current) | (j == current - 1)) & valid
+        candidate = (j >= 1) & (j <= current - 2)
+        bits = tl.maximum(scores.to(tl.int32, bitcast=True), 0).to(tl.int64)
+        low = INDEX_BITS.value - j.to(tl.int64)
+        key = tl.where(candidate, (bits << 32) | low, -1)
+        key = tl.where(forced, FORCED_KEY_HIGH | low, key)
+        tl.store(key_base + j, key, mask=(kk < J) & (j < NB_CAP))
+
+
+@triton.jit
 def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexpr,
                   DVP: tl.constexpr):
     """One head's branch output merged over the splits (one vector load each), and the keys counted."""
@@ -323,8 +395,9 @@ class DecodePlan:
     """Split plan of a decode step: a function of shapes only, so a captured step replays it.
 
     ``*_chunk`` is keys (``cmp``, ``win``) or selected blocks (``slc``) per program and
-    ``*_splits`` programs per token group; ``score_steps`` Eq. 9 steps of ``nb_step`` blocks per
-    scoring program.
+    ``*_splits`` programs per token group; ``score_steps`` Eq. 9 steps (tiles when ``fused``) of
+    ``nb_step`` blocks per scoring program; ``fused``: the compressed pass leaves per-tile block
+    sums (``n_tiles`` per token group) so the scoring does not read the compressed keys again.
     """
 
     block_n: int
@@ -341,6 +414,8 @@ class DecodePlan:
     score_steps: int
     score_splits: int
     num_blocks: int
+    fused: bool
+    n_tiles: int
     num_warps: int  # 8: the [16, 256] x [64, 256] tiles of Dk = 192 spill registers at 4 (sm_90)
 
 
@@ -374,15 +449,24 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
     win_chunk, win_splits = split(min(c.window, max_len), block_n)
     slc_chunk, slc_splits = split(c.select_count, 1)
     a, b = c.select_block // c.compress_stride, c.compress_block // c.compress_stride
-    score_block_n = max(16, pow2(a + b - 1), block_n)
-    nb_step = (score_block_n - b + 1) // a
     num_blocks = c.num_select_blocks(max_len)
+    # Fused scoring needs tiles that start on selection-block boundaries (a | BLOCK_N); otherwise
+    # the scoring kernel reads the compressed keys again in Eq. 9 windows.
+    fused = block_n % a == 0
+    if fused:
+        score_block_n, nb_step = block_n, block_n // a
+        nbt = max(16, pow2(nb_step + 1))
+    else:
+        score_block_n = max(16, pow2(a + b - 1), block_n)
+        nb_step = (score_block_n - b + 1) // a
+        nbt = max(16, pow2(nb_step))
     score_steps, score_splits = split(num_blocks, nb_step)
+    n_tiles = max(-(-max(1, c.num_compressed(max_len)) // block_n), -(-num_blocks // nb_step))
     return DecodePlan(block_n=block_n, slc_block_n=max(16, pow2(c.select_block)), cmp_chunk=cmp_chunk,
                       cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
-                      slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step,
-                      nbt=max(16, pow2(nb_step)), score_steps=score_steps // nb_step,
-                      score_splits=score_splits, num_blocks=num_blocks, num_warps=8)
+                      slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step, nbt=nbt,
+                      score_steps=score_steps // nb_step, score_splits=score_splits, num_blocks=num_blocks,
+                      fused=fused, n_tiles=n_tiles, num_warps=8)
 
 
 def splits_pow2(splits: int) -> int:
@@ -399,13 +483,16 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                       v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
                       lengths: torch.Tensor, config: NSAConfig, *, num_new: torch.Tensor | None = None,
                       scale: float | None = None, plan: DecodePlan | None = None, check_values: bool = True,
-                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                      return_scores: bool = False):
     """Triton decode step; arguments and results as :func:`nsa.ops.decode.naive.nsa_decode_reference`.
 
     ``q`` and the caches are float16, bfloat16 or float32 on CUDA (or CPU under
     ``TRITON_INTERPRET=1``); the key/value last dim must be contiguous. ``plan`` defaults to
     :func:`plan_decode`. ``check_values=False`` skips the host-side checks of ``lengths`` and
     ``num_new`` (needed inside CUDA-graph capture): the caller then guarantees them.
+    ``return_scores`` adds a fourth result, the Eq. 10 block scores the top-n ranked, float32
+    ``[B, K, HK, NB]`` (``NB = ceil(max_len / l')``), NaN for blocks that were not candidates
+    (forced, beyond ``c - 2``, padding rows): they are decoded from the ranking keys.
     """
     num_new = check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, num_new,
                                   config, check_values=check_values)
@@ -424,9 +511,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     out = q.new_empty(batch, steps, hq, dv)
     blocks_shape = (batch, steps, hk, c.select_count)
     if rows == 0:
-        empty = torch.zeros(batch, steps, hk, dtype=torch.int64, device=q.device)
-        return out, torch.full(blocks_shape, -1, dtype=torch.int64, device=q.device), {
-            b: empty.clone() for b in BRANCH_NAMES}
+        raise ValueError(f"q must hold at least one token group, got shape {tuple(q.shape)}")
     scale = dk ** -0.5 if scale is None else float(scale)
     qk_scale = scale * LOG2E
     gp, dkp, dvp = max(16, pow2(group)), max(16, pow2(dk)), max(16, pow2(dv))
@@ -443,20 +528,33 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
              "slc": partial_buffers(plan.slc_splits)}
     precision = _dot_precision(q.dtype)
     q_strides = q.stride()[:3]
+    if plan.fused:
+        p_tile = torch.empty(rows, plan.n_tiles, gp, plan.nbt, **f32)
+        m_tile = torch.empty(rows, plan.n_tiles, gp, **f32)
+    else:
+        p_tile = m_tile = torch.empty(1, **f32)
     _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](
-        q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], steps, hk, ring, *q_strides,
+        q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], p_tile, m_tile, steps, hk,
+        ring, plan.n_tiles, *q_strides,
         *k_cmp.stride()[:3], *v_cmp.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], qk_scale,
         plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits, G=group, GP=gp, DK=dk, DKP=dkp,
         DV=dv, DVP=dvp, BLOCK=c.compress_block, STRIDE=c.compress_stride, WINDOW=c.window, PRECISION=precision,
-        BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+        BLOCK_N=plan.block_n, FUSED=plan.fused, SELECT_BLOCK=c.select_block, NBT=plan.nbt, num_warps=plan.num_warps)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
-    _score_kernel[(rows, plan.score_splits)](
-        q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
-        *k_cmp.stride()[:3], qk_scale, plan.cmp_splits, plan.score_steps,
-        CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
-        BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
-        PRECISION=precision, BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
-        num_warps=plan.num_warps)
+    if plan.fused:
+        _score_tiles_kernel[(rows, plan.score_splits)](
+            lengths, num_new, parts["cmp"][1], p_tile, m_tile, keys, steps, hk, plan.num_blocks, plan.n_tiles,
+            plan.cmp_splits, plan.score_steps, CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp,
+            BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
+            BLOCK_N=plan.block_n, NBT=plan.nbt, num_warps=4)
+    else:
+        _score_kernel[(rows, plan.score_splits)](
+            q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
+            *k_cmp.stride()[:3], qk_scale, plan.cmp_splits, plan.score_steps,
+            CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
+            BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
+            PRECISION=precision, BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
+            num_warps=plan.num_warps)
     blocks = torch.empty(blocks_shape, dtype=torch.int64, device=q.device)
     _select_kernel[(rows, plan.slc_splits)](
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
@@ -470,7 +568,12 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
         S_CMP_P=splits_pow2(plan.cmp_splits), S_SLC_P=splits_pow2(plan.slc_splits),
         S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.num_warps)
-    return out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0)))
+    result = (out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0))))
+    if return_scores:
+        high = (keys >> 32).to(torch.int32)
+        scores = torch.where((keys >= 0) & (high != 0x7F800000), high.view(torch.float32), float("nan"))
+        result += (scores.view(batch, steps, hk, plan.num_blocks),)
+    return result
 
 
 __all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode"]
