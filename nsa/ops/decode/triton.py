@@ -213,7 +213,7 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     # (-1 when fewer blocks can be chosen, which then takes every valid one).
     threshold = tl.max(keys, 0)
     work = keys
-    for _ in range(COUNT - 1):
+    for _removed in range(COUNT - 1):
         work = tl.where(work == threshold, -1, work)
         threshold = tl.max(work, 0)
     chosen = (keys >= threshold) & (keys >= 0)
@@ -232,8 +232,9 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
         # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
         span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
         kmask = cols < span
-        acc, m_i, l_i, _ = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn, stride_vn,
-                                   qk_scale, DK, DKP, DV, DVP, PRECISION)
+        # (a name of its own: Triton types loop-carried names, and _ is the loop index above)
+        acc, m_i, l_i, _logits = _attend(q, acc, m_i, l_i, k_base, v_base, positions, kmask, stride_kn,
+                                         stride_vn, qk_scale, DK, DKP, DV, DVP, PRECISION)
         counted += kmask.to(tl.int32)
     _store_partial(acc, m_i, l_i, counted, O_SLC, L_SLC, C_SLC, pid_r * SPLITS + pid_s, GP, DVP)
 
