@@ -144,3 +144,17 @@ def test_unknown_schema_versions_and_columns_are_refused(tmp_path):
     _write_table(tmp_path / "run=retyped" / "results.parquet", retyped)
     with pytest.raises(store.StoreError, match="column 'duration_s' has type string, expected double"):
         store.read_run(tmp_path, "retyped")
+
+
+def test_previous_durations_come_from_the_latest_readable_run_of_that_scale(tmp_path):
+    from verify.runner import previous_durations
+
+    assert previous_durations(tmp_path, "ci") == {}
+    store.write_run(tmp_path, "20260101T000000.000Z-aaaa",
+                    [make_row(case_id="a", duration_s=3.0), make_row(case_id="b", status="skip")], {"scale": "ci"})
+    store.write_run(tmp_path, "20260102T000000.000Z-bbbb", [make_row(case_id="a", duration_s=9.0, scale="full")],
+                    {"scale": "full"})
+    broken = store.write_run(tmp_path, "20260103T000000.000Z-cccc", [make_row()], {"scale": "ci"})
+    broken.write_bytes(b"garbage")
+    assert previous_durations(tmp_path, "ci") == {"s::a": 3.0}
+    assert previous_durations(tmp_path, "full") == {"s::a": 9.0}

@@ -479,7 +479,11 @@ class _Run:
     # -- loop ---------------------------------------------------------------------------------
 
     def execute(self) -> None:
-        for suite, case in self.plan:
+        known = previous_durations(self.options.out_dir, self.options.scale)
+        # Longest first (by the last run's times; unknown cases count as long), so that a few slow
+        # cases do not start last and leave the other workers idle at the end.
+        plan = sorted(self.plan, key=lambda item: -known.get(item[1].name, math.inf))
+        for suite, case in plan:
             if case.needs_gpu and self.pools["gpu"].capacity == 0:
                 self._record(self._row(case, "skip", GPU_SKIP_REASON))
             else:
@@ -514,6 +518,19 @@ class _Run:
         for slot in list(self.slots):
             self._retire(slot)
         self._stop_scheduling("interrupted")
+
+
+def previous_durations(out_dir: Path | str, scale: str) -> dict[str, float]:
+    """Case name -> duration in the latest readable run at ``scale`` under ``out_dir`` (empty when
+    there is none: ordering is an optimisation, never a reason to fail)."""
+    for run_id in reversed(store.list_runs(out_dir)[-5:]):
+        try:
+            run = store.read_run(out_dir, run_id)
+        except store.StoreError:
+            continue
+        if run.info.get("scale") == scale:
+            return {row.name: row.duration_s for row in run.rows if row.status != "skip"}
+    return {}
 
 
 def _first_lines(exc: BaseException, lines: int = 6) -> str:
