@@ -1,0 +1,111 @@
+"""Compile the decode kernels for an NVIDIA target without a GPU (Triton's bundled ptxas).
+
+The CPU interpreter runs kernels as NumPy and misses compiled-mode errors (loop-carried type
+changes, unsupported ops, register spills). This builds every decode kernel with the constants a
+real step uses and reports each one's registers and spill stack::
+
+    python -m nsa.ops.decode.compile_check --dtype bf16 --head-dims 128/128,192/128 --arch 90
+
+Must run with ``TRITON_INTERPRET`` unset (the kernels must be defined as compiled kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _resources(cubin: bytes) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"REG:{found.group(1)} STACK:{found.group(2)}" if found else "resources unknown"
+
+
+def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, group: int = 16,
+                num_warps: int = 8) -> list[tuple[str, str]]:
+    """``(kernel description, resources)`` for every decode kernel at the paper's block sizes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import nsa.ops.decode.triton as kernels
+
+    target = GPUTarget("cuda", arch, 32)
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    gp = max(16, kernels.pow2(group))
+    fp32_buffers = {"O_CMP", "L_CMP", "O_WIN", "L_WIN", "O_SLC", "L_SLC", "P_TILE", "M_TILE", "LSE_PART"}
+    int32_buffers = {"C_CMP", "C_WIN", "C_SLC"}
+    int64_buffers = {"LENGTHS", "NUM_NEW", "KEYS", "BLOCKS", "READS"}
+    data_buffers = {"Q", "KC", "VC", "KW", "VW", "KS", "VS", "GATES", "OUT"}
+    floats = {"qk_scale"}
+    results = []
+
+    def build(fn, consts: dict, label: str) -> None:
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in floats:
+                signature[name] = "fp32"
+            elif name in fp32_buffers:
+                signature[name] = "*fp32"
+            elif name in int32_buffers:
+                signature[name] = "*i32"
+            elif name in int64_buffers:
+                signature[name] = "*i64"
+            elif name in data_buffers:
+                signature[name] = f"*{dtype}"
+            else:
+                signature[name] = "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=target,
+                                  options={"num_warps": num_warps})
+        results.append((label, _resources(compiled.asm["cubin"])))
+
+    for dk, dv in head_dims:
+        dims = {"G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk), "DV": dv, "DVP": kernels.pow2(dv)}
+        blocks = {"BLOCK": 32, "STRIDE": 16}
+        for fused in (True, False):
+            build(kernels._range_kernel, {**dims, **blocks, "WINDOW": 512, "PRECISION": precision, "BLOCK_N": 64,
+                                          "FUSED": fused, "SELECT_BLOCK": 64, "NBT": 32},
+                  f"_range_kernel {dtype} {dk}/{dv} fused={fused}")
+        build(kernels._score_tiles_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64,
+                                            "BLOCK_N": 64, "NBT": 32}, f"_score_tiles_kernel {dtype}")
+        build(kernels._score_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk),
+                                      **blocks, "SELECT_BLOCK": 64, "PRECISION": precision, "BLOCK_N": 64,
+                                      "NB_STEP": 15, "NBT": 16}, f"_score_kernel {dtype} {dk}")
+        build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "NBP": 2048,
+                                       "PRECISION": precision, "BLOCK_N": 64}, f"_select_kernel {dtype} {dk}/{dv}")
+        build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp, "DV": dv,
+                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv}")
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--head-dims", default="128/128,192/128")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the kernels must be compiled kernels", file=sys.stderr)
+        return 2
+    dims = [tuple(int(x) for x in pair.split("/")) for pair in args.head_dims.split(",")]
+    spilled = 0
+    for label, resources in compile_all(args.dtype, dims, args.arch):
+        print(f"{label}: {resources}")
+        spilled += "STACK:0" not in resources
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
