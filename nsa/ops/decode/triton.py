@@ -129,7 +129,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     key ranges, the branch picked per program by scalar selects rather than divergent code.
 
     With ``FUSED`` the compressed programs also write, per tile ``u`` of ``BLOCK_N`` compressed
-    tokens, the Eq. 9 block sums of ``exp2(s - m_u)`` per head (``P_TILE [rows, N_TILES, GP, NBT]``)
+    tokens, the Eq. 9 block sums of ``exp2(s - m_u)`` per head (``P_TILE [rows, N_TILES, GP, J+1]``)
     and the tile maxima ``m_u`` (``M_TILE [rows, N_TILES, GP]``): slot ``k < J = BLOCK_N / a`` is
     block ``u*J + k``, slot ``J`` the part of block ``(u+1)*J`` whose window starts in this tile.
     Scaled by ``exp2(m_u - lse)`` they give ``p_slc`` without reading the compressed keys again.
@@ -183,7 +183,8 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
             e = tl.exp2(s - tl.where(m_tile == float("-inf"), 0.0, m_tile)[:, None])
             sums = tl.dot(e, w, input_precision="ieee")
             tile = tile_base + start // BLOCK_N
-            tl.store(P_TILE + (tile * GP + g[:, None]) * NBT + kk[None, :], sums, mask=g[:, None] < tile_rows)
+            tl.store(P_TILE + (tile * GP + g[:, None]) * (J + 1) + kk[None, :], sums,
+                     mask=(g[:, None] < tile_rows) & (kk[None, :] <= J))
             tl.store(M_TILE + tile * GP + g, m_tile, mask=g < tile_rows)
     part = pid_r * tl.where(is_win, WIN_SPLITS, CMP_SPLITS) + split
     _store_partial(acc, m_i, l_i, counted, tl.where(is_win, O_WIN, O_CMP), tl.where(is_win, L_WIN, L_CMP),
@@ -325,9 +326,10 @@ def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK
         rows_u = tl.where((u < N_TILES) & (u * BLOCK_N < visible), GP, 0)
         rows_prev = tl.where((u >= 1) & (u - 1 < N_TILES) & ((u - 1) * BLOCK_N < visible), GP, 0)
         tile = tile_base + u
-        sums = tl.load(P_TILE + (tile * GP + g[:, None]) * NBT + kk[None, :], mask=g[:, None] < rows_u, other=0.0)
+        sums = tl.load(P_TILE + (tile * GP + g[:, None]) * (J + 1) + kk[None, :],
+                       mask=(g[:, None] < rows_u) & (kk[None, :] < J), other=0.0)
         m_u = tl.load(M_TILE + tile * GP + g, mask=g < rows_u, other=float("-inf"))
-        carry = tl.load(P_TILE + ((tile - 1) * GP + g) * NBT + J, mask=g < rows_prev, other=0.0)
+        carry = tl.load(P_TILE + ((tile - 1) * GP + g) * (J + 1) + J, mask=g < rows_prev, other=0.0)
         m_prev = tl.load(M_TILE + (tile - 1) * GP + g, mask=g < rows_prev, other=float("-inf"))
         # p_cmp = exp2(s - lse) = exp2(s - m_u) * exp2(m_u - lse); m_u <= lse wherever both exist.
         f_u = tl.where(row_ok & (m_u != float("-inf")), tl.exp2(m_u - lse2), 0.0)
@@ -530,7 +532,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     precision = _dot_precision(q.dtype)
     q_strides = q.stride()[:3]
     if plan.fused:
-        p_tile = torch.empty(rows, plan.n_tiles, gp, plan.nbt, **f32)
+        p_tile = torch.empty(rows, plan.n_tiles, gp, plan.nb_step + 1, **f32)
         m_tile = torch.empty(rows, plan.n_tiles, gp, **f32)
     else:
         p_tile = m_tile = torch.empty(1, **f32)
