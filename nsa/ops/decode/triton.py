@@ -43,6 +43,8 @@ from nsa.config import NSAConfig
 from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
 
 LOG2E = 1.4426950408889634
+# Split counts, chunk sizes and buffer widths change with every shape; not specialising on them
+# (divisibility by 16, == 1) keeps a sweep of shapes to a few compiles per kernel.
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
 MAX_SPLITS = 64
@@ -114,7 +116,7 @@ def _store_partial(acc, m_i, l_i, counted, O_PART, LSE_PART, CNT_PART, part, GP:
     tl.store(CNT_PART + part, tl.sum(counted))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_TILES", "CMP_CHUNK", "CMP_SPLITS", "WIN_CHUNK", "WIN_SPLITS"])
 def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, P_TILE, M_TILE,
                   KQ, HK, RING, N_TILES,
                   stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn,
@@ -191,7 +193,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
                    tl.where(is_win, C_WIN, C_CMP), part, GP, DVP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB_CAP", "CHUNK", "SPLITS"])
 def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SLC, KQ, HK, NB_CAP,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                    qk_scale, CHUNK, SPLITS,
@@ -252,7 +254,7 @@ def _merged_lse(LSE_PART, pid_r, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexp
     return m_shift + tl.log2(tl.sum(tl.exp2(parts - m_shift[None, :]), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB_CAP", "CMP_SPLITS", "STEPS"])
 def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, qk_scale, CMP_SPLITS, STEPS,
                   CMP_SPLITS_P: tl.constexpr,
@@ -301,7 +303,7 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
         tl.store(key_base + j, key, mask=(local_k < NB_STEP) & (j < NB_CAP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB_CAP", "N_TILES", "CMP_SPLITS", "TILES"])
 def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK, NB_CAP, N_TILES, CMP_SPLITS,
                         TILES, CMP_SPLITS_P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                         BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
@@ -364,7 +366,7 @@ def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, SPLITS, SPLITS_P: tl.con
     return tl.sum(weight[:, None] * o, 0), counted
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "S_CMP", "S_SLC", "S_WIN"])
 def _combine_kernel(O_CMP, L_CMP, C_CMP, O_SLC, L_SLC, C_SLC, O_WIN, L_WIN, C_WIN, GATES, OUT, READS,
                     KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh,
                     S_CMP, S_SLC, S_WIN, S_CMP_P: tl.constexpr, S_SLC_P: tl.constexpr, S_WIN_P: tl.constexpr,
