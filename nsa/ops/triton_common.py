@@ -29,21 +29,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def row_tile_configs(group: int, options: list[tuple[int, int, int]]) -> list[triton.Config]:
+def row_tile_configs(group: int, options: list[tuple]) -> list[triton.Config]:
     """Configs for kernels whose rows are ``BT positions x G heads``.
 
-    ``options`` holds ``(target_rows, num_warps, num_stages)``; ``BT = max(1, rows // G)`` and
-    ``BLOCK_M`` is ``BT * G`` rounded up to a power of two (and to 16, the smallest dot M).
+    ``options`` holds ``(target_rows, num_warps, num_stages[, other constexprs])``;
+    ``BT = max(1, rows // G)`` and ``BLOCK_M`` is ``BT * G`` rounded up to a power of two (and to
+    16, the smallest dot M).
     """
     seen, configs = set(), []
-    for rows, warps, stages in options:
+    for rows, warps, stages, *other in options:
         positions = max(1, rows // group)
         block_m = max(16, triton.next_power_of_2(positions * group))
-        if (positions, block_m, warps, stages) in seen:
+        kwargs = {"BT": positions, "BLOCK_M": block_m, **(other[0] if other else {})}
+        signature = (tuple(sorted(kwargs.items())), warps, stages)
+        if signature in seen:
             continue
-        seen.add((positions, block_m, warps, stages))
-        configs.append(triton.Config({"BT": positions, "BLOCK_M": block_m}, num_warps=warps,
-                                     num_stages=stages))
+        seen.add(signature)
+        configs.append(triton.Config(kwargs, num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -53,15 +55,14 @@ class GroupTunedKernel:
     Under the interpreter autotuning is bypassed: the first config's block sizes are passed.
     """
 
-    def __init__(self, kernel, options: list[tuple[int, int, int]], key: list[str],
-                 extra: dict | None = None):
+    def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
         self._tuned: dict[int, object] = {}
 
     def configs(self, group: int) -> list[triton.Config]:
         configs = row_tile_configs(group, self.options)
         for c in configs:
-            c.kwargs.update(self.extra)
+            c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
         return configs
 
     def __call__(self, grid, *args, G: int, **kwargs):
