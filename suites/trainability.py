@@ -109,13 +109,21 @@ def _check_triton_grads(params: dict[str, Any], checks: Checks) -> None:
     ref, tri = results["reference"], results["triton"]
     checks.record("selected_block_mismatch_fraction", float((ref[3] != tri[3]).float().mean()))
 
-    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    # Some gradients are exactly zero in exact arithmetic and rounding noise in practice (a bias
+    # or position row added to every compressed key shifts all of a query's scores equally, and
+    # softmax ignores that), so each error is taken relative to the larger of the tensor's own
+    # scale and a thousandth of the largest parameter gradient of the layer.
+    floor = 1e-3 * max(float(g.abs().max()) for g in ref[2].values())
+
+    def relative(a: torch.Tensor, b: torch.Tensor, minimum: float = 1e-30) -> float:
+        return float((a - b).abs().max()) / max(float(b.abs().max()), minimum)
 
     checks.at_most("output_rel_err", relative(tri[0], ref[0]), GRAD_RELATIVE_TOLERANCE)
     checks.at_most("input_grad_rel_err", relative(tri[1], ref[1]), GRAD_RELATIVE_TOLERANCE)
-    worst = max(relative(tri[2][n], ref[2][n]) for n in ref[2])
-    checks.at_most("param_grad_rel_err_max", worst, GRAD_RELATIVE_TOLERANCE)
+    errors = {n: relative(tri[2][n], ref[2][n], floor) for n in ref[2]}
+    worst = max(errors, key=errors.get)
+    checks.at_most("param_grad_rel_err_max", errors[worst], GRAD_RELATIVE_TOLERANCE)
+    checks.record(f"worst_param_is_{worst}", errors[worst])
 
 
 @suite("trainability", "an NSA language model learns retrieval from scratch: CPU loss falls (ci); "

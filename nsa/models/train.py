@@ -464,7 +464,7 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                         model, task, context, depth, num_samples=config.eval_samples,
                         batch_size=config.eval_batch_size, seed=config.seed + 1000 + context + index,
                         device=device, autocast_dtype=autocast)
-                except torch.OutOfMemoryError as exc:
+                except torch.cuda.OutOfMemoryError as exc:
                     rows.append({**row, "status": "oom", "correct": None, "accuracy": None,
                                  "seconds": time.perf_counter() - began, "message": str(exc)[:200]})
                     torch.cuda.empty_cache()
