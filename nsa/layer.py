@@ -34,6 +34,10 @@ class NSADecodeInfo(NSAInfo):
     lengths: torch.Tensor | None = None
 
 
+# Tokens per sequence in one Triton decode launch; longer cache steps run as several.
+TRITON_STEP_TOKENS = 64
+
+
 def resolve_decode_backend(backend: str, x: torch.Tensor) -> tuple[str, str]:
     """``(name, reason)`` of the implementation that runs a cache step (:func:`nsa.ops.decode.resolve_decode`):
     ``auto`` takes the Triton decode kernels for CUDA tensors, the reference otherwise."""
@@ -263,23 +267,42 @@ class NSAAttention(nn.Module):
         return out, info
 
     def _triton_step(self, q, kv, gates, offsets, cache):
-        """Append every sequence's tokens, then one batched Triton decode step over the caches.
+        """Append every sequence's tokens and run the Triton decode kernels over the caches, in
+        sub-steps of at most ``TRITON_STEP_TOKENS`` tokens per sequence (a long prefill into the
+        cache is then a chunked prefill: the same function, with bounded scratch memory).
 
         Returns per-sequence pieces like the reference loop: outputs ``[1, K_i, HQ, Dv]``, blocks
         ``[1, K_i, HK, n]`` and reads ``[1, K_i, HK]`` per branch, for sequences with ``K_i > 0``.
         """
-        c = self.config
         counts = [b - a for a, b in pairwise(offsets)]
+        pieces = {i: ([], [], {b: [] for b in BRANCHES}) for i, n in enumerate(counts) if n}
+        for first in range(0, max(counts), TRITON_STEP_TOKENS):
+            spans = [(a + first, min(b, a + first + TRITON_STEP_TOKENS)) for a, b in pairwise(offsets)]
+            o, sel, rd = self._triton_substep(q, kv, gates, [(a, max(a, b)) for a, b in spans], cache)
+            for index, (start, end) in enumerate(spans):
+                if start < end:
+                    outs, blocks, reads = pieces[index]
+                    outs.append(o[index:index + 1, :end - start])
+                    blocks.append(sel[index:index + 1, :end - start])
+                    for branch in BRANCHES:
+                        reads[branch].append(rd[branch][index:index + 1, :end - start])
+        done = [pieces[i] for i in sorted(pieces)]
+        return ([torch.cat(p[0], dim=1) for p in done], [torch.cat(p[1], dim=1) for p in done],
+                {b: [torch.cat(p[2][b], dim=1) for p in done] for b in BRANCHES})
+
+    def _triton_substep(self, q, kv, gates, spans, cache):
+        c = self.config
+        counts = [end - start for start, end in spans]
         steps, batch = max(counts), len(counts)
         windows = {}
-        for index, (start, end) in enumerate(pairwise(offsets)):
+        for index, (start, end) in enumerate(spans):
             if start < end:
                 view = cache.append(index, *(t[0, start:end] for b in BRANCHES for t in kv[b]),
                                     compress=self.compress_blocks)
                 windows[index] = (view.win_offset, view.k_win[0], view.v_win[0])
         q_step = q.new_zeros(batch, steps, *q.shape[2:])
         gates_step = gates.new_zeros(batch, steps, *gates.shape[2:])
-        for index, (start, end) in enumerate(pairwise(offsets)):
+        for index, (start, end) in enumerate(spans):
             q_step[index, :end - start] = q[0, start:end]
             gates_step[index, :end - start] = gates[0, start:end]
         if steps == 1:
@@ -296,12 +319,8 @@ class NSAAttention(nn.Module):
                 v_ring[index, ring_slots] = v_seg
         from nsa.ops.decode.triton import nsa_decode_triton
 
-        o, sel, rd = nsa_decode_triton(q_step, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, k_ring, v_ring,
-                                       gates_step, cache.lengths, c,
-                                       num_new=torch.tensor(counts, device=q.device))
-        kept = [(index, count) for index, count in enumerate(counts) if count]
-        return ([o[i:i + 1, :k] for i, k in kept], [sel[i:i + 1, :k] for i, k in kept],
-                {b: [rd[b][i:i + 1, :k] for i, k in kept] for b in BRANCHES})
+        return nsa_decode_triton(q_step, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, k_ring, v_ring,
+                                 gates_step, cache.lengths, c, num_new=torch.tensor(counts, device=q.device))
 
 
 def _gate_stats(gates: torch.Tensor) -> dict[str, tuple[float, float]]:

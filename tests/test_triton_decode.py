@@ -210,9 +210,14 @@ def test_bad_inputs_name_the_argument():
     assert resolve_decode("auto", args[0]) == ("reference", "auto: decode runs the reference path")
 
 
-def test_layer_cache_steps_on_triton_equal_reference():
+@pytest.mark.parametrize("step_tokens", [64, 2])
+def test_layer_cache_steps_on_triton_equal_reference(monkeypatch, step_tokens):
     """NSAAttention's cache path with backend='triton' (a 1-token step, then a 3-token step with a
-    0-count sequence, after a prefill into the cache) equals backend='reference' and records it."""
+    0-count sequence, after a prefill into the cache) equals backend='reference' and records it;
+    with at most 2 tokens per launch the 3-token step runs as 2 + 1 (chunked)."""
+    import nsa.layer
+
+    monkeypatch.setattr(nsa.layer, "TRITON_STEP_TOKENS", step_tokens)
     torch.manual_seed(7)
     config = small(phi="mlp")
     layer = NSAAttention(24, config).float()
