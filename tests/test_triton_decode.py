@@ -203,6 +203,8 @@ def test_bad_inputs_name_the_argument():
         nsa_decode_triton(*args[:-1], torch.tensor([33]), config)
     with pytest.raises(TypeError, match="k_slc must have q's dtype"):
         nsa_decode_triton(*args[:3], args[3].double(), *args[4:], config)
+    with pytest.raises(ValueError, match="plan was made for 1 selection blocks, the caches hold max_len=32"):
+        nsa_decode_triton(*args, config, plan=plan_decode(config, 2, 16))
     with pytest.raises(ValueError, match="backend must be one of"):
         nsa_decode(*args, config, backend="cuda")
     with pytest.raises(RuntimeError, match="no incremental-decode kernels for torch.float64"):

@@ -513,6 +513,9 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     rows = batch * steps * hk
     max_len, ring = k_slc.shape[1], k_win.shape[1]
     plan = plan or plan_decode(c, rows, max_len)
+    if plan.num_blocks != c.num_select_blocks(max_len):
+        raise ValueError(f"plan was made for {plan.num_blocks} selection blocks, the caches hold max_len={max_len} "
+                         f"({c.num_select_blocks(max_len)} blocks); build it with plan_decode(config, rows, max_len)")
     out = q.new_empty(batch, steps, hq, dv)
     blocks_shape = (batch, steps, hk, c.select_count)
     if rows == 0:
