@@ -132,3 +132,7 @@ def train(which: str, context: int | None, start_context: int | None, steps: int
     for key in sorted(goals):
         console.print(f"  {key}: {goals[key]}")
     console.print(f"wall time {summary['wall_seconds']:.0f} s; summary in {Path(out_dir) / 'summary.json'}")
+
+
+if __name__ == "__main__":  # `python -m cli.train_cmd ...` until `train` is in the `nsa` group
+    train()

@@ -23,10 +23,12 @@ from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN
 from nsa.models.train import (
     LOG_BASE_COLUMNS,
     context_at,
+    fit_schedule,
     group_grad_norms,
     learning_rate,
     read_table,
     tiny_config,
+    train_model,
     write_table,
 )
 from nsa.phi import BlockCompressor
@@ -308,3 +310,22 @@ def test_cli_rejects_bad_options(tmp_path):
     assert bad.exit_code != 0 and "--eval-contexts" in bad.output
     bad = runner.invoke(train_command, ["--tiny", "--context", "20", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "context" in bad.output
+
+
+def test_fit_schedule_fits_the_predicted_cost():
+    config = tiny_config(steps=1000, context=128, start_context=32, context_warmup=0.5)
+    per_token = 1e-4
+    total = fit_schedule(10, per_token, 30.0, 32, config)
+    cost = lambda t: sum(max(32, context_at(s, t, config)) for s in range(10, t)) * 16 * per_token
+    assert 10 < total < 1000 and cost(total) <= 30.0 < cost(total + 1)
+    assert fit_schedule(10, per_token, 1e9, 32, config) == 1000
+
+
+def test_time_budget_stops_training_and_dense_replays_the_schedule(tmp_path):
+    config = tiny_config(steps=5000, minutes=0.08, models=("nsa", "dense"))
+    _, nsa_run = train_model("nsa", config, tmp_path, report=lambda line: None)
+    assert 13 < nsa_run.steps < 5000 and nsa_run.schedule_steps < 5000
+    assert nsa_run.train_seconds < 0.08 * 60 + 5
+    _, dense_run = train_model("dense", config, tmp_path, replay=nsa_run, report=lambda line: None)
+    assert dense_run.steps == nsa_run.steps
+    assert [(r["lr"], r["context"]) for r in dense_run.rows] == [(r["lr"], r["context"]) for r in nsa_run.rows]

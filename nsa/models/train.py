@@ -200,6 +200,26 @@ def context_at(step: int, total: int, config: TrainConfig) -> int:
     return min(config.context, config.start_context * 2 ** (step // stage_steps))
 
 
+def fit_schedule(step: int, per_token: float, remaining_s: float, current_context: int,
+                 config: TrainConfig) -> int:
+    """The longest schedule (``<= config.steps``, ``> step``) whose remaining steps, at
+    ``per_token`` seconds per training token and the warm-up's contexts, fit ``remaining_s``."""
+    def cost(total: int) -> float:
+        tokens = sum(max(current_context, context_at(s, total, config)) for s in range(step, total))
+        return tokens * config.batch_size * per_token
+
+    low, high = step + 1, config.steps
+    if cost(high) <= remaining_s:
+        return high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(middle) <= remaining_s:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms, biases, phi's position rows excepted) do not."""
     decay, no_decay = [], []
@@ -320,8 +340,8 @@ class ModelRun:
     eval_seconds: float = 0.0
 
 
-def train_model(name: str, config: TrainConfig, out_dir: Path, *, max_steps: int | None = None,
-                schedule_steps: int | None = None, report: Callable[[str], None] = print,
+def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelRun | None = None,
+                report: Callable[[str], None] = print,
                 progress: Callable[[str, int, int, dict], None] | None = None) -> tuple[RetrievalLM, ModelRun]:
     """Train one model (``"nsa"`` or ``"dense"``).
 
@@ -329,9 +349,9 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, max_steps: int
         name: which attention.
         config: the run's :class:`TrainConfig`.
         out_dir: where the checkpoint goes.
-        max_steps: stop after this many steps (dense uses NSA's count), else ``schedule_steps``.
-        schedule_steps: fixed schedule length; ``None``: ``config.steps``, shortened to fit
-            ``config.minutes`` after timing the first steps.
+        replay: a finished run whose per-step learning rates and contexts are repeated exactly,
+            for as many steps (the dense twin replays NSA: same batches, same schedule). Without
+            it the schedule is ``config.steps`` long, refitted to ``config.minutes`` if given.
         report: receives console lines. progress: ``(model, step, total, row)`` after each step.
     """
     device = torch.device(config.device)
@@ -342,20 +362,24 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, max_steps: int
     optimizer = make_optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed + 1)
     autocast = _autocast_dtype(device)
-    total = schedule_steps or config.steps
-    fitted = schedule_steps is not None or config.minutes is None
+    total = replay.schedule_steps if replay is not None else config.steps
+    max_steps = replay.steps if replay is not None else None
     budget = None if config.minutes is None else config.minutes * 60
     rows: list[dict[str, Any]] = []
     nonfinite_loss = nonfinite_grad = 0
     backend = "sdpa" if name == "dense" else ""
     start = time.perf_counter()
-    timed_from, timed_steps = None, 0
+    fixed_schedule = replay is not None
+    timing: dict[str, Any] = {"context": None}
+    last_context = 0
     step = tokens_seen = 0
     while step < (max_steps if max_steps is not None else total):
-        lr = learning_rate(step, total, config)
+        lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        context = context_at(step, total, config)
+        # Never shrink: a refitted (longer) schedule moves the warm-up stages later.
+        context = last_context = (replay.rows[step]["context"] if replay is not None
+                                  else max(last_context, context_at(step, total, config)))
         batch = make_batch(config.task, config.batch_size, context, gen).to(device)
         want_info = name == "nsa" and (step % config.log_every == 0)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -408,21 +432,24 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, max_steps: int
                    f"grad {row.get('grad_norm', float('nan')):.3f} {elapsed:.0f}s")
         if step % config.checkpoint_every == 0:
             _save_checkpoint(out_dir / "checkpoints" / f"{name}.pt", model, optimizer, config, step)
-        # Fit the cosine schedule into the time budget once the step time is known (the first
-        # steps include one-off costs: allocator warm-up, autotuning, CUDA context).
+        # Fit the schedule into the time budget from measured step times: at every new context
+        # (skipping its first steps, which pay for autotuning and allocator growth) the cost per
+        # token is re-measured and the schedule length re-chosen so that the predicted remaining
+        # steps fit the remaining time.
         if budget is not None:
-            if step == 3:
-                timed_from, timed_steps = time.perf_counter(), 0
-            elif timed_from is not None:
-                timed_steps += 1
-            if not fitted and timed_steps >= 10:
-                per_step = (time.perf_counter() - timed_from) / timed_steps
-                fits = step + int((budget - (time.perf_counter() - start)) / per_step)
-                total = max(step + 1, min(total, fits))
-                fitted = True
-                report(f"[{name}] {per_step * 1000:.0f} ms/step: schedule set to {total} steps to fit "
-                       f"{config.minutes:g} min")
-            if time.perf_counter() - start > budget:
+            now = time.perf_counter()
+            if context != timing["context"]:
+                timing.update(context=context, since=None, steps=-2, fitted=False)
+            timing["steps"] += 1
+            if timing["steps"] == 0:
+                timing["since"] = now
+            if not fixed_schedule and not timing["fitted"] and timing["steps"] >= 10:
+                per_token = (now - timing["since"]) / (timing["steps"] * config.batch_size * context)
+                total = fit_schedule(step, per_token, budget - (now - start), context, config)
+                timing["fitted"] = True
+                report(f"[{name}] {per_token * config.batch_size * context * 1000:.0f} ms/step at {context} "
+                       f"tokens: schedule set to {total} steps to fit {config.minutes:g} min")
+            if now - start > budget:
                 report(f"[{name}] time budget of {config.minutes:g} min reached at step {step}")
                 break
     seconds = time.perf_counter() - start
@@ -617,9 +644,7 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
                                "torch_version": torch.__version__, "models": {}}
     for name in config.models:
         nsa_run = runs.get("nsa")
-        model, run = train_model(name, config, out_dir, report=report, progress=progress,
-                                 max_steps=nsa_run.steps if nsa_run else None,
-                                 schedule_steps=nsa_run.schedule_steps if nsa_run else None)
+        model, run = train_model(name, config, out_dir, report=report, progress=progress, replay=nsa_run)
         runs[name] = run
         write_table(all_rows("rows"), log_path, LOG_BASE_COLUMNS)
         eval_start = time.perf_counter()
