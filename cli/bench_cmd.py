@@ -61,8 +61,11 @@ def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True, help="Per-branch kernel times.")
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Where the result table goes (reports/bench/run=<id>/prefill.parquet).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON to this file.")
 @click.pass_context
-def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdown: bool, out_dir: str) -> None:
+def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdown: bool, out_dir: str,
+          json_out: str | None) -> None:
     """Prefill benchmark (default): forward, backward, forward+backward, peak memory and ratios."""
     if ctx.invoked_subcommand is not None:
         return
@@ -76,7 +79,8 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
         raise click.ClickException("nsa bench needs a CUDA device (none is visible to torch)")
     lengths = _parse_ints(seq_lens, "--seq-lens")
     dims = _parse_head_dims(head_dims)
-    console = Console()
+    # Logs (CI, remote runs) get a wide table instead of one squeezed to 80 columns.
+    console = Console() if Console().is_terminal else Console(width=220)
     card = torch.cuda.get_device_name()
     rows = []
     for dk, dv in dims:
@@ -111,6 +115,8 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
                       _fmt(ratios["bwd_x_cudnn"]), _fmt(ratios["fwd_x_flash2"]),
                       f"{_fmt(ratios['fwd_x_fla'])}/{_fmt(ratios['bwd_x_fla'])}", r.note[:40])
     path = _write_rows(records, Path(out_dir), "prefill")
+    if json_out:
+        Path(json_out).write_text(json.dumps(records, indent=1))
     console.print(table)
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))
@@ -136,7 +142,8 @@ def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | 
 
     if not torch.cuda.is_available():
         raise click.ClickException("nsa bench decode needs a CUDA device (none is visible to torch)")
-    console = Console()
+    # Logs (CI, remote runs) get a wide table instead of one squeezed to 80 columns.
+    console = Console() if Console().is_terminal else Console(width=220)
     card = torch.cuda.get_device_name()
     deadline = None if budget_s is None else time.time() + budget_s
     rows, copy = decode.measure(_parse_ints(contexts, "--contexts"), _parse_ints(batches, "--batches"),
