@@ -24,7 +24,9 @@ set. Exit status 1 if any parity check fails. Cases run in priority order within
 (``--budget``, default 150 s); cases left are reported as not run.
 
 ``--smoke`` runs tiny shapes on CPU under ``TRITON_INTERPRET=1`` (no timing): a check of the
-script itself.
+script itself. ``--resources`` needs no GPU either: it compiles every autotune config of the six
+kernels for sm_90 (Triton's bundled ptxas) and prints registers, spill stack and shared memory,
+the check used to prune the config lists.
 """
 
 from __future__ import annotations
@@ -235,6 +237,69 @@ def run_case(seq_len, dk, dv, args, device) -> dict:
     return case
 
 
+def resource_report(arch: int = 90) -> None:
+    """Compile each kernel config for ``sm_<arch>`` as a launch with contiguous inputs would
+    specialize it (16-aligned pointers and strides), and print its resource use."""
+    import inspect
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nsa.ops.triton_common import split_dim
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    floats = ("qk_scale", "scale")
+    int_ptrs = ("idx", "qpos", "item_group", "item_start", "item_len")
+    f32_ptrs = ("lse", "delta", "dk_part", "dv_part")
+
+    def compile_one(jitfn, consts, warps, stages):
+        names = list(inspect.signature(jitfn.fn).parameters)
+        sig = {}
+        for n in names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n in int_ptrs:
+                sig[n] = "*i32"
+            elif n in f32_ptrs:
+                sig[n] = "*fp32"
+            elif n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+                sig[n] = "*bf16"
+            else:
+                sig[n] = "fp32" if n in floats else "i32"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if sig[n].startswith("*") or (n.startswith("s") and n not in ("slh", "scale"))}
+        src = ASTSource(jitfn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+
+    kernels = [("sel fwd", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=False)),
+               ("sel dq", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=True)),
+               ("sel dkdv", sel_triton._dkdv_kernel, dict(BS=64)),
+               ("win fwd", win_triton._query_kernel, dict(BACKWARD=False)),
+               ("win dq", win_triton._query_kernel, dict(BACKWARD=True)),
+               ("win dkdv", win_triton._dkdv_kernel, {})]
+    for dk in (128, 192):
+        dk_a, dk_b = split_dim(dk)
+        for group in (16, 4, 1):
+            for name, tuned, extra in kernels:
+                for cfg in tuned.configs(group):
+                    consts = dict(HK=4, G=group, DK=dk, DV=128, DK_A=dk_a, DK_B=dk_b, DV_PAD=128, PREC="tf32",
+                                  **extra, **cfg.kwargs)
+                    kernel = compile_one(tuned.kernel, consts, cfg.num_warps, cfg.num_stages)
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(kernel.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                               capture_output=True, text=True).stdout
+                    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+                    print(f"{name:8} dk={dk} G={group:2} {cfg.kwargs} warps={cfg.num_warps} "
+                          f"stages={cfg.num_stages}: regs={m.group(1) if m else '?'} "
+                          f"spill_stack={m.group(2) if m else '?'} shared={kernel.metadata.shared}", flush=True)
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -252,7 +317,12 @@ def main() -> int:
     parser.add_argument("--rep", type=int, default=50, help="do_bench rep (ms) per timing")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds; later cases are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
+    parser.add_argument("--resources", action="store_true",
+                        help="compile every config for sm_90 and print registers/spills/shared (no GPU)")
     args = parser.parse_args()
+    if args.resources:
+        resource_report()
+        return 0
     if args.smoke:
         args.lengths, args.dims, args.heads, args.kv_heads = [100], "24/16", 8, 2
         args.select_block, args.select_count, args.window, args.samples = 16, 3, 40, 20
