@@ -119,7 +119,8 @@ def train(which: str, context: int | None, start_context: int | None, steps: int
                 bars[name] = bar.add_task(name, total=total, loss="")
             bar.update(bars[name], completed=step, total=total, loss=f"loss {row['loss']:.4f}")
 
-        summary = run_training(config, Path(out_dir), report=console.print, progress=progress)
+        summary = run_training(config, Path(out_dir), progress=progress,
+                               report=lambda line: console.print(line, markup=False, highlight=False))
 
     table = Table(title="trainability")
     for column in ("model", "backend", "steps", "train s", "initial loss", "final loss"):
