@@ -59,6 +59,8 @@ def _parse_depths(text: str) -> tuple[float, ...]:
               help="Peak learning rate [default: 2e-3; 3e-3 with --tiny].")
 @click.option("--backend", type=click.Choice(["auto", "reference", "triton"]), default="auto", show_default=True,
               help="NSA backend (auto: Triton on CUDA when its kernels are available).")
+@click.option("--rope-theta", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="RoPE base of both models [default: 1e8; 1e4 with --tiny].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Model init and data seed.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/train", show_default=True,
               help="Output directory (train_log.parquet, retrieval.parquet, loss.png, summary.json, "
@@ -68,7 +70,8 @@ def _parse_depths(text: str) -> tuple[float, ...]:
 @click.option("--tiny", is_flag=True, help="A one-layer model and 64-token task that train on a CPU in ~20 s.")
 def train(which: str, context: int | None, start_context: int | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
-          eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str, seed: int,
+          eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
+          rope_theta: float | None, seed: int,
           out_dir: str, device: str, tiny: bool) -> None:
     """Train NSA and/or its dense twin on synthetic retrieval; report loss curves and retrieval
     accuracy by context and depth."""
@@ -96,7 +99,10 @@ def train(which: str, context: int | None, start_context: int | None, steps: int
     changes["start_context"] = None if start is None or start >= target_context else start
     try:
         config = base.replace(**changes)
-        config = config.replace(model=config.model.replace(backend=backend))
+        model_changes = {"backend": backend}
+        if rope_theta is not None:
+            model_changes["rope_theta"] = rope_theta
+        config = config.replace(model=config.model.replace(**model_changes))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
