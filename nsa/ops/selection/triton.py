@@ -42,20 +42,29 @@ from nsa.ops.compressed_attention.triton import (
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
+# Below every key the running top-n holds (real keys >= 0, empty slots -1 - slot >= -NP).
+NO_BLOCK = tl.constexpr(-(1 << 40))
+# Top-n slots COUNT..NP-1 (n not a power of two) hold INT64_MAX - slot: never the minimum, so
+# never replaced, and above every real key, so a bitonic merge keeps them.
+UNUSED_SLOT = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+# Steps where some row gains more blocks than this merge by a bitonic top-k; fewer, one
+# insertion per gained block (far fewer instructions: late in a row, steps gain 0-2 blocks).
+MAX_INSERTS = tl.constexpr(3)
 
 
 @triton.jit
 def _block_keys(scores, j, cur, in_step, t_ok):
-    """Ranking keys ``[BLOCK_T, NBT]`` of blocks ``j`` (forced +inf, candidates by score, else -1)."""
+    """Ranking keys ``[BLOCK_T, NBT]`` of blocks ``j`` (forced +inf, candidates by score, else
+    ``NO_BLOCK``)."""
     cur = cur[:, None]
     forced = ((j == 0) | (j == cur) | (j == cur - 1)) & in_step
     candidate = (j >= 1) & (j <= cur - 2) & in_step
     # Scores are sums of exp2 >= 0; clamping the bits drops a possible -0.0.
     bits = tl.maximum(scores.to(tl.int32, bitcast=True), 0).to(tl.int64)
     low = INDEX_BITS.value - j.to(tl.int64)
-    key = tl.where(candidate, (bits << 32) | low, -1)
+    key = tl.where(candidate, (bits << 32) | low, NO_BLOCK.value)
     key = tl.where(forced, FORCED_KEY_HIGH | low, key)
-    return tl.where(t_ok[:, None], key, -1)
+    return tl.where(t_ok[:, None], key, NO_BLOCK.value)
 
 
 @triton.jit
@@ -71,20 +80,27 @@ def _largest(keys, WIDTH: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _merge_sorted(top, new, NP: tl.constexpr):
-    """The ``NP`` best of two descending rows ``top, new [R, NP]`` (all keys distinct), descending.
+def _tf32_split(x):
+    """``x = hi + lo`` with ``hi`` exactly representable in tf32 (low 13 mantissa bits cleared).
 
-    Each key's merged position is its own index plus the number of keys of the other row above it;
-    keys landing at ``NP`` or later drop out. Works on ``[R, NP, NP]``, half the registers of
-    ranking the concatenation.
+    A tf32 ``tl.dot`` of ``hi`` and of ``lo`` against small-integer weights (exact in tf32) is
+    float32-accurate: ``hi``'s products are exact and ``lo``'s rounding is ``2^-11`` of ``lo``,
+    i.e. ``~2^-21`` of ``x``.
     """
-    idx = tl.arange(0, NP)[None, :]
-    new_above_top = (new[:, None, :] > top[:, :, None]).to(tl.int32)  # [R, i (top), j (new)]
-    top_pos = idx + tl.sum(new_above_top, axis=2)
-    new_pos = idx + (NP - tl.sum(new_above_top, axis=1))
-    slot = tl.arange(0, NP)[None, None, :]
-    return (tl.sum(tl.where(top_pos[:, :, None] == slot, top[:, :, None], 0), axis=1)
-            + tl.sum(tl.where(new_pos[:, :, None] == slot, new[:, :, None], 0), axis=1))
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _merge_top(top, key, NP: tl.constexpr, NBT: tl.constexpr):
+    """The ``NP`` largest of ``top [R, NP]`` and ``key [R, NBT]`` together.
+
+    Bitonic top-k (``tl.topk``): ``O(w log^2 w)`` compare-exchanges with no rank matrices.
+    """
+    if NBT > NP:
+        key = tl.topk(key, NP)
+    both = tl.reshape(tl.join(top, key), [top.shape[0], 2 * NP])
+    return tl.topk(both, NP)
 
 
 @triton.jit
@@ -108,9 +124,12 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
     qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
     lse_rows = tile_base(LSE, b, t0, h * G, stride_lb, stride_lt, stride_lh) + local_t * stride_lt + g * stride_lh
-    lse2 = tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT
+    # Padding rows get lse = +inf, so their p is exactly 0 without a mask.
+    lse2 = tl.where(row_ok, tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT, float("inf"))
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_vis = tl.max(vis)
+    # Steps whose keys every row sees need no mask (all but the first and the last one or two).
+    min_vis = tl.min(tl.where(row_ok, vis, n_vis))
     local_pos = tl.arange(0, BLOCK_T)
     tpos = t0 + local_pos
     t_ok = tpos < T
@@ -124,10 +143,10 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float32)
     in_step = local_k < NB_STEP
     col_np = tl.arange(0, NP)[None, :]
-    # "No block" keys must stay distinct for the rank arithmetic: the running top-n holds them as
-    # -1 - slot (in [-NP, -1]), a step's new keys as -1 - NP - slot (below all of those).
-    empty_top = -1 - col_np.to(tl.int64)
-    top = tl.broadcast_to(empty_top, [BLOCK_T, NP])
+    # Running top-n as an unordered set of distinct keys (empty slots -1 - slot) and its minimum.
+    col64 = col_np.to(tl.int64)
+    top = tl.broadcast_to(tl.where(col_np < COUNT, -1 - col64, UNUSED_SLOT.value - col64), [BLOCK_T, NP])
+    nth_best = tl.min(top, axis=1)
     k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
     local_n = tl.arange(0, BLOCK_N)
     for j0 in range(0, last_block + 1, NB_STEP):
@@ -137,19 +156,34 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
         ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
                                DK, DKA, DKB)
         s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
-        # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
-        p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        group_sum = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_N]), axis=1)  # Eq. 10
-        scores = tl.sum(group_sum[:, :, None] * w[None, :, :], axis=1)  # Eq. 9, [BLOCK_T, NBT]
+        p = tl.exp2(s - lse2[:, None])
+        if (first_col < 0) | (first_col + BLOCK_N > min_vis):
+            # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
+            p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
+        # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
+        # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
+        p_hi, p_lo = _tf32_split(p)
+        head_scores = tl.dot(p_hi, w, input_precision="tf32")
+        head_scores = tl.dot(p_lo, w, head_scores, input_precision="tf32")
+        scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
         key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
-        key = _largest(tl.where(key >= 0, key, -1 - NP - local_k.to(tl.int64)), NBT, NP)
-        # Merge only when some block beats a row's current n-th best.
-        nth_best = tl.sum(tl.where(col_np == COUNT - 1, top, 0), axis=1)
-        if tl.max((key > nth_best[:, None]).to(tl.int32)) > 0:
-            top = _merge_sorted(top, key, NP)
-            top = tl.where(top >= 0, top, empty_top)
+        # Blocks a row gains this step are those beating its n-th best.
+        gains = tl.max(tl.sum((key > nth_best[:, None]).to(tl.int32), axis=1))
+        if gains > MAX_INSERTS:
+            top = _merge_top(top, key, NP, NBT)
+            nth_best = tl.min(top, axis=1)
+        else:
+            # Each pass moves every row's best remaining block into its top-n if it beats the
+            # n-th best (replacing that, the unique minimum); blocks come in descending order,
+            # so `gains` passes take all of them.
+            for _ in range(gains):
+                best = tl.max(key, axis=1)
+                enters = best > nth_best
+                top = tl.where(enters[:, None] & (top == nth_best[:, None]), best[:, None], top)
+                key = tl.where(key == best[:, None], NO_BLOCK.value, key)
+                nth_best = tl.min(top, axis=1)
     # Ascending block order, padding last: the largest of -index (unused slots far below).
-    valid = (top >= 0) & (col_np < COUNT)
+    valid = (top >= 0) & (top <= (FORCED_KEY_HIGH.value | INDEX_BITS.value))
     order = tl.where(valid, (top & INDEX_BITS.value) - INDEX_BITS.value, -(1 << 40) - col_np.to(tl.int64))
     order = _largest(order, NP, NP)
     chosen = tl.where(order > -(1 << 40), -order, -1)
@@ -163,13 +197,14 @@ def selection_tiles(block_m: int, block_n: int, *, group_pow2: int, max_position
 
     ``BLOCK_M`` holds 1..``max_positions`` whole positions (and >= 16 rows for ``tl.dot``);
     ``BLOCK_N`` covers at least one Eq. 9 window; ``NBT`` (block slots per step) is a power of two
-    no smaller than the top-n width, so a step's keys merge with the running top-n directly.
+    no smaller than the top-n width (a step's keys merge with the running top-n) nor than 16 (it
+    is the N of the Eq. 9 ``tl.dot``).
     """
     a, b = select_block // stride, block // stride
     block_m = min(max(block_m, 16, group_pow2), max(16, group_pow2 * max_positions))
     block_n = max(block_n, pow2(a + b - 1))
     nb_step = (block_n - b + 1) // a
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "NB_STEP": nb_step, "NBT": max(count_pow2, pow2(nb_step))}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "NB_STEP": nb_step, "NBT": max(16, count_pow2, pow2(nb_step))}
 
 
 def _prune_selection(configs, named_args, **kwargs):
