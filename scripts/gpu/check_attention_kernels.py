@@ -4,10 +4,11 @@ Run on one CUDA GPU (made for an H200), no arguments needed:
 
     python scripts/gpu/check_attention_kernels.py
 
-For T in 64k, 32k, 16k, 8k (largest first, so autotuning settles on the size that matters),
+For T in 64k, 32k, 16k, 8k (64k first, so autotuning settles on the size that matters),
 B=1, HQ=64, HK=4, (Dk, Dv) in {(128, 128), (192, 128)}, bf16, l'=64, n=16, w=512:
 
-* parity of ``selected_attention_triton`` and ``window_attention_triton``, forward (o, lse) and
+* bitwise determinism of a second forward + backward, and parity of
+  ``selected_attention_triton`` and ``window_attention_triton``, forward (o, lse) and
   backward (dq, dk, dv), against a float32 PyTorch reference (TF32 off). The reference runs on
   ``--samples`` query positions (random, plus the first and last): ``do`` is zero elsewhere, so
   the full dq/dk/dv of the kernels are exactly the gradients of the sampled queries and are
@@ -134,6 +135,11 @@ def check_op(name, op, q, k, v, key_pos, key_ok, positions, scale, rep):
     do_s = torch.randn(len(positions), o.shape[2], o.shape[3], device=device, dtype=o.dtype)
     do[0, positions] = do_s
     grads = torch.autograd.grad(o, leaves, do)
+    # Determinism: a second forward + backward must reproduce every bit.
+    o_again = op(*leaves)[0]
+    grads_again = torch.autograd.grad(o_again, leaves, do)
+    deterministic = torch.equal(o, o_again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    del o_again, grads_again
     ref = reference(q[0], k[0], v[0], do_s, key_pos, key_ok, positions, scale, torch.float32)
     low = reference(q[0], k[0], v[0], do_s, key_pos, key_ok, positions, scale, q.dtype)
     got = (o[0, positions].detach(), lse[0, positions].detach(), *(g[0] for g in grads))
@@ -146,7 +152,7 @@ def check_op(name, op, q, k, v, key_pos, key_ok, positions, scale, rep):
             passed = err <= REL_RMS_MAX
         errors[label] = {"rel_rms": err, "torch_low_precision_rel_rms": torch_err, "pass": passed}
         ok &= passed
-    result = {"op": name, "parity": ok, "errors": errors}
+    result = {"op": name, "parity": ok and deterministic, "deterministic": deterministic, "errors": errors}
     # Timing: forward without autograd, backward from a retained graph, and its pieces.
     with torch.no_grad():
         result["fwd_ms"] = bench(lambda: op(q, k, v), rep, device)
@@ -335,8 +341,12 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     dims = [tuple(int(x) for x in d.split("/")) for d in args.dims.split(",")]
-    # Priority: every length at d=128 first, then 192/128.
-    plan = [(t, dk, dv) for dk, dv in dims for t in args.lengths]
+    # Priority: the longest and the shortest length for every head-dim pair first, then the rest
+    # (first use of each head-dim pair also pays the autotuner's compiles, ~18 kernels).
+    lengths = sorted(args.lengths, reverse=True)
+    first = [lengths[0], lengths[-1]] if len(lengths) > 1 else lengths
+    plan = ([(t, dk, dv) for t in first for dk, dv in dims]
+            + [(t, dk, dv) for dk, dv in dims for t in lengths if t not in first])
     start = time.time()
     cases, skipped = [], []
     for seq_len, dk, dv in plan:
@@ -361,8 +371,10 @@ def main() -> int:
         for kind in ("sel", "win"):
             if not c[kind]["parity"]:
                 failed = True
-                print(f"FAIL {kind} T={c['T']} dk={c['dk']}: {json.dumps(c[kind]['errors'])}")
-    print(f"\n{report['device']}, torch {report['torch']}, triton {report['triton']}; ms, bf16, B=1, "
+                print(f"FAIL {kind} T={c['T']} dk={c['dk']}: deterministic={c[kind]['deterministic']} "
+                      f"{json.dumps(c[kind]['errors'])}")
+    print(f"\n{report['device']}, torch {report['torch']}, triton {report['triton']}; ms, "
+          f"{'fp32' if args.smoke else 'bf16'}, B=1, "
           f"HQ={args.heads}, HK={args.kv_heads}, l'={args.select_block}, n={args.select_count}, w={args.window}")
     head = (f"{'T':>6} {'dk/dv':>7} {'parity':>6} | {'sel fwd':>8} {'sel bwd':>8} | {'win fwd':>8} {'win bwd':>8}"
             f" | {'fa2 fwd':>8} {'fa2 bwd':>8} | {'cudnn fwd':>9} {'cudnn bwd':>9} | {'cudnn/sel fwd':>13}")

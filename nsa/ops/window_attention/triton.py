@@ -173,11 +173,10 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 
 # (rows, warps, stages[, constexprs]); lists kept to configs that compile for sm_90 without
 # register spills at G=16, Dk in {128, 192}, Dv=128 (checked with ptxas, no GPU needed).
-_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3)],
+_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 8, 2), (128, 8, 2), (128, 8, 3)],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
 _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel,
-                                [(32, 8, 2), (128, 8, 1, {"BN": 32}), (64, 8, 3, {"BN": 32}),
-                                 (32, 8, 2, {"BN": 32})],
+                                [(32, 8, 2), (128, 8, 1, {"BN": 32}), (32, 8, 2, {"BN": 32})],
                                 key=["G", "DK", "DV"], extra={"BN": 64})
 
 
