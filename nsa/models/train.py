@@ -62,6 +62,10 @@ class TrainConfig:
             from scratch at thousands of tokens sits on a long plateau (attention starts out
             uniform over the haystack, so the needle's signal is diluted); both twins get the same
             curriculum, so equal-step comparisons stay fair.
+        advance_loss: also double the context as soon as the mean loss of the last 20 steps at
+            the current context is at most this (nats), so a model that has learned moves on
+            early while one that has not gets until ``context_warmup`` (the latest stage
+            times). ``None``: stages by step count only.
         steps: learning-rate schedule length (upper bound on steps).
         minutes: wall-clock budget of each model's training; the schedule is shortened to fit it
             after timing the first steps. ``None``: run ``steps``.
@@ -83,6 +87,7 @@ class TrainConfig:
     context: int = 4096
     start_context: int | None = None
     context_warmup: float = 0.3
+    advance_loss: float | None = None
     steps: int = 1000
     minutes: float | None = None
     batch_size: int = 16
@@ -167,7 +172,8 @@ def tiny_config(**changes: Any) -> TrainConfig:
 def gpu_config(**changes: Any) -> TrainConfig:
     """The H200 run of docs/TRAINING.md: the paper's sparse pattern (l=32, d=16, l'=64, n=16,
     w=512), 8 query / 2 kv heads of dim 32, 2 layers of width 256, context warm-up from 512 to
-    4096 tokens over the first half of the schedule, bf16 autocast."""
+    4096 tokens (a stage ends once the loss is <= 0.3 nats, at the latest after 60% of the
+    schedule is spent), bf16 autocast."""
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=8, num_kv_heads=2, head_dim=32)
     # RoPE base 1e8: the task needs no fine position (the token shift carries "previous token"),
@@ -176,7 +182,7 @@ def gpu_config(**changes: Any) -> TrainConfig:
     # base 5e5).
     model = LMConfig(vocab_size=task.vocab_size, d_model=256, num_layers=2, nsa=nsa, rope_theta=1e8)
     base = TrainConfig(models=("nsa", "dense"), model=model, task=task, context=4096, start_context=512,
-                       context_warmup=0.5, steps=3000, batch_size=16, lr=2e-3, warmup_steps=50,
+                       context_warmup=0.6, advance_loss=0.3, steps=3000, batch_size=16, lr=2e-3, warmup_steps=50,
                        log_every=25, eval_every=250, eval_contexts=(4096, 16384, 65536), eval_samples=8,
                        eval_batch_size=4, checkpoint_every=500, device="cuda")
     return base.replace(**changes)
@@ -375,15 +381,24 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     start = time.perf_counter()
     fixed_schedule = replay is not None
     timing: dict[str, Any] = {"context": None}
-    last_context = 0
+    last_context = 0  # the context of the previous step
     step = tokens_seen = 0
     while step < (max_steps if max_steps is not None else total):
         lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Never shrink: a refitted (longer) schedule moves the warm-up stages later.
-        context = last_context = (replay.rows[step]["context"] if replay is not None
-                                  else max(last_context, context_at(step, total, config)))
+        if replay is not None:
+            context = replay.rows[step]["context"]
+        else:
+            context = max(last_context, context_at(step, total, config))
+            recent = [r["loss"] for r in rows[-20:] if r["context"] == last_context]
+            if (config.advance_loss is not None and len(recent) == 20 and context == last_context
+                    and sum(recent) / 20 <= config.advance_loss):
+                context = min(config.context, 2 * last_context)
+            if context != last_context and last_context:
+                report(f"[{name}] step {step}: context {last_context} -> {context}")
+        last_context = context
         batch = make_batch(config.task, config.batch_size, context, gen).to(device)
         want_info = name == "nsa" and (step % config.log_every == 0)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
