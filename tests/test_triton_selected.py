@@ -42,6 +42,7 @@ CASES = [  # (G, HK, Dk, Dv, T, n, selection)
     (4, 1, 16, 16, 37, 4, "naive"),
     (8, 1, 48, 16, 40, 3, "random"),   # Dk = 32 + 16: two exact column tiles, like 192 = 128 + 64
     (16, 1, 16, 32, 33, 3, "naive"),
+    (3, 2, 40, 24, 41, 5, "random"),   # G not a power of two (15 of 16 rows used); Dk = 32 + 8
 ]
 
 
@@ -63,7 +64,7 @@ def test_selected_attention_matches_naive(group, num_kv, dk, dv, seq_len, n, sel
     dlse = torch.randn(batch, seq_len, group * num_kv, generator=gen)
 
     def run(fn, dtype):
-        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
         o, lse = fn(*leaves, idx, select_block=SELECT_BLOCK)
         loss = (o * do.to(dtype)).sum() + torch.where(torch.isfinite(lse), lse * dlse.to(lse.dtype), 0).sum()
         loss.backward()

@@ -16,6 +16,7 @@ CASES = [  # (G, HK, Dk, Dv, T, window)
     (4, 1, 16, 16, 130, 17),    # window smaller than a key tile
     (8, 1, 48, 16, 100, 64),    # Dk = 32 + 16: two exact column tiles, like 192 = 128 + 64
     (16, 1, 16, 32, 77, 1),     # each query reads only itself
+    (3, 2, 40, 24, 70, 33),     # G not a power of two; Dk = 32 + 8, Dv padded to 32
 ]
 
 
@@ -31,7 +32,7 @@ def test_window_attention_matches_naive(group, num_kv, dk, dv, seq_len, window):
     dlse = torch.randn(batch, seq_len, group * num_kv, generator=gen)
 
     def run(fn, dtype):
-        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
         o, lse = fn(*leaves, window=window)
         ((o * do.to(dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()).backward()
         return o, lse, [x.grad for x in leaves]
