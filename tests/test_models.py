@@ -341,3 +341,26 @@ def test_loss_gated_context_warmup_advances_early(tmp_path):
     contexts = [r["context"] for r in run.rows]
     assert contexts[:20] == [32] * 20 and contexts[20:40] == [64] * 20 and contexts[40:] == [128] * 30
     assert any("context 32 -> 64" in line for line in lines)
+
+
+def test_first_step_failure_of_auto_backend_falls_back_to_reference(tmp_path, monkeypatch):
+    import nsa.models.train as train_module
+
+    real = train_module._forward_backward
+
+    def failing_on_auto(model, *args):
+        if model.config.backend == "auto":
+            raise RuntimeError("kernel does not compile")
+        return real(model, *args)
+
+    monkeypatch.setattr(train_module, "_forward_backward", failing_on_auto)
+    lines = []
+    _, run = train_model("nsa", tiny_config(steps=3), tmp_path, report=lines.append)
+    assert run.steps == 3 and run.backend == "reference"
+    assert "RuntimeError: kernel does not compile" in run.backend_fallback
+    assert any("continuing with backend='reference'" in line for line in lines)
+    # A failure on the reference path too is not swallowed.
+    monkeypatch.setattr(train_module, "_forward_backward", lambda *args: (_ for _ in ()).throw(
+        RuntimeError("broken everywhere")))
+    with pytest.raises(RuntimeError, match="broken everywhere"):
+        train_model("nsa", tiny_config(steps=3), tmp_path, report=lines.append)

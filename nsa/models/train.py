@@ -348,6 +348,7 @@ class ModelRun:
     parameters: int
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     eval_seconds: float = 0.0
+    backend_fallback: str = ""
 
 
 def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelRun | None = None,
@@ -383,6 +384,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     timing: dict[str, Any] = {"context": None}
     last_context = 0  # the context of the previous step
     step = tokens_seen = 0
+    fallback = ""
     while step < (max_steps if max_steps is not None else total):
         lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
         for group in optimizer.param_groups:
@@ -401,17 +403,26 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         last_context = context
         batch = make_batch(config.task, config.batch_size, context, gen).to(device)
         want_info = name == "nsa" and (step % config.log_every == 0)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = model(batch.tokens, logits_at=batch.answer_positions, collect_info=want_info)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
+        try:
+            loss_value = _forward_backward(model, batch, want_info, autocast, device)
+        except Exception as exc:
+            # Only the first step of an auto backend is retried: a kernel that fails to compile
+            # for these shapes must not cost the whole run. Said loudly and recorded.
+            if step > 0 or name != "nsa" or model.config.backend != "auto" or isinstance(
+                    exc, torch.cuda.OutOfMemoryError):
+                raise
+            fallback = f"{type(exc).__name__}: {str(exc)[:300]}"
+            report(f"[{name}] backend 'auto' failed on the first step ({fallback}); "
+                   "continuing with backend='reference'")
+            set_nsa_backend(model, "reference")
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = _forward_backward(model, batch, want_info, autocast, device)
         row: dict[str, Any] = {"model": name, "step": step, "lr": lr, "context": context}
-        loss_value = float(loss.detach())
         skipped = False
         if not math.isfinite(loss_value):
             nonfinite_loss += 1
             skipped = True
         else:
-            loss.backward()
             norms = group_grad_norms(model)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             row.update({f"grad_norm/{g}": v for g, v in norms.items()})
@@ -474,8 +485,27 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     seconds = time.perf_counter() - start
     _save_checkpoint(out_dir / "checkpoints" / f"{name}.pt", model, optimizer, config, step)
     run = ModelRun(name, step, total, seconds, rows, backend or "unknown",
-                   sum(p.numel() for p in model.parameters()))
+                   sum(p.numel() for p in model.parameters()), backend_fallback=fallback)
     return model, run
+
+
+def _forward_backward(model: RetrievalLM, batch, want_info: bool, autocast, device: torch.device) -> float:
+    """The loss of one batch; gradients accumulated when it is finite (a NaN loss is not
+    back-propagated: the step is skipped and counted)."""
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(batch.tokens, logits_at=batch.answer_positions, collect_info=want_info)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
+    value = float(loss.detach())
+    if math.isfinite(value):
+        loss.backward()
+    return value
+
+
+def set_nsa_backend(model: RetrievalLM, backend: str) -> None:
+    """Switch every NSA layer of ``model`` to ``backend`` (the configs are frozen: replaced)."""
+    model.config = model.config.replace(backend=backend)
+    for block in model.blocks:
+        block.config = block.config.replace(backend=backend)
 
 
 # ----- evaluation ------------------------------------------------------------------------------
@@ -510,10 +540,14 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                         model, task, context, depth, num_samples=config.eval_samples,
                         batch_size=config.eval_batch_size, seed=config.seed + 1000 + context + index,
                         device=device, autocast_dtype=autocast)
-                except torch.cuda.OutOfMemoryError as exc:
-                    rows.append({**row, "status": "oom", "correct": None, "accuracy": None,
-                                 "seconds": time.perf_counter() - began, "message": str(exc)[:200]})
-                    torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001 -- one failing cell (OOM, a kernel) must not end the run
+                    oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+                    rows.append({**row, "status": "oom" if oom else "error", "correct": None, "accuracy": None,
+                                 "seconds": time.perf_counter() - began,
+                                 "message": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    report(f"[{name}] {task_name} at {context} tokens, depth {depth:.0%}: {rows[-1]['message']}")
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     continue
                 rows.append({**row, "status": "ok", "correct": correct, "accuracy": correct / total,
                              "seconds": time.perf_counter() - began})
@@ -673,7 +707,8 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         plot_retrieval(run, out_dir / f"retrieval_{name}.png")
         summary["models"][name] = {
             "steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
-            "eval_seconds": run.eval_seconds, "backend": run.backend, "parameters": run.parameters,
+            "eval_seconds": run.eval_seconds, "backend": run.backend, "backend_fallback": run.backend_fallback,
+            "parameters": run.parameters,
             "initial_loss": initial_loss(run.rows), "final_loss": smoothed_final_loss(run.rows, run.steps)}
         del model
         if config.device == "cuda":
