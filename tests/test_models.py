@@ -333,8 +333,8 @@ def test_time_budget_stops_training_and_dense_replays_the_schedule(tmp_path):
 
 def test_loss_gated_context_warmup_advances_early(tmp_path):
     # A bound every loss meets: each stage ends after its 20 measured steps, long before the
-    # step-count stages (90% of 70 steps) would end it.
-    config = tiny_config(steps=44, context=128, start_context=32, context_warmup=0.9, advance_loss=100.0,
+    # step-count stages (21 steps each: 99% of 44 steps over two stages) would end it.
+    config = tiny_config(steps=44, context=128, start_context=32, context_warmup=0.99, advance_loss=100.0,
                          eval_every=1000)
     lines = []
     _, run = train_model("nsa", config, tmp_path, report=lines.append)
