@@ -26,7 +26,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
+def triton_config_limits(config) -> str | None:
+    """Why the Triton kernels cannot run ``config`` (``None`` when they can).
+
+    The selection kernels tile each selected block as one power-of-two key tile of at least 16
+    rows (the smallest ``tl.dot`` dimension).
+    """
+    lp = config.select_block
+    if lp < 16 or lp & (lp - 1):
+        return f"select_block={lp}: the Triton kernels need a power of two >= 16"
+    return None
+
+
+def _triton_status(q: torch.Tensor, config=None) -> tuple[bool, str]:
     if "triton" not in _IMPLEMENTATIONS:
         try:
             from nsa.ops.triton_nsa import nsa_triton
@@ -35,6 +47,9 @@ def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
         register_backend("triton", nsa_triton)
     if "triton" not in _IMPLEMENTATIONS:
         return False, "Triton kernels are not part of this build"
+    limit = triton_config_limits(config) if config is not None else None
+    if limit is not None:
+        return False, limit
     if q.dtype not in TRITON_DTYPES:
         return False, f"Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     if q.is_cuda or triton_interpreting():
@@ -42,13 +57,13 @@ def _triton_status(q: torch.Tensor) -> tuple[bool, str]:
     return False, f"inputs are on {q.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> tuple[str, str]:
-    """``(name, reason)`` of the backend that will run for ``backend`` and these inputs."""
+def resolve_backend(backend: str, q: torch.Tensor, config=None) -> tuple[str, str]:
+    """``(name, reason)`` of the backend that will run for ``backend``, these inputs and ``config``."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "reference":
         return "reference", "requested"
-    ok, why = _triton_status(q)
+    ok, why = _triton_status(q, config)
     if backend == "triton":
         if not ok:
             raise RuntimeError(f"backend='triton' cannot run: {why}")

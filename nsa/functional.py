@@ -144,7 +144,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         ``o [B, T, HQ, Dv]`` in ``q``'s dtype, and the :class:`NSAInfo` when ``return_info``.
     """
     check_inputs(q, k, v, gates, config, compressed_kv, selection_kv, window_kv, cu_seqlens)
-    name, reason = resolve_backend(backend, q)
+    name, reason = resolve_backend(backend, q, config)
     k_slc, v_slc = selection_kv if selection_kv is not None else (k, v)
     k_win, v_win = window_kv if window_kv is not None else (k, v)
     if cu_seqlens is None:

@@ -86,7 +86,7 @@ def needle(params: dict[str, Any], checks: Checks) -> None:
     gates[0, ..., 1] = 1
     gates[1] = 0.5
     q2, k2, v2 = (x.expand(2, *x.shape[1:]).contiguous() for x in (q, k, v))
-    name, _ = resolve_backend(params.get("backend", "auto"), q)
+    name, _ = resolve_backend(params.get("backend", "auto"), q, config)
     if name == "reference":
         # The reference backend takes q_offset, so only the last queries are computed: the same
         # scoring and attention code as nsa_attention, without T - last queries nobody checks.

@@ -104,7 +104,7 @@ def _check(params: dict, checks: Checks) -> None:
     v = torch.randn(*shape_k, config.v_head_dim, generator=gen, device=device).to(dtype)
     gates = torch.rand(*shape_q, 3, generator=gen, device=device).to(dtype)
     inputs = [x.requires_grad_(params["grads"]) for x in (q, k, v, gates)]
-    name, _ = resolve_backend("triton", q)
+    name, _ = resolve_backend("triton", q, config)
     checks.backend = name
     out, info = nsa_attention(q, k, v, gates, config, backend="triton", return_info=True)
     ref_dtype = torch.float64 if not on_gpu else torch.float32

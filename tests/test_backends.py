@@ -1,0 +1,59 @@
+"""Backend choice is explicit and recorded: what runs, and why the other one did not."""
+
+import pytest
+import torch
+
+from nsa import NSAConfig, nsa_attention
+from nsa.backends import resolve_backend
+
+SMALL = dict(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4, select_count=4,
+             window=24, phi="mean")
+
+
+def _inputs(config, dtype=torch.float32, seq_len=40):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, seq_len, config.num_heads, config.head_dim, generator=gen).to(dtype)
+    k = torch.randn(1, seq_len, config.num_kv_heads, config.head_dim, generator=gen).to(dtype)
+    v = torch.randn(1, seq_len, config.num_kv_heads, config.v_head_dim, generator=gen).to(dtype)
+    return q, k, v, torch.rand(1, seq_len, config.num_heads, 3, generator=gen).to(dtype)
+
+
+def test_cpu_auto_runs_reference_and_says_why():
+    config = NSAConfig(select_block=16, **SMALL)
+    _, info = nsa_attention(*_inputs(config), config, return_info=True)
+    assert info.backend == "reference" and "cpu" in info.backend_reason.lower()
+
+
+@pytest.mark.parametrize("select_block", [8, 24, 48])
+def test_triton_refuses_select_blocks_its_kernels_cannot_tile(select_block):
+    config = NSAConfig(select_block=select_block, **SMALL)
+    q = _inputs(config)[0]
+    with pytest.raises(RuntimeError, match=f"select_block={select_block}.*power of two"):
+        resolve_backend("triton", q, config)
+    name, reason = resolve_backend("auto", q, config)
+    assert name == "reference" and f"select_block={select_block}" in reason
+
+
+def test_triton_refuses_float64_with_reason():
+    config = NSAConfig(select_block=16, **SMALL)
+    q = _inputs(config, torch.float64)[0]
+    with pytest.raises(RuntimeError, match="float64"):
+        resolve_backend("triton", q, config)
+
+
+def test_explicit_triton_runs_in_the_interpreter_and_matches_reference():
+    config = NSAConfig(select_block=16, **SMALL)
+    args = _inputs(config)
+    out, info = nsa_attention(*args, config, backend="triton", return_info=True)
+    ref, ref_info = nsa_attention(*args, config, backend="reference", return_info=True)
+    assert info.backend == "triton"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(info.selected_blocks, ref_info.selected_blocks)
+    for branch in ("cmp", "slc", "win"):
+        assert torch.equal(info.reads[branch], ref_info.reads[branch])
+
+
+def test_unknown_backend_is_named():
+    config = NSAConfig(select_block=16, **SMALL)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nsa_attention(*_inputs(config), config, backend="cuda")
