@@ -67,12 +67,15 @@ def _parse_depths(text: str) -> tuple[float, ...]:
                    "checkpoints/).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: cuda when available.")
+@click.option("--replay", "replay_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="With --model dense: the --out directory of an earlier NSA run; dense replays its "
+                   "schedule (same steps, learning rates, contexts, batches) and the outputs cover both.")
 @click.option("--tiny", is_flag=True, help="A one-layer model and 64-token task that train on a CPU in ~20 s.")
 def train(which: str, context: int | None, start_context: int | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
           rope_theta: float | None, seed: int,
-          out_dir: str, device: str, tiny: bool) -> None:
+          out_dir: str, device: str, replay_dir: str | None, tiny: bool) -> None:
     """Train NSA and/or its dense twin on synthetic retrieval; report loss curves and retrieval
     accuracy by context and depth."""
     import torch
@@ -97,6 +100,8 @@ def train(which: str, context: int | None, start_context: int | None, steps: int
     target_context = changes.get("context", base.context)
     start = start_context if start_context is not None else base.start_context
     changes["start_context"] = None if start is None or start >= target_context else start
+    if replay_dir is not None and which != "dense":
+        raise click.BadParameter("--replay trains the dense twin: use it with --model dense", param_hint="--replay")
     try:
         config = base.replace(**changes)
         model_changes = {"backend": backend}
@@ -125,7 +130,7 @@ def train(which: str, context: int | None, start_context: int | None, steps: int
                 bars[name] = bar.add_task(name, total=total, loss="")
             bar.update(bars[name], completed=step, total=total, loss=f"loss {row['loss']:.4f}")
 
-        summary = run_training(config, Path(out_dir), progress=progress,
+        summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir,
                                report=lambda line: console.print(line, markup=False, highlight=False))
 
     table = Table(title="trainability")

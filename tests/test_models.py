@@ -364,3 +364,27 @@ def test_first_step_failure_of_auto_backend_falls_back_to_reference(tmp_path, mo
         RuntimeError("broken everywhere")))
     with pytest.raises(RuntimeError, match="broken everywhere"):
         train_model("nsa", tiny_config(steps=3), tmp_path, report=lines.append)
+
+
+def test_cli_dense_replays_an_earlier_nsa_run(tmp_path):
+    runner = CliRunner()
+    common = ["--tiny", "--steps", "12", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "50",
+              "--eval-samples", "2"]
+    first = runner.invoke(train_command, [*common, "--model", "nsa", "--out", str(tmp_path / "nsa")])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(train_command, [*common, "--model", "dense", "--replay", str(tmp_path / "nsa"),
+                                           "--out", str(tmp_path / "dense")])
+    assert second.exit_code == 0, second.output + repr(second.exception)
+    summary = json.loads((tmp_path / "dense" / "summary.json").read_text())
+    assert summary["models"]["nsa"]["replayed_from"] == str(tmp_path / "nsa")
+    assert summary["goals"]["equal_steps"] == 12 and "loss_ratio_nsa_over_dense" in summary["goals"]
+    log = read_table(tmp_path / "dense" / "train_log.parquet")
+    by_model = {m: [(r["lr"], r["context"]) for r in log if r["model"] == m] for m in ("nsa", "dense")}
+    assert len(by_model["dense"]) == 12 and by_model["dense"] == by_model["nsa"]
+    assert {r["model"] for r in read_table(tmp_path / "dense" / "retrieval.parquet")} == {"nsa", "dense"}
+    bad = runner.invoke(train_command, [*common, "--model", "dense", "--seed", "3", "--replay",
+                                        str(tmp_path / "nsa"), "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "seed" in str(bad.exception)
+    bad = runner.invoke(train_command, [*common, "--model", "both", "--replay", str(tmp_path / "nsa"),
+                                        "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--replay" in bad.output

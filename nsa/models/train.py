@@ -674,12 +674,44 @@ def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
 # ----- the whole run ---------------------------------------------------------------------------
 
 
+def load_nsa_run(run_dir: Path | str) -> ModelRun:
+    """The NSA model's run from a previous ``run_training`` output directory (its log rows,
+    retrieval rows and summary entry), for a dense twin trained in a separate command to replay."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / name for name in ("train_log.parquet", "retrieval.parquet", "summary.json")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"replay directory {run_dir} lacks {', '.join(missing)} (the outputs of "
+                                f"a run that trained NSA)")
+    info = json.loads(paths[2].read_text())["models"].get("nsa")
+    rows = [r for r in read_table(paths[0]) if r["model"] == "nsa"]
+    if info is None or not rows:
+        raise ValueError(f"{run_dir} holds no NSA run (summary.json models: "
+                         f"{sorted(json.loads(paths[2].read_text())['models'])})")
+    rows = [{k: v for k, v in r.items() if v is not None} for r in sorted(rows, key=lambda r: r["step"])]
+    run = ModelRun("nsa", info["steps"], info["schedule_steps"], info["train_seconds"], rows, info["backend"],
+                   info["parameters"], backend_fallback=info.get("backend_fallback", ""))
+    run.eval_rows = [{k: v for k, v in r.items() if v is not None or k in ("accuracy", "correct")}
+                     for r in read_table(paths[1]) if r["model"] == "nsa"]
+    run.eval_seconds = info["eval_seconds"]
+    return run
+
+
 def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[str], None] = print,
-                 progress: Callable[[str, int, int, dict], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str, int, int, dict], None] | None = None,
+                 replay_dir: Path | str | None = None) -> dict[str, Any]:
     """Train and evaluate every model in ``config.models``, write the outputs (module docstring)
-    under ``out_dir`` and return the summary (also in ``summary.json``)."""
+    under ``out_dir`` and return the summary (also in ``summary.json``).
+
+    ``replay_dir``: the output directory of an earlier run that trained NSA; its NSA run is
+    loaded (log and retrieval rows), the dense twin replays its schedule, and the outputs here
+    cover both models (so one long NSA command and one dense command compare at equal steps).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if replay_dir is not None and config.models != ("dense",):
+        raise ValueError(f"replay_dir is for training the dense twin alone (models=('dense',)), "
+                         f"got models={config.models}")
     if config.device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device='cuda' but torch.cuda.is_available() is False")
@@ -695,6 +727,16 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
 
     summary: dict[str, Any] = {"config": config.to_dict(), "device": _device_name(config.device),
                                "torch_version": torch.__version__, "models": {}}
+    if replay_dir is not None:
+        earlier = json.loads((Path(replay_dir) / "summary.json").read_text())["config"]
+        now = config.to_dict()
+        for key in ("task", "batch_size", "seed", "context"):
+            if earlier.get(key) != json.loads(json.dumps(now[key])):
+                raise ValueError(f"replay_dir {replay_dir} was trained with {key}={earlier.get(key)!r}, this run "
+                                 f"has {now[key]!r}: the twins would not see the same batches")
+        runs["nsa"] = load_nsa_run(replay_dir)
+        summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
+                                    "replayed_from": str(replay_dir)}
     for name in config.models:
         nsa_run = runs.get("nsa")
         model, run = train_model(name, config, out_dir, report=report, progress=progress, replay=nsa_run)
