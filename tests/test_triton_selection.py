@@ -73,7 +73,8 @@ def test_selection_check_rejects_a_worse_pick():
 
 
 # (batch, T, HK, G, Dk, l, d, l', n): G in {1, 2, 4, 8, 16} and a non-power of two, several
-# (l, d, l'), T off the tile sizes, n below and above the number of candidates.
+# (l, d, l'), T off the tile sizes, n below and above the number of candidates. Blocks enter the
+# running top-n both by bitonic merges (early steps gain many) and by insertions (later ones few).
 CASES = [
     (2, 203, 2, 1, 16, 8, 4, 16, 5),
     (1, 300, 1, 2, 32, 16, 8, 32, 4),
@@ -81,6 +82,9 @@ CASES = [
     (1, 170, 2, 8, 24, 4, 2, 8, 7),
     (1, 97, 1, 16, 48, 8, 8, 8, 16),
     (1, 120, 1, 3, 16, 16, 4, 16, 3),
+    # Many steps of the block walk (3 and 7 blocks a step under the interpreter), n not a power of two.
+    (1, 300, 1, 2, 16, 4, 2, 16, 6),
+    (1, 200, 1, 4, 32, 4, 2, 8, 12),
 ]
 
 

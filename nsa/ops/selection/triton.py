@@ -7,8 +7,14 @@ One program owns a tile of positions and all ``G`` query heads of one key/value 
 layout of :mod:`nsa.ops.compressed_attention.triton`). It walks the selection blocks in steps of
 ``NB_STEP``; a step loads the ``BLOCK_N`` compressed keys those blocks overlap, recomputes
 ``p_cmp = exp(q.k*scale - lse)`` with the compressed attention's log-sum-exp (the "second pass
-over the compressed keys"), sums it over the group's heads (Eq. 10), maps it to block scores with
-the step's slice of Eq. 9 and merges the step's blocks into a running top-n kept in registers.
+over the compressed keys"), maps it to block scores with the step's slice of Eq. 9 (a second
+``tl.dot``, per head), sums those over the group's heads (Eq. 10) and merges the step's blocks
+into a running top-n kept in registers.
+
+The merge is built for few block-level instructions per step (the selection kernel used to
+spend ~3x the compressed attention's time there): a step's blocks that beat a row's n-th best
+enter by one replace-the-minimum pass each (late in a sequence most steps gain none or one), and
+steps where some row gains more than ``MAX_INSERTS`` merge by a bitonic ``tl.topk``.
 
 Eq. 9 windows overlap: block ``j`` reads compressed tokens ``a*j-(b-1) .. a*j+a-1`` (``a = l'/d``,
 ``b = l/d``), so consecutive steps share ``b-1`` keys; a step starts its key tile at
@@ -17,7 +23,7 @@ Eq. 9 windows overlap: block ``j`` reads compressed tokens ``a*j-(b-1) .. a*j+a-
 Ranking uses one int64 per block: the float bits of its score (scores are >= 0, so the bits
 order like the floats) above ``2^31 - 1 - j``; so larger keys are better blocks and equal scores
 rank the lower index first, exactly the naive stable sort. Forced blocks get the bits of +inf,
-blocks that are neither forced nor candidates get -1 and are never picked.
+blocks that are neither forced nor candidates get ``NO_BLOCK`` and are never picked.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ NO_BLOCK = tl.constexpr(-(1 << 40))
 # Top-n slots COUNT..NP-1 (n not a power of two) hold INT64_MAX - slot: never the minimum, so
 # never replaced, and above every real key, so a bitonic merge keeps them.
 UNUSED_SLOT = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-# Steps where some row gains more blocks than this merge by a bitonic top-k; fewer, one
-# insertion per gained block (far fewer instructions: late in a row, steps gain 0-2 blocks).
-MAX_INSERTS = tl.constexpr(3)
+# Steps where some row gains more blocks than this merge by a bitonic top-k, others by one
+# insertion pass per gained block. Compiled for sm_90 (G=16, n=16, 8 warps) a pass costs ~90
+# instructions per warp, the top-k ~490, the rest of a step ~710.
+MAX_INSERTS = tl.constexpr(5)
 
 
 @triton.jit
@@ -71,24 +78,33 @@ def _block_keys(scores, j, cur, in_step, t_ok):
 def _largest(keys, WIDTH: tl.constexpr, K: tl.constexpr):
     """The ``K`` largest of each row of ``keys [R, WIDTH]`` (all distinct), in descending order.
 
-    Rank counting rather than ``tl.topk``: it is as cheap at these widths and runs fast under the
-    interpreter (``tl.topk``'s xor reductions take minutes there).
+    Rank counting (``[R, WIDTH, WIDTH]``): used once per program, for the output order, where it
+    is cheap and, unlike ``tl.topk``'s xor reductions, fast under the interpreter.
     """
     rank = tl.sum((keys[:, :, None] > keys[:, None, :]).to(tl.int32), axis=1)
     slot = tl.arange(0, K)[None, None, :]
     return tl.sum(tl.where(rank[:, :, None] == slot, keys[:, :, None], 0), axis=1)
 
 
-@triton.jit
-def _tf32_split(x):
-    """``x = hi + lo`` with ``hi`` exactly representable in tf32 (low 13 mantissa bits cleared).
+# p <= 1 is scaled by 2^14 before its fp16 split: the hi part stays below fp16's max, and the
+# lo part stays above fp16's subnormals for every p that matters at float32 accuracy.
+FP16_SPLIT_SCALE = tl.constexpr(16384.0)
 
-    A tf32 ``tl.dot`` of ``hi`` and of ``lo`` against small-integer weights (exact in tf32) is
-    float32-accurate: ``hi``'s products are exact and ``lo``'s rounding is ``2^-11`` of ``lo``,
-    i.e. ``~2^-21`` of ``x``.
+
+@triton.jit
+def _eq9_dot(p, w):
+    """``p @ w`` (``p [M, N]`` float32 in ``[0, 1]``, ``w [N, K]`` float16 integers) to float32 accuracy.
+
+    Two fp16 ``tl.dot``s of ``p * 2^14 = hi + lo`` (``lo`` the fp16-rounded remainder, ``~2^-22``
+    of ``p`` lost): an fp16 left operand comes from the accumulator layout without a shuffle,
+    a tf32 one does not, and ``w`` is exact in fp16.
     """
-    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    return hi, x - hi
+    x = p * FP16_SPLIT_SCALE
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    acc = tl.dot(hi, w)
+    acc = tl.dot(lo, w, acc)
+    return acc * (1.0 / FP16_SPLIT_SCALE)
 
 
 @triton.jit
@@ -140,7 +156,7 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     local_k = tl.arange(0, NBT)[None, :]
     r = local_i - (B - 1) - A * local_k
     w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
-    w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float32)
+    w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float16)  # exact: w <= min(a, b) <= 2048
     in_step = local_k < NB_STEP
     col_np = tl.arange(0, NP)[None, :]
     # Running top-n as an unordered set of distinct keys (empty slots -1 - slot) and its minimum.
@@ -162,9 +178,7 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
             p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
         # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
         # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
-        p_hi, p_lo = _tf32_split(p)
-        head_scores = tl.dot(p_hi, w, input_precision="tf32")
-        head_scores = tl.dot(p_lo, w, head_scores, input_precision="tf32")
+        head_scores = _eq9_dot(p, w)
         scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
         key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
         # Blocks a row gains this step are those beating its n-th best.
@@ -229,8 +243,9 @@ _select_tuned = triton.autotune(_SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})(_select_kernel)
 
-# Positions per tile, at most: bounds the [positions, BLOCK_N, NBT] Eq. 9 product and the
-# [positions, NP, NP] top-n merge in registers.
+# Positions per tile, at most: bounds the block-level work per step ([positions, NBT] keys, the
+# [positions, 2*NP] top-k), which is spread thinly over the warps and costs instructions, not
+# registers. More positions would also mean more merges (any row gaining a block triggers one).
 MAX_POSITIONS = 8
 # Interpreter tiles: short test sequences still cross several steps and query tiles.
 INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
