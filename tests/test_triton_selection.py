@@ -133,3 +133,10 @@ def test_exact_ties_choose_the_lower_index(block, stride, select_block):
         expected = sorted(forced + lowest)
         expected += [-1] * (count - len(expected))
         assert got[0, t].tolist() == [expected, expected], f"t={t}: got {got[0, t].tolist()}, want {expected}"
+
+
+def test_eq9_weights_beyond_float16_integers_are_rejected():
+    q = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="stride=1 must be <= 2048"):
+        select_blocks_triton(q, torch.zeros(1, 1, 1, 16), torch.zeros(1, 4, 1), block=4096, stride=1,
+                             select_block=4096, select_count=2)

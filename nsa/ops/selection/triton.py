@@ -156,7 +156,8 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     local_k = tl.arange(0, NBT)[None, :]
     r = local_i - (B - 1) - A * local_k
     w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
-    w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float16)  # exact: w <= min(a, b) <= 2048
+    # Exact in float16: w <= min(a, b) <= 2048 (checked by the wrapper).
+    w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float16)
     in_step = local_k < NB_STEP
     col_np = tl.arange(0, NP)[None, :]
     # Running top-n as an unordered set of distinct keys (empty slots -1 - slot) and its minimum.
@@ -272,6 +273,10 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     """
     batch, seq_len, num_heads, head_dim = q.shape
     num_kv = k_cmp.shape[2]
+    if min(block, select_block) // stride > 2048:
+        # The Eq. 9 weights (at most min(l, l') / d) must be exact in float16 for its tl.dot.
+        raise ValueError(f"select_blocks_triton: min(block={block}, select_block={select_block}) / "
+                         f"stride={stride} must be <= 2048")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     out = torch.empty(batch, seq_len, num_kv, select_count, dtype=torch.int64, device=q.device)
     if batch == 0 or seq_len == 0:
