@@ -75,10 +75,10 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
 
     from nsa.bench import prefill
 
-    if not torch.cuda.is_available():
-        raise click.ClickException("nsa bench needs a CUDA device (none is visible to torch)")
     lengths = _parse_ints(seq_lens, "--seq-lens")
     dims = _parse_head_dims(head_dims)
+    if not torch.cuda.is_available():
+        raise click.ClickException("nsa bench needs a CUDA device (none is visible to torch)")
     # Logs (CI, remote runs) get a wide table instead of one squeezed to 80 columns.
     console = Console() if Console().is_terminal else Console(width=220)
     card = torch.cuda.get_device_name()

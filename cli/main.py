@@ -13,6 +13,7 @@ COMMANDS = {
     "verify": "cli.verify_cmd:verify",
     "report": "cli.report_cmd:report",
     "bench": "cli.bench_cmd:bench",
+    "train": "cli.train_cmd:train",
 }
 
 
