@@ -47,14 +47,14 @@ def _triton_status(q: torch.Tensor, config=None) -> tuple[bool, str]:
         register_backend("triton", nsa_triton)
     if "triton" not in _IMPLEMENTATIONS:
         return False, "Triton kernels are not part of this build"
+    if not (q.is_cuda or triton_interpreting()):
+        return False, f"inputs are on {q.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in TRITON_DTYPES:
+        return False, f"Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     limit = triton_config_limits(config) if config is not None else None
     if limit is not None:
         return False, limit
-    if q.dtype not in TRITON_DTYPES:
-        return False, f"Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if q.is_cuda or triton_interpreting():
-        return True, "CUDA tensors" if q.is_cuda else "TRITON_INTERPRET=1 (CPU interpreter)"
-    return False, f"inputs are on {q.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    return True, "CUDA tensors" if q.is_cuda else "TRITON_INTERPRET=1 (CPU interpreter)"
 
 
 def resolve_backend(backend: str, q: torch.Tensor, config=None) -> tuple[str, str]:
