@@ -6,8 +6,8 @@ import torch
 from nsa import NSAConfig, nsa_attention
 from nsa.backends import resolve_backend
 
-SMALL = dict(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4, select_count=4,
-             window=24, phi="mean")
+SMALL = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "compress_block": 8, "compress_stride": 4,
+         "select_count": 4, "window": 24, "phi": "mean"}
 
 
 def _inputs(config, dtype=torch.float32, seq_len=40):

@@ -216,6 +216,20 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """CI systems and job schedulers stop a run with SIGTERM: treat it as Ctrl-C while the run
+    goes on, so the cases that finished are written and the exit status says "interrupted"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def disconnect(cluster: Cluster) -> None:
     import ray
 
@@ -577,6 +591,8 @@ def verify(options: RunOptions, *, progress: Progress | None = None, num_cpus: i
     plan = plan_cases(options.suites, options.scale, options.backend)
     cluster = connect(options.address, num_cpus=num_cpus, num_gpus=num_gpus, timeout_s=options.connect_timeout_s)
     try:
-        return run_cases(plan, cluster, options, progress=progress)
+        # After ray.init: Ray installs its own SIGTERM handler in the driver, which exits at once.
+        with _sigterm_as_ctrl_c():
+            return run_cases(plan, cluster, options, progress=progress)
     finally:
         disconnect(cluster)
