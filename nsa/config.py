@@ -96,7 +96,7 @@ class NSAConfig:
         return (self.num_compressed(seq_len) + min(self.select_count * self.select_block, seq_len)
                 + min(self.window, seq_len))
 
-    def replace(self, **changes) -> "NSAConfig":
+    def replace(self, **changes) -> NSAConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

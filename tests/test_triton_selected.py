@@ -4,13 +4,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from nsa.ops import compress_mean, select_blocks, selection_block_scores  # noqa: E402
-from nsa.ops.selected_attention.naive import selected_attention  # noqa: E402
-from nsa.ops.selected_attention import triton as triton_selected  # noqa: E402
-from nsa.ops.selected_attention.triton import invert_selection, selected_attention_triton  # noqa: E402
+from nsa.ops import compress_mean, select_blocks, selection_block_scores
+from nsa.ops.selected_attention import triton as triton_selected
+from nsa.ops.selected_attention.naive import selected_attention
+from nsa.ops.selected_attention.triton import invert_selection, selected_attention_triton
 
 SELECT_BLOCK = 16
 

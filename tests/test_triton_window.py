@@ -4,11 +4,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from nsa.ops.window_attention.naive import window_attention  # noqa: E402
-from nsa.ops.window_attention.triton import window_attention_triton  # noqa: E402
+from nsa.ops.window_attention.naive import window_attention
+from nsa.ops.window_attention.triton import window_attention_triton
 
 CASES = [  # (G, HK, Dk, Dv, T, window)
     (1, 2, 32, 32, 200, 150),   # window below T; interior (unmasked) tiles at 64 positions x G=1

@@ -60,7 +60,7 @@ def _time_fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor
         forward().backward(grad)
 
     fwdbwd = _bench(both)
-    del out
+    out = None  # free the timed graph before measuring peak memory
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

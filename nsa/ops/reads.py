@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from nsa.config import NSAConfig
-
 from nsa.ops.compressed_attention.naive import visible_compressed
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa.ops.attention_core import (compute_dtype, default_scale, masked_softmax,
-                                    score_elements_per_chunk)
+from nsa.ops.attention_core import compute_dtype, default_scale, masked_softmax, score_elements_per_chunk
 from nsa.ops.compressed_attention.naive import visible_compressed
 
 
