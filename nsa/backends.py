@@ -11,6 +11,7 @@ from nsa.ops.reference import nsa_reference
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
 
 # name -> callable with nsa_reference's signature; "triton" is added on first use.
 _IMPLEMENTATIONS: dict[str, Callable] = {"reference": nsa_reference}
@@ -30,11 +31,15 @@ def triton_config_limits(config) -> str | None:
     """Why the Triton kernels cannot run ``config`` (``None`` when they can).
 
     The selection kernels tile each selected block as one power-of-two key tile of at least 16
-    rows (the smallest ``tl.dot`` dimension).
+    rows (the smallest ``tl.dot`` dimension), and every kernel holds a whole head row in registers.
     """
     lp = config.select_block
     if lp < 16 or lp & (lp - 1):
         return f"select_block={lp}: the Triton kernels need a power of two >= 16"
+    # One head row must fit a kernel tile (Dk is split 128 + 64 for 192; nothing above 256).
+    for name in ("head_dim", "v_head_dim"):
+        if getattr(config, name) > MAX_TRITON_HEAD_DIM:
+            return f"{name}={getattr(config, name)}: the Triton kernels take head dims <= {MAX_TRITON_HEAD_DIM}"
     return None
 
 

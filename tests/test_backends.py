@@ -57,3 +57,12 @@ def test_unknown_backend_is_named():
     config = NSAConfig(select_block=16, **SMALL)
     with pytest.raises(ValueError, match="backend must be one of"):
         nsa_attention(*_inputs(config), config, backend="cuda")
+
+
+@pytest.mark.parametrize("field", ["head_dim", "v_head_dim"])
+def test_triton_refuses_head_dims_beyond_its_tiles(field):
+    config = NSAConfig(select_block=16, **{**SMALL, field: 320})
+    q = torch.zeros(1, 4, config.num_heads, config.head_dim)
+    with pytest.raises(RuntimeError, match=f"{field}=320.*<= 256"):
+        resolve_backend("triton", q, config)
+    assert resolve_backend("auto", q, config)[0] == "reference"
