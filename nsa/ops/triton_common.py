@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
+# Triton decides interpret-or-compile when a kernel is defined, i.e. when the kernel modules are
+# imported; launchers follow that decision, not a later change of the variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """True when the kernels were defined under ``TRITON_INTERPRET=1``: they run on CPU tensors
+    and autotuning is bypassed."""
+    return INTERPRET
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 

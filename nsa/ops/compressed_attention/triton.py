@@ -22,27 +22,18 @@ Argument checking is :mod:`nsa.functional`'s job; these wrappers only assume wel
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from nsa.ops.triton_common import interpreting
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
 LOG2E_JIT = tl.constexpr(LOG2E)
 LN2_JIT = tl.constexpr(0.6931471805599453)
 
-
-# Triton decides interpret-or-compile when a kernel is defined, i.e. when this module is imported;
-# the launchers follow that decision, not a later change of the variable.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreting() -> bool:
-    """True when these kernels were defined under ``TRITON_INTERPRET=1``: they run on CPU tensors
-    and autotuning is bypassed."""
-    return _INTERPRETED
 
 
 def pow2(n: int) -> int:

@@ -32,7 +32,6 @@ loaded, summed over splits: counted from the ranges used, not from the formula.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 
 from nsa.config import NSAConfig
 from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
+from nsa.ops.triton_common import interpreting
 
 LOG2E = 1.4426950408889634
 # Split counts, chunk sizes and buffer widths change with every shape; not specialising on them
@@ -50,8 +50,6 @@ FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the
 MAX_SPLITS = 64
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pow2(n: int) -> int:
