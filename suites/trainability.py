@@ -38,7 +38,10 @@ def _cases(scale: str):
         # interpreter (seconds per step).
         yield "tiny-cpu-300steps", {"steps": 300, "seed": 0, "backend": "reference"}
         return
-    yield "h200-nsa-vs-dense-4k", {"needs_gpu": True, "minutes": 2.5, "eval_minutes": 1.25, "seed": 0}
+    # Opt-in: a training run of about 8 minutes does not belong in every acceptance run (it alone
+    # would be most of the 15-minute budget of `nsa verify --scale full`); naming the suite runs it.
+    yield "h200-nsa-vs-dense-4k", {"needs_gpu": True, "minutes": 2.5, "eval_minutes": 1.25, "seed": 0,
+                                   "opt_in": True}
     yield "triton-grad-model-shapes", {"needs_gpu": True, "seq_len": 4096, "batch": 2, "seed": 0}
 
 

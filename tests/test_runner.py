@@ -181,3 +181,14 @@ def test_a_gpu_worker_is_replaced_after_an_error(cluster, tmp_path):
     assert rows["demo-gpu-error::boom"].status == "error" and "illegal memory access" in rows["demo-gpu-error::boom"].message
     assert rows["demo-gpu-error::after"].status == "pass"
     assert rows["demo-gpu-error::after"].metrics["pid"] != rows["demo-gpu-error::boom"].metrics["pid"]
+
+
+def test_opt_in_cases_run_only_when_their_suite_is_named():
+    default = {case.name for _, case in runner.plan_cases([], "full", "auto")}
+    named = {case.name for _, case in runner.plan_cases(["trainability"], "full", "auto")}
+    long_run = "trainability::h200-nsa-vs-dense-4k"
+    assert long_run not in default and long_run in named
+    assert "trainability::triton-grad-model-shapes" in default  # only the opt-in case is left out
+    assert runner.opt_in_left_out([], "full") == [long_run]
+    assert runner.opt_in_left_out(["trainability"], "full") == []
+    assert runner.opt_in_left_out([], "ci") == []

@@ -31,6 +31,11 @@ class Case:
     timeout_s: float = 600.0
 
     @property
+    def opt_in(self) -> bool:
+        """A long case (a training run) that runs only when its suite is named, never by default."""
+        return bool(self.params.get("opt_in", False))
+
+    @property
     def name(self) -> str:
         return f"{self.suite}::{self.case_id}"
 

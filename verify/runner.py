@@ -137,7 +137,8 @@ class SilentProgress:
 def plan_cases(suite_names: list[str], scale: str, backend: str) -> list[tuple[Suite, Case]]:
     """Every case of the named suites (all suites when empty) at ``scale``, with
     ``params["backend"] = backend`` unless the case pins a backend of its own (a case written to
-    test one backend, e.g. decode's float64 reference run, keeps it)."""
+    test one backend, e.g. decode's float64 reference run, keeps it). Opt-in cases (a training
+    run of many minutes) are planned only when their suite is named: see :func:`opt_in_left_out`."""
     from verify.registry import all_suites
 
     known = all_suites()
@@ -150,9 +151,20 @@ def plan_cases(suite_names: list[str], scale: str, backend: str) -> list[tuple[S
     for name in dict.fromkeys(names):
         suite = get_suite(name)
         for case in suite.cases(scale):
+            if case.opt_in and not suite_names:
+                continue
             params = {**case.params, "backend": case.params.get("backend", backend)}
             plan.append((suite, dataclasses.replace(case, params=params)))
     return plan
+
+
+def opt_in_left_out(suite_names: list[str], scale: str) -> list[str]:
+    """The opt-in cases a run of ``suite_names`` at ``scale`` leaves out (none when suites are named)."""
+    if suite_names:
+        return []
+    from verify.registry import all_suites
+
+    return [case.name for suite in all_suites().values() for case in suite.cases(scale) if case.opt_in]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +580,7 @@ def run_cases(plan: list[tuple[Suite, Case]], cluster: Cluster, options: RunOpti
     info: dict[str, Any] = {
         "run_id": run_id, "scale": options.scale, "backend": options.backend,
         "suites": sorted({case.suite for _, case in plan}), "planned": len(plan), "not_run": [],
+        "opt_in_left_out": opt_in_left_out(options.suites, options.scale),
         "cluster": dataclasses.asdict(cluster), "gpus_per_case": options.gpus_per_case,
         "timeout_s": options.timeout_s, "git_sha": environment.git_sha(),
         "driver_host": environment.host_name(), "started_at": datetime.now(timezone.utc).isoformat(),
