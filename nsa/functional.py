@@ -157,6 +157,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         cmp_bounds = list(zip(cmp_offsets[:-1], cmp_offsets[1:]))
     outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
     for index, (start, end) in enumerate(bounds):
+        if end == start and len(bounds) > 1:
+            continue  # an empty sequence adds no rows; the kernels' backward is not asked for T = 0
         piece = slice(start, end)
         if compressed_kv is None:
             k_cmp = compress_mean(k[:, piece], config.compress_block, config.compress_stride)
@@ -170,6 +172,13 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         blocks.append(sel)
         for branch in BRANCHES:
             reads[branch].append(rd[branch])
+    if not outputs:  # every packed sequence was empty: run the (empty) whole once for the shapes
+        o, sel, rd = run_backend(name, q, compressed_kv[0] if compressed_kv is not None else
+                                 compress_mean(k, config.compress_block, config.compress_stride),
+                                 compressed_kv[1] if compressed_kv is not None else
+                                 compress_mean(v, config.compress_block, config.compress_stride),
+                                 k_slc, v_slc, k_win, v_win, gates, config, scale=scale)
+        outputs, blocks, reads = [o], [sel], {b: [rd[b]] for b in BRANCHES}
     out = torch.cat(outputs, dim=1)
     if not return_info:
         return out

@@ -63,6 +63,11 @@ def _cases(scale: str):
                                        ("varlen-edges", "1,0,7,20,2")):
                     yield f"finite-{label}-{phi}-{dtype}", {"op": "finite", **small, "phi": phi,
                                                             "dtype": dtype, "lengths": lengths}
+        # The Triton path (interpreter on a CPU) with an empty sequence in the pack: its backward
+        # once indexed an empty tensor there (found by the full-scale run on an H200).
+        yield "finite-varlen-edges-mean-float32-triton", {"op": "finite", **small, "dk": 16, "dv": 16, "phi": "mean",
+                                                          "dtype": "float32", "lengths": "1,0,7,20,2",
+                                                          "backend": "triton"}
         return
     for phi in ("mean", "mlp"):
         for label, lengths in (("T1", "1"), ("T31-lt-l", "31"), ("T63-lt-lp", "63"),

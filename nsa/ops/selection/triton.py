@@ -86,6 +86,12 @@ def _largest(keys, WIDTH: tl.constexpr, K: tl.constexpr):
     return tl.sum(tl.where(rank[:, :, None] == slot, keys[:, :, None], 0), axis=1)
 
 
+# The final ordering ranks by counting ([positions, NP, NP] compares) up to this top-n width; wider
+# (n > 64: e.g. n * l' >= T to make selection see everything) that tensor passes Triton's 2^20
+# element limit at n = 512, and a bitonic ``tl.sort`` takes over.
+RANK_SORT_MAX_WIDTH = tl.constexpr(64)
+
+
 # p <= 1 is scaled by 2^14 before its fp16 split: the hi part stays below fp16's max, and the
 # lo part stays above fp16's subnormals for every p that matters at float32 accuracy.
 FP16_SPLIT_SCALE = tl.constexpr(16384.0)
@@ -200,7 +206,10 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     # Ascending block order, padding last: the largest of -index (unused slots far below).
     valid = (top >= 0) & (top <= (FORCED_KEY_HIGH.value | INDEX_BITS.value))
     order = tl.where(valid, (top & INDEX_BITS.value) - INDEX_BITS.value, -(1 << 40) - col_np.to(tl.int64))
-    order = _largest(order, NP, NP)
+    if NP <= RANK_SORT_MAX_WIDTH:
+        order = _largest(order, NP, NP)
+    else:
+        order = tl.sort(order, dim=1, descending=True)
     chosen = tl.where(order > -(1 << 40), -order, -1)
     out_rows = tile_base(OUT, b, t0, h, stride_out_b, stride_out_t, stride_out_h) + local_pos * stride_out_t
     tl.store(out_rows[:, None] + col_np, chosen, mask=t_ok[:, None] & (col_np < COUNT))
