@@ -12,6 +12,10 @@ Layout (``E_k = HK * Dk * itemsize``, ``E_v = HK * Dv * itemsize``; see docs/DEC
 ``lengths`` (int64 ``[B]``) is each sequence's current length ``S``. Appending the token that
 makes the length ``S`` emits compressed block ``(S - l) // d`` exactly when ``S >= l`` and
 ``(S - l) % d == 0``.
+
+Two ways to append: :meth:`NSACache.append` (one sequence, any number of tokens; reads its length
+on the host) and :meth:`NSACache.append_one` (one token for every sequence at once, indices and
+emission computed on the device: no host synchronisation, CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class NSACache:
         # "cuda" and "cuda:0" compare unequal; keep the resolved device the buffers landed on.
         self.device = self.k_slc.device
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.k_slc.device)
+        # Set by append_one for a sequence that was already full (it cannot raise without a sync).
+        self.overflowed = torch.zeros(batch_size, dtype=torch.bool, device=self.k_slc.device)
 
     @classmethod
     def allocate(cls, config: NSAConfig, batch_size: int, max_len: int, *,
@@ -93,9 +99,11 @@ class NSACache:
         """Empty one sequence's slot (continuous batching reuses it), or every slot."""
         if index is None:
             self.lengths.zero_()
+            self.overflowed.zero_()
         else:
             self._check_index(index)
             self.lengths[index] = 0
+            self.overflowed[index] = False
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.batch_size:
@@ -149,6 +157,78 @@ class NSACache:
                         v_cmp=self.v_cmp[index:index + 1, :emitted],
                         k_slc=self.k_slc[index:index + 1, :new], v_slc=self.v_slc[index:index + 1, :new],
                         k_win=k_win_seg[None], v_win=v_win_seg[None], win_offset=win_offset)
+
+    def append_one(self, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor,
+                   k_win: torch.Tensor, v_win: torch.Tensor, compress: Compressor) -> torch.Tensor:
+        """Append one new token to every sequence at once, without host synchronisation.
+
+        The graph-capturable counterpart of :meth:`append` for the common serving step: every
+        write index is computed on the device from ``lengths`` (``index_put`` at
+        ``[b, S_old[b] % slots]``), and compression emission is a mask, not a host decision: phi
+        runs on one candidate block per sequence on every call (the last ``l`` raw tokens, read
+        from the tail ring after the write) and its result lands in slot ``(S - l) // d`` only
+        where ``S >= l`` and ``(S - l) % d == 0`` (elsewhere the slot is rewritten with what it
+        held). The work and every shape depend on the cache's shapes only, never on the lengths.
+        ``lengths`` is updated in place (its storage stays the same, as a captured graph needs).
+
+        A sequence already at ``max_len`` cannot be refused without reading its length on the
+        host: its writes are dropped (its cache and length are unchanged), ``overflowed[b]`` is
+        set for the caller to inspect whenever it synchronises anyway, and the step's output for
+        it is meaningless. Where a sync is acceptable, :meth:`check_room` before the step raises
+        instead.
+
+        Args:
+            k_cmp, v_cmp: ``[B, HK, Dk|Dv]`` raw compression-branch keys (RoPE applied at position
+                ``lengths[b]``) / values of each sequence's new token.
+            k_slc, v_slc, k_win, v_win: ``[B, HK, Dk|Dv]`` the other branches' keys/values.
+            compress: phi (see :data:`Compressor`), called once with ``[B, 1, l, HK, D]`` blocks.
+
+        Returns:
+            int64 ``[B]``: each new token's position, i.e. the lengths before the step (a new tensor).
+        """
+        c, batch = self.config, self.batch_size
+        hk, dk, dv = c.num_kv_heads, c.head_dim, c.v_head_dim
+        named = (("k_cmp", k_cmp, dk), ("v_cmp", v_cmp, dv), ("k_slc", k_slc, dk), ("v_slc", v_slc, dv),
+                 ("k_win", k_win, dk), ("v_win", v_win, dv))
+        for name, t, dim in named:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, hk, dim):
+                raise ValueError(f"{name} must be a tensor [B={batch}, HK={hk}, {dim}] (one new token per "
+                                 f"sequence), got {tuple(getattr(t, 'shape', ()))}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the cache on {self.device}")
+        k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = (t.detach().to(self.dtype) for _, t, _ in named)
+        old = self.lengths.clone()
+        room = old < self.max_len
+        self.overflowed |= ~room
+        rows = torch.arange(batch, device=self.device)
+        # Clamped so that a full sequence's (dropped) write still indexes inside the buffers.
+        position = old.clamp(max=self.max_len - 1)
+
+        def put(buffer: torch.Tensor, slot: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> None:
+            # Rows where `keep` is off rewrite their current contents: a masked write without a
+            # data-dependent shape (a boolean index would need a sync).
+            buffer[rows, slot] = torch.where(keep[:, None, None], value, buffer[rows, slot])
+
+        put(self.k_slc, position, k_slc, room)
+        put(self.v_slc, position, v_slc, room)
+        put(self.k_win, position % self.window_slots, k_win, room)
+        put(self.v_win, position % self.window_slots, v_win, room)
+        block, stride = c.compress_block, c.compress_stride
+        put(self.k_tail, position % block, k_cmp, room)
+        put(self.v_tail, position % block, v_cmp, room)
+        new = old + room.to(old.dtype)
+        slots = self.k_cmp.shape[1]
+        if slots:  # a cache shorter than l never emits (a static fact, known from the shapes)
+            start = new - block  # first position of the block that ends with the new token
+            ring = (start[:, None] + torch.arange(block, device=self.device)) % block  # [B, l], >= 0
+            k_out, v_out = compress(self.k_tail[rows[:, None], ring][:, None],
+                                    self.v_tail[rows[:, None], ring][:, None])
+            emit = room & (start >= 0) & (start % stride == 0)
+            slot = (start // stride).clamp(0, slots - 1)
+            put(self.k_cmp, slot, k_out[:, 0].detach().to(self.dtype), emit)
+            put(self.v_cmp, slot, v_out[:, 0].detach().to(self.dtype), emit)
+        self.lengths.copy_(new)
+        return old
 
     def _ring_read(self, ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
         slots = torch.arange(start, end, device=ring.device) % ring.shape[0]

@@ -28,14 +28,22 @@ class NSADecodeInfo(NSAInfo):
             ``cmp``) each new token's branch read, counted from the index ranges the step used.
         positions: int64 ``[..]`` absolute position of every new token.
         lengths: int64 ``[num_sequences]`` cache lengths after the step.
+        step: how the cache was appended to: ``"batched"`` (one token per sequence, every
+            sequence at once on the device, :meth:`NSAAttention.decode_step`) or
+            ``"per-sequence"`` (a host loop over the sequences: multi-token and packed steps,
+            the reference backend).
     """
 
     positions: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    step: str = ""
 
 
 # Tokens per sequence in one Triton decode launch; longer cache steps run as several.
 TRITON_STEP_TOKENS = 64
+# forward(x, cache=...) takes the batched step (decode_step) when every sequence gets one token
+# and the Triton backend runs; False forces the per-sequence loop (tests compare the two).
+BATCHED_STEP = True
 
 
 def resolve_decode_backend(backend: str, x: torch.Tensor) -> tuple[str, str]:
@@ -182,6 +190,68 @@ class NSAAttention(nn.Module):
             return self._step(x, offsets, cache, backend, return_info)
         return self._prefill(x, cu_seqlens, offsets, backend, return_info)
 
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, cache: NSACache, *, return_info: bool = False, check: bool = False,
+                    ) -> torch.Tensor | tuple[torch.Tensor, NSADecodeInfo]:
+        """One decode step of one new token per sequence, with no host synchronisation.
+
+        Every sequence of ``cache`` gets one token: RoPE positions are ``cache.lengths`` (read on
+        the device), the caches are appended for all sequences at once by
+        :meth:`NSACache.append_one` (write indices and compression emission computed on the
+        device; phi runs on one candidate block per sequence every step), ``cache.lengths`` is
+        advanced in place, then the Triton decode kernels run (four launches, ``check_values=False``).
+        Shapes and launches depend only on ``x``'s and the cache's shapes, so the step can be
+        captured in a CUDA graph and replayed (docs/DECODE.md, "The graph-capturable layer
+        step"). Same function as ``forward(x, cache=cache, backend="triton")``, which takes this
+        path for such steps.
+
+        Args:
+            x: ``[cache.batch_size, 1, d_model]``, the parameters' dtype (float16, bfloat16 or
+                float32) and device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+            cache: the layer's :class:`NSACache` (``new_cache``), same dtype and device as ``x``.
+            return_info: also return an :class:`NSADecodeInfo` (tensors only: ``gate_stats`` is
+                left empty, since host floats would need a sync).
+            check: read the lengths on the host first and raise if a sequence is full (a sync: not
+                for capture). Without it a full sequence's token is dropped and
+                ``cache.overflowed`` records it (see :meth:`NSACache.append_one`).
+
+        Returns:
+            ``[B, 1, d_model]`` in ``x``'s dtype, and the info when ``return_info``.
+        """
+        self._check_x(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"decode_step takes one new token per sequence, x must be [B, 1, d_model], got "
+                             f"shape {tuple(x.shape)}; forward(x, cache=...) runs multi-token steps")
+        self._check_cache(cache, x, x.shape[0], packed=False)
+        _, reason = resolve_decode_backend("triton", x)  # raises when the kernels cannot run here
+        if check:
+            cache.check_room([1] * cache.batch_size)
+        return self._batched_step(x, cache, reason, return_info, gate_stats=False)
+
+    def _batched_step(self, x, cache, reason, return_info, gate_stats):
+        """:meth:`decode_step` after its checks; nothing here may read a tensor on the host."""
+        from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+
+        c = self.config
+        batch = x.shape[0]
+        positions = cache.lengths.clone()
+        q, kv, gates = self.project(x, positions[:, None])
+        cache.append_one(*(t[:, 0] for b in BRANCHES for t in kv[b]), compress=self.compress_blocks)
+        # One token per sequence: the w-slot ring, written before the kernels run, holds every
+        # window key they read. The plan depends on shapes only.
+        plan = plan_decode(c, batch * c.num_kv_heads, cache.max_len)
+        num_new = torch.ones(batch, dtype=torch.int64, device=x.device)
+        o, blocks, reads = nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win,
+                                             cache.v_win, gates, cache.lengths, c, num_new=num_new, plan=plan,
+                                             check_values=False)
+        out = self.o_proj(o.reshape(batch, 1, c.num_heads * c.v_head_dim))
+        if not return_info:
+            return out
+        info = NSADecodeInfo(selected_blocks=blocks, reads=reads, backend="triton", backend_reason=reason,
+                             gate_stats=_gate_stats(gates) if gate_stats else {}, positions=positions[:, None],
+                             lengths=cache.lengths.clone(), step="batched")
+        return out, info
+
     def _prefill(self, x, cu_seqlens, offsets, backend, return_info):
         c = self.config
         batch, seq_len, _ = x.shape
@@ -229,6 +299,18 @@ class NSAAttention(nn.Module):
         self._check_cache(cache, x, len(counts), packed)
         cache.check_room(counts)
         name, reason = resolve_decode_backend(backend, x)
+        if name == "triton" and BATCHED_STEP and all(n == 1 for n in counts):
+            # One token each (x [B, 1, d] or packed [1, B, d]): the device-side batched step.
+            result = self._batched_step(x.reshape(batch * seq_len, 1, self.d_model), cache, reason, return_info,
+                                        gate_stats=True)
+            if not return_info:
+                return result.reshape(x.shape)
+            out, info = result
+            hk = c.num_kv_heads
+            info.selected_blocks = info.selected_blocks.reshape(batch, seq_len, hk, c.select_count)
+            info.reads = {b: r.reshape(batch, seq_len, hk) for b, r in info.reads.items()}
+            info.positions = info.positions.reshape(batch, seq_len)
+            return out.reshape(x.shape), info
         tokens = x.reshape(1, batch * seq_len, self.d_model)
         old_lengths = cache.lengths.tolist()
         positions = torch.cat([torch.arange(n, device=x.device) + s for n, s in zip(counts, old_lengths)])
@@ -263,7 +345,8 @@ class NSAAttention(nn.Module):
         info = NSADecodeInfo(selected_blocks=layout(blocks, (hk, c.select_count)),
                              reads={b: layout(reads[b], (hk,)) for b in BRANCHES},
                              backend=name, backend_reason=reason, gate_stats=_gate_stats(gates),
-                             positions=positions.reshape(batch, seq_len), lengths=cache.lengths.clone())
+                             positions=positions.reshape(batch, seq_len), lengths=cache.lengths.clone(),
+                             step="per-sequence")
         return out, info
 
     def _triton_step(self, q, kv, gates, offsets, cache):

@@ -158,3 +158,64 @@ def test_cache_errors_name_the_argument():
         cache.check_room([1, 1, 1])
     with pytest.raises(ValueError, match="new-token count of sequence 1 must be >= 0"):
         cache.check_room([1, -1])
+
+
+@pytest.mark.parametrize("block, stride", [(4, 2), (4, 4), (1, 1), (8, 2), (6, 3)])
+def test_append_one_equals_per_sequence_append(block, stride):
+    """The batched, device-side append (one token for every sequence, emission by mask) leaves
+    the same cache as appending each sequence alone, across emissions and window-ring wraps."""
+    config = CONFIG.replace(compress_block=block, compress_stride=stride, select_block=max(8, 2 * block))
+    max_len, starts, steps = 30, [0, 3, 11, 17], 13
+    caches = [NSACache.allocate(config, len(starts), max_len, dtype=torch.float64) for _ in range(2)]
+    raws = [raw_tokens(start + steps, config) for start in starts]
+    for cache in caches:
+        for index, (start, raw) in enumerate(zip(starts, raws)):
+            grow(cache, index, [t[:start] for t in raw], [start] if start else [], RecordingMean())
+    batched, single = caches
+    shapes = []
+
+    def phi(k_blocks, v_blocks):
+        shapes.append(tuple(k_blocks.shape[:3]))
+        return k_blocks.mean(dim=2), v_blocks.mean(dim=2)
+
+    for step in range(steps):
+        positions = batched.append_one(*(torch.stack([raw[i][start + step] for raw, start in zip(raws, starts)])
+                                         for i in range(6)), compress=phi)
+        assert positions.tolist() == [start + step for start in starts]
+        for index, (start, raw) in enumerate(zip(starts, raws)):
+            grow(single, index, [t[start + step:start + step + 1] for t in raw], [1], RecordingMean())
+        for name in ("k_cmp", "v_cmp", "k_tail", "v_tail", "k_slc", "v_slc", "k_win", "v_win", "lengths"):
+            assert torch.equal(getattr(batched, name), getattr(single, name)), (step, name)
+    # phi sees one candidate block per sequence on every step, emitted or not.
+    assert shapes == [(len(starts), 1, block)] * steps
+    assert not batched.overflowed.any()
+    for index, (start, raw) in enumerate(zip(starts, raws)):
+        count = config.num_compressed(start + steps)
+        torch.testing.assert_close(batched.k_cmp[index, :count], compress_mean(raw[0][None], block, stride)[0],
+                                   rtol=0, atol=1e-15)
+
+
+def test_append_one_drops_a_full_sequence_and_flags_it():
+    cache = NSACache.allocate(CONFIG, 3, 6, dtype=torch.float64)
+    grow(cache, 1, raw_tokens(6), [6], RecordingMean())
+    grow(cache, 2, raw_tokens(5), [5], RecordingMean())
+    before = {name: getattr(cache, name).clone() for name in ("k_cmp", "k_tail", "k_slc", "v_slc", "k_win")}
+    new = raw_tokens(3)  # [3, HK, D]: one token for each sequence
+    positions = cache.append_one(*new, compress=RecordingMean())
+    assert positions.tolist() == [0, 6, 5] and cache.lengths.tolist() == [1, 6, 6]
+    assert cache.overflowed.tolist() == [False, True, False]
+    for name, old in before.items():
+        assert torch.equal(getattr(cache, name)[1], old[1]), f"the full sequence's {name} must not change"
+    assert torch.equal(cache.k_slc[0, 0], new[2][0]) and torch.equal(cache.k_slc[2, 5], new[2][2])
+    cache.reset(1)
+    assert cache.overflowed.tolist() == [False, False, False]
+
+
+def test_append_one_errors_name_the_argument():
+    cache = NSACache.allocate(CONFIG, 2, 8, dtype=torch.float64)
+    new = raw_tokens(2)
+    with pytest.raises(ValueError, match=r"v_slc must be a tensor \[B=2, HK=2, 6\]"):
+        cache.append_one(*new[:3], new[3][:1], *new[4:], compress=RecordingMean())
+    with pytest.raises(ValueError, match=r"k_cmp must be a tensor \[B=2, HK=2, 4\] \(one new token per sequence\)"):
+        cache.append_one(new[0][:, None], *new[1:], compress=RecordingMean())
+    assert cache.lengths.tolist() == [0, 0]

@@ -8,6 +8,7 @@ sequence in float64 whose last rows are the step's tokens. Kernels run in float3
 interpreter's bf16 dot is wrong).
 """
 
+import contextlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
@@ -236,12 +237,135 @@ def test_layer_cache_steps_on_triton_equal_reference(monkeypatch, step_tokens):
                    for name, cache in caches.items()}
         (out_t, info_t), (out_r, info_r) = results["triton"], results["reference"]
         assert info_t.backend == "triton" and info_r.backend == "reference"
+        assert info_t.step == ("batched" if x.shape[1] == 1 else "per-sequence") and info_r.step == "per-sequence"
         assert torch.equal(info_t.selected_blocks, info_r.selected_blocks)
         assert torch.allclose(out_t, out_r, rtol=0, atol=1e-5 * max(1.0, out_r.abs().max().item()))
         for branch in ("cmp", "slc", "win"):
             assert torch.equal(info_t.reads[branch], info_r.reads[branch]), branch
         assert torch.equal(info_t.lengths, info_r.lengths) and torch.equal(info_t.positions, info_r.positions)
     assert caches["triton"].lengths.tolist() == [41, 89]
+
+
+CACHE_BUFFERS = ("k_cmp", "v_cmp", "k_tail", "v_tail", "k_slc", "v_slc", "k_win", "v_win", "lengths")
+
+
+def primed_layer(config: NSAConfig, prompt_lengths: list[int], max_len: int, seed: int):
+    """A float32 layer (random gates) and two caches holding the same prompts of different lengths."""
+    torch.manual_seed(seed)
+    layer = NSAAttention(24, config).float()
+    with torch.no_grad():
+        layer.gate_proj.weight.normal_()
+    caches = [layer.new_cache(len(prompt_lengths), max_len) for _ in range(2)]
+    prompt = torch.randn(1, sum(prompt_lengths), 24)
+    offsets = torch.tensor([0, *prompt_lengths]).cumsum(0)
+    for cache in caches:
+        layer(prompt, cu_seqlens=offsets, cache=cache, backend="reference")
+    return layer, caches
+
+
+@pytest.mark.parametrize("phi", ["mlp", "mean"])
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)], ids=["G1", "G4"])
+def test_batched_step_equals_per_sequence_step(monkeypatch, phi, heads):
+    """decode_step (every sequence at once, emission by mask, no host reads) == the per-sequence
+    loop (host lengths, host-decided emission) on the same Triton kernels: outputs, blocks, reads,
+    positions and every cache buffer, step by step. Lengths 0, 5, 28 grown by 8 tokens: the first
+    token of an empty cache, the first emission (S = l = 8) and later ones (every d = 4), selection-
+    block boundaries (l' = 8), the window ring's wrap (w = 12: position 12 goes to slot 0; the third
+    sequence overwrites a slot every step) and the last ends exactly at max_len, emitting into the
+    last compressed slot."""
+    import nsa.layer
+
+    config = small(num_heads=heads[0], num_kv_heads=heads[1], select_block=8, phi=phi)
+    layer, (batched, single) = primed_layer(config, [0, 5, 28], 36, seed=11)
+    batch = batched.batch_size
+    for step in range(8):
+        x = torch.randn(batch, 1, 24)
+        if step % 2:  # forward routes one-token Triton steps to the batched step, packed or not
+            out_b, info_b = layer(x.reshape(1, batch, 24), cu_seqlens=torch.arange(batch + 1), cache=batched,
+                                  backend="triton", return_info=True)
+            out_b = out_b.reshape(batch, 1, 24)
+            info_b.selected_blocks = info_b.selected_blocks.reshape(batch, 1, *info_b.selected_blocks.shape[2:])
+            info_b.positions = info_b.positions.reshape(batch, 1)
+            info_b.reads = {b: r.reshape(batch, 1, -1) for b, r in info_b.reads.items()}
+        else:
+            out_b, info_b = layer.decode_step(x, batched, return_info=True)
+        monkeypatch.setattr(nsa.layer, "BATCHED_STEP", False)
+        out_s, info_s = layer(x, cache=single, backend="triton", return_info=True)
+        monkeypatch.setattr(nsa.layer, "BATCHED_STEP", True)
+        assert (info_b.step, info_s.step) == ("batched", "per-sequence")
+        assert torch.equal(info_b.selected_blocks, info_s.selected_blocks), step
+        for branch in ("cmp", "slc", "win"):
+            assert torch.equal(info_b.reads[branch], info_s.reads[branch]), (step, branch)
+        assert torch.equal(info_b.positions, info_s.positions) and torch.equal(info_b.lengths, info_s.lengths)
+        # The same kernels on the same caches; phi batched over B blocks may round differently.
+        torch.testing.assert_close(out_b, out_s, rtol=1e-5, atol=1e-6)
+        for name in CACHE_BUFFERS:
+            torch.testing.assert_close(getattr(batched, name), getattr(single, name), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, step=step: f"step {step}, {name}: {m}")
+        if phi == "mean":
+            for name in CACHE_BUFFERS:
+                assert torch.equal(getattr(batched, name), getattr(single, name)), (step, name)
+    assert batched.lengths.tolist() == [8, 13, 36] and not batched.overflowed.any()
+
+
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "is_nonzero",
+              "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Any tensor method that reads values on the host (a CUDA sync, and an error inside CUDA-graph
+    capture) raises within this block. CPU tensors never sync, so this is how a CPU test sees the
+    host reads that a GPU step would synchronise on."""
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"host read in a step that must not synchronise: Tensor.{name}")
+        return method
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        patch.setattr(torch, "nonzero", refuse("nonzero"))
+        yield
+
+
+def test_batched_step_reads_nothing_on_the_host(monkeypatch):
+    """decode_step with learned phi across an emission, a ring wrap and a selection-block boundary,
+    with every host read refused. The guard is live: the per-sequence loop trips it."""
+    import nsa.layer
+
+    config = small(select_block=8)
+    layer, (cache, other) = primed_layer(config, [6, 15], 40, seed=12)
+    x = torch.randn(2, 1, 24)
+    with no_host_reads():
+        for _ in range(3):  # lengths 7..9 and 16..18: emission at 8 and 16, block 2 starts at 16
+            out, info = layer.decode_step(x, cache, return_info=True)
+    assert cache.lengths.tolist() == [9, 18] and torch.isfinite(out).all()
+    assert info.gate_stats == {}, "decode_step's info holds tensors only"
+    monkeypatch.setattr(nsa.layer, "BATCHED_STEP", False)
+    with pytest.raises(AssertionError, match=r"host read .* Tensor\.tolist"), no_host_reads():
+        layer(x, cache=other, backend="triton")
+
+
+def test_decode_step_errors_and_overflow():
+    config = small()
+    layer, (cache, _) = primed_layer(config, [3, 6], 6, seed=13)
+    with pytest.raises(ValueError, match=r"decode_step takes one new token per sequence, x must be \[B, 1, d_model\]"):
+        layer.decode_step(torch.randn(2, 2, 24), cache)
+    with pytest.raises(ValueError, match="cache batch mismatch: the cache holds 2 sequences, x has batch 3"):
+        layer.decode_step(torch.randn(3, 1, 24), cache)
+    with pytest.raises(RuntimeError, match="no incremental-decode kernels for torch.float64"):
+        layer.double().decode_step(torch.randn(2, 1, 24, dtype=torch.float64),
+                                   layer.new_cache(2, 6, dtype=torch.float64))
+    layer.float()
+    with pytest.raises(ValueError, match=r"sequence 1 would reach 7 tokens, more than the cache's max_len=6"):
+        layer.decode_step(torch.randn(2, 1, 24), cache, check=True)
+    assert cache.lengths.tolist() == [3, 6] and not cache.overflowed.any(), "check=True refuses before writing"
+    slc = cache.k_slc[1].clone()
+    out = layer.decode_step(torch.randn(2, 1, 24), cache)  # unchecked: the full sequence is dropped, flagged
+    assert cache.lengths.tolist() == [4, 6] and cache.overflowed.tolist() == [False, True]
+    assert torch.equal(cache.k_slc[1], slc) and torch.isfinite(out).all()
 
 
 def test_kernels_compile_for_sm90_without_spills():
@@ -256,3 +380,19 @@ def test_kernels_compile_for_sm90_without_spills():
                           timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.count("STACK:0") == 6, done.stdout
+
+
+def test_layer_graph_check_dry_run_on_cpu():
+    """scripts/gpu/check_decode.py's layer-graph section without CUDA: nothing is captured (the
+    "replay" is the eager step into the same static outputs), everything else runs: cache set-up,
+    restore between runs, the step-by-step comparison, timing and the JSON row."""
+    import json
+
+    from nsa.bench.decode import layer_step_row
+
+    config = small(select_block=8)
+    row = layer_step_row(40, 2, d_model=24, config=config, steps=4, timed_steps=1, repeats=1,
+                         dtype=torch.float32, device="cpu")
+    assert row.passed and row.bitwise and row.cache_equal and row.block_mismatch == 0, row
+    assert not row.cuda_graph and row.sync_free is None and row.eager_us > 0 and row.graph_us > 0
+    assert json.loads(json.dumps(row.as_dict()))["steps"] == 4

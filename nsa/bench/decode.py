@@ -230,6 +230,183 @@ def measure(contexts=CONTEXTS, batches=BATCHES, head_dims=HEAD_DIMS, *, deadline
     return rows, copy
 
 
+# ----- the layer's step in a CUDA graph ----------------------------------------------------------
+
+LAYER_D_MODEL = 4096
+CACHE_BUFFERS = ("k_cmp", "v_cmp", "k_tail", "v_tail", "k_slc", "v_slc", "k_win", "v_win", "lengths", "overflowed")
+
+
+@dataclass
+class LayerStepRow:
+    """``NSAAttention.decode_step`` (projections, cache append, phi, the four decode kernels,
+    output projection) eager and replayed from a CUDA graph at one shape.
+
+    ``passed``: ``steps`` graph replays gave the eager steps' outputs (max |diff| over max |eager|
+    within ``tol``), blocks and final cache; ``bitwise``: they were identical. ``eager_us`` and
+    ``graph_us``: time per step over ``timed_steps`` back-to-back steps (CUDA events around the
+    whole run, median of ``repeats``), so the eager time includes the host's launch overhead
+    whenever the host is the slower side. ``sync_free``: an eager step ran under
+    ``torch.cuda.set_sync_debug_mode("error")``.
+    """
+
+    context: int
+    batch: int
+    head_dim: int
+    v_head_dim: int
+    d_model: int
+    phi: str
+    dtype: str
+    steps: int = 0
+    passed: bool = False
+    bitwise: bool = False
+    max_abs_err_rel: float | None = None
+    block_mismatch: int | None = None
+    cache_equal: bool = False
+    sync_free: bool | None = None
+    cuda_graph: bool = False
+    eager_us: float | None = None
+    graph_us: float | None = None
+    speedup: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _snapshot(cache: NSACache) -> dict[str, torch.Tensor]:
+    return {name: getattr(cache, name).clone() for name in CACHE_BUFFERS}
+
+
+def _restore(cache: NSACache, state: dict[str, torch.Tensor]) -> None:
+    # copy_ into the same storage: the captured graph holds these tensors' addresses.
+    for name, saved in state.items():
+        getattr(cache, name).copy_(saved)
+
+
+def layer_step_row(context: int, batch: int, head_dim: int = 128, v_head_dim: int = 128, *,
+                   d_model: int = LAYER_D_MODEL, config: NSAConfig | None = None, steps: int = 16,
+                   timed_steps: int = 100, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
+                   device: str = "cuda", tol: float = 1e-2, seed: int = 0) -> LayerStepRow:
+    """Capture the layer's one-token decode step in a CUDA graph, check ``steps`` replays against
+    eager steps from the same cache state, and time both (see :class:`LayerStepRow`).
+
+    The caches hold random keys/values; sequence ``b`` starts at ``context - 1 - (7 * b) % 48``
+    tokens, so the ``steps`` steps cross compression emissions and selection-block boundaries at
+    different steps for different sequences. On a CPU ``device`` (Triton interpreter) nothing is
+    captured: the "replay" is the eager step writing into the same static outputs, a dry run of
+    everything else (the tests run it that way).
+    """
+    from nsa.layer import NSAAttention
+
+    config = config or paper_config(head_dim, v_head_dim)
+    cuda = torch.device(device).type == "cuda"
+    row = LayerStepRow(context, batch, config.head_dim, config.v_head_dim or config.head_dim, d_model, config.phi,
+                       str(dtype).replace("torch.", ""), steps=steps)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a d_model=4096 layer is slow to init on a CPU
+        layer = NSAAttention(d_model, config).to(dtype=dtype).eval()
+    with torch.no_grad():  # random gates: every branch contributes to the output
+        layer.gate_proj.weight.normal_(std=d_model ** -0.5)
+    warmup = 3
+    start = torch.tensor([max(0, context - 1 - (7 * b) % 48) for b in range(batch)], device=device)
+    # Room for the warm-up, the checked steps and one timed run (lengths are reset between runs).
+    cache = layer.new_cache(batch, context + warmup + max(steps, timed_steps + 1))
+    for name in CACHE_BUFFERS[:-2]:
+        getattr(cache, name).normal_()
+    cache.lengths.copy_(start)
+    initial = _snapshot(cache)
+    xs = torch.randn(steps, batch, 1, d_model, dtype=dtype, device=device)
+    static_x = xs[0].clone()
+
+    def step():
+        return layer.decode_step(static_x, cache, return_info=True)
+
+    if cuda:
+        # Warm-up on a side stream (compiles the kernels, settles the allocator), as the CUDA
+        # graphs section of the PyTorch docs asks, then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step()
+            row.sync_free = True
+        except RuntimeError as exc:
+            row.sync_free = False
+            row.note = f"an eager step synchronised: {str(exc).splitlines()[0][:150]}; "
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _restore(cache, initial)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, static_info = step()
+        torch.cuda.synchronize()
+        replay, row.cuda_graph = graph.replay, True
+    else:
+        static_out, static_info = step()
+
+        def replay():
+            out, info = step()
+            static_out.copy_(out)
+            static_info.selected_blocks.copy_(info.selected_blocks)
+
+    def run(fn) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+        _restore(cache, initial)
+        outs, blocks = [], []
+        for k in range(steps):
+            static_x.copy_(xs[k])
+            result = fn()
+            out, info = result if result is not None else (static_out, static_info)
+            outs.append(out.clone())
+            blocks.append(info.selected_blocks.clone())
+        return outs, blocks, _snapshot(cache)
+
+    eager_outs, eager_blocks, eager_state = run(step)
+    graph_outs, graph_blocks, graph_state = run(replay)
+    eager_o, graph_o = torch.stack(eager_outs).float(), torch.stack(graph_outs).float()
+    row.max_abs_err_rel = float((graph_o - eager_o).abs().max() / eager_o.abs().max().clamp_min(1e-6))
+    row.block_mismatch = int((torch.stack(graph_blocks) != torch.stack(eager_blocks)).any(-1).sum())
+    row.cache_equal = all(torch.equal(graph_state[name], eager_state[name]) for name in CACHE_BUFFERS)
+    cache_close = all(torch.allclose(graph_state[name].float(), eager_state[name].float(), rtol=tol, atol=tol)
+                      for name in CACHE_BUFFERS)
+    lengths_ok = torch.equal(graph_state["lengths"], start + steps) and not graph_state["overflowed"].any()
+    row.bitwise = bool(torch.equal(graph_o, eager_o) and row.block_mismatch == 0 and row.cache_equal)
+    row.passed = bool(lengths_ok and cache_close and row.block_mismatch == 0 and row.max_abs_err_rel <= tol
+                      and torch.isfinite(graph_o).all() and row.sync_free is not False)
+    if not lengths_ok:
+        row.note += f"lengths after {steps} steps: {graph_state['lengths'].tolist()}, want start + {steps}; "
+    del eager_state, graph_state, eager_outs, graph_outs
+
+    def per_step_us(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            cache.lengths.copy_(start)
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                begin.record()
+                for _ in range(timed_steps):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(1000.0 * begin.elapsed_time(end) / timed_steps)
+            else:
+                began = time.perf_counter()
+                for _ in range(timed_steps):
+                    fn()
+                times.append(1e6 * (time.perf_counter() - began) / timed_steps)
+        return sorted(times)[len(times) // 2]
+
+    eager_us, graph_us = per_step_us(step), per_step_us(replay)
+    row.eager_us, row.graph_us, row.speedup = eager_us, graph_us, eager_us / graph_us
+    _restore(cache, initial)
+    return row
+
+
 # ----- parity ----------------------------------------------------------------------------------
 
 
