@@ -26,7 +26,9 @@ from nsa.models.train import (
     fit_schedule,
     group_grad_norms,
     learning_rate,
+    make_optimizer,
     read_table,
+    set_learning_rate,
     tiny_config,
     train_model,
     write_table,
@@ -189,6 +191,61 @@ def test_phi_starts_as_mean_pooling():
     torch.testing.assert_close(phi.compress_blocks(blocks), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="hidden"):
         init_phi_as_mean(BlockCompressor("mlp", 8, 4, 6, hidden=8))
+
+
+def test_nsa_branches_start_with_equal_key_value_projections():
+    """The shared query must not start out matching three unrelated key projections (the
+    "independent" draws made NSA learn retrieval far more slowly than its twin, docs/TRAINING.md)."""
+    task = RetrievalTask()
+    model = _model("nsa", task)
+    for block in model.blocks:
+        for proj in (block.attn.k_proj, block.attn.v_proj):
+            assert torch.equal(proj["slc"].weight, proj["cmp"].weight)
+            assert torch.equal(proj["win"].weight, proj["cmp"].weight)
+            assert proj["slc"].weight is not proj["cmp"].weight  # still separate parameters
+            assert proj["cmp"].weight.std() > 0.01
+    # Separate parameters: an update to one branch leaves the others alone.
+    with torch.no_grad():
+        model.blocks[0].attn.k_proj["slc"].weight.add_(1.0)
+    assert not torch.equal(model.blocks[0].attn.k_proj["slc"].weight, model.blocks[0].attn.k_proj["cmp"].weight)
+    independent = _model("nsa", task, branch_init="independent")
+    k = independent.blocks[0].attn.k_proj
+    assert not torch.equal(k["slc"].weight, k["cmp"].weight)
+    with pytest.raises(ValueError, match="branch_init"):
+        LMConfig(vocab_size=task.vocab_size, branch_init="tied")
+    assert LMConfig.from_dict(model.config.to_dict()) == model.config
+
+
+def test_phi_trains_at_a_scaled_learning_rate():
+    """phi starts as mean pooling with weights 1/l; at the full rate Adam scrambles it within tens
+    of steps, so its parameters get ``phi_lr_scale`` times the step's learning rate."""
+    config = tiny_config()
+    assert config.phi_lr_scale == 0.1
+    model = RetrievalLM(config.model)
+    optimizer = make_optimizer(model, config)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(scale_of) == len(names)
+    for name, p in names.items():
+        assert scale_of[id(p)] == (0.1 if ".phi_" in name else 1.0), name
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(names["blocks.0.attn.phi_k.mlp.0.weight"])] == config.weight_decay
+    assert decay_of[id(names["blocks.0.attn.phi_k.mlp.0.bias"])] == 0.0
+    set_learning_rate(optimizer, 2e-3)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(2e-3 * group["lr_scale"])
+    # One step moves a phi weight by about lr * scale (Adam's first step is lr * sign(grad)).
+    batch = make_batch(config.task, 4, 64, seed=3)
+    before = names["blocks.0.attn.phi_k.mlp.0.weight"].detach().clone()
+    q_before = names["blocks.0.attn.q_proj.weight"].detach().clone()
+    logits = model(batch.tokens, logits_at=batch.answer_positions)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answers.flatten()).backward()
+    optimizer.step()
+    phi_step = (names["blocks.0.attn.phi_k.mlp.0.weight"] - before).abs().max().item()
+    q_step = (names["blocks.0.attn.q_proj.weight"] - q_before).abs().max().item()
+    assert phi_step == pytest.approx(2e-4, rel=0.05) and q_step == pytest.approx(2e-3, rel=0.05)
+    with pytest.raises(ValueError, match="phi_lr_scale"):
+        config.replace(phi_lr_scale=-1.0)
 
 
 def test_parameter_groups_cover_every_parameter():

@@ -28,6 +28,7 @@ from nsa.phi import BlockCompressor
 from nsa.rope import apply_rope, check_rope_dim
 
 ATTENTION_CHOICES = ("nsa", "dense")
+BRANCH_INIT_CHOICES = ("shared", "independent")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class LMConfig:
         backend: NSA backend, ``"auto"``, ``"reference"`` or ``"triton"``.
         activation_checkpointing: recompute each block in backward instead of storing its
             activations (the reference NSA path stores ``T x T`` score tensors per branch).
+        branch_init: how NSA's per-branch key/value projections start. ``"shared"``: the
+            ``slc`` and ``win`` projections start as copies of the ``cmp`` ones (they remain
+            separate parameters and diverge in training, as the spec requires); ``"independent"``:
+            three independent random draws. With independent draws the shared query has to
+            learn to match three unrelated key projections at once; in the CPU retrieval study
+            (docs/TRAINING.md, "Why NSA learned slowly") that slowed learning markedly.
     """
 
     vocab_size: int
@@ -64,6 +71,7 @@ class LMConfig:
     token_shift: bool = True
     backend: str = "auto"
     activation_checkpointing: bool = False
+    branch_init: str = "shared"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "mlp_ratio"):
@@ -74,6 +82,8 @@ class LMConfig:
             raise ValueError(f"LMConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if not isinstance(self.nsa, NSAConfig):
             raise TypeError(f"LMConfig.nsa must be an nsa.NSAConfig, got {type(self.nsa).__name__}")
+        if self.branch_init not in BRANCH_INIT_CHOICES:
+            raise ValueError(f"LMConfig.branch_init must be one of {BRANCH_INIT_CHOICES}, got {self.branch_init!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"LMConfig.backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         check_rope_dim(self.nsa.head_dim, "LMConfig.nsa.head_dim")
@@ -211,6 +221,8 @@ class RetrievalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, BlockCompressor) and module.kind == "mlp":
                 init_phi_as_mean(module)
+            if isinstance(module, NSAAttention) and self.config.branch_init == "shared":
+                share_branch_init(module)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
@@ -247,6 +259,24 @@ class RetrievalLM(nn.Module):
             x = x.gather(1, logits_at[..., None].expand(*logits_at.shape, x.shape[-1]))
         x = self.norm(x)
         return F.linear(x, self.output_weight()).float()
+
+
+@torch.no_grad()
+def share_branch_init(layer: NSAAttention) -> None:
+    """Start the ``slc`` and ``win`` key/value projections as copies of the ``cmp`` ones.
+
+    They stay separate parameters (the spec's per-branch projections) and diverge as they train.
+    Why: the query projection is shared by the three branches. With three independent random
+    key projections its gradient pulls towards three unrelated targets, and each branch has to
+    learn the same key match on its own; starting equal, the branches that see the same keys
+    (selection and window at short context) get the same updates and learn as one, and the
+    compressed keys start as block means of the same keys the selection branch reads.
+    """
+    for proj in (layer.k_proj, layer.v_proj):
+        for branch in ("slc", "win"):
+            proj[branch].weight.copy_(proj["cmp"].weight)
+            if proj["cmp"].bias is not None:
+                proj[branch].bias.copy_(proj["cmp"].bias)
 
 
 @torch.no_grad()

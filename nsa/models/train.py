@@ -71,6 +71,10 @@ class TrainConfig:
             after timing the first steps. ``None``: run ``steps``.
         batch_size, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, betas: AdamW with
             linear warmup then cosine decay to ``lr * min_lr_ratio``; gradient norm clipping.
+        phi_lr_scale: the learned phi's parameters (``phi_k``, ``phi_v``) train at this multiple
+            of the learning rate. phi starts as mean pooling (weights ``1/l``); at the full rate
+            Adam's per-weight steps of about ``lr`` scramble it into a random projection within
+            tens of steps (docs/TRAINING.md, "Why NSA learned slowly").
         log_every: gate statistics and a console line every that many steps.
         eval_every: quick accuracy at the training context (random depths) every that many steps.
         eval_contexts, eval_depths, eval_samples, eval_batch_size: the final retrieval grid.
@@ -97,6 +101,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
+    phi_lr_scale: float = 0.1
     log_every: int = 10
     eval_every: int = 100
     eval_contexts: tuple[int, ...] = (4096, 16384, 65536)
@@ -136,6 +141,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_depths must be fractions in [0, 1], got {self.eval_depths!r}")
         if self.model.vocab_size < self.task.vocab_size:
             raise ValueError(f"model vocab_size {self.model.vocab_size} < the task's {self.task.vocab_size}")
+        if not (isinstance(self.phi_lr_scale, (int, float)) and not isinstance(self.phi_lr_scale, bool)
+                and self.phi_lr_scale >= 0):
+            raise ValueError(f"TrainConfig.phi_lr_scale must be a number >= 0, got {self.phi_lr_scale!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -181,8 +189,12 @@ def gpu_config(**changes: Any) -> TrainConfig:
     # that never occurred at 4k (about 2 of the 8 slow frequency pairs here, against 3-4 of 5 at
     # base 5e5).
     model = LMConfig(vocab_size=task.vocab_size, d_model=256, num_layers=2, nsa=nsa, rope_theta=1e8)
+    # phi_lr_scale 0.03: phi here flattens 32 x 32 inputs (weights 1/32 at the start), about 10x
+    # more sensitive to per-weight Adam noise than the CPU study's 8 x 16 blocks (where 0.03 and 0.1
+    # both worked, 0.03 better; docs/TRAINING.md, "Why NSA learned slowly").
     base = TrainConfig(models=("nsa", "dense"), model=model, task=task, context=4096, start_context=512,
                        context_warmup=0.6, advance_loss=0.3, steps=3000, batch_size=16, lr=2e-3, warmup_steps=50,
+                       phi_lr_scale=0.03,
                        log_every=25, eval_every=250, eval_contexts=(4096, 16384, 65536), eval_samples=8,
                        eval_batch_size=4, checkpoint_every=500, device="cuda")
     return base.replace(**changes)
@@ -231,12 +243,25 @@ def fit_schedule(step: int, per_token: float, remaining_s: float, current_contex
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms, biases, phi's position rows excepted) do not."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; matrices decay, vectors (norms, biases, phi's position rows excepted) do not.
+
+    Every group carries ``lr_scale``: the learning rate of a step is ``lr * lr_scale``
+    (:func:`set_learning_rate`); the learned phi's groups have ``config.phi_lr_scale``.
+    """
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        buckets.setdefault((p.dim() >= 2, ".phi_" in name), []).append(p)
+    groups = [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+               "lr_scale": config.phi_lr_scale if phi else 1.0,
+               "lr": config.lr * (config.phi_lr_scale if phi else 1.0)}
+              for (decay, phi), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate: ``lr`` times each group's ``lr_scale`` (1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -387,8 +412,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     fallback = ""
     while step < (max_steps if max_steps is not None else total):
         lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         # Never shrink: a refitted (longer) schedule moves the warm-up stages later.
         if replay is not None:
             context = replay.rows[step]["context"]
