@@ -28,7 +28,8 @@ test:
 
 acceptance:
 	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(VENV)/bin/nsa verify --scale full; \
+		$(VENV)/bin/nsa verify --scale full && \
+		$(VENV)/bin/nsa verify trainability --scale full; \
 	else \
 		$(VENV)/bin/nsa verify --scale ci; \
 	fi

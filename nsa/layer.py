@@ -31,7 +31,9 @@ class NSADecodeInfo(NSAInfo):
         step: how the cache was appended to: ``"batched"`` (one token per sequence, every
             sequence at once on the device, :meth:`NSAAttention.decode_step`) or
             ``"per-sequence"`` (a host loop over the sequences: multi-token and packed steps,
-            the reference backend).
+            the reference backend), or ``"per-sequence+prefill"`` (the same, where some sequence
+            came with an empty cache and more than ``TRITON_STEP_TOKENS`` tokens: its tokens ran
+            through the training (prefill) kernels, then filled its cache).
     """
 
     positions: torch.Tensor | None = None
@@ -315,8 +317,11 @@ class NSAAttention(nn.Module):
         old_lengths = cache.lengths.tolist()
         positions = torch.cat([torch.arange(n, device=x.device) + s for n, s in zip(counts, old_lengths)])
         q, kv, gates = self.project(tokens, positions[None])
+        step = "per-sequence"
         if name == "triton":
-            outputs, blocks, reads = self._triton_step(q, kv, gates, offsets, cache)
+            fresh = [i for i, (n, s) in enumerate(zip(counts, old_lengths)) if s == 0 and n > TRITON_STEP_TOKENS]
+            outputs, blocks, reads = self._triton_step(q, kv, gates, offsets, cache, fresh)
+            step += "+prefill" if fresh else ""
         else:
             outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
             for index, (start, end) in enumerate(pairwise(offsets)):
@@ -346,21 +351,34 @@ class NSAAttention(nn.Module):
                              reads={b: layout(reads[b], (hk,)) for b in BRANCHES},
                              backend=name, backend_reason=reason, gate_stats=_gate_stats(gates),
                              positions=positions.reshape(batch, seq_len), lengths=cache.lengths.clone(),
-                             step="per-sequence")
+                             step=step)
         return out, info
 
-    def _triton_step(self, q, kv, gates, offsets, cache):
+    def _triton_step(self, q, kv, gates, offsets, cache, fresh):
         """Append every sequence's tokens and run the Triton decode kernels over the caches, in
-        sub-steps of at most ``TRITON_STEP_TOKENS`` tokens per sequence (a long prefill into the
-        cache is then a chunked prefill: the same function, with bounded scratch memory).
+        sub-steps of at most ``TRITON_STEP_TOKENS`` tokens per sequence (a long chunk into a
+        non-empty cache is then a chunked prefill: the same function, with bounded scratch memory).
+
+        The sequences in ``fresh`` (an empty cache and more than ``TRITON_STEP_TOKENS`` tokens) are a
+        plain prefill: the training kernels compute their outputs over their own tokens in one
+        call, then their caches are filled; 64-token decode launches would take ~1000 launches
+        (and host round trips) for a 64k prompt.
 
         Returns per-sequence pieces like the reference loop: outputs ``[1, K_i, HQ, Dv]``, blocks
         ``[1, K_i, HK, n]`` and reads ``[1, K_i, HK]`` per branch, for sequences with ``K_i > 0``.
         """
         counts = [b - a for a, b in pairwise(offsets)]
         pieces = {i: ([], [], {b: [] for b in BRANCHES}) for i, n in enumerate(counts) if n}
-        for first in range(0, max(counts), TRITON_STEP_TOKENS):
-            spans = [(a + first, min(b, a + first + TRITON_STEP_TOKENS)) for a, b in pairwise(offsets)]
+        for index in fresh:
+            outs, blocks, reads = pieces[index]
+            o, info = self._prefill_into_cache(q, kv, gates, offsets[index], offsets[index + 1], index, cache)
+            outs.append(o)
+            blocks.append(info.selected_blocks)
+            for branch in BRANCHES:
+                reads[branch].append(info.reads[branch])
+        chunked = [(a, a) if i in fresh else (a, b) for i, (a, b) in enumerate(pairwise(offsets))]
+        for first in range(0, max(b - a for a, b in chunked), TRITON_STEP_TOKENS):
+            spans = [(a + first, min(b, a + first + TRITON_STEP_TOKENS)) for a, b in chunked]
             o, sel, rd = self._triton_substep(q, kv, gates, [(a, max(a, b)) for a, b in spans], cache)
             for index, (start, end) in enumerate(spans):
                 if start < end:
@@ -372,6 +390,18 @@ class NSAAttention(nn.Module):
         done = [pieces[i] for i in sorted(pieces)]
         return ([torch.cat(p[0], dim=1) for p in done], [torch.cat(p[1], dim=1) for p in done],
                 {b: [torch.cat(p[2][b], dim=1) for p in done] for b in BRANCHES})
+
+    def _prefill_into_cache(self, q, kv, gates, start, end, index, cache):
+        """One sequence's tokens ``start:end`` into its empty cache: Triton prefill kernels, then append."""
+        piece = slice(start, end)
+        k_cmp, v_cmp = kv["cmp"]
+        compressed = (self.phi_k(k_cmp[:, piece]), self.phi_v(v_cmp[:, piece]))
+        o, info = nsa_attention(q[:, piece], *(t[:, piece] for t in kv["slc"]), gates[:, piece], self.config,
+                                compressed_kv=compressed, selection_kv=tuple(t[:, piece] for t in kv["slc"]),
+                                window_kv=tuple(t[:, piece] for t in kv["win"]), backend="triton",
+                                return_info=True)
+        cache.append(index, *(t[0, piece] for b in BRANCHES for t in kv[b]), compress=self.compress_blocks)
+        return o, info
 
     def _triton_substep(self, q, kv, gates, spans, cache):
         c = self.config

@@ -246,6 +246,37 @@ def test_layer_cache_steps_on_triton_equal_reference(monkeypatch, step_tokens):
     assert caches["triton"].lengths.tolist() == [41, 89]
 
 
+def test_long_prompt_into_an_empty_cache_runs_the_prefill_kernels(monkeypatch):
+    """A prompt longer than TRITON_STEP_TOKENS into an empty cache takes the Triton prefill
+    kernels (step "per-sequence+prefill"); a sequence whose cache is not empty keeps the chunked
+    decode path in the same step. Outputs, blocks, reads and the filled caches equal the
+    reference path's, and the next 1-token step agrees too."""
+    import nsa.layer
+
+    monkeypatch.setattr(nsa.layer, "TRITON_STEP_TOKENS", 8)
+    torch.manual_seed(11)
+    config = small(phi="mlp")
+    layer = NSAAttention(24, config).float()
+    with torch.no_grad():
+        layer.gate_proj.weight.normal_()
+    caches = {name: layer.new_cache(2, 96) for name in ("triton", "reference")}
+    seed, seed_offsets = torch.randn(1, 5, 24), torch.tensor([0, 0, 5])  # sequence 1 not empty
+    prompt, prompt_offsets = torch.randn(1, 70, 24), torch.tensor([0, 45, 70])
+    for cache in caches.values():
+        layer(seed, cu_seqlens=seed_offsets, cache=cache, backend="reference")
+    for x, off in ((prompt, prompt_offsets), (torch.randn(2, 1, 24), None)):
+        (out_t, info_t), (out_r, info_r) = (layer(x, cu_seqlens=off, cache=cache, backend=name, return_info=True)
+                                            for name, cache in caches.items())
+        assert info_t.step == ("per-sequence+prefill" if off is not None else "batched")
+        assert torch.equal(info_t.selected_blocks, info_r.selected_blocks)
+        assert torch.allclose(out_t, out_r, rtol=0, atol=1e-5 * max(1.0, out_r.abs().max().item()))
+        for branch in ("cmp", "slc", "win"):
+            assert torch.equal(info_t.reads[branch], info_r.reads[branch]), branch
+    for name in CACHE_BUFFERS:
+        a, b = getattr(caches["triton"], name), getattr(caches["reference"], name)
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-5), name
+
+
 CACHE_BUFFERS = ("k_cmp", "v_cmp", "k_tail", "v_tail", "k_slc", "v_slc", "k_win", "v_win", "lengths")
 
 
