@@ -56,7 +56,7 @@ def _cases(scale: str):
         yield (f"continuity-8k-64k-{dtype}-{backend}",
                _continuity(16, 2, 64, 64, 16, 512, "mlp", "sigmoid", "8190,16380,65000", "8260,16450,65570",
                            "1,1,1,5,17,33,0", l=32, d=16, lp=64, dtype=dtype, backend=backend,
-                           needs_gpu=True))
+                           needs_gpu=True, expected_s=65 if backend == "auto" else 30))
     yield "reads-defaults-8k-128k", {"kind": "reads", "heads": 64, "kv_heads": 4, "dk": 192, "dv": 128,
                                      "phi": "mlp", "contexts": "8192,16384,32768,65536,131072",
                                      "needs_gpu": True}

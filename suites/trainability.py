@@ -42,7 +42,8 @@ def _cases(scale: str):
     # would be most of the 15-minute budget of `nsa verify --scale full`); naming the suite runs it.
     yield "h200-nsa-vs-dense-4k", {"needs_gpu": True, "minutes": 2.5, "eval_minutes": 1.25, "seed": 0,
                                    "opt_in": True}
-    yield "triton-grad-model-shapes", {"needs_gpu": True, "seq_len": 4096, "batch": 2, "seed": 0}
+    yield "triton-grad-model-shapes", {"needs_gpu": True, "seq_len": 4096, "batch": 2, "seed": 0,
+                                       "expected_s": 75}
 
 
 def _require_cuda() -> None:

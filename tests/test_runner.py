@@ -192,3 +192,27 @@ def test_opt_in_cases_run_only_when_their_suite_is_named():
     assert runner.opt_in_left_out([], "full") == [long_run]
     assert runner.opt_in_left_out(["trainability"], "full") == []
     assert runner.opt_in_left_out([], "ci") == []
+
+
+def test_longest_first_uses_history_then_hints():
+    """expected_duration: the last run's time wins, then the expected_s hint; an unknown case
+    counts as long when there is a history (a new case) and as 0 without one."""
+    from verify.registry import Case
+
+    hinted = Case("s", "hinted", {"expected_s": 40}, "full")
+    plain = Case("s", "plain", {}, "full")
+    assert runner.expected_duration(hinted, {}) == 40 and runner.expected_duration(plain, {}) == 0
+    history = {"s::hinted": 3.0}
+    assert runner.expected_duration(hinted, history) == 3.0
+    assert runner.expected_duration(plain, history) == float("inf")
+
+
+def test_full_plan_without_history_starts_with_the_hinted_slow_cases():
+    """Without a previous run the full-scale plan is ordered by the hints: the ~75 s training-shape
+    gradient check and the 64k continuity run start before the sub-second cases."""
+    plan = runner.plan_cases([], "full", "auto")
+    ordered = sorted(plan, key=lambda item: -runner.expected_duration(item[1], {}))
+    first = [case.name for _, case in ordered[:3]]
+    assert "trainability::triton-grad-model-shapes" in first
+    assert "decode::continuity-8k-64k-float32-auto" in first
+    assert runner.expected_duration(ordered[-1][1], {}) == 0

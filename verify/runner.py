@@ -506,9 +506,7 @@ class _Run:
 
     def execute(self) -> None:
         known = previous_durations(self.options.out_dir, self.options.scale)
-        # Longest first (by the last run's times; unknown cases count as long), so that a few slow
-        # cases do not start last and leave the other workers idle at the end.
-        plan = sorted(self.plan, key=lambda item: -known.get(item[1].name, math.inf))
+        plan = sorted(self.plan, key=lambda item: -expected_duration(item[1], known))
         for suite, case in plan:
             if case.needs_gpu and self.pools["gpu"].capacity == 0:
                 self._record(self._row(case, "skip", GPU_SKIP_REASON))
@@ -544,6 +542,18 @@ class _Run:
         for slot in list(self.slots):
             self._retire(slot)
         self._stop_scheduling("interrupted")
+
+
+def expected_duration(case: Case, known: dict[str, float]) -> float:
+    """The sort key of longest-first scheduling, so that a few slow cases do not start last and
+    leave the other workers idle at the end: the case's time in the last run (``known``), else
+    its ``expected_s`` hint (seconds on one H200, set on the slowest full-scale cases), else
+    unknown, which counts as long when there is a history (a new case) and as 0 without one."""
+    if case.name in known:
+        return known[case.name]
+    if "expected_s" in case.params:
+        return float(case.params["expected_s"])
+    return math.inf if known else 0.0
 
 
 def previous_durations(out_dir: Path | str, scale: str) -> dict[str, float]:
