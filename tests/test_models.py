@@ -18,12 +18,13 @@ from nsa.models import (
     parameter_group,
     retrieval_accuracy,
 )
-from nsa.models.lm import DenseAttention, init_phi_as_mean
+from nsa.models.lm import DenseAttention, copy_twin_init, init_phi_as_mean
 from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN
 from nsa.models.train import (
     LOG_BASE_COLUMNS,
     context_at,
     fit_schedule,
+    gpu_config,
     group_grad_norms,
     learning_rate,
     make_optimizer,
@@ -216,16 +217,23 @@ def test_nsa_branches_start_with_equal_key_value_projections():
     assert LMConfig.from_dict(model.config.to_dict()) == model.config
 
 
-def test_phi_trains_at_a_scaled_learning_rate():
-    """phi starts as mean pooling with weights 1/l; at the full rate Adam scrambles it within tens
-    of steps, so its parameters get ``phi_lr_scale`` times the step's learning rate."""
-    config = tiny_config()
-    assert config.phi_lr_scale == 0.1
+def _optimizer_scales(config):
+    """A model of ``config``, its optimizer, each parameter's ``lr_scale`` (by id) and the
+    parameters by name; every parameter is in exactly one group."""
     model = RetrievalLM(config.model)
     optimizer = make_optimizer(model, config)
     scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(scale_of) == len(names)
+    return model, optimizer, scale_of, names
+
+
+def test_phi_trains_at_a_scaled_learning_rate():
+    """phi starts as mean pooling with weights 1/l; at the full rate Adam scrambles it within tens
+    of steps, so its parameters get ``phi_lr_scale`` times the step's learning rate."""
+    config = tiny_config()
+    assert config.phi_lr_scale == 0.1
+    model, optimizer, scale_of, names = _optimizer_scales(config)
     for name, p in names.items():
         assert scale_of[id(p)] == (0.1 if ".phi_" in name else 1.0), name
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -246,6 +254,59 @@ def test_phi_trains_at_a_scaled_learning_rate():
     assert phi_step == pytest.approx(2e-4, rel=0.05) and q_step == pytest.approx(2e-3, rel=0.05)
     with pytest.raises(ValueError, match="phi_lr_scale"):
         config.replace(phi_lr_scale=-1.0)
+
+
+def test_gate_trains_at_a_scaled_learning_rate():
+    """The NSA gate MLP gets ``gate_lr_scale`` times the step's learning rate (its zero-initialised
+    last layer otherwise swings every gate logit by about ``lr * ||x||_1`` per Adam step)."""
+    config = tiny_config(gate_lr_scale=0.25)
+    model, optimizer, scale_of, names = _optimizer_scales(config)
+    for name, p in names.items():
+        expected = 0.25 if ".gate_proj." in name else config.phi_lr_scale if ".phi_" in name else 1.0
+        assert scale_of[id(p)] == expected, name
+    set_learning_rate(optimizer, 2e-3)
+    batch = make_batch(config.task, 4, 64, seed=3)
+    gate = names["blocks.0.attn.gate_proj.weight"]
+    logits = model(batch.tokens, logits_at=batch.answer_positions)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answers.flatten()).backward()
+    optimizer.step()
+    # Adam's first step is lr * scale * sign(grad) (weight decay on a zero matrix adds nothing).
+    assert gate.abs().max().item() == pytest.approx(5e-4, rel=0.05)
+    assert gpu_config().gate_lr_scale == 1.0 and tiny_config().gate_lr_scale == 1.0  # opt-in only
+    with pytest.raises(ValueError, match="gate_lr_scale"):
+        config.replace(gate_lr_scale=-0.1)
+    with pytest.raises(ValueError, match="gate_lr_scale"):
+        config.replace(gate_lr_scale=True)
+
+
+def test_dense_twin_starts_from_the_nsa_models_initial_weights(tmp_path):
+    """Paired init: the twins differ only by NSA's own parts at step 0 (NSA's extra parameters
+    come from the same random stream, so separately drawn twins differed in every later weight,
+    and escaping the retrieval plateau depends strongly on the initial weights)."""
+    config = tiny_config(models=("nsa", "dense"), steps=1, start_context=None)
+    torch.manual_seed(config.seed)
+    nsa_model = RetrievalLM(config.model)
+    dense_model = RetrievalLM(config.model.replace(attention="dense"))
+    copy_twin_init(nsa_model, dense_model)
+    nsa_state = nsa_model.state_dict()
+    for name, value in dense_model.state_dict().items():
+        key = name.replace(".attn.k_proj.", ".attn.k_proj.cmp.").replace(".attn.v_proj.", ".attn.v_proj.cmp.")
+        assert torch.equal(value, nsa_state[key]), name
+    with pytest.raises(ValueError, match="twins"):
+        copy_twin_init(nsa_model, RetrievalLM(config.model.replace(attention="dense", d_model=32)))
+    with pytest.raises(ValueError, match="from an NSA model"):
+        copy_twin_init(dense_model, nsa_model)
+    # The trainer does it: with no learning rate the saved dense model is its step-0 state.
+    frozen = config.replace(lr=0.0, weight_decay=0.0)
+    models = {}
+    for name in ("nsa", "dense"):
+        models[name], _ = train_model(name, frozen, tmp_path, report=lambda line: None)
+    dense_state, nsa_state = models["dense"].state_dict(), models["nsa"].state_dict()
+    assert torch.equal(dense_state["blocks.0.attn.q_proj.weight"], nsa_state["blocks.0.attn.q_proj.weight"])
+    assert torch.equal(dense_state["blocks.0.attn.k_proj.weight"], nsa_state["blocks.0.attn.k_proj.cmp.weight"])
+    assert torch.equal(dense_state["embed.weight"], nsa_state["embed.weight"])
+    unpaired, _ = train_model("dense", frozen.replace(paired_init=False), tmp_path, report=lambda line: None)
+    assert not torch.equal(unpaired.state_dict()["blocks.0.attn.q_proj.weight"], nsa_state["blocks.0.attn.q_proj.weight"])
 
 
 def test_parameter_groups_cover_every_parameter():

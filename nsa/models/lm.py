@@ -309,6 +309,32 @@ def init_phi_as_mean(phi: BlockCompressor) -> None:
     last.bias.zero_()
 
 
+@torch.no_grad()
+def copy_twin_init(nsa_model: RetrievalLM, dense_model: RetrievalLM) -> None:
+    """Start ``dense_model`` from ``nsa_model``'s weights wherever the twins share a parameter.
+
+    Embeddings, norms, MLPs, ``q_proj`` and ``o_proj`` are copied by name; dense's ``k_proj`` /
+    ``v_proj`` get the NSA ``cmp`` branch's (with ``branch_init="shared"`` these equal the ``slc``
+    and ``win`` ones too). Why: both twins are seeded alike, but NSA draws its extra parameters
+    (per-branch projections, phi, gate) from the same random stream, so every later weight of the
+    two models differed. Escaping the retrieval plateau ("grokking") depends strongly on the
+    initial weights: on the CPU (docs/TRAINING.md, "GPU run 2026-11-28") a dense model started
+    from NSA's initial weights had not left the plateau after 350 steps where the dense twin
+    with its own draw had. With one start the loss comparison is paired in the initial weights
+    as well as in the batches.
+    """
+    if nsa_model.config.attention != "nsa" or dense_model.config.attention != "dense":
+        raise ValueError("copy_twin_init copies from an NSA model into a dense model")
+    if nsa_model.config.replace(attention="dense", backend="auto") != dense_model.config.replace(backend="auto"):
+        raise ValueError("copy_twin_init needs twins: the configs may differ only in the attention kind and backend")
+    source = nsa_model.state_dict()
+    target = dense_model.state_dict()
+    for name in target:
+        key = name.replace(".attn.k_proj.", ".attn.k_proj.cmp.").replace(".attn.v_proj.", ".attn.v_proj.cmp.")
+        target[name] = source[key].clone()
+    dense_model.load_state_dict(target)
+
+
 def nsa_only_parameters(model: RetrievalLM) -> dict[str, int]:
     """Parameter counts of the NSA-specific parts of an NSA model, by kind.
 

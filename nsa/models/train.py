@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from nsa.config import NSAConfig
 from nsa.functional import BRANCHES
-from nsa.models.lm import LMConfig, RetrievalLM, parameter_group
+from nsa.models.lm import LMConfig, RetrievalLM, copy_twin_init, parameter_group
 from nsa.models.tasks import RetrievalTask, make_batch, retrieval_accuracy
 
 LOG_BASE_COLUMNS = ("model", "step", "loss", "lr", "context", "grad_norm", "tokens", "elapsed_s", "skipped",
@@ -75,6 +75,15 @@ class TrainConfig:
             of the learning rate. phi starts as mean pooling (weights ``1/l``); at the full rate
             Adam's per-weight steps of about ``lr`` scramble it into a random projection within
             tens of steps (docs/TRAINING.md, "Why NSA learned slowly").
+        gate_lr_scale: the gate MLP's parameters (``gate_proj``) train at this multiple of the
+            learning rate. The gate's last layer starts at zero (spec: gates 0.5); Adam moves each of
+            its ``d_model`` input weights by about ``lr`` per step, all in the direction of the
+            gradient's sign, so a gate logit moves by about ``lr * ||x||_1`` (about 0.4 per step at
+            width 256, lr 2e-3): the gates swing within a few steps, long before the retrieval
+            branches have learned anything to gate (docs/TRAINING.md, "GPU run 2026-11-28").
+        paired_init: the dense twin starts from the NSA model's initial weights wherever they
+            share a parameter (:func:`nsa.models.lm.copy_twin_init`); ``False``: its own draw from
+            ``seed`` (which differs from NSA's in every weight created after NSA's extra ones).
         log_every: gate statistics and a console line every that many steps.
         eval_every: quick accuracy at the training context (random depths) every that many steps.
         eval_contexts, eval_depths, eval_samples, eval_batch_size: the final retrieval grid.
@@ -102,6 +111,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     phi_lr_scale: float = 0.1
+    gate_lr_scale: float = 1.0
+    paired_init: bool = True
     log_every: int = 10
     eval_every: int = 100
     eval_contexts: tuple[int, ...] = (4096, 16384, 65536)
@@ -141,9 +152,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_depths must be fractions in [0, 1], got {self.eval_depths!r}")
         if self.model.vocab_size < self.task.vocab_size:
             raise ValueError(f"model vocab_size {self.model.vocab_size} < the task's {self.task.vocab_size}")
-        if not (isinstance(self.phi_lr_scale, (int, float)) and not isinstance(self.phi_lr_scale, bool)
-                and self.phi_lr_scale >= 0):
-            raise ValueError(f"TrainConfig.phi_lr_scale must be a number >= 0, got {self.phi_lr_scale!r}")
+        for name in ("phi_lr_scale", "gate_lr_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -246,15 +258,17 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     """AdamW; matrices decay, vectors (norms, biases, phi's position rows excepted) do not.
 
     Every group carries ``lr_scale``: the learning rate of a step is ``lr * lr_scale``
-    (:func:`set_learning_rate`); the learned phi's groups have ``config.phi_lr_scale``.
+    (:func:`set_learning_rate`); the learned phi's groups have ``config.phi_lr_scale``, the NSA
+    gate MLP's ``config.gate_lr_scale``.
     """
-    buckets: dict[tuple[bool, bool], list] = {}
+    buckets: dict[tuple[bool, str], list] = {}
     for name, p in model.named_parameters():
-        buckets.setdefault((p.dim() >= 2, ".phi_" in name), []).append(p)
+        role = "phi" if ".phi_" in name else "gate" if ".gate_proj." in name else ""
+        buckets.setdefault((p.dim() >= 2, role), []).append(p)
+    scales = {"phi": config.phi_lr_scale, "gate": config.gate_lr_scale, "": 1.0}
     groups = [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
-               "lr_scale": config.phi_lr_scale if phi else 1.0,
-               "lr": config.lr * (config.phi_lr_scale if phi else 1.0)}
-              for (decay, phi), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+               "lr_scale": scales[role], "lr": config.lr * scales[role]}
+              for (decay, role), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
@@ -393,7 +407,11 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     device = torch.device(config.device)
     lm_config = config.model if name == "nsa" else config.model.replace(attention="dense")
     torch.manual_seed(config.seed)
-    model = RetrievalLM(lm_config).to(device)
+    model = RetrievalLM(lm_config)
+    if name == "dense" and config.paired_init:
+        torch.manual_seed(config.seed)
+        copy_twin_init(RetrievalLM(config.model.replace(attention="nsa")), model)
+    model = model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed + 1)
