@@ -76,14 +76,15 @@ class TrainConfig:
             Adam's per-weight steps of about ``lr`` scramble it into a random projection within
             tens of steps (docs/TRAINING.md, "Why NSA learned slowly").
         gate_lr_scale: the gate MLP's parameters (``gate_proj``) train at this multiple of the
-            learning rate. The gate's last layer starts at zero (spec: gates 0.5); Adam moves each of
-            its ``d_model`` input weights by about ``lr`` per step, all in the direction of the
-            gradient's sign, so a gate logit moves by about ``lr * ||x||_1`` (about 0.4 per step at
-            width 256, lr 2e-3): the gates swing within a few steps, long before the retrieval
-            branches have learned anything to gate (docs/TRAINING.md, "GPU run 2026-11-28").
+            learning rate (default 1: unchanged). The gate's last layer starts at zero (spec:
+            gates 0.5); Adam moves each of its ``d_model`` input weights by up to about ``lr`` per
+            step, so a gate logit can move by up to about ``lr * ||x||_1`` (about 0.4 per step at
+            width 256, lr 2e-3) while the retrieval branches have learned nothing to gate yet. An
+            experiment knob: frozen gates did not measurably help in the CPU study
+            (docs/TRAINING.md, "GPU run 2026-11-28 (H200)").
         paired_init: the dense twin starts from the NSA model's initial weights wherever they
             share a parameter (:func:`nsa.models.lm.copy_twin_init`); ``False``: its own draw from
-            ``seed`` (which differs from NSA's in every weight created after NSA's extra ones).
+            ``seed`` (which differs from NSA's in every weight drawn after NSA's first extra one).
         log_every: gate statistics and a console line every that many steps.
         eval_every: quick accuracy at the training context (random depths) every that many steps.
         eval_contexts, eval_depths, eval_samples, eval_batch_size: the final retrieval grid.
