@@ -128,6 +128,23 @@ class LiveProgress:
         self.progress.stop()
 
 
+def _list_cases(options) -> None:
+    """One line per planned case: name, where it runs, its expected seconds when it has a hint."""
+    from verify import runner
+
+    try:
+        plan = runner.plan_cases(options.suites, options.scale, options.backend, options.cases)
+    except runner.RunnerError as exc:
+        raise UsageProblem(str(exc)) from None
+    for _, case in plan:
+        hint = case.params.get("expected_s")
+        columns = [case.name, "gpu" if case.needs_gpu else "cpu"] + ([] if hint is None else [f"expected {hint:g}s"])
+        click.echo("\t".join(columns))
+    left_out = runner.opt_in_left_out(options.suites, options.scale, options.cases)
+    click.echo(f"{len(plan)} case(s) at scale {options.scale}"
+               + (f"; opt-in, not planned unless their suite is named: {', '.join(left_out)}" if left_out else ""))
+
+
 @click.command("verify")
 @click.argument("suites", nargs=-1)
 @click.option("--scale", type=click.Choice(SCALES), default="ci", show_default=True,
@@ -143,16 +160,23 @@ class LiveProgress:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Per-case time limit (default: each case's own, 600s for most).")
 @click.option("--fail-fast", is_flag=True, help="Stop scheduling new cases after the first failure.")
+@click.option("--case", "case_patterns", multiple=True, metavar="GLOB",
+              help="Only cases whose name (suite::case) matches GLOB; repeatable (any may match).")
+@click.option("--list", "list_only", is_flag=True, help="Print the planned cases and exit (starts no Ray).")
 def verify(suites: tuple[str, ...], scale: str, backend: str, address: str | None, gpus_per_case: float,
-           out_dir: Path, timeout_s: float | None, fail_fast: bool) -> None:
+           out_dir: Path, timeout_s: float | None, fail_fast: bool, case_patterns: tuple[str, ...],
+           list_only: bool) -> None:
     """Run the verification SUITES (default: all) and exit 0 only if the build is accepted."""
     from verify import runner
     from verify.report import make_console, render_report
     from verify.store import RunData
 
-    options = runner.RunOptions(suites=list(suites), scale=scale, backend=backend, address=address,
-                                gpus_per_case=gpus_per_case, out_dir=out_dir, timeout_s=timeout_s,
-                                fail_fast=fail_fast)
+    options = runner.RunOptions(suites=list(suites), cases=list(case_patterns), scale=scale, backend=backend,
+                                address=address, gpus_per_case=gpus_per_case, out_dir=out_dir,
+                                timeout_s=timeout_s, fail_fast=fail_fast)
+    if list_only:
+        _list_cases(options)
+        return
     console = make_console()
     progress = LiveProgress(console) if console.is_terminal else PlainProgress()
     start = time.monotonic()

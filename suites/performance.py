@@ -22,7 +22,7 @@ def _cases(scale: str):
         for seq_len in prefill.SEQ_LENS:
             # expected_s (longest-first scheduling): the dense baselines' fwd+bwd grow as T^2.
             yield f"T{seq_len}-d{dk}x{dv}", dict(seq_len=seq_len, head_dim=dk, v_head_dim=dv, needs_gpu=True,
-                                                 expected_s=5 + 40 * (seq_len / 131072) ** 2)
+                                                 expected_s=5 + 95 * (seq_len / 131072) ** 2)
 
 
 def _check(params: dict, checks: Checks) -> None:

@@ -86,6 +86,27 @@ def test_verify_fail_fast_and_timeout(ray_cpu, tmp_path):
     assert result.exit_code == 1 and "stopped by --fail-fast" in result.output
 
 
+def test_verify_case_filter_runs_only_matching_cases(ray_cpu, tmp_path):
+    result = CliRunner().invoke(nsa, ["verify", "demo-ok", "demo-fail", "--case", "demo-ok::med*",
+                                      "--case", "*::small", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = store.read_run(tmp_path).rows
+    assert sorted(r.name for r in rows) == ["demo-ok::medium", "demo-ok::small"]
+    assert store.read_run(tmp_path).info["case_patterns"] == ["demo-ok::med*", "*::small"]
+
+
+def test_verify_list_prints_the_plan_and_runs_nothing(ray_cpu, tmp_path):
+    cli = CliRunner()
+    result = cli.invoke(nsa, ["verify", "demo-ok", "demo-gpu", "--list", "--case", "*::gpu-*",
+                              "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["demo-gpu::gpu-a\tgpu", "demo-gpu::gpu-b\tgpu", "2 case(s) at scale ci"]
+    # A pattern that matches nothing is a usage error, not an empty accepted run.
+    result = cli.invoke(nsa, ["verify", "demo-ok", "--list", "--case", "demo-ok::typo"])
+    assert result.exit_code == 2 and "--case 'demo-ok::typo' matches no ci-scale case of demo-ok" in result.output
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
 def test_backend_choices_match_the_library():
     from nsa.backends import BACKEND_CHOICES as LIBRARY
 

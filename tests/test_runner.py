@@ -208,11 +208,13 @@ def test_longest_first_uses_history_then_hints():
 
 
 def test_full_plan_without_history_starts_with_the_hinted_slow_cases():
-    """Without a previous run the full-scale plan is ordered by the hints: the ~75 s training-shape
-    gradient check and the 64k continuity run start before the sub-second cases."""
+    """Without a previous run the full-scale plan is ordered by the hints: the ~120 s training-shape
+    gradient check, the two 128k performance cases and the 64k continuity run start before the
+    sub-second cases."""
     plan = runner.plan_cases([], "full", "auto")
     ordered = sorted(plan, key=lambda item: -runner.expected_duration(item[1], {}))
-    first = [case.name for _, case in ordered[:3]]
+    first = [case.name for _, case in ordered[:4]]
+    assert "performance::T131072-d128x128" in first
     assert "trainability::triton-grad-model-shapes" in first
     assert "decode::continuity-8k-64k-float32-auto" in first
     assert runner.expected_duration(ordered[-1][1], {}) == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import math
 import os
@@ -63,6 +64,8 @@ class RunOptions:
     """What ``nsa verify`` was asked to do (see ``nsa verify --help``)."""
 
     suites: list[str] = field(default_factory=list)  # empty: every registered suite
+    # Glob patterns on case names (``suite::case``); empty: every case of the suites.
+    cases: list[str] = field(default_factory=list)
     scale: str = "ci"
     backend: str = "auto"
     address: str | None = None
@@ -134,11 +137,19 @@ class SilentProgress:
 # Planning
 
 
-def plan_cases(suite_names: list[str], scale: str, backend: str) -> list[tuple[Suite, Case]]:
-    """Every case of the named suites (all suites when empty) at ``scale``, with
-    ``params["backend"] = backend`` unless the case pins a backend of its own (a case written to
-    test one backend, e.g. decode's float64 reference run, keeps it). Opt-in cases (a training
-    run of many minutes) are planned only when their suite is named: see :func:`opt_in_left_out`."""
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether case ``name`` (``suite::case``) matches any glob of ``patterns`` (all when empty)."""
+    return not patterns or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def plan_cases(suite_names: list[str], scale: str, backend: str,
+               case_patterns: list[str] | None = None) -> list[tuple[Suite, Case]]:
+    """Every case of the named suites (all suites when empty) at ``scale`` whose name matches one
+    of ``case_patterns`` (globs, all cases when empty), with ``params["backend"] = backend``
+    unless the case pins a backend of its own (a case written to test one backend, e.g. decode's
+    float64 reference run, keeps it). Opt-in cases (a training run of many minutes) are planned
+    only when their suite is named: see :func:`opt_in_left_out`. Patterns that match no case are
+    an error (a typo must not pass as an empty, accepted run)."""
     from verify.registry import all_suites
 
     known = all_suites()
@@ -151,20 +162,26 @@ def plan_cases(suite_names: list[str], scale: str, backend: str) -> list[tuple[S
     for name in dict.fromkeys(names):
         suite = get_suite(name)
         for case in suite.cases(scale):
-            if case.opt_in and not suite_names:
+            if (case.opt_in and not suite_names) or not matches(case.name, case_patterns or []):
                 continue
             params = {**case.params, "backend": case.params.get("backend", backend)}
             plan.append((suite, dataclasses.replace(case, params=params)))
+    if case_patterns and not plan:
+        raise RunnerError(f"--case {' '.join(map(repr, case_patterns))} matches no {scale}-scale case of "
+                          f"{', '.join(dict.fromkeys(names))}; case names look like "
+                          f"'decode::continuity-*' (see `nsa verify --list`)")
     return plan
 
 
-def opt_in_left_out(suite_names: list[str], scale: str) -> list[str]:
-    """The opt-in cases a run of ``suite_names`` at ``scale`` leaves out (none when suites are named)."""
+def opt_in_left_out(suite_names: list[str], scale: str, case_patterns: list[str] | None = None) -> list[str]:
+    """The opt-in cases matching ``case_patterns`` that a run of ``suite_names`` at ``scale``
+    leaves out (none when suites are named)."""
     if suite_names:
         return []
     from verify.registry import all_suites
 
-    return [case.name for suite in all_suites().values() for case in suite.cases(scale) if case.opt_in]
+    return [case.name for suite in all_suites().values() for case in suite.cases(scale)
+            if case.opt_in and matches(case.name, case_patterns or [])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +607,8 @@ def run_cases(plan: list[tuple[Suite, Case]], cluster: Cluster, options: RunOpti
     info: dict[str, Any] = {
         "run_id": run_id, "scale": options.scale, "backend": options.backend,
         "suites": sorted({case.suite for _, case in plan}), "planned": len(plan), "not_run": [],
-        "opt_in_left_out": opt_in_left_out(options.suites, options.scale),
+        "opt_in_left_out": opt_in_left_out(options.suites, options.scale, options.cases),
+        "case_patterns": list(options.cases),
         "cluster": dataclasses.asdict(cluster), "gpus_per_case": options.gpus_per_case,
         "timeout_s": options.timeout_s, "git_sha": environment.git_sha(),
         "driver_host": environment.host_name(), "started_at": datetime.now(timezone.utc).isoformat(),
@@ -611,7 +629,7 @@ def run_cases(plan: list[tuple[Suite, Case]], cluster: Cluster, options: RunOpti
 def verify(options: RunOptions, *, progress: Progress | None = None, num_cpus: int | None = None,
            num_gpus: int | None = None) -> RunOutcome:
     """Plan, connect, run and store: the whole of ``nsa verify``."""
-    plan = plan_cases(options.suites, options.scale, options.backend)
+    plan = plan_cases(options.suites, options.scale, options.backend, options.cases)
     cluster = connect(options.address, num_cpus=num_cpus, num_gpus=num_gpus, timeout_s=options.connect_timeout_s)
     try:
         # After ray.init: Ray installs its own SIGTERM handler in the driver, which exits at once.

@@ -231,11 +231,10 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     tl.store(lse_rows, lse, mask=row_ok)
 
 
-# Few configs: each costs a compile per (G, head dims) on first use. Compiled offline for sm_90
-# (G 1/4/16, Dk=Dv=128 and Dk=192/Dv=128, bf16): all fit Hopper's shared memory; the forward,
-# dq and selection configs use <= 255 registers without spills, dK/dV's (128, 32) spills a few
-# words (autotuning picks between them).
-_FWD_CONFIGS = group_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+# Few configs: each costs a compile per (G, head dims) on first use. The lists hold the winners
+# of scripts/gpu/tune_kernels.py (H200, G=16, bf16, 8k and 64k, 2026-11-29) plus a fallback; the
+# sweep's numbers are in docs/PERFORMANCE.md ("Tile sweep").
+_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)])
 _cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
 
@@ -412,9 +411,14 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
                    (dq_acc_b * scale).to(DQ.dtype.element_ty), DK, DKA, DKB)
 
 
-# dK/dV keeps two [BLOCK_N, D] float32 accumulators live: narrow key tiles avoid spills.
-_DKDV_CONFIGS = group_configs([(128, 32, 8, 2), (64, 32, 8, 2)])
-_DQ_CONFIGS = group_configs([(128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)])
+# dK/dV: the key tile is the M of its four dots, so it must be wide enough for Hopper's
+# warp-group MMA (M >= 64 per warp group): 128 keys x (32 or 64) query rows is 1.8x faster at 64k
+# than the former 32 keys x 128 rows (whole backward 72 -> 40 ms, H200). Its two [128, D] float32
+# accumulators take 128 registers per thread at 8 warps. All configs share DKDV_KEY_TILE, which
+# the query split below assumes.
+DKDV_KEY_TILE = 128
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3)])
+_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows}
@@ -470,13 +474,13 @@ INTERPRET_SPLIT_LEN = 24
 def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device) -> int:
     """Positions per query split of the dK/dV pass.
 
-    One program per (key tile, kv head) is too few to fill the GPU when ``B*HK`` is small (64
+    One program per (key tile, kv head) is too few to fill the GPU when ``B*HK`` is small (16
     programs at 8k tokens, HK=4): the query range is cut into splits until there are about four
     programs per SM, never below 1024 positions a split (each adds a float32 partial of dK/dV).
     """
     if interpreting():
         return INTERPRET_SPLIT_LEN
-    programs = triton.cdiv(num_cmp, 32) * kv_heads
+    programs = triton.cdiv(num_cmp, DKDV_KEY_TILE) * kv_heads
     wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(wanted, programs), seq_len // 1024))
     return triton.cdiv(seq_len, splits)

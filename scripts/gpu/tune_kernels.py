@@ -1,0 +1,231 @@
+"""Tile-config sweep of the prefill kernels at real sizes, one config at a time (GPU only).
+
+    python scripts/gpu/tune_kernels.py [--seq-lens 8192,65536] [--head-dims 128/128]
+
+Production autotune lists are kept short (every config is one more compile on first use); this
+script times a wider list per kernel so that the short lists hold the winners. For each kernel
+pass it pins one config (the autotuner then has nothing to choose), times the pass with
+``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ=64, HK=4, bf16, the
+paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
+production list (``*``). Compressed attention's dK/dV pass is timed with the query split that
+config would get (``_query_split`` with its key tile). Details go to ``$OUT/tune_kernels.json``. ``--smoke`` runs the plumbing on CPU under
+``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nsa.ops.compressed_attention import triton as cmp_triton  # noqa: E402
+from nsa.ops.selected_attention import triton as sel_triton  # noqa: E402
+from nsa.ops.selection import triton as select_triton  # noqa: E402
+from nsa.ops.triton_common import GroupTunedKernel, softmax_delta  # noqa: E402
+from nsa.ops.window_attention import triton as win_triton  # noqa: E402
+
+BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
+
+# Each list starts with the production list (PRODUCTION_SIZES says how many), then candidates.
+# (BLOCK_M, BLOCK_N, warps, stages)
+CMP_FWD = [(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2),
+           (128, 128, 8, 2), (128, 32, 4, 3)]
+CMP_DKDV = [(64, 128, 8, 3), (32, 128, 8, 3), (128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+            (64, 128, 8, 4), (128, 128, 8, 2)]
+CMP_DQ = [(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 3),
+          (256, 64, 8, 2)]
+# (rows, warps, stages[, constexprs]) as GroupTunedKernel takes them
+SEL_QUERY = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 2, 3), (16, 1, 2), (16, 1, 3)]
+SEL_DKDV = [(64, 4, 2), (128, 8, 2), (128, 8, 1), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 2, 2)]
+WIN_QUERY = [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2)]
+WIN_DKDV = [(32, 4, 2), (64, 4, 2, {"BN": 32}), (128, 8, 1, {"BN": 32}), (16, 4, 2), (32, 4, 3),
+            (32, 2, 2), (64, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages)
+SELECT = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2),
+          (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+PRODUCTION_SIZES = {"cmp-fwd": (CMP_FWD, 3), "cmp-dkdv": (CMP_DKDV, 2), "cmp-dq": (CMP_DQ, 3),
+                    "sel-fwd": (SEL_QUERY, 3), "sel-dq": (SEL_QUERY, 3), "sel-dkdv": (SEL_DKDV, 3),
+                    "win-fwd": (WIN_QUERY, 3), "win-dq": (WIN_QUERY, 3), "win-dkdv": (WIN_DKDV, 3),
+                    "select": (SELECT, 2)}
+PRODUCTION = {name: configs[:count] for name, (configs, count) in PRODUCTION_SIZES.items()}
+
+
+DEVICE = "cpu" if "--smoke" in sys.argv else "cuda"
+
+
+def bench_ms(fn) -> float:
+    fn()
+    if DEVICE == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def cmp_config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def pin_cmp(name, cfg):
+    kernel = getattr(cmp_triton, name.replace("_tuned", "_kernel"))
+    setattr(cmp_triton, name, triton.autotune([cfg], key=cmp_triton._TUNE_KEY)(kernel))
+
+
+def pin_group(module, attr, option):
+    kern: GroupTunedKernel = getattr(module, attr)
+    kern.options, kern._tuned = [option], {}
+
+
+def timed(results, kernel, label, fn):
+    try:
+        ms = bench_ms(fn)
+    except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+        ms = None
+        print(f"  {kernel} {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+    results.append({"kernel": kernel, "config": label, "ms": ms})
+    print(f"  {kernel:9} {label:28} {'-' if ms is None else f'{ms:8.3f}'} ms", flush=True)
+
+
+def sweep(seq_len, dk, dv, results, only):
+    torch.manual_seed(0)
+    dev, dt = DEVICE, (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
+    hq, hk = 64, 4
+    n_cmp = (seq_len - BLOCK) // STRIDE + 1
+    q = torch.randn(1, seq_len, hq, dk, device=dev, dtype=dt)
+    k = torch.randn(1, seq_len, hk, dk, device=dev, dtype=dt)
+    v = torch.randn(1, seq_len, hk, dv, device=dev, dtype=dt)
+    kc = torch.randn(1, n_cmp, hk, dk, device=dev, dtype=dt)
+    vc = torch.randn(1, n_cmp, hk, dv, device=dev, dtype=dt)
+    do = torch.randn(1, seq_len, hq, dv, device=dev, dtype=dt)
+    scale = dk ** -0.5
+    tag = f"T={seq_len} {dk}/{dv}"
+
+    # Compressed attention.
+    o, lse = cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale)
+    for cfg in CMP_FWD if "cmp" in only else []:
+        pin_cmp("_cmp_fwd_tuned", cmp_config(*cfg))
+        timed(results, "cmp-fwd", f"{tag} {cfg}",
+              lambda: cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale))
+    pin_cmp("_cmp_bwd_dq_tuned", cmp_config(*CMP_DQ[0]))
+    original_split = cmp_triton._query_split
+    for cfg in CMP_DKDV if "cmp" in only else []:
+        pin_cmp("_cmp_bwd_dkdv_tuned", cmp_config(*cfg))
+
+        def split(seq, num, kv, device, block_n=cfg[1]):
+            programs = triton.cdiv(num, block_n) * kv
+            wanted = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if DEVICE == "cuda" else 1)
+            return triton.cdiv(seq, max(1, min(triton.cdiv(wanted, programs), seq // 1024)))
+        cmp_triton._query_split = split
+        timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
+              lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+    cmp_triton._query_split = original_split
+    pin_cmp("_cmp_bwd_dkdv_tuned", cmp_config(*CMP_DKDV[0]))
+    for cfg in CMP_DQ if "cmp" in only else []:
+        pin_cmp("_cmp_bwd_dq_tuned", cmp_config(*cfg))
+        timed(results, "cmp-bwd/dq", f"{tag} {cfg}",
+              lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+
+    # Block scoring + top-n.
+    production_select = select_triton._select_tuned
+    for m, n, w, s in SELECT if "select" in only else []:
+        # One config: the autotuner skips its prune hook, so derive the tiles here.
+        tiles = select_triton.selection_tiles(m, n, group_pow2=hq // hk, max_positions=select_triton.MAX_POSITIONS,
+                                              block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
+                                              count_pow2=COUNT)
+        select_triton._select_tuned = triton.autotune([triton.Config(tiles, num_warps=w, num_stages=s)],
+                                                      key=["G"])(select_triton._select_kernel)
+        timed(results, "select", f"{tag} {(m, n, w, s)}",
+              lambda: select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE,
+                                                         select_block=SELECT_BLOCK, select_count=COUNT))
+    select_triton._select_tuned = production_select
+    idx = select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
+                                             select_count=COUNT).to(torch.int32).contiguous()
+
+    # Selection attention.
+    so, slse = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
+    delta = softmax_delta(so, do, None)
+    for option in SEL_QUERY if "sel" in only else []:
+        pin_group(sel_triton, "_query_kernel", option)
+        timed(results, "sel-fwd", f"{tag} {option}",
+              lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK))
+        timed(results, "sel-dq", f"{tag} {option}",
+              lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, o=so, lse=slse, do=do,
+                                             delta=delta))
+    for option in SEL_DKDV if "sel" in only else []:
+        pin_group(sel_triton, "_dkdv_kernel", option)
+        timed(results, "sel-dkdv", f"{tag} {option}",
+              lambda: sel_triton._dkdv_pass(q, k, v, idx, do, slse, delta, scale, SELECT_BLOCK))
+
+    # Sliding window.
+    wo, wlse = win_triton._query_pass(q, k, v, WINDOW, scale)
+    wdelta = softmax_delta(wo, do, None)
+    for option in WIN_QUERY if "win" in only else []:
+        pin_group(win_triton, "_query_kernel", option)
+        timed(results, "win-fwd", f"{tag} {option}", lambda: win_triton._query_pass(q, k, v, WINDOW, scale))
+        timed(results, "win-dq", f"{tag} {option}",
+              lambda: win_triton._query_pass(q, k, v, WINDOW, scale, o=wo, lse=wlse, do=do, delta=wdelta))
+    for option in WIN_DKDV if "win" in only else []:
+        pin_group(win_triton, "_dkdv_kernel", option)
+        timed(results, "win-dkdv", f"{tag} {option}",
+              lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
+
+
+def summary(results):
+    print("\nbest config per kernel and shape (* = in the production list)")
+    print(f"{'kernel':14} {'shape':18} {'best':34} {'ms':>8} {'prod best':>10} {'gain':>6}")
+    keys = sorted({(r["kernel"], " ".join(r["config"].split(" ")[:2])) for r in results})
+    for kernel, shape in keys:
+        rows = [r for r in results if r["kernel"] == kernel and r["config"].startswith(shape + " ") and r["ms"]]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["ms"])
+        family = kernel.split("/")[0] if kernel.startswith("cmp-bwd") else kernel
+        prod_key = {"cmp-bwd/dkdv": "cmp-dkdv", "cmp-bwd/dq": "cmp-dq"}.get(kernel, family)
+        prod = [r for r in rows if any(r["config"].endswith(str(c)) for c in PRODUCTION[prod_key])]
+        prod_ms = min(r["ms"] for r in prod) if prod else float("nan")
+        mark = "*" if best in prod else " "
+        cfg = best["config"][len(shape) + 1:]
+        print(f"{kernel:14} {shape:18} {mark}{cfg:33} {best['ms']:8.3f} {prod_ms:10.3f} {prod_ms / best['ms']:6.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="65536,8192")
+    parser.add_argument("--head-dims", default="128/128")
+    parser.add_argument("--only", default="cmp,select,sel,win",
+                        help="kernel families: cmp (compressed attention), select (scoring + top-n), "
+                             "sel (selection attention), win (window)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seq_lens = "200"
+        for configs in (CMP_FWD, CMP_DKDV, CMP_DQ, SEL_QUERY, SEL_DKDV, WIN_QUERY, WIN_DKDV, SELECT):
+            del configs[2:]
+    print(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)", "torch", torch.__version__,
+          "triton", triton.__version__)
+    results = []
+    for dims in args.head_dims.split(","):
+        dk, dv = (int(x) for x in dims.split("/"))
+        for seq_len in (int(x) for x in args.seq_lens.split(",")):
+            print(f"T={seq_len} Dk/Dv={dk}/{dv}", flush=True)
+            sweep(seq_len, dk, dv, results, args.only.split(","))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "tune_kernels.json").write_text(json.dumps(results, indent=1))
+    summary(results)
+
+
+if __name__ == "__main__":
+    main()
