@@ -402,7 +402,7 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(train_command, [
         "--tiny", "--model", "both", "--steps", "24", "--device", "cpu", "--out", str(out),
-        "--eval-contexts", "64", "--eval-depths", "0,100", "--eval-samples", "4"])
+        "--eval-contexts", "64", "--eval-depths", "0,100", "--eval-samples", "4", "--hold-loss", "9.5"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     for name in ("train_log.parquet", "retrieval.parquet", "loss.png", "summary.json", "retrieval_nsa.png",
                  "checkpoints/nsa.pt", "checkpoints/dense.pt"):
@@ -410,6 +410,7 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"] == 24
     assert summary["goals"]["finite_goal_met"] is True
+    assert summary["config"]["hold_loss"] == 9.5
     log = read_table(out / "train_log.parquet")
     assert len(log) == 48 and {r["model"] for r in log} == {"nsa", "dense"}
     nsa_rows = [r for r in log if r["model"] == "nsa"]
@@ -459,6 +460,29 @@ def test_loss_gated_context_warmup_advances_early(tmp_path):
     contexts = [r["context"] for r in run.rows]
     assert contexts[:20] == [32] * 20 and contexts[20:40] == [64] * 20 and contexts[40:] == [128] * 4
     assert any("context 32 -> 64" in line for line in lines)
+
+
+def test_hold_keeps_the_context_while_the_loss_is_high(tmp_path):
+    # A bound no loss meets (the tiny task starts near ln(vocab) >> 0.01): the step-count stages
+    # (11 steps each: 50% of 44 steps over two stages) wait until hold_until = 50% of the schedule,
+    # then resume where their clock stopped.
+    config = tiny_config(steps=44, context=128, start_context=32, context_warmup=0.5, hold_loss=0.01,
+                         hold_until=0.5, eval_every=1000)
+    lines = []
+    _, run = train_model("nsa", config, tmp_path, report=lines.append)
+    contexts = [r["context"] for r in run.rows]
+    assert contexts[:22] == [32] * 22 and contexts[22:33] == [64] * 11 and contexts[33:] == [128] * 11
+    assert any("holding context 32 while the loss is above 0.01" in line for line in lines)
+    # A bound every loss meets: a stage still waits for its 20 measured steps (the loss window),
+    # then the clock goes on: 32 until step 20, 64 until step 40.
+    _, run = train_model("nsa", config.replace(hold_loss=1e9, hold_until=1.0), tmp_path / "free",
+                         report=lambda _: None)
+    contexts = [r["context"] for r in run.rows]
+    assert contexts[:20] == [32] * 20 and contexts[20:40] == [64] * 20 and contexts[40:] == [128] * 4
+    # No hold: the plain step-count stages.
+    _, run = train_model("nsa", config.replace(hold_loss=None), tmp_path / "none", report=lambda _: None)
+    contexts = [r["context"] for r in run.rows]
+    assert contexts[:11] == [32] * 11 and contexts[11:22] == [64] * 11 and contexts[22:] == [128] * 22
 
 
 def test_first_step_failure_of_auto_backend_falls_back_to_reference(tmp_path, monkeypatch):

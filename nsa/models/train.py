@@ -66,6 +66,14 @@ class TrainConfig:
             the current context is at most this (nats), so a model that has learned moves on
             early while one that has not gets until ``context_warmup`` (the latest stage
             times). ``None``: stages by step count only.
+        hold_loss, hold_until: while the mean loss of the last 20 steps at the current context is
+            above ``hold_loss`` (nats: the model has not begun to learn the task at that length),
+            the step-count stages wait (their clock stops), until ``hold_until`` of the schedule
+            is spent; a context is also kept for the 20 steps that window needs. ``None``: no
+            hold. Why: on an H200 the NSA model left the retrieval plateau
+            at 1024 tokens after ~600-1000 steps when the context stayed there, but never did
+            when the step-count stages moved it on to 2048 and 4096 tokens while it was still on
+            the plateau (docs/TRAINING.md, GPU runs of 2026-11-28 and 2026-11-29).
         steps: learning-rate schedule length (upper bound on steps).
         minutes: wall-clock budget of each model's training; the schedule is shortened to fit it
             after timing the first steps. ``None``: run ``steps``.
@@ -102,6 +110,8 @@ class TrainConfig:
     start_context: int | None = None
     context_warmup: float = 0.3
     advance_loss: float | None = None
+    hold_loss: float | None = None
+    hold_until: float = 0.5
     steps: int = 1000
     minutes: float | None = None
     batch_size: int = 16
@@ -139,6 +149,10 @@ class TrainConfig:
                              f"{self.context}] or None, got {self.start_context!r}")
         if not 0 <= self.context_warmup < 1:
             raise ValueError(f"TrainConfig.context_warmup must be in [0, 1), got {self.context_warmup!r}")
+        if not 0 < self.hold_until <= 1:
+            raise ValueError(f"TrainConfig.hold_until must be in (0, 1], got {self.hold_until!r}")
+        if self.hold_loss is not None and not self.hold_loss > 0:
+            raise ValueError(f"TrainConfig.hold_loss must be positive or None, got {self.hold_loss!r}")
         if self.context < self.task.min_context():
             raise ValueError(f"TrainConfig.context must be >= {self.task.min_context()} for the task, "
                              f"got {self.context}")
@@ -194,7 +208,8 @@ def gpu_config(**changes: Any) -> TrainConfig:
     """The H200 run of docs/TRAINING.md: the paper's sparse pattern (l=32, d=16, l'=64, n=16,
     w=512), 8 query / 2 kv heads of dim 32, 2 layers of width 256, context warm-up from 512 to
     4096 tokens (a stage ends once the loss is <= 0.3 nats, at the latest after 60% of the
-    schedule is spent), bf16 autocast."""
+    schedule is spent; the stage clock waits while the loss is above 3.5 nats, i.e. still on the
+    retrieval plateau at ln 64 = 4.16, for at most half the schedule), bf16 autocast."""
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=8, num_kv_heads=2, head_dim=32)
     # RoPE base 1e8: the task needs no fine position (the token shift carries "previous token"),
@@ -206,7 +221,7 @@ def gpu_config(**changes: Any) -> TrainConfig:
     # more sensitive to per-weight Adam noise than the CPU study's 8 x 16 blocks (where 0.03 and 0.1
     # both worked, 0.03 better; docs/TRAINING.md, "Why NSA learned slowly").
     base = TrainConfig(models=("nsa", "dense"), model=model, task=task, context=4096, start_context=512,
-                       context_warmup=0.6, advance_loss=0.3, steps=3000, batch_size=16, lr=2e-3, warmup_steps=50,
+                       context_warmup=0.6, advance_loss=0.3, hold_loss=3.5, hold_until=0.5, steps=3000, batch_size=16, lr=2e-3, warmup_steps=50,
                        phi_lr_scale=0.03,
                        log_every=25, eval_every=250, eval_contexts=(4096, 16384, 65536), eval_samples=8,
                        eval_batch_size=4, checkpoint_every=500, device="cuda")
@@ -427,6 +442,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     fixed_schedule = replay is not None
     timing: dict[str, Any] = {"context": None}
     last_context = 0  # the context of the previous step
+    held = 0  # steps the hold (hold_loss) stopped the warm-up's stage clock
     step = tokens_seen = 0
     fallback = ""
     while step < (max_steps if max_steps is not None else total):
@@ -436,8 +452,17 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         if replay is not None:
             context = replay.rows[step]["context"]
         else:
-            context = max(last_context, context_at(step, total, config))
+            scheduled = context_at(step - held, total, config)
             recent = [r["loss"] for r in rows[-20:] if r["context"] == last_context]
+            if (config.hold_loss is not None and last_context and scheduled > last_context
+                    and step < config.hold_until * total
+                    and (len(recent) < 20 or sum(recent) / 20 > config.hold_loss)):
+                if not held:
+                    report(f"[{name}] step {step}: holding context {last_context} while the loss is above "
+                           f"{config.hold_loss:g} (until {config.hold_until:.0%} of the schedule)")
+                held += 1
+                scheduled = last_context
+            context = max(last_context, scheduled)
             if (config.advance_loss is not None and len(recent) == 20 and context == last_context
                     and sum(recent) / 20 <= config.advance_loss):
                 context = min(config.context, 2 * last_context)

@@ -183,10 +183,54 @@ def sweep(seq_len, dk, dv, results, only):
               lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
 
 
+def sweep_decode(context, dk, dv, results):
+    """The decode step (CUDA graph) at batch 1 and 32 under plan variants: key tile, warps, and
+    programs per branch (``target_programs``, default 4 per SM)."""
+    import dataclasses
+
+    from nsa.bench import decode as decode_bench
+    from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+
+    config = decode_bench.paper_config(dk, dv)
+    dt = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 1
+    for batch in (1, 32):
+        cache = decode_bench.filled_cache(config, batch, context, dt, device=DEVICE)
+        q = torch.randn(batch, 1, config.num_heads, dk, dtype=dt, device=DEVICE)
+        gates = torch.rand(batch, 1, config.num_heads, 3, dtype=dt, device=DEVICE)
+        num_new = torch.ones(batch, dtype=torch.int64, device=DEVICE)
+        rows = batch * config.num_kv_heads
+        smoke = DEVICE == "cpu"
+        for block_n in (64,) if smoke else (64, 128):
+            for warps in (8,) if smoke else (8, 4):
+                for programs in (4 * sms,) if smoke else (4 * sms, 8 * sms, 2 * sms):
+                    plan = dataclasses.replace(plan_decode(config, rows, cache.max_len, target_programs=programs,
+                                                           block_n=block_n), num_warps=warps)
+
+                    def step(plan=plan):
+                        return nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win,
+                                                 cache.v_win, gates, cache.lengths, config, num_new=num_new,
+                                                 plan=plan, check_values=False)
+                    label = f"T={context} B={batch} {dk}/{dv} (bn {block_n}, warps {warps}, programs {programs})"
+                    if DEVICE == "cuda":
+                        def timed_step(step=step):
+                            fn, _, _ = decode_bench.graphed(step)
+                            return fn
+                        try:
+                            fn = timed_step()
+                        except Exception as exc:  # noqa: BLE001
+                            print(f"  decode {label}: failed: {type(exc).__name__}: {str(exc)[:100]}")
+                            continue
+                        timed(results, "decode", label, fn)
+                    else:
+                        timed(results, "decode", label, step)
+
+
 def summary(results):
     print("\nbest config per kernel and shape (* = in the production list)")
     print(f"{'kernel':14} {'shape':18} {'best':34} {'ms':>8} {'prod best':>10} {'gain':>6}")
-    keys = sorted({(r["kernel"], " ".join(r["config"].split(" ")[:2])) for r in results})
+    keys = sorted({(r["kernel"], " ".join(r["config"].split(" ")[:3 if r["kernel"] == "decode" else 2]))
+                   for r in results})
     for kernel, shape in keys:
         rows = [r for r in results if r["kernel"] == kernel and r["config"].startswith(shape + " ") and r["ms"]]
         if not rows:
@@ -194,7 +238,10 @@ def summary(results):
         best = min(rows, key=lambda r: r["ms"])
         family = kernel.split("/")[0] if kernel.startswith("cmp-bwd") else kernel
         prod_key = {"cmp-bwd/dkdv": "cmp-dkdv", "cmp-bwd/dq": "cmp-dq"}.get(kernel, family)
-        prod = [r for r in rows if any(r["config"].endswith(str(c)) for c in PRODUCTION[prod_key])]
+        if prod_key == "decode":
+            prod = rows[:1]  # the first variant is the default plan
+        else:
+            prod = [r for r in rows if any(r["config"].endswith(str(c)) for c in PRODUCTION[prod_key])]
         prod_ms = min(r["ms"] for r in prod) if prod else float("nan")
         mark = "*" if best in prod else " "
         cfg = best["config"][len(shape) + 1:]
@@ -207,7 +254,8 @@ def main():
     parser.add_argument("--head-dims", default="128/128")
     parser.add_argument("--only", default="cmp,select,sel,win",
                         help="kernel families: cmp (compressed attention), select (scoring + top-n), "
-                             "sel (selection attention), win (window)")
+                             "sel (selection attention), win (window), decode (the decode step, batch "
+                             "1 and 32, context = each --seq-lens value)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")
     args = parser.parse_args()
     if args.smoke:
@@ -221,7 +269,10 @@ def main():
         dk, dv = (int(x) for x in dims.split("/"))
         for seq_len in (int(x) for x in args.seq_lens.split(",")):
             print(f"T={seq_len} Dk/Dv={dk}/{dv}", flush=True)
-            sweep(seq_len, dk, dv, results, args.only.split(","))
+            if "decode" in args.only.split(","):
+                sweep_decode(seq_len, dk, dv, results)
+            if set(args.only.split(",")) - {"decode"}:
+                sweep(seq_len, dk, dv, results, args.only.split(","))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "tune_kernels.json").write_text(json.dumps(results, indent=1))
     summary(results)
