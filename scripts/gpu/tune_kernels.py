@@ -55,6 +55,7 @@ WIN_DKDV = [(32, 4, 2), (64, 4, 2, {"BN": 32}), (128, 8, 1, {"BN": 32}), (16, 4,
 # (BLOCK_M, BLOCK_N, warps, stages)
 SELECT = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2),
           (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+# (The compressed-attention lists also end with a float32 fallback tile, not swept here.)
 PRODUCTION_SIZES = {"cmp-fwd": (CMP_FWD, 3), "cmp-dkdv": (CMP_DKDV, 2), "cmp-dq": (CMP_DQ, 3),
                     "sel-fwd": (SEL_QUERY, 3), "sel-dq": (SEL_QUERY, 3), "sel-dkdv": (SEL_DKDV, 3),
                     "win-fwd": (WIN_QUERY, 3), "win-dq": (WIN_QUERY, 3), "win-dkdv": (WIN_DKDV, 3),

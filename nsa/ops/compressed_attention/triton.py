@@ -233,8 +233,11 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
 
 # Few configs: each costs a compile per (G, head dims) on first use. The lists hold the winners
 # of scripts/gpu/tune_kernels.py (H200, G=16, bf16, 8k and 64k, 2026-11-29) plus a fallback; the
-# sweep's numbers are in docs/PERFORMANCE.md ("Tile sweep").
-_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)])
+# sweep's numbers are in docs/PERFORMANCE.md ("Tile sweep"). Each list ends with a small tile
+# that fits Hopper's 227 KiB of shared memory in float32 at Dk=192 (compiled for sm_90: 144, 84
+# and 128 KiB). The fast tiles barely fit float32 at Dk=128 (forward 225 KiB, dK/dV 209 KiB at
+# best) and not at Dk=192, and a list with no config that fits would fail instead of running slowly.
+_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
 _cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
 
@@ -417,8 +420,10 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
 # accumulators take 128 registers per thread at 8 warps. All configs share DKDV_KEY_TILE, which
 # the query split below assumes.
 DKDV_KEY_TILE = 128
-_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3)])
-_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)])
+# The float32 fallback's narrower key tile only leaves the query split sized for 128-key tiles
+# (fewer programs than intended), never a wrong result.
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)])
+_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows}
