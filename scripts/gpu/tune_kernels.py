@@ -223,8 +223,32 @@ def sweep_decode(context, dk, dv, results):
                             print(f"  decode {label}: failed: {type(exc).__name__}: {str(exc)[:100]}")
                             continue
                         timed(results, "decode", label, fn)
+                        if block_n == 64 and programs == 4 * sms:
+                            try:
+                                results[-1]["kernels_us"] = kernel_breakdown(step, label)
+                            except Exception as exc:  # noqa: BLE001 - a profiler problem must not end the sweep
+                                print(f"  kernels of {label}: profiler failed: {type(exc).__name__}: {exc}")
                     else:
                         timed(results, "decode", label, step)
+
+
+def kernel_breakdown(fn, label: str, repeats: int = 20) -> dict[str, float]:
+    """Mean device time per launch of each kernel ``fn`` runs (eager, under torch.profiler), us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key] = times.get(event.key, 0.0) + event.device_time_total / repeats
+    print(f"  kernels of {label} (eager, mean us per step): "
+          + ", ".join(f"{name} {us:.1f}" for name, us in sorted(times.items(), key=lambda kv: -kv[1])), flush=True)
+    return times
 
 
 def summary(results):
