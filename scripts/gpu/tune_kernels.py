@@ -38,29 +38,50 @@ from nsa.ops.window_attention import triton as win_triton  # noqa: E402
 
 BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
 
-# Each list starts with the production list (PRODUCTION_SIZES says how many), then candidates.
-# (BLOCK_M, BLOCK_N, warps, stages)
-CMP_FWD = [(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2),
-           (128, 128, 8, 2), (128, 32, 4, 3)]
-CMP_DKDV = [(64, 128, 8, 3), (32, 128, 8, 3), (128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
-            (64, 128, 8, 4), (128, 128, 8, 2)]
-CMP_DQ = [(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 3),
-          (256, 64, 8, 2)]
-# (rows, warps, stages[, constexprs]) as GroupTunedKernel takes them
-SEL_QUERY = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 2, 3), (16, 1, 2), (16, 1, 3)]
-SEL_DKDV = [(64, 4, 2), (128, 8, 2), (128, 8, 1), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 2, 2)]
-WIN_QUERY = [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2)]
-WIN_DKDV = [(32, 4, 2), (64, 4, 2, {"BN": 32}), (128, 8, 1, {"BN": 32}), (16, 4, 2), (32, 4, 3),
-            (32, 2, 2), (64, 4, 2)]
-# (BLOCK_M, BLOCK_N, warps, stages)
-SELECT = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2),
-          (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
-# (The compressed-attention lists also end with a float32 fallback tile, not swept here.)
-PRODUCTION_SIZES = {"cmp-fwd": (CMP_FWD, 3), "cmp-dkdv": (CMP_DKDV, 2), "cmp-dq": (CMP_DQ, 3),
-                    "sel-fwd": (SEL_QUERY, 3), "sel-dq": (SEL_QUERY, 3), "sel-dkdv": (SEL_DKDV, 3),
-                    "win-fwd": (WIN_QUERY, 3), "win-dq": (WIN_QUERY, 3), "win-dkdv": (WIN_DKDV, 3),
-                    "select": (SELECT, 2)}
-PRODUCTION = {name: configs[:count] for name, (configs, count) in PRODUCTION_SIZES.items()}
+def _tiles(configs) -> list[tuple]:
+    """``(BLOCK_M, BLOCK_N, warps, stages)`` of ``triton.Config`` objects."""
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+# The production lists, read from the kernels' modules (before any pinning below changes them).
+# Tuples are (BLOCK_M, BLOCK_N, warps, stages) for the compressed-attention and scoring kernels,
+# (rows, warps, stages[, constexprs]) for the GroupTunedKernel ones (selection and window).
+PRODUCTION = {
+    "cmp-fwd": _tiles(cmp_triton._FWD_CONFIGS), "cmp-dkdv": _tiles(cmp_triton._DKDV_CONFIGS),
+    "cmp-dq": _tiles(cmp_triton._DQ_CONFIGS), "select": _tiles(select_triton._SELECT_CONFIGS),
+    "sel-fwd": list(sel_triton._query_kernel.options), "sel-dq": list(sel_triton._query_kernel.options),
+    "sel-dkdv": list(sel_triton._dkdv_kernel.options), "win-fwd": list(win_triton._query_kernel.options),
+    "win-dq": list(win_triton._query_kernel.options), "win-dkdv": list(win_triton._dkdv_kernel.options),
+}
+# Candidates timed beside them (the lists of the 2026-11-29 sweep, whose winners now lead the
+# production lists).
+CANDIDATES = {
+    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+    "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2)],
+    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2)],
+    "select": [(128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (64, 128, 4, 2),
+               (32, 64, 4, 2), (128, 32, 8, 2)],
+    "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3)],
+    "sel-dkdv": [(32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 2, 2)],
+    "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2)],
+    "win-dkdv": [(16, 4, 2), (32, 4, 3), (32, 2, 2), (64, 4, 2)],
+}
+
+
+def sweep_list(production: str, candidates: str) -> list[tuple]:
+    """The production configs, then the candidates not already among them."""
+    first = PRODUCTION[production]
+    return first + [c for c in CANDIDATES[candidates] if c not in first]
+
+
+CMP_FWD = sweep_list("cmp-fwd", "cmp-fwd")
+CMP_DKDV = sweep_list("cmp-dkdv", "cmp-dkdv")
+CMP_DQ = sweep_list("cmp-dq", "cmp-dq")
+SELECT = sweep_list("select", "select")
+SEL_QUERY = sweep_list("sel-fwd", "sel-query")
+SEL_DKDV = sweep_list("sel-dkdv", "sel-dkdv")
+WIN_QUERY = sweep_list("win-fwd", "win-query")
+WIN_DKDV = sweep_list("win-dkdv", "win-dkdv")
 
 
 DEVICE = "cpu" if "--smoke" in sys.argv else "cuda"
