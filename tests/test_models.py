@@ -438,6 +438,10 @@ def test_fit_schedule_fits_the_predicted_cost():
     cost = lambda t: sum(max(32, context_at(s, t, config)) for s in range(10, t)) * 16 * per_token
     assert 10 < total < 1000 and cost(total) <= 30.0 < cost(total + 1)
     assert fit_schedule(10, per_token, 1e9, 32, config) == 1000
+    # Steps the hold kept at 32 tokens push the costlier stages later: more steps fit.
+    held = fit_schedule(10, per_token, 30.0, 32, config, held=100)
+    held_cost = lambda t: sum(max(32, context_at(s - 100, t, config)) for s in range(10, t)) * 16 * per_token
+    assert held > total and held_cost(held) <= 30.0 < held_cost(held + 1)
 
 
 def test_time_budget_stops_training_and_dense_replays_the_schedule(tmp_path):

@@ -251,11 +251,13 @@ def context_at(step: int, total: int, config: TrainConfig) -> int:
 
 
 def fit_schedule(step: int, per_token: float, remaining_s: float, current_context: int,
-                 config: TrainConfig) -> int:
+                 config: TrainConfig, held: int = 0) -> int:
     """The longest schedule (``<= config.steps``, ``> step``) whose remaining steps, at
-    ``per_token`` seconds per training token and the warm-up's contexts, fit ``remaining_s``."""
+    ``per_token`` seconds per training token and the warm-up's contexts, fit ``remaining_s``;
+    ``held``: steps the warm-up's clock has stood still so far (``hold_loss``), none assumed
+    from here on."""
     def cost(total: int) -> float:
-        tokens = sum(max(current_context, context_at(s, total, config)) for s in range(step, total))
+        tokens = sum(max(current_context, context_at(s - held, total, config)) for s in range(step, total))
         return tokens * config.batch_size * per_token
 
     low, high = step + 1, config.steps
@@ -543,7 +545,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
                 timing["since"] = now
             if not fixed_schedule and not timing["fitted"] and timing["steps"] >= 10:
                 per_token = (now - timing["since"]) / (timing["steps"] * config.batch_size * context)
-                total = fit_schedule(step, per_token, budget - (now - start), context, config)
+                total = fit_schedule(step, per_token, budget - (now - start), context, config, held)
                 timing["fitted"] = True
                 report(f"[{name}] {per_token * config.batch_size * context * 1000:.0f} ms/step at {context} "
                        f"tokens: schedule set to {total} steps to fit {config.minutes:g} min")
