@@ -93,6 +93,7 @@ def test_verify_case_filter_runs_only_matching_cases(ray_cpu, tmp_path):
     rows = store.read_run(tmp_path).rows
     assert sorted(r.name for r in rows) == ["demo-ok::medium", "demo-ok::small"]
     assert store.read_run(tmp_path).info["case_patterns"] == ["demo-ok::med*", "*::small"]
+    assert "filtered: only cases matching demo-ok::med* *::small (2 planned)" in result.output
 
 
 def test_verify_list_prints_the_plan_and_runs_nothing(ray_cpu, tmp_path):

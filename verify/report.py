@@ -196,6 +196,10 @@ def render_report(run: RunData, console, *, max_message_lines: int = 12, closest
     if info.get("not_run"):
         console.print(f"[yellow]not run[/yellow] {len(info['not_run'])}: "
                       f"{', '.join(info['not_run'][:6])}{' ...' if len(info['not_run']) > 6 else ''}")
+    if info.get("case_patterns"):
+        # A filtered run accepts only what it ran: say so next to the verdict.
+        console.print(f"[yellow]filtered[/yellow]: only cases matching {' '.join(info['case_patterns'])} "
+                      f"({info.get('planned', len(rows))} planned)", highlight=False)
     if info.get("opt_in_left_out"):
         left_out = info["opt_in_left_out"]
         console.print(f"[dim]opt-in, not in this run[/dim] {len(left_out)}: {', '.join(left_out)} "
