@@ -86,3 +86,37 @@ def test_backward_is_deterministic():
         grads.append([x.grad.clone() for x in (q, k, v)])
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+def _production_tiles():
+    from nsa.ops.compressed_attention import triton as cmp_triton
+
+    configs = cmp_triton._FWD_CONFIGS + cmp_triton._DKDV_CONFIGS + cmp_triton._DQ_CONFIGS
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs})
+
+
+@pytest.mark.parametrize("tiles", _production_tiles(), ids=lambda t: f"M{t[0]}-N{t[1]}")
+def test_production_tiles_match_reference(tiles, monkeypatch):
+    """The interpreter normally runs small tiles; here every kernel runs one of the GPU autotune
+    lists' tiles (N = 149 compressed tokens: a 128-key tile is followed by a mostly-masked one)."""
+    from nsa.ops.compressed_attention import triton as cmp_triton
+
+    monkeypatch.setattr(cmp_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
+    gen = torch.Generator().manual_seed(tiles[0] * 1000 + tiles[1])
+    seq_len, block, stride, num_kv, group, dk, dv = 600, 8, 4, 1, 4, 48, 32
+    num_cmp = num_compressed(seq_len, block, stride)
+    q64 = torch.randn(1, seq_len, num_kv * group, dk, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(1, num_cmp, num_kv, dk, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(1, num_cmp, num_kv, dv, generator=gen, dtype=torch.float64)
+    do64 = torch.randn(1, seq_len, num_kv * group, dv, generator=gen, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q64, k64, v64)]
+        o, _ = fn(*leaves, block=block, stride=stride)
+        (o.to(torch.float64) * do64).sum().backward()
+        return [o.detach()] + [x.grad for x in leaves]
+
+    ref, naive, got = (run(compressed_attention, torch.float64), run(compressed_attention, torch.float32),
+                       run(compressed_attention_triton, torch.float32))
+    for name, g, n, r in zip(("o", "dq", "dk", "dv"), got, naive, ref):
+        _assert_close_to_float64(name, g, n, r)
