@@ -6,6 +6,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
 import torch
+from tile_options import option_id, option_pairs, pin_options
 
 from nsa.ops import compress_mean, select_blocks, selection_block_scores
 from nsa.ops.selected_attention import triton as triton_selected
@@ -98,3 +99,30 @@ def test_invert_selection_lists_every_query_once_per_block():
                 assert got == want
                 assert all(int(item_group[i]) == g for i in items)
     assert int(item_len.sum()) == int((idx >= 0).sum())
+
+
+
+@pytest.mark.parametrize("options", option_pairs(triton_selected._query_kernel, triton_selected._dkdv_kernel),
+                         ids=option_id)
+def test_every_production_tile_matches_naive(options, monkeypatch):
+    """The interpreter runs each list's first option; here each option of the GPU lists runs, at
+    G = 16 (one position per 16 rows, or position tiles walking the union of their blocks)."""
+    pin_options(monkeypatch, (triton_selected._query_kernel, triton_selected._dkdv_kernel), options)
+    monkeypatch.setattr(triton_selected, "CHUNK", 32)
+    gen = torch.Generator().manual_seed(5)
+    batch, seq_len, num_kv, group, dk, dv, n = 1, 70, 1, 16, 32, 16, 3
+    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
+    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
+    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
+    idx = random_selection(batch, seq_len, num_kv, n, generator=gen)
+    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, _ = fn(*leaves, idx, select_block=SELECT_BLOCK)
+        (o * do.to(dtype)).sum().backward()
+        return [o] + [x.grad for x in leaves]
+
+    for name, got, want in zip(("o", "dq", "dk", "dv"), run(selected_attention_triton, torch.float32),
+                               run(selected_attention, torch.float64)):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

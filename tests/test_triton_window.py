@@ -6,8 +6,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
 import torch
+from tile_options import option_id, option_pairs, pin_options
 
 from nsa.ops.window_attention.naive import window_attention
+from nsa.ops.window_attention import triton as triton_window
 from nsa.ops.window_attention.triton import window_attention_triton
 
 CASES = [  # (G, HK, Dk, Dv, T, window)
@@ -45,3 +47,27 @@ def test_window_attention_matches_naive(group, num_kv, dk, dv, seq_len, window):
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         assert torch.isfinite(g).all(), f"d{name} not finite"
         torch.testing.assert_close(g.double(), g_ref, atol=5e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("options", option_pairs(triton_window._query_kernel, triton_window._dkdv_kernel),
+                         ids=option_id)
+def test_every_production_tile_matches_naive(options, monkeypatch):
+    """Each option of the GPU autotune lists (the interpreter otherwise runs the first), at G = 16
+    with a window that spans several key tiles."""
+    pin_options(monkeypatch, (triton_window._query_kernel, triton_window._dkdv_kernel), options)
+    gen = torch.Generator().manual_seed(9)
+    batch, seq_len, num_kv, group, dk, dv, window = 1, 150, 1, 16, 32, 16, 70
+    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
+    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
+    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
+    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, _ = fn(*leaves, window=window)
+        (o * do.to(dtype)).sum().backward()
+        return [o] + [x.grad for x in leaves]
+
+    for name, got, want in zip(("o", "dq", "dk", "dv"), run(window_attention_triton, torch.float32),
+                               run(window_attention, torch.float64)):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
