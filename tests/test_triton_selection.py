@@ -14,6 +14,7 @@ import torch
 from nsa.config import num_compressed
 from nsa.ops.compressed_attention.naive import compressed_attention
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
+from nsa.ops.selection import triton as selection_triton
 from nsa.ops.selection.naive import select_blocks, selection_block_scores
 from nsa.ops.selection.triton import select_blocks_triton
 
@@ -95,7 +96,12 @@ CASES = [
 @pytest.mark.parametrize("batch,seq_len,num_kv,group,dk,block,stride,select_block,count", CASES,
                          ids=[f"B{c[0]}-T{c[1]}-HK{c[2]}-G{c[3]}-l{c[5]}-d{c[6]}-ls{c[7]}-n{c[8]}" for c in CASES])
 def test_selected_blocks_match_reference(batch, seq_len, num_kv, group, dk, block, stride, select_block, count):
-    gen = torch.Generator().manual_seed(seq_len + 100 * group)
+    check_random_selection(torch.Generator().manual_seed(seq_len + 100 * group), batch, seq_len, num_kv, group,
+                           dk, block, stride, select_block, count)
+
+
+def check_random_selection(gen, batch, seq_len, num_kv, group, dk, block, stride, select_block, count):
+    """Triton's blocks for random q and compressed keys equal the float64 reference's (ties aside)."""
     q = torch.randn(batch, seq_len, num_kv * group, dk, generator=gen)
     k_cmp = torch.randn(batch, num_compressed(seq_len, block, stride), num_kv, dk, generator=gen)
     v_cmp = torch.randn(batch, k_cmp.shape[1], num_kv, 16, generator=gen)
@@ -144,3 +150,13 @@ def test_eq9_weights_beyond_float16_integers_are_rejected():
     with pytest.raises(ValueError, match="stride=1 must be <= 2048"):
         select_blocks_triton(q, torch.zeros(1, 1, 1, 16), torch.zeros(1, 4, 1), block=4096, stride=1,
                              select_block=4096, select_count=2)
+
+
+@pytest.mark.parametrize("tiles", sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                                          for c in selection_triton._SELECT_CONFIGS}), ids=lambda t: f"M{t[0]}-N{t[1]}")
+def test_production_tiles_select_like_the_reference(tiles, monkeypatch):
+    """The interpreter normally runs small tiles; here the GPU autotune list's tiles, with the
+    paper's ratios l'/d = 4 and l/d = 2 (15 blocks a 64-key step) and G = 4."""
+    monkeypatch.setattr(selection_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
+    check_random_selection(torch.Generator().manual_seed(sum(tiles)), batch=1, seq_len=400, num_kv=1, group=4,
+                           dk=16, block=8, stride=4, select_block=16, count=6)
