@@ -173,9 +173,11 @@ def test_unfused_scoring_when_blocks_do_not_tile():
 
 
 def test_split_plans_agree():
-    """Many small splits per branch and one split per branch give the prefill's result."""
+    """Many small splits per branch, one split per branch, and the GPU's 64-key tiles give the
+    prefill's result."""
     config = small()
-    for plan_kwargs in ({"target_programs": 1, "block_n": 16}, {"target_programs": 1024, "block_n": 16}):
+    for plan_kwargs in ({"target_programs": 1, "block_n": 16}, {"target_programs": 1024, "block_n": 16},
+                        {"target_programs": 8, "block_n": 64}):
         check_step(config, [90, 57], [1, 1], 1, 96, 12, 4, plan_kwargs=plan_kwargs)
     many = plan_decode(config, 4, 96, target_programs=1024, block_n=16)
     assert many.cmp_splits > 1 and many.slc_splits > 1 and many.score_splits > 1
