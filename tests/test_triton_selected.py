@@ -6,7 +6,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
 import torch
-from tile_options import option_id, option_pairs, pin_options
+from tile_options import option_id, option_pairs, pinned
 
 from nsa.ops import compress_mean, select_blocks, selection_block_scores
 from nsa.ops.selected_attention import triton as triton_selected
@@ -107,7 +107,6 @@ def test_invert_selection_lists_every_query_once_per_block():
 def test_every_production_tile_matches_naive(options, monkeypatch):
     """The interpreter runs each list's first option; here each option of the GPU lists runs, at
     G = 16 (one position per 16 rows, or position tiles walking the union of their blocks)."""
-    pin_options(monkeypatch, (triton_selected._query_kernel, triton_selected._dkdv_kernel), options)
     monkeypatch.setattr(triton_selected, "CHUNK", 32)
     gen = torch.Generator().manual_seed(5)
     batch, seq_len, num_kv, group, dk, dv, n = 1, 70, 1, 16, 32, 16, 3
@@ -123,6 +122,7 @@ def test_every_production_tile_matches_naive(options, monkeypatch):
         (o * do.to(dtype)).sum().backward()
         return [o] + [x.grad for x in leaves]
 
-    for name, got, want in zip(("o", "dq", "dk", "dv"), run(selected_attention_triton, torch.float32),
-                               run(selected_attention, torch.float64)):
+    with pinned((triton_selected._query_kernel, triton_selected._dkdv_kernel), options):
+        got_all = run(selected_attention_triton, torch.float32)
+    for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(selected_attention, torch.float64)):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

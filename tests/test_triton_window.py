@@ -6,7 +6,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
 import torch
-from tile_options import option_id, option_pairs, pin_options
+from tile_options import option_id, option_pairs, pinned
 
 from nsa.ops.window_attention.naive import window_attention
 from nsa.ops.window_attention import triton as triton_window
@@ -51,10 +51,9 @@ def test_window_attention_matches_naive(group, num_kv, dk, dv, seq_len, window):
 
 @pytest.mark.parametrize("options", option_pairs(triton_window._query_kernel, triton_window._dkdv_kernel),
                          ids=option_id)
-def test_every_production_tile_matches_naive(options, monkeypatch):
+def test_every_production_tile_matches_naive(options):
     """Each option of the GPU autotune lists (the interpreter otherwise runs the first), at G = 16
     with a window that spans several key tiles."""
-    pin_options(monkeypatch, (triton_window._query_kernel, triton_window._dkdv_kernel), options)
     gen = torch.Generator().manual_seed(9)
     batch, seq_len, num_kv, group, dk, dv, window = 1, 150, 1, 16, 32, 16, 70
     q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
@@ -68,6 +67,7 @@ def test_every_production_tile_matches_naive(options, monkeypatch):
         (o * do.to(dtype)).sum().backward()
         return [o] + [x.grad for x in leaves]
 
-    for name, got, want in zip(("o", "dq", "dk", "dv"), run(window_attention_triton, torch.float32),
-                               run(window_attention, torch.float64)):
+    with pinned((triton_window._query_kernel, triton_window._dkdv_kernel), options):
+        got_all = run(window_attention_triton, torch.float32)
+    for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(window_attention, torch.float64)):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -1,6 +1,8 @@
 """Run a kernel pair on each option of its GPU autotune lists (the interpreter otherwise runs the
 first option only)."""
 
+import contextlib
+
 
 def option_pairs(query_kernel, dkdv_kernel) -> list[tuple]:
     """(query-kernel option, dk/dv option) pairs that cover every option of both lists."""
@@ -9,11 +11,13 @@ def option_pairs(query_kernel, dkdv_kernel) -> list[tuple]:
             for i in range(max(len(queries), len(dkdvs)))]
 
 
-def pin_options(monkeypatch, kernels, options) -> None:
-    """Give each :class:`GroupTunedKernel` of ``kernels`` the one matching option of ``options``."""
-    for kernel, option in zip(kernels, options):
-        monkeypatch.setattr(kernel, "options", [option])
-        monkeypatch.setattr(kernel, "_tuned", {})
+@contextlib.contextmanager
+def pinned(kernels, options):
+    """Each :class:`GroupTunedKernel` of ``kernels`` runs the matching option of ``options`` only."""
+    with contextlib.ExitStack() as stack:
+        for kernel, option in zip(kernels, options):
+            stack.enter_context(kernel.only(option))
+        yield
 
 
 def option_id(options) -> str:

@@ -8,6 +8,7 @@ Softmax runs in base 2 (``qk_scale = scale * log2(e)``); ``lse`` is stored in na
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -72,6 +73,17 @@ class GroupTunedKernel:
         for c in configs:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
         return configs
+
+    @contextlib.contextmanager
+    def only(self, option: tuple):
+        """Within the block, ``option`` is the whole list (autotuning has nothing to choose, the
+        interpreter runs it); the list and the tuned kernels are restored afterwards."""
+        saved = self.options, self._tuned
+        self.options, self._tuned = [option], {}
+        try:
+            yield self
+        finally:
+            self.options, self._tuned = saved
 
     def __call__(self, grid, *args, G: int, **kwargs):
         if INTERPRET:

@@ -8,13 +8,14 @@ pass it pins one config (the autotuner then has nothing to choose), times the pa
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ=64, HK=4, bf16, the
 paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
 production list (``*``). Compressed attention's dK/dV pass is timed with the query split that
-config would get (``_query_split`` with its key tile). Details go to ``$OUT/tune_kernels.json``. ``--smoke`` runs the plumbing on CPU under
+config would get (``_query_split`` with that key tile). Details go to ``$OUT/tune_kernels.json``. ``--smoke`` runs the plumbing on CPU under
 ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nsa.ops.compressed_attention import triton as cmp_triton  # noqa: E402
 from nsa.ops.selected_attention import triton as sel_triton  # noqa: E402
 from nsa.ops.selection import triton as select_triton  # noqa: E402
-from nsa.ops.triton_common import GroupTunedKernel, softmax_delta  # noqa: E402
+from nsa.ops.triton_common import softmax_delta  # noqa: E402
 from nsa.ops.window_attention import triton as win_triton  # noqa: E402
 
 BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
@@ -106,11 +107,6 @@ def pin_cmp(name, cfg):
     setattr(cmp_triton, name, triton.autotune([cfg], key=cmp_triton._TUNE_KEY)(kernel))
 
 
-def pin_group(module, attr, option):
-    kern: GroupTunedKernel = getattr(module, attr)
-    kern.options, kern._tuned = [option], {}
-
-
 def timed(results, kernel, label, fn):
     try:
         ms = bench_ms(fn)
@@ -145,12 +141,7 @@ def sweep(seq_len, dk, dv, results, only):
     original_split = cmp_triton._query_split
     for cfg in CMP_DKDV if "cmp" in only else []:
         pin_cmp("_cmp_bwd_dkdv_tuned", cmp_config(*cfg))
-
-        def split(seq, num, kv, device, block_n=cfg[1]):
-            programs = triton.cdiv(num, block_n) * kv
-            wanted = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if DEVICE == "cuda" else 1)
-            return triton.cdiv(seq, max(1, min(triton.cdiv(wanted, programs), seq // 1024)))
-        cmp_triton._query_split = split
+        cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
         timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
               lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
     cmp_triton._query_split = original_split
@@ -180,29 +171,29 @@ def sweep(seq_len, dk, dv, results, only):
     so, slse = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
     delta = softmax_delta(so, do, None)
     for option in SEL_QUERY if "sel" in only else []:
-        pin_group(sel_triton, "_query_kernel", option)
-        timed(results, "sel-fwd", f"{tag} {option}",
-              lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK))
-        timed(results, "sel-dq", f"{tag} {option}",
-              lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, o=so, lse=slse, do=do,
-                                             delta=delta))
+        with sel_triton._query_kernel.only(option):
+            timed(results, "sel-fwd", f"{tag} {option}",
+                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK))
+            timed(results, "sel-dq", f"{tag} {option}",
+                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, o=so, lse=slse, do=do,
+                                                 delta=delta))
     for option in SEL_DKDV if "sel" in only else []:
-        pin_group(sel_triton, "_dkdv_kernel", option)
-        timed(results, "sel-dkdv", f"{tag} {option}",
-              lambda: sel_triton._dkdv_pass(q, k, v, idx, do, slse, delta, scale, SELECT_BLOCK))
+        with sel_triton._dkdv_kernel.only(option):
+            timed(results, "sel-dkdv", f"{tag} {option}",
+                  lambda: sel_triton._dkdv_pass(q, k, v, idx, do, slse, delta, scale, SELECT_BLOCK))
 
     # Sliding window.
     wo, wlse = win_triton._query_pass(q, k, v, WINDOW, scale)
     wdelta = softmax_delta(wo, do, None)
     for option in WIN_QUERY if "win" in only else []:
-        pin_group(win_triton, "_query_kernel", option)
-        timed(results, "win-fwd", f"{tag} {option}", lambda: win_triton._query_pass(q, k, v, WINDOW, scale))
-        timed(results, "win-dq", f"{tag} {option}",
-              lambda: win_triton._query_pass(q, k, v, WINDOW, scale, o=wo, lse=wlse, do=do, delta=wdelta))
+        with win_triton._query_kernel.only(option):
+            timed(results, "win-fwd", f"{tag} {option}", lambda: win_triton._query_pass(q, k, v, WINDOW, scale))
+            timed(results, "win-dq", f"{tag} {option}",
+                  lambda: win_triton._query_pass(q, k, v, WINDOW, scale, o=wo, lse=wlse, do=do, delta=wdelta))
     for option in WIN_DKDV if "win" in only else []:
-        pin_group(win_triton, "_dkdv_kernel", option)
-        timed(results, "win-dkdv", f"{tag} {option}",
-              lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
+        with win_triton._dkdv_kernel.only(option):
+            timed(results, "win-dkdv", f"{tag} {option}",
+                  lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
 
 
 def sweep_decode(context, dk, dv, results):

@@ -476,8 +476,9 @@ def _forward(q, k_cmp, v_cmp, block, stride, scale):
 INTERPRET_SPLIT_LEN = 24
 
 
-def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device) -> int:
-    """Positions per query split of the dK/dV pass.
+def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device,
+                 key_tile: int = DKDV_KEY_TILE) -> int:
+    """Positions per query split of the dK/dV pass whose programs own ``key_tile`` keys.
 
     One program per (key tile, kv head) is too few to fill the GPU when ``B*HK`` is small (16
     programs at 8k tokens, HK=4): the query range is cut into splits until there are about four
@@ -485,7 +486,7 @@ def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device
     """
     if interpreting():
         return INTERPRET_SPLIT_LEN
-    programs = triton.cdiv(num_cmp, DKDV_KEY_TILE) * kv_heads
+    programs = triton.cdiv(num_cmp, key_tile) * kv_heads
     wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(wanted, programs), seq_len // 1024))
     return triton.cdiv(seq_len, splits)

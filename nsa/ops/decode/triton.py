@@ -419,7 +419,7 @@ class DecodePlan:
     num_blocks: int
     fused: bool
     n_tiles: int
-    num_warps: int  # see DECODE_WARPS
+    num_warps: int  # decode_warps(head_dim)
 
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
