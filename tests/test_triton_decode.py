@@ -20,7 +20,7 @@ from test_triton_selection import assert_same_selection
 from nsa import NSAAttention
 from nsa.config import NSAConfig
 from nsa.ops.decode import nsa_decode, nsa_decode_reference, resolve_decode
-from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+from nsa.ops.decode.triton import DECODE_STAGES, SHORT_CHUNK_STAGES, nsa_decode_triton, plan_decode
 from nsa.ops.reads import compressed_reads, selected_reads, window_reads
 from nsa.ops.reference import nsa_reference
 from nsa.ops.selection import selection_block_scores
@@ -188,6 +188,17 @@ def test_decode_warps_follow_the_padded_head_dim(head_dim, warps):
     """4 warps up to Dk=128 (faster on an H200); 8 above, where 4 would spill the [16, 256] tiles."""
     config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=128)
     assert plan_decode(config, 4, 65536, target_programs=528).num_warps == warps
+
+
+def test_decode_pipeline_depth_follows_the_chunk():
+    """Two stages when each program reads at most two key tiles (batch 1 at 64k: one), three
+    otherwise (batch 32 at 64k: 13 tiles per program); the combine kernel's warps grow with the
+    splits it merges (64 at batch 1: 4 warps, 5 at batch 32: 1 warp)."""
+    config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
+    batch1 = plan_decode(config, 4, 65536, target_programs=528, block_n=64)
+    batch32 = plan_decode(config, 128, 65536, target_programs=528, block_n=64)
+    assert (batch1.cmp_chunk, batch1.num_stages, batch1.combine_warps) == (64, SHORT_CHUNK_STAGES, 4)
+    assert (batch32.cmp_chunk, batch32.num_stages, batch32.combine_warps) == (13 * 64, DECODE_STAGES, 1)
 
 
 def test_exact_ties_go_to_the_lower_block():

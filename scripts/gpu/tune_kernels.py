@@ -64,8 +64,13 @@ CANDIDATES = {
                (32, 64, 4, 2), (128, 32, 8, 2)],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3)],
     "sel-dkdv": [(32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 2, 2)],
-    "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2)],
-    "win-dkdv": [(16, 4, 2), (32, 4, 3), (32, 2, 2), (64, 4, 2)],
+    "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2), (64, 4, 2, {"BN": 128}),
+                  (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2)],
+    # Key tiles of 128: the M of the dK/dV dots (Hopper's warp-group MMA wants M >= 64; the
+    # compressed-attention dK/dV pass gained 1.8x from the same change).
+    "win-dkdv": [(16, 4, 2), (32, 4, 3), (32, 2, 2), (64, 4, 2), (64, 8, 2, {"BN": 128}),
+                 (64, 8, 3, {"BN": 128}), (32, 8, 2, {"BN": 128}), (128, 8, 2, {"BN": 128}),
+                 (32, 4, 2, {"BN": 128})],
 }
 
 
@@ -196,9 +201,17 @@ def sweep(seq_len, dk, dv, results, only):
                   lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
 
 
+# Decode-plan variants, each a change from the default plan (the first, empty one): programs per
+# branch in multiples of the SM count, key tile, warps of the range/select kernels, pipeline depth
+# of their key loops, warps of the combine kernel.
+DECODE_VARIANTS = [{}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
+                   {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
+                   {"num_stages": 4, "combine_warps": 1}, {"programs": 8, "num_stages": 4, "combine_warps": 1}]
+
+
 def sweep_decode(context, dk, dv, results):
-    """The decode step (CUDA graph) at batch 1 and 32 under plan variants: key tile, warps, and
-    programs per branch (``target_programs``, default 4 per SM)."""
+    """The decode step (CUDA graph) at batch 1 and 32 under the plan variants of DECODE_VARIANTS,
+    with a per-kernel breakdown of the default plan."""
     import dataclasses
 
     from nsa.bench import decode as decode_bench
@@ -207,41 +220,40 @@ def sweep_decode(context, dk, dv, results):
     config = decode_bench.paper_config(dk, dv)
     dt = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 1
+    variants = DECODE_VARIANTS[:2] if DEVICE == "cpu" else DECODE_VARIANTS
     for batch in (1, 32):
         cache = decode_bench.filled_cache(config, batch, context, dt, device=DEVICE)
         q = torch.randn(batch, 1, config.num_heads, dk, dtype=dt, device=DEVICE)
         gates = torch.rand(batch, 1, config.num_heads, 3, dtype=dt, device=DEVICE)
         num_new = torch.ones(batch, dtype=torch.int64, device=DEVICE)
         rows = batch * config.num_kv_heads
-        smoke = DEVICE == "cpu"
-        for block_n in (64,) if smoke else (64, 128):
-            for warps in (8,) if smoke else (8, 4):
-                for programs in (4 * sms,) if smoke else (4 * sms, 8 * sms, 2 * sms):
-                    plan = dataclasses.replace(plan_decode(config, rows, cache.max_len, target_programs=programs,
-                                                           block_n=block_n), num_warps=warps)
+        for variant in variants:
+            changes = dict(variant)
+            programs = changes.pop("programs", 4) * sms
+            plan = plan_decode(config, rows, cache.max_len, target_programs=programs,
+                               block_n=changes.pop("block_n", None))
+            plan = dataclasses.replace(plan, **changes)
 
-                    def step(plan=plan):
-                        return nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win,
-                                                 cache.v_win, gates, cache.lengths, config, num_new=num_new,
-                                                 plan=plan, check_values=False)
-                    label = f"T={context} B={batch} {dk}/{dv} (bn {block_n}, warps {warps}, programs {programs})"
-                    if DEVICE == "cuda":
-                        def timed_step(step=step):
-                            fn, _, _ = decode_bench.graphed(step)
-                            return fn
-                        try:
-                            fn = timed_step()
-                        except Exception as exc:  # noqa: BLE001
-                            print(f"  decode {label}: failed: {type(exc).__name__}: {str(exc)[:100]}")
-                            continue
-                        timed(results, "decode", label, fn)
-                        if block_n == 64 and programs == 4 * sms:
-                            try:
-                                results[-1]["kernels_us"] = kernel_breakdown(step, label)
-                            except Exception as exc:  # noqa: BLE001 - a profiler problem must not end the sweep
-                                print(f"  kernels of {label}: profiler failed: {type(exc).__name__}: {exc}")
-                    else:
-                        timed(results, "decode", label, step)
+            def step(plan=plan):
+                return nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win,
+                                         cache.v_win, gates, cache.lengths, config, num_new=num_new,
+                                         plan=plan, check_values=False)
+            label = (f"T={context} B={batch} {dk}/{dv} (bn {plan.block_n}, warps {plan.num_warps}, "
+                     f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs})")
+            if DEVICE == "cpu":
+                timed(results, "decode", label, step)
+                continue
+            try:
+                fn, _, _ = decode_bench.graphed(step)
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                print(f"  decode {label}: failed: {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            timed(results, "decode", label, fn)
+            if not variant:
+                try:
+                    results[-1]["kernels_us"] = kernel_breakdown(step, label)
+                except Exception as exc:  # noqa: BLE001 - a profiler problem must not end the sweep
+                    print(f"  kernels of {label}: profiler failed: {type(exc).__name__}: {exc}")
 
 
 def kernel_breakdown(fn, label: str, repeats: int = 20) -> dict[str, float]:

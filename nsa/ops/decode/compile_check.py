@@ -74,7 +74,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
             else:
                 signature[name] = "i32"
         compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=target,
-                                  options={"num_warps": warps})
+                                  options={"num_warps": warps, "num_stages": kernels.DECODE_STAGES})
         results.append((label, _resources(compiled.asm["cubin"])))
 
     for dk, dv in head_dims:
@@ -94,7 +94,8 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
                                        "PRECISION": precision, "BLOCK_N": 64},
               f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps)
         build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp, "DV": dv,
-                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={warps}", warps)
+                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={kernels.combine_warps(64, dv)}",
+              kernels.combine_warps(64, dv))
     return results
 
 

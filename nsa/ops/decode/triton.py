@@ -48,6 +48,12 @@ LOG2E = 1.4426950408889634
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
 MAX_SPLITS = 64
+# Software-pipeline depth of the key loops (range and select kernels): tiles in flight per program.
+# A program whose chunk is at most two tiles (batch 1 at long contexts: one tile each) gets 2: the
+# third buffer only costs occupancy (H200, 64k, batch 1: 31.2 against 33.5 us per step; batch 32,
+# 13 tiles per program, prefers 3: 204 against 207 us).
+DECODE_STAGES = 3
+SHORT_CHUNK_STAGES = 2
 
 
 
@@ -420,6 +426,8 @@ class DecodePlan:
     fused: bool
     n_tiles: int
     num_warps: int  # decode_warps(head_dim)
+    num_stages: int  # DECODE_STAGES, or SHORT_CHUNK_STAGES for chunks of at most two tiles
+    combine_warps: int  # combine_warps(most splits, Dv)
 
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
@@ -469,7 +477,9 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step, nbt=nbt,
                       score_steps=score_steps // nb_step, score_splits=score_splits, num_blocks=num_blocks,
-                      fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim))
+                      fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
+                      num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
+                      combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim))
 
 
 def decode_warps(head_dim: int) -> int:
@@ -478,6 +488,14 @@ def decode_warps(head_dim: int) -> int:
     Dk=128, 0.139 against 0.187 at Dk=64; batch 1 5-15%); at Dk=192 (padded to 256) the
     [16, 256] x [64, 256] tiles spill registers at 4 warps and 8 stay as fast or faster."""
     return 4 if pow2(head_dim) <= 128 else 8
+
+
+def combine_warps(splits: int, dv: int) -> int:
+    """Warps of the combine kernel (one program per query head): as few as keep a branch's
+    ``[splits, Dv]`` partials at <= 64 floats per thread. Fewer warps are faster (H200, 64k, batch
+    32, 8 splits: 1 warp 190 us per step, 2 warps 194, 4 warps 204); more floats per thread spill
+    (1 warp at 64 splits x 128 spills 544 bytes)."""
+    return max(1, min(8, splits_pow2(splits) * pow2(dv) // 2048))
 
 
 def splits_pow2(splits: int) -> int:
@@ -553,7 +571,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         *k_cmp.stride()[:3], *v_cmp.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], qk_scale,
         plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits, G=group, GP=gp, DK=dk, DKP=dkp,
         DV=dv, DVP=dvp, BLOCK=c.compress_block, STRIDE=c.compress_stride, WINDOW=c.window, PRECISION=precision,
-        BLOCK_N=plan.block_n, FUSED=plan.fused, SELECT_BLOCK=c.select_block, NBT=plan.nbt, num_warps=plan.num_warps)
+        BLOCK_N=plan.block_n, FUSED=plan.fused, SELECT_BLOCK=c.select_block, NBT=plan.nbt, num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
     if plan.fused:
         _score_tiles_kernel[(rows, plan.score_splits)](
@@ -575,13 +594,13 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
         NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision, BLOCK_N=plan.slc_block_n,
-        num_warps=plan.num_warps)
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     _combine_kernel[(rows * group,)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
         S_CMP_P=splits_pow2(plan.cmp_splits), S_SLC_P=splits_pow2(plan.slc_splits),
-        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.num_warps)
+        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.combine_warps)
     result = (out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0))))
     if return_scores:
         high = (keys >> 32).to(torch.int32)

@@ -172,11 +172,11 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 
 
 # (rows, warps, stages[, constexprs]); the first of each list won scripts/gpu/tune_kernels.py
-# (H200, G=16, 8k and 64k; dK/dV 9.7 ms against 12.3 for the former choice at 64k).
+# (H200, G=16, 64k: dK/dV 7.7 ms with 64 rows x 64 keys against 9.7 with 32 x 64 and 12.3 with
+# the first choice; 128-key tiles, which helped compressed attention's dK/dV, were 11-19 ms here).
 _query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3)],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
-_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel,
-                                [(32, 4, 2), (64, 4, 2, {"BN": 32}), (128, 8, 1, {"BN": 32})],
+_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2)],
                                 key=["G", "DK", "DV"], extra={"BN": 64})
 
 
