@@ -44,6 +44,9 @@ def _parse_depths(text: str) -> tuple[float, ...]:
 @click.option("--hold-loss", type=click.FloatRange(min=0), default=None,
               help="Warm-up stages wait while the loss is above this (nats), for at most half the "
                    "schedule; 0 disables [default: 3.5; off with --tiny].")
+@click.option("--sparse-warmup/--no-sparse-warmup", default=None,
+              help="During the context warm-up, scale NSA's selection count and window with the "
+                   "context, so every stage is as sparse as the final one [default: off].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -74,7 +77,8 @@ def _parse_depths(text: str) -> tuple[float, ...]:
               help="With --model dense: the --out directory of an earlier NSA run; dense replays its "
                    "schedule (same steps, learning rates, contexts, batches) and the outputs cover both.")
 @click.option("--tiny", is_flag=True, help="A one-layer model and 64-token task that train on a CPU in ~20 s.")
-def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None, steps: int | None,
+def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None,
+          sparse_warmup: bool | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
           rope_theta: float | None, seed: int,
@@ -100,6 +104,8 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
             changes[key] = value
     if hold_loss is not None:
         changes["hold_loss"] = hold_loss or None
+    if sparse_warmup is not None:
+        changes["sparse_warmup"] = sparse_warmup
     if eval_contexts is not None:
         changes["eval_contexts"] = _parse_ints(eval_contexts, "--eval-contexts")
     target_context = changes.get("context", base.context)

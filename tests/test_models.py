@@ -28,8 +28,10 @@ from nsa.models.train import (
     group_grad_norms,
     learning_rate,
     make_optimizer,
+    nsa_pattern_at,
     read_table,
     set_learning_rate,
+    set_nsa_pattern,
     tiny_config,
     train_model,
     write_table,
@@ -487,6 +489,50 @@ def test_hold_keeps_the_context_while_the_loss_is_high(tmp_path):
     _, run = train_model("nsa", config.replace(hold_loss=None), tmp_path / "none", report=lambda _: None)
     contexts = [r["context"] for r in run.rows]
     assert contexts[:11] == [32] * 11 and contexts[11:22] == [64] * 11 and contexts[22:] == [128] * 22
+
+
+def test_sparse_warmup_scales_selection_and_window_with_the_context(tmp_path, monkeypatch):
+    import nsa.models.train as train_module
+
+    # Tiny pattern n = 6, w = 8 at 128 tokens: n(C) = max(3, 6C // 128), w(C) = max(1, 8C // 128).
+    config = tiny_config(steps=44, context=128, start_context=32, context_warmup=0.5, sparse_warmup=True,
+                         eval_every=15)
+    assert [(p.select_count, p.window) for p in (nsa_pattern_at(c, config) for c in (32, 64, 128))] == [
+        (3, 2), (3, 4), (6, 8)]
+    assert nsa_pattern_at(32, config.replace(sparse_warmup=False)) == config.model.nsa
+    seen_in_steps, seen_in_evals = [], []
+    real_step, real_eval = train_module._forward_backward, train_module.retrieval_accuracy
+
+    def patterns(model):
+        return {(b.attn.config.select_count, b.attn.config.window) for b in model.blocks}
+
+    def spy_step(model, batch, *args):
+        seen_in_steps.append((batch.tokens.shape[1], patterns(model)))
+        return real_step(model, batch, *args)
+
+    def spy_eval(model, *args, **kwargs):
+        seen_in_evals.append(patterns(model))
+        return real_eval(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_forward_backward", spy_step)
+    monkeypatch.setattr(train_module, "retrieval_accuracy", spy_eval)
+    model, run = train_model("nsa", config, tmp_path, report=lambda _: None)
+    want = {32: {(3, 2)}, 64: {(3, 4)}, 128: {(6, 8)}}
+    assert {length for length, _ in seen_in_steps} == {32, 64, 128}
+    assert all(used == want[length] for length, used in seen_in_steps)
+    assert [(r["context"], r["select_count"], r["window"]) for r in run.rows[::11]] == [
+        (32, 3, 2), (64, 3, 4), (128, 6, 8), (128, 6, 8)]
+    # The periodic accuracy checks (steps 15, 30) and the returned model use the model's own pattern.
+    assert seen_in_evals == [{(6, 8)}, {(6, 8)}] and patterns(model) == {(6, 8)}
+    # Off: the layers keep their own pattern at every context (and the log says so).
+    seen_in_steps.clear()
+    _, run = train_model("nsa", config.replace(sparse_warmup=False), tmp_path / "off", report=lambda _: None)
+    assert all(used == {(6, 8)} for _, used in seen_in_steps)
+    assert {(r["select_count"], r["window"]) for r in run.rows} == {(6, 8)}
+    with pytest.raises(ValueError, match="select_count and window only"):
+        set_nsa_pattern(model, config.model.nsa.replace(compress_block=8))
+    with pytest.raises(ValueError, match="sparse_warmup"):
+        tiny_config(sparse_warmup=1)
 
 
 def test_first_step_failure_of_auto_backend_falls_back_to_reference(tmp_path, monkeypatch):

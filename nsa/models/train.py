@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nsa.config import NSAConfig
+from nsa.layer import NSAAttention
 from nsa.functional import BRANCHES
 from nsa.models.lm import LMConfig, RetrievalLM, copy_twin_init, parameter_group
 from nsa.models.tasks import RetrievalTask, make_batch, retrieval_accuracy
@@ -74,6 +75,16 @@ class TrainConfig:
             at 1024 tokens after ~600-1000 steps when the context stayed there, but never did
             when the step-count stages moved it on to 2048 and 4096 tokens while it was still on
             the plateau (docs/TRAINING.md, GPU runs of 2026-11-28 and 2026-11-29).
+        sparse_warmup: during the context warm-up, the NSA layers' selection count and window
+            scale with the context, ``n(C) = max(3, n * C // context)`` and
+            ``w(C) = max(1, w * C // context)``, so that every stage is as sparse as the final
+            context. Without it, below ``n * l'`` tokens the selection takes every block (and
+            below ``w`` the window every token) whatever the compressed scores are; on an H200
+            NSA left the retrieval plateau only there, and its loss jumped back up at each
+            doubling past ``n * l'`` (docs/TRAINING.md, GPU runs of 2026-11-29). ``n`` and ``w``
+            are not parameters, so no weight changes with them; evaluation, checkpoints and the
+            periodic accuracy checks use the model's own ``n`` and ``w``. The NSA model's rows
+            of the training log record the pattern of each step (``select_count``, ``window``).
         steps: learning-rate schedule length (upper bound on steps).
         minutes: wall-clock budget of each model's training; the schedule is shortened to fit it
             after timing the first steps. ``None``: run ``steps``.
@@ -112,6 +123,7 @@ class TrainConfig:
     advance_loss: float | None = None
     hold_loss: float | None = None
     hold_until: float = 0.5
+    sparse_warmup: bool = False
     steps: int = 1000
     minutes: float | None = None
     batch_size: int = 16
@@ -149,6 +161,8 @@ class TrainConfig:
                              f"{self.context}] or None, got {self.start_context!r}")
         if not 0 <= self.context_warmup < 1:
             raise ValueError(f"TrainConfig.context_warmup must be in [0, 1), got {self.context_warmup!r}")
+        if not isinstance(self.sparse_warmup, bool):
+            raise ValueError(f"TrainConfig.sparse_warmup must be a bool, got {self.sparse_warmup!r}")
         if not 0 < self.hold_until <= 1:
             raise ValueError(f"TrainConfig.hold_until must be in (0, 1], got {self.hold_until!r}")
         if self.hold_loss is not None and not self.hold_loss > 0:
@@ -248,6 +262,27 @@ def context_at(step: int, total: int, config: TrainConfig) -> int:
     stages = math.ceil(math.log2(config.context / config.start_context))
     stage_steps = max(1, int(config.context_warmup * total / stages))
     return min(config.context, config.start_context * 2 ** (step // stage_steps))
+
+
+def nsa_pattern_at(context: int, config: TrainConfig) -> NSAConfig:
+    """The NSA layers' config at training context ``context`` (``sparse_warmup`` scales ``n`` and
+    ``w`` with ``context / config.context``; otherwise the model's own)."""
+    nsa = config.model.nsa
+    if not config.sparse_warmup or context >= config.context:
+        return nsa
+    return nsa.replace(select_count=max(3, nsa.select_count * context // config.context),
+                       window=max(1, nsa.window * context // config.context))
+
+
+def set_nsa_pattern(model: RetrievalLM, nsa: NSAConfig) -> None:
+    """Give every NSA layer of ``model`` the sparse pattern of ``nsa`` (same shapes: only
+    ``select_count`` and ``window`` may differ from the layer's own config)."""
+    for block in model.blocks:
+        attn = block.attn
+        if isinstance(attn, NSAAttention) and attn.config != nsa:
+            if attn.config.replace(select_count=nsa.select_count, window=nsa.window) != nsa:
+                raise ValueError(f"set_nsa_pattern may change select_count and window only: {attn.config} -> {nsa}")
+            attn.config = nsa
 
 
 def fit_schedule(step: int, per_token: float, remaining_s: float, current_context: int,
@@ -471,6 +506,9 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             if context != last_context and last_context:
                 report(f"[{name}] step {step}: context {last_context} -> {context}")
         last_context = context
+        pattern = nsa_pattern_at(context, config) if name == "nsa" else None
+        if pattern is not None:
+            set_nsa_pattern(model, pattern)
         batch = make_batch(config.task, config.batch_size, context, gen).to(device)
         want_info = name == "nsa" and (step % config.log_every == 0)
         try:
@@ -488,6 +526,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             optimizer.zero_grad(set_to_none=True)
             loss_value = _forward_backward(model, batch, want_info, autocast, device)
         row: dict[str, Any] = {"model": name, "step": step, "lr": lr, "context": context}
+        if pattern is not None:
+            row.update(select_count=pattern.select_count, window=pattern.window)
         skipped = False
         if not math.isfinite(loss_value):
             nonfinite_loss += 1
@@ -515,11 +555,15 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         step += 1
         if (step % config.eval_every == 0) and step < total:
             model.eval()
+            if pattern is not None:
+                set_nsa_pattern(model, config.model.nsa)
             correct, count = retrieval_accuracy(model, config.task.replace(num_needles=1, num_queries=1),
                                                 config.context, None, num_samples=32,
                                                 batch_size=config.eval_batch_size, seed=config.seed + 7,
                                                 device=device, autocast_dtype=autocast)
             model.train()
+            if pattern is not None:
+                set_nsa_pattern(model, pattern)
             row["eval_accuracy"] = correct / count
             report(f"[{name}] step {step}: accuracy at {config.context} tokens (random depths) "
                    f"{correct}/{count}")
@@ -553,6 +597,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
                 report(f"[{name}] time budget of {config.minutes:g} min reached at step {step}")
                 break
     seconds = time.perf_counter() - start
+    if name == "nsa":
+        set_nsa_pattern(model, config.model.nsa)
     _save_checkpoint(out_dir / "checkpoints" / f"{name}.pt", model, optimizer, config, step)
     run = ModelRun(name, step, total, seconds, rows, backend or "unknown",
                    sum(p.numel() for p in model.parameters()), backend_fallback=fallback)
