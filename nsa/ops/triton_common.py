@@ -58,15 +58,64 @@ def row_tile_configs(group: int, options: list[tuple]) -> list[triton.Config]:
     return configs
 
 
+def size_class(seq_len: int) -> int:
+    """The sequence-length class autotuning is keyed by: the power of two >= ``seq_len`` (at
+    least 1024).
+
+    Why: Triton's autotuner keeps, for its key, the config it chose at the first call; keyed
+    without the length, a process that ran 8k first (``nsa bench``, a Ray worker that ran a
+    smaller case, training's context warm-up) ran 64k on 8k's choice, and the tile sweep's
+    winners differ between the two (docs/PERFORMANCE.md). Classes rather than every length keep
+    varlen batches and changing lengths to a few tunings; configs compile once and are shared
+    across classes.
+    """
+    return max(1024, triton.next_power_of_2(max(1, int(seq_len))))
+
+
+@contextlib.contextmanager
+def _pinned(tuned, attr: str, choices: list):
+    """``tuned.<attr>`` is ``choices`` and its autotuners are fresh within the block; both are
+    restored afterwards."""
+    saved = getattr(tuned, attr), tuned._tuned
+    setattr(tuned, attr, choices)
+    tuned._tuned = {}
+    try:
+        yield tuned
+    finally:
+        setattr(tuned, attr, saved[0])
+        tuned._tuned = saved[1]
+
+
+class SizeTunedKernel:
+    """``triton.autotune(configs, key=key, **autotune_kwargs)(kernel)``, one autotuner per
+    :func:`size_class` of the sequence length: ``at(seq_len)`` is the one to launch."""
+
+    def __init__(self, kernel, configs: list[triton.Config], key: list[str], **autotune_kwargs):
+        self.kernel, self.configs, self.key, self.autotune_kwargs = kernel, configs, key, autotune_kwargs
+        self._tuned: dict[int, object] = {}
+
+    def at(self, seq_len: int):
+        size = size_class(seq_len)
+        if size not in self._tuned:
+            self._tuned[size] = triton.autotune(self.configs, key=self.key, **self.autotune_kwargs)(self.kernel)
+        return self._tuned[size]
+
+    def only(self, config: triton.Config):
+        """Within the ``with`` block, ``config`` is the whole list (autotuning has nothing to
+        choose); the list and the tuned kernels are restored afterwards."""
+        return _pinned(self, "configs", [config])
+
+
 class GroupTunedKernel:
-    """A ``@triton.jit`` kernel autotuned per group size ``G`` (the configs depend on it).
+    """A ``@triton.jit`` kernel autotuned per group size ``G`` (the configs depend on it) and
+    :func:`size_class` of the sequence length (``seq_len``, given at each call).
 
     Under the interpreter autotuning is bypassed: the first config's block sizes are passed.
     """
 
     def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
-        self._tuned: dict[int, object] = {}
+        self._tuned: dict[tuple[int, int], object] = {}
 
     def configs(self, group: int) -> list[triton.Config]:
         configs = row_tile_configs(group, self.options)
@@ -74,25 +123,20 @@ class GroupTunedKernel:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
         return configs
 
-    @contextlib.contextmanager
     def only(self, option: tuple):
-        """Within the block, ``option`` is the whole list (autotuning has nothing to choose, the
-        interpreter runs it); the list and the tuned kernels are restored afterwards."""
-        saved = self.options, self._tuned
-        self.options, self._tuned = [option], {}
-        try:
-            yield self
-        finally:
-            self.options, self._tuned = saved
+        """Within the ``with`` block, ``option`` is the whole list (autotuning has nothing to
+        choose, the interpreter runs it); the list and the tuned kernels are restored afterwards."""
+        return _pinned(self, "options", [option])
 
-    def __call__(self, grid, *args, G: int, **kwargs):
+    def __call__(self, grid, *args, G: int, seq_len: int, **kwargs):
         if INTERPRET:
             config = self.configs(G)[0]
             self.kernel[grid(config.kwargs)](*args, G=G, **kwargs, **config.kwargs)
             return
-        if G not in self._tuned:
-            self._tuned[G] = triton.autotune(self.configs(G), key=self.key)(self.kernel)
-        self._tuned[G][grid](*args, G=G, **kwargs)
+        tune_key = (G, size_class(seq_len))
+        if tune_key not in self._tuned:
+            self._tuned[tune_key] = triton.autotune(self.configs(G), key=self.key)(self.kernel)
+        self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
 
 @triton.jit

@@ -107,11 +107,6 @@ def cmp_config(m, n, w, s):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 
-def pin_cmp(name, cfg):
-    kernel = getattr(cmp_triton, name.replace("_tuned", "_kernel"))
-    setattr(cmp_triton, name, triton.autotune([cfg], key=cmp_triton._TUNE_KEY)(kernel))
-
-
 def timed(results, kernel, label, fn):
     try:
         ms = bench_ms(fn)
@@ -139,36 +134,33 @@ def sweep(seq_len, dk, dv, results, only):
     # Compressed attention.
     o, lse = cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale)
     for cfg in CMP_FWD if "cmp" in only else []:
-        pin_cmp("_cmp_fwd_tuned", cmp_config(*cfg))
-        timed(results, "cmp-fwd", f"{tag} {cfg}",
-              lambda: cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale))
-    pin_cmp("_cmp_bwd_dq_tuned", cmp_config(*CMP_DQ[0]))
+        with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
+            timed(results, "cmp-fwd", f"{tag} {cfg}",
+                  lambda: cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale))
     original_split = cmp_triton._query_split
-    for cfg in CMP_DKDV if "cmp" in only else []:
-        pin_cmp("_cmp_bwd_dkdv_tuned", cmp_config(*cfg))
-        cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
-        timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
-              lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+    with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*CMP_DQ[0])):
+        for cfg in CMP_DKDV if "cmp" in only else []:
+            cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
+            with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*cfg)):
+                timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
+                      lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
     cmp_triton._query_split = original_split
-    pin_cmp("_cmp_bwd_dkdv_tuned", cmp_config(*CMP_DKDV[0]))
-    for cfg in CMP_DQ if "cmp" in only else []:
-        pin_cmp("_cmp_bwd_dq_tuned", cmp_config(*cfg))
-        timed(results, "cmp-bwd/dq", f"{tag} {cfg}",
-              lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+    with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*CMP_DKDV[0])):
+        for cfg in CMP_DQ if "cmp" in only else []:
+            with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*cfg)):
+                timed(results, "cmp-bwd/dq", f"{tag} {cfg}",
+                      lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
 
     # Block scoring + top-n.
-    production_select = select_triton._select_tuned
     for m, n, w, s in SELECT if "select" in only else []:
         # One config: the autotuner skips its prune hook, so derive the tiles here.
         tiles = select_triton.selection_tiles(m, n, group_pow2=hq // hk, max_positions=select_triton.MAX_POSITIONS,
                                               block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
                                               count_pow2=COUNT)
-        select_triton._select_tuned = triton.autotune([triton.Config(tiles, num_warps=w, num_stages=s)],
-                                                      key=["G"])(select_triton._select_kernel)
-        timed(results, "select", f"{tag} {(m, n, w, s)}",
-              lambda: select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE,
-                                                         select_block=SELECT_BLOCK, select_count=COUNT))
-    select_triton._select_tuned = production_select
+        with select_triton._select_tuned.only(triton.Config(tiles, num_warps=w, num_stages=s)):
+            timed(results, "select", f"{tag} {(m, n, w, s)}",
+                  lambda: select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE,
+                                                             select_block=SELECT_BLOCK, select_count=COUNT))
     idx = select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
                                              select_count=COUNT).to(torch.int32).contiguous()
 

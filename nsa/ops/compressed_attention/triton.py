@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import interpreting
+from nsa.ops.triton_common import SizeTunedKernel, interpreting
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
@@ -58,16 +58,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch(kernel, tuned, grid, args, fixed: dict, interpret_config: dict):
-    """Launch ``tuned`` (the autotuned kernel) or, under the interpreter, ``kernel`` with one config.
+def launch(tuned: SizeTunedKernel, seq_len: int, grid, args, fixed: dict, interpret_config: dict):
+    """Launch ``tuned`` (autotuned for ``seq_len``'s size class) or, under the interpreter, its
+    kernel with one config.
 
     ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs.
     """
     if interpreting():
         meta = {**fixed, **interpret_config}
-        kernel[grid(meta)](*args, **meta)
+        tuned.kernel[grid(meta)](*args, **meta)
     else:
-        tuned[grid](*args, **fixed)
+        tuned.at(seq_len)[grid](*args, **fixed)
 
 
 def group_configs(tiles):
@@ -238,8 +239,8 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
 # and 128 KiB). The fast tiles barely fit float32 at Dk=128 (forward 225 KiB, dK/dV 209 KiB at
 # best) and not at Dk=192, and a list with no config that fits would fail instead of running slowly.
 _FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
-_cmp_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
-                                 prune_configs_by={"early_config_prune": prune_group_rows})(_cmp_fwd_kernel)
+_cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
+                                 prune_configs_by={"early_config_prune": prune_group_rows})
 
 
 @triton.jit
@@ -425,12 +426,10 @@ DKDV_KEY_TILE = 128
 _DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)])
 _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
-_cmp_bwd_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
-                                      prune_configs_by={"early_config_prune": prune_group_rows}
-                                      )(_cmp_bwd_dkdv_kernel)
-_cmp_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
-                                    prune_configs_by={"early_config_prune": prune_group_rows}
-                                    )(_cmp_bwd_dq_kernel)
+_cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by={"early_config_prune": prune_group_rows})
+_cmp_bwd_dq_tuned = SizeTunedKernel(_cmp_bwd_dq_kernel, _DQ_CONFIGS, key=_TUNE_KEY,
+                                    prune_configs_by={"early_config_prune": prune_group_rows})
 
 # Interpreter tiles: small enough that the tests' short sequences cross several key and query
 # tiles (masked and unmasked loops both run), large enough to keep numpy busy.
@@ -468,7 +467,7 @@ def _forward(q, k_cmp, v_cmp, block, stride, scale):
 
     args = (q, k_cmp, v_cmp, o, lse, seq_len, num_kv, *_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp),
             *_strides3(o), *_strides3(lse), scale * LOG2E)
-    launch(_cmp_fwd_kernel, _cmp_fwd_tuned, grid, args, consts, _interpret_tiles(gp))
+    launch(_cmp_fwd_tuned, seq_len, grid, args, consts, _interpret_tiles(gp))
     return o, lse
 
 
@@ -519,13 +518,13 @@ def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
     dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, seq_len, num_cmp, num_kv, split_len, *common)
-    launch(_cmp_bwd_dkdv_kernel, _cmp_bwd_dkdv_tuned,
+    launch(_cmp_bwd_dkdv_tuned, seq_len,
            lambda meta: (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits),
            dkdv_args, consts, _interpret_tiles(gp))
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))
     dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
-    launch(_cmp_bwd_dq_kernel, _cmp_bwd_dq_tuned,
+    launch(_cmp_bwd_dq_tuned, seq_len,
            lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv),
            dq_args, consts, _interpret_tiles(gp))
     return dq, dk, dv

@@ -236,7 +236,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *rows.stride()[:3], *row_stats.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=triton.next_power_of_2(max(n, 1)),
-                  BACKWARD=backward, **meta)
+                  BACKWARD=backward, seq_len=seq_len, **meta)
     return dq if backward else (o, lse)
 
 
@@ -292,7 +292,7 @@ def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block):
     nb = triton.cdiv(seq_len, select_block)
     _dkdv_kernel(lambda cfg: (items,), q, k, v, do, lse, delta, qpos, item_group, item_start, item_len,
                  dk_part, dv_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                 *lse.stride(), seq_len, nb, scale * LOG2E, scale, **meta)
+                 *lse.stride(), seq_len, nb, scale * LOG2E, scale, seq_len=seq_len, **meta)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _sel_reduce_kernel[(nb, batch * meta["HK"])](
         dk_part, dv_part, group_first, group_items, dk, dv, *dk.stride()[:3], *dv.stride()[:3],

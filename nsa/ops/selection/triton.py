@@ -45,6 +45,7 @@ from nsa.ops.compressed_attention.triton import (
     tile_rows,
     visible_count,
 )
+from nsa.ops.triton_common import SizeTunedKernel
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -249,9 +250,9 @@ def _prune_selection(configs, named_args, **kwargs):
 # NB_STEP/NBT are placeholders: _prune_selection derives them from BLOCK_N and the block sizes.
 _SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s)
                    for m, w, s in ((128, 8, 2), (64, 4, 2))]
-_select_tuned = triton.autotune(_SELECT_CONFIGS,
+_select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
-                                prune_configs_by={"early_config_prune": _prune_selection})(_select_kernel)
+                                prune_configs_by={"early_config_prune": _prune_selection})
 
 # Positions per tile, at most: bounds the block-level work per step ([positions, NBT] keys, the
 # [positions, 2*NP] top-k), which is spread thinly over the warps and costs instructions, not
@@ -313,5 +314,5 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
                                             select_block=select_block, count_pow2=consts["NP"])}
         _select_kernel[grid(meta)](*args, **meta)
     else:
-        _select_tuned[grid](*args, **consts)
+        _select_tuned.at(seq_len)[grid](*args, **consts)
     return out

@@ -206,7 +206,7 @@ def _query_pass(q, k, v, window, scale, *, o=None, lse=None, do=None, delta=None
 
     _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *q.stride()[:3], *k.stride()[:3],
                   *v.stride()[:3], *rows.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                  scale, BACKWARD=backward, **meta)
+                  scale, BACKWARD=backward, seq_len=seq_len, **meta)
     return dq if backward else (o, lse)
 
 
@@ -220,7 +220,7 @@ def _dkdv_pass(q, k, v, do, lse, delta, window, scale):
 
     _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
                  *v.stride()[:3], *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                 scale, **meta)
+                 scale, seq_len=seq_len, **meta)
     return dk, dv
 
 

@@ -1,0 +1,67 @@
+"""Autotuning is keyed by sequence-length class: a config chosen at one size is not reused at
+another (the autotuner itself is faked: the interpreter bypasses it)."""
+
+import pytest
+
+from nsa.ops import triton_common
+from nsa.ops.triton_common import GroupTunedKernel, SizeTunedKernel, size_class
+
+
+@pytest.mark.parametrize("seq_len,want", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 2048), (8192, 8192),
+                                          (8193, 16384), (65536, 65536), (100_000, 131072)])
+def test_size_class_is_the_next_power_of_two_from_1024(seq_len, want):
+    assert size_class(seq_len) == want
+
+
+class _FakeAutotune:
+    """Stands in for ``triton.autotune``: records each autotuner made and each launch."""
+
+    def __init__(self):
+        self.made, self.launches = [], []
+
+    def __call__(self, configs, key, **kwargs):
+        def wrap(kernel):
+            tuner = _FakeTuner(self, list(configs), key)
+            self.made.append(tuner)
+            return tuner
+        return wrap
+
+
+class _FakeTuner:
+    def __init__(self, owner, configs, key):
+        self.owner, self.configs, self.key = owner, configs, key
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.owner.launches.append((self, kwargs))
+
+
+@pytest.fixture
+def fake_autotune(monkeypatch):
+    fake = _FakeAutotune()
+    monkeypatch.setattr(triton_common.triton, "autotune", fake)
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
+    return fake
+
+
+def test_size_tuned_kernel_keeps_one_autotuner_per_size_class(fake_autotune):
+    configs = [triton_common.triton.Config({"BLOCK_M": m}) for m in (64, 128)]
+    tuned = SizeTunedKernel("kernel", configs, key=["G"])
+    at_8k = tuned.at(8192)
+    assert tuned.at(5000) is at_8k and tuned.at(65536) is not at_8k and tuned.at(40000) is tuned.at(65536)
+    assert len(fake_autotune.made) == 2 and all(t.configs == configs for t in fake_autotune.made)
+    pinned = configs[1]
+    with tuned.only(pinned):
+        assert tuned.at(8192) is not at_8k and tuned.at(8192).configs == [pinned]
+    assert tuned.at(8192) is at_8k and tuned.configs == configs
+
+
+def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
+    tuned = GroupTunedKernel("kernel", [(64, 4, 2), (32, 4, 2)], key=["G"])
+    for group, seq_len in ((16, 8192), (16, 6000), (16, 65536), (4, 8192)):
+        tuned(lambda cfg: (1,), "arg", G=group, seq_len=seq_len)
+    launched = [tuner for tuner, _ in fake_autotune.launches]
+    # 8192 and 6000 share a class; 64k and another group get autotuners of their own.
+    assert launched[0] is launched[1] and len({id(t) for t in launched}) == 3
+    assert all(kwargs["G"] in (4, 16) and "seq_len" not in kwargs for _, kwargs in fake_autotune.launches)
+    with pytest.raises(TypeError, match="seq_len"):
+        tuned(lambda cfg: (1,), "arg", G=16)
