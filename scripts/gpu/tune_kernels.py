@@ -8,7 +8,7 @@ pass it pins one config (the autotuner then has nothing to choose), times the pa
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ=64, HK=4, bf16, the
 paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
 production list (``*``). Compressed attention's dK/dV pass is timed with the query split that
-config would get (``_query_split`` with that key tile). Details go to ``$OUT/tune_kernels.json``. ``--smoke`` runs the plumbing on CPU under
+config would get (``_query_split`` with that key tile). Details go to ``$OUT/tune_kernels_<families>_<lengths>.json``. ``--smoke`` runs the plumbing on CPU under
 ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
 """
 
@@ -315,7 +315,9 @@ def main():
             if set(args.only.split(",")) - {"decode"}:
                 sweep(seq_len, dk, dv, results, args.only.split(","))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "tune_kernels.json").write_text(json.dumps(results, indent=1))
+        # Named by the run's families and lengths, so that several runs in one command all come back.
+        name = f"tune_kernels_{args.only.replace(',', '-')}_{args.seq_lens.replace(',', '-')}.json"
+        Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=1))
     summary(results)
 
 
