@@ -492,9 +492,9 @@ def decode_warps(head_dim: int) -> int:
 
 def combine_warps(splits: int, dv: int) -> int:
     """Warps of the combine kernel (one program per query head): as few as keep a branch's
-    ``[splits, Dv]`` partials at <= 64 floats per thread. Fewer warps are faster (H200, 64k, batch
-    32, 8 splits: 1 warp 190 us per step, 2 warps 194, 4 warps 204); more floats per thread spill
-    (1 warp at 64 splits x 128 spills 544 bytes)."""
+    ``[splits, Dv]`` partials (splits padded to ``splits_pow2``) at <= 64 floats per thread.
+    Fewer warps are faster (H200, 64k, batch 32, 5 splits in tiles of 16: 1 warp 190 us per step,
+    2 warps 194, 4 warps 204); more floats per thread spill (1 warp at 64 splits x 128: 544 bytes)."""
     return max(1, min(8, splits_pow2(splits) * pow2(dv) // 2048))
 
 
