@@ -1,0 +1,84 @@
+"""CPU study: does ``TrainConfig.sparse_warmup`` remove the loss jumps of NSA's context warm-up?
+
+    python scripts/studies/sparse_warmup.py {off,on} [--seed 0] [--steps 2000] [--out DIR]
+
+A small NSA model (2 layers of width 64, 4 query / 2 key-value heads of dim 16) on the GPU run's
+task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down by 8
+(l=4, d=2, l'=8, n=8, w=16): selection covers ``n * l' = 64`` tokens, so the warm-up 32 -> 64 ->
+128 -> 256 crosses it as the H200 model's 512 -> ... -> 4096 crosses 1024. Same curriculum as
+``gpu_config`` otherwise (hold at 3.5 nats, advance at 0.3, phi at 0.03x the learning rate). One
+thread; about 12 minutes per run on one core of the CI machine. Prints the loss around each
+context change, the mean loss of the last 200 steps and retrieval at 256 and 1024 tokens; writes
+``<out>/<mode>-<seed>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nsa import NSAConfig  # noqa: E402
+from nsa.models.lm import LMConfig  # noqa: E402
+from nsa.models.tasks import RetrievalTask  # noqa: E402
+from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noqa: E402
+
+
+def study_config(sparse: bool, seed: int, steps: int) -> TrainConfig:
+    task = RetrievalTask(num_needles=4, num_queries=4)
+    nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
+                    select_block=8, select_count=8, window=16)
+    model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=1e8)
+    return TrainConfig(models=("nsa",), model=model, task=task, context=256, start_context=32, context_warmup=0.6,
+                       advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=sparse, steps=steps,
+                       batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
+                       eval_every=steps + 1, eval_contexts=(256, 1024), eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                       eval_samples=16, eval_batch_size=16, checkpoint_every=steps + 1, device="cpu", seed=seed)
+
+
+def mean_loss(rows: list[dict], first: int, last: int) -> float:
+    return statistics.mean(r["loss"] for r in rows if first <= r["step"] < last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["off", "on"], help="sparse_warmup off or on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--out", default="reports/studies/sparse_warmup")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = study_config(args.mode == "on", args.seed, args.steps)
+    out = Path(args.out)
+    start = time.time()
+    model, run = train_model("nsa", config, out / f"{args.mode}-{args.seed}", report=lambda line: None)
+    retrieval = evaluate_retrieval(model, "nsa", config, report=lambda line: None)
+    rows = run.rows
+    changes = [(rows[i]["step"], rows[i - 1]["context"], rows[i]["context"]) for i in range(1, len(rows))
+               if rows[i]["context"] != rows[i - 1]["context"]]
+    result = {
+        "mode": args.mode, "seed": args.seed, "steps": run.steps, "seconds": time.time() - start,
+        "context_changes": [{"step": step, "from": a, "to": b, "loss_20_before": mean_loss(rows, step - 20, step),
+                             "loss_20_after": mean_loss(rows, step, step + 20)} for step, a, b in changes],
+        "loss_last_200": mean_loss(rows, run.steps - 200, run.steps),
+        "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")} for r in retrieval],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.mode}-{args.seed}.json").write_text(json.dumps(result, indent=1))
+    for change in result["context_changes"]:
+        print(f"step {change['step']}: {change['from']} -> {change['to']} tokens, loss (20 steps) "
+              f"{change['loss_20_before']:.3f} -> {change['loss_20_after']:.3f}")
+    print(f"mean loss, last 200 steps: {result['loss_last_200']:.4f}")
+    for r in result["retrieval"]:
+        print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
