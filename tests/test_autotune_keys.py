@@ -28,11 +28,16 @@ class _FakeAutotune:
 
 
 class _FakeTuner:
+    """Launching "chooses" the last config for the call's key, as Triton's cache would hold it."""
+
     def __init__(self, owner, configs, key):
-        self.owner, self.configs, self.key = owner, configs, key
+        self.owner, self.configs, self.key, self.cache = owner, configs, key, {}
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.owner.launches.append((self, kwargs))
+        def launch(*args, **kwargs):
+            self.owner.launches.append((self, kwargs))
+            self.cache[tuple(kwargs.get(k) for k in self.key)] = self.configs[-1]
+        return launch
 
 
 @pytest.fixture
@@ -65,3 +70,24 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
     assert all(kwargs["G"] in (4, 16) and "seq_len" not in kwargs for _, kwargs in fake_autotune.launches)
     with pytest.raises(TypeError, match="seq_len"):
         tuned(lambda cfg: (1,), "arg", G=16)
+
+
+def test_chosen_configs_are_reported_per_size_class(fake_autotune):
+    configs = [triton_common.triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
+               for m, w in ((64, 4), (256, 8))]
+    tuned = SizeTunedKernel("kernel", configs, key=["G"])
+    assert tuned.chosen(8192) == []
+    tuned.at(8192)[lambda meta: (1,)]("arg", G=16)
+    assert tuned.chosen(8192) == ["BLOCK_M=256 BLOCK_N=64 w8 s2"] and tuned.chosen(65536) == []
+    group_tuned = GroupTunedKernel("kernel", [(64, 4, 2)], key=["G"], extra={"BN": 64})
+    group_tuned(lambda cfg: (1,), "arg", G=16, seq_len=65536)
+    assert group_tuned.chosen(65536) == ["BT=4 BLOCK_M=64 BN=64 w4 s2"] and group_tuned.chosen(8192) == []
+
+
+def test_autotuned_tiles_names_every_prefill_kernel():
+    from nsa.ops.triton_nsa import autotuned_tiles
+
+    # Under the interpreter nothing is autotuned: every kernel is listed, none with a choice.
+    assert autotuned_tiles(4096) == {name: [] for name in (
+        "compressed-fwd", "compressed-dkdv", "compressed-dq", "selection-scoring", "selected-query",
+        "selected-dkdv", "window-query", "window-dkdv")}

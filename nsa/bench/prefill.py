@@ -31,6 +31,8 @@ class BenchRow:
     fwdbwd_ms: float | None = None
     peak_mem_gib: float | None = None
     note: str = ""
+    # NSA rows: the autotuned tile config of each kernel at this length ("kernel: config; ...").
+    tiles: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +151,10 @@ def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton
     row = BenchRow(f"nsa-{backend}", seq_len, head_dim, v_head_dim)
     row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
         lambda: nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend=backend), list(x.values()))
+    if backend == "triton":
+        from nsa.ops.triton_nsa import autotuned_tiles
+
+        row.tiles = "; ".join(f"{name}: {' | '.join(chosen)}" for name, chosen in autotuned_tiles(seq_len).items())
     return row
 
 

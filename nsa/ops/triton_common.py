@@ -72,6 +72,17 @@ def size_class(seq_len: int) -> int:
     return max(1024, triton.next_power_of_2(max(1, int(seq_len))))
 
 
+def describe_config(config: triton.Config) -> str:
+    """``BLOCK_M=256 BLOCK_N=64 w8 s2``: a config's constexprs, warps and stages."""
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}",
+                     f"s{config.num_stages}"])
+
+
+def _chosen(tuners) -> list[str]:
+    """The configs ``tuners`` (Triton autotuners) settled on, one per key they were called with."""
+    return [describe_config(config) for tuner in tuners for config in getattr(tuner, "cache", {}).values()]
+
+
 @contextlib.contextmanager
 def _pinned(tuned, attr: str, choices: list):
     """``tuned.<attr>`` is ``choices`` and its autotuners are fresh within the block; both are
@@ -100,6 +111,11 @@ class SizeTunedKernel:
             self._tuned[size] = triton.autotune(self.configs, key=self.key, **self.autotune_kwargs)(self.kernel)
         return self._tuned[size]
 
+    def chosen(self, seq_len: int) -> list[str]:
+        """The configs autotuning chose in ``seq_len``'s size class (empty before any launch
+        there, and under the interpreter)."""
+        return _chosen([t for size, t in self._tuned.items() if size == size_class(seq_len)])
+
     def only(self, config: triton.Config):
         """Within the ``with`` block, ``config`` is the whole list (autotuning has nothing to
         choose); the list and the tuned kernels are restored afterwards."""
@@ -122,6 +138,11 @@ class GroupTunedKernel:
         for c in configs:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
         return configs
+
+    def chosen(self, seq_len: int) -> list[str]:
+        """The configs autotuning chose in ``seq_len``'s size class, every group size (empty
+        before any launch there, and under the interpreter)."""
+        return _chosen([t for (_, size), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, option: tuple):
         """Within the ``with`` block, ``option`` is the whole list (autotuning has nothing to

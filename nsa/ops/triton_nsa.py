@@ -17,6 +17,23 @@ from nsa.ops.selection.triton import select_blocks_triton
 from nsa.ops.window_attention.triton import window_attention_triton
 
 
+def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
+    """The tile configs the prefill kernels' autotuners chose for ``seq_len``'s size class, by
+    kernel (empty lists for kernels not launched there yet; the query kernels of selection and
+    window attention list the forward's and the dq pass's choices). For benchmark rows and
+    tuning notes: which tiles a timing ran on."""
+    from nsa.ops.compressed_attention import triton as compressed
+    from nsa.ops.selected_attention import triton as selected
+    from nsa.ops.selection import triton as selection
+    from nsa.ops.window_attention import triton as window
+
+    kernels = {"compressed-fwd": compressed._cmp_fwd_tuned, "compressed-dkdv": compressed._cmp_bwd_dkdv_tuned,
+               "compressed-dq": compressed._cmp_bwd_dq_tuned, "selection-scoring": selection._select_tuned,
+               "selected-query": selected._query_kernel, "selected-dkdv": selected._dkdv_kernel,
+               "window-query": window._query_kernel, "window-dkdv": window._dkdv_kernel}
+    return {name: kernel.chosen(seq_len) for name, kernel in kernels.items()}
+
+
 def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
                config: NSAConfig, *, scale: float | None = None, q_offset: int = 0,
