@@ -450,3 +450,11 @@ def test_layer_graph_check_dry_run_on_cpu():
     assert row.passed and row.bitwise and row.cache_equal and row.block_mismatch == 0, row
     assert not row.cuda_graph and row.sync_free is None and row.eager_us > 0 and row.graph_us > 0
     assert json.loads(json.dumps(row.as_dict()))["steps"] == 4
+
+
+def test_decode_bench_kernel_breakdown_reads_slowest_first():
+    from nsa.bench.decode import format_kernel_times
+
+    times = {"_combine_kernel": 21.14, "_range_kernel": 132.66, "_score_tiles_kernel": 12.4}
+    assert format_kernel_times(times) == "_range_kernel 132.7, _combine_kernel 21.1, _score_tiles_kernel 12.4"
+    assert format_kernel_times({}) == ""

@@ -49,10 +49,35 @@ class DecodeRow:
     cuda_graph: bool = False
     eager_us: float | None = None
     best_dense: str | None = None
+    # NSA rows: mean device time per step of each kernel, eager, under torch.profiler
+    # ("_range_kernel 132.7, _select_kernel 35.1, ..." in us), or why it could not be measured.
+    kernels_us: str = ""
     note: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def kernel_times_us(fn: Callable[[], object], repeats: int = 20) -> dict[str, float]:
+    """Mean device time per call of each CUDA kernel ``fn`` launches (eager, torch.profiler), us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key] = times.get(event.key, 0.0) + event.device_time_total / repeats
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def format_kernel_times(times: dict[str, float]) -> str:
+    """``name us, name us, ...`` of :func:`kernel_times_us`'s result, slowest first."""
+    return ", ".join(f"{name} {us:.1f}" for name, us in sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def bench_us(fn: Callable[[], object]) -> float:
@@ -183,6 +208,10 @@ def nsa_row(batch: int, context: int, head_dim: int, v_head_dim: int,
     row.us = bench_us(fn)
     row.gbps = nbytes / (row.us * 1e-6) / 1e9
     row.eager_us = bench_us(step)
+    try:
+        row.kernels_us = format_kernel_times(kernel_times_us(step))
+    except Exception as exc:  # noqa: BLE001 - the breakdown is a detail: its failure is recorded, the row stays
+        row.kernels_us = f"profiler failed: {type(exc).__name__}: {str(exc)[:120]}"
     del cache
     return row
 

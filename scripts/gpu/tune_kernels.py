@@ -248,22 +248,12 @@ def sweep_decode(context, dk, dv, results):
                     print(f"  kernels of {label}: profiler failed: {type(exc).__name__}: {exc}")
 
 
-def kernel_breakdown(fn, label: str, repeats: int = 20) -> dict[str, float]:
+def kernel_breakdown(fn, label: str) -> dict[str, float]:
     """Mean device time per launch of each kernel ``fn`` runs (eager, under torch.profiler), us."""
-    from torch.profiler import ProfilerActivity, profile
+    from nsa.bench import decode as decode_bench
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[event.key] = times.get(event.key, 0.0) + event.device_time_total / repeats
-    print(f"  kernels of {label} (eager, mean us per step): "
-          + ", ".join(f"{name} {us:.1f}" for name, us in sorted(times.items(), key=lambda kv: -kv[1])), flush=True)
+    times = decode_bench.kernel_times_us(fn)
+    print(f"  kernels of {label} (eager, mean us per step): {decode_bench.format_kernel_times(times)}", flush=True)
     return times
 
 
