@@ -72,7 +72,7 @@ def kernel_times_us(fn: Callable[[], object], repeats: int = 20) -> dict[str, fl
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             times[event.key] = times.get(event.key, 0.0) + event.device_time_total / repeats
-    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    return times
 
 
 def format_kernel_times(times: dict[str, float]) -> str:

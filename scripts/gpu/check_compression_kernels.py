@@ -39,6 +39,7 @@ from nsa.config import num_compressed
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
 from nsa.ops.selection.naive import select_blocks, selection_block_scores
 from nsa.ops.selection.triton import select_blocks_triton
+from nsa.ops.triton_nsa import autotuned_tiles
 
 BLOCK, STRIDE, SELECT_BLOCK, SELECT_COUNT = 32, 16, 64, 16
 HQ, HK = 64, 4
@@ -200,20 +201,8 @@ def run_case(seq_len: int, dk: int, dv: int, rep: int) -> dict:
                      "bwd": flops_pair * (4 * dk + 3 * dv) / bwd / 1e9,  # dk/dv pass 2Dk+2Dv, dq pass 2Dk+Dv
                      "select": flops_pair * dk / sel / 1e9}
     row["ms"]["sdpa_cudnn_fwd"] = sdpa_cudnn_forward_ms(q, k, v, rep)
-    row["autotuned"] = chosen_configs(seq_len)
+    row["autotuned"] = autotuned_tiles(seq_len)
     return row
-
-
-def chosen_configs(seq_len: int) -> dict:
-    """The config each autotuned kernel settled on for the last shapes of ``seq_len``'s size
-    class it ran (for tuning notes)."""
-    import importlib
-
-    attention = importlib.import_module("nsa.ops.compressed_attention.triton")
-    selection = importlib.import_module("nsa.ops.selection.triton")
-    tuned = {"fwd": attention._cmp_fwd_tuned, "dkdv": attention._cmp_bwd_dkdv_tuned,
-             "dq": attention._cmp_bwd_dq_tuned, "select": selection._select_tuned}
-    return {name: str(getattr(kernel.at(seq_len), "best_config", None)) for name, kernel in tuned.items()}
 
 
 def sdpa_cudnn_forward_ms(q, k, v, rep) -> float | None:

@@ -93,9 +93,10 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "NBP": 2048,
                                        "PRECISION": precision, "BLOCK_N": 64},
               f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps)
+        combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dv)  # the most splits a plan makes
         build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp, "DV": dv,
-                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={kernels.combine_warps(64, dv)}",
-              kernels.combine_warps(64, dv))
+                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={combine_warps}",
+              combine_warps)
     return results
 
 
