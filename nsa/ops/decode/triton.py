@@ -40,6 +40,7 @@ import triton.language as tl
 
 from nsa.config import NSAConfig
 from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
+from nsa.ops.selection.triton import eq9_dot
 from nsa.ops.triton_common import interpreting
 
 LOG2E = 1.4426950408889634
@@ -172,9 +173,10 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     B: tl.constexpr = BLOCK // STRIDE
     J: tl.constexpr = BLOCK_N // A
     # Eq. 9 weights of one tile: token i, block slot k: #{(m, u): m - u = i - a*k}, 0 <= m < a, 0 <= u < b.
+    # Exact in float16 (w <= min(a, b) <= 2048, checked by plan_decode) for eq9_dot's tensor-core dots.
     r = cols[:, None] - A * kk[None, :]
     w = tl.minimum(B - 1, A - 1 - r) - tl.maximum(0, -r) + 1
-    w = tl.where(kk[None, :] <= J, tl.maximum(w, 0), 0).to(tl.float32)
+    w = tl.where(kk[None, :] <= J, tl.maximum(w, 0), 0).to(tl.float16)
     # Window programs compute but never store tile sums (a tensor mask, not a 0-d one).
     tile_rows = tl.where(is_win, 0, GP)
     tile_base = pid_r.to(tl.int64) * N_TILES
@@ -187,7 +189,9 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
         if FUSED:
             m_tile = tl.max(s, 1)
             e = tl.exp2(s - tl.where(m_tile == float("-inf"), 0.0, m_tile)[:, None])
-            sums = tl.dot(e, w, input_precision="ieee")
+            # Two fp16 tensor-core dots to float32 accuracy, not an fp32 FMA dot: the latter ran
+            # on the CUDA cores with layout conversions through shared memory in every tile.
+            sums = eq9_dot(e, w)
             tile = tile_base + start // BLOCK_N
             tl.store(P_TILE + (tile * GP + g[:, None]) * (J + 1) + kk[None, :], sums,
                      mask=(g[:, None] < tile_rows) & (kk[None, :] <= J))
@@ -434,7 +438,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                 block_n: int | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups.
 
-    Every branch gets about ``target_programs`` programs (default: 4 per SM on CUDA, 2 splits
+    Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM on CUDA, 2 splits
     per token group under the interpreter) so that
     batch 1 at a long context still fills the card, but never fewer keys per program than one
     tile; a large batch gets one split per branch and no partial-merge traffic to speak of.
@@ -444,7 +448,8 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
         if interpreting() or not torch.cuda.is_available():
             target_programs = 2 * rows  # a few splits per branch, and interpreter time stays small
         else:
-            target_programs = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            target_programs = programs_per_sm(c.head_dim) * torch.cuda.get_device_properties(
+                torch.cuda.current_device()).multi_processor_count
     if block_n is None:
         block_n = 16 if interpreting() else 64
     # At most MAX_SPLITS partials per token and branch: the combine loads them as one tile.
@@ -461,9 +466,10 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
     slc_chunk, slc_splits = split(c.select_count, 1)
     a, b = c.select_block // c.compress_stride, c.compress_block // c.compress_stride
     num_blocks = c.num_select_blocks(max_len)
-    # Fused scoring needs tiles that start on selection-block boundaries (a | BLOCK_N); otherwise
-    # the scoring kernel reads the compressed keys again in Eq. 9 windows.
-    fused = block_n % a == 0
+    # Fused scoring needs tiles that start on selection-block boundaries (a | BLOCK_N) and Eq. 9
+    # weights exact in float16 (<= min(a, b) <= 2048); otherwise the scoring kernel reads the
+    # compressed keys again in Eq. 9 windows.
+    fused = block_n % a == 0 and min(a, b) <= 2048
     if fused:
         score_block_n, nb_step = block_n, block_n // a
         nbt = max(16, pow2(nb_step + 1))
@@ -485,9 +491,17 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
 def decode_warps(head_dim: int) -> int:
     """Warps per decode program. Measured on an H200 (scripts/gpu/tune_kernels.py --only decode,
     64k context): with head dims up to 128, 4 warps beat 8 (batch 32: 0.203 against 0.243 ms at
-    Dk=128, 0.139 against 0.187 at Dk=64; batch 1 5-15%); at Dk=192 (padded to 256) the
-    [16, 256] x [64, 256] tiles spill registers at 4 warps and 8 stay as fast or faster."""
+    Dk=128, 0.139 against 0.187 at Dk=64; batch 1 5-15%); at Dk=192 (padded to 256) 4 warps
+    were no faster than 8 (batch 32: 348-350 us either way). Neither spills compiled for sm_90."""
     return 4 if pow2(head_dim) <= 128 else 8
+
+
+def programs_per_sm(head_dim: int) -> int:
+    """Programs per branch per SM that the split plan aims at (batch 1 is capped by MAX_SPLITS
+    either way). H200, 64k, batch 32, one process each: at Dk=128 (4-warp programs) 2 per SM took
+    141.9 us per step against 146.1 with 4 (the plan sweep: 143 / 147 / 157 with 2 / 4 / 8): longer
+    chunks, fewer partials. At Dk=192 (8-warp programs) 4 per SM stays better: 196.8 against 209.2."""
+    return 2 if pow2(head_dim) <= 128 else 4
 
 
 def combine_warps(splits: int, dv: int) -> int:

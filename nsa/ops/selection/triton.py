@@ -99,7 +99,7 @@ FP16_SPLIT_SCALE = tl.constexpr(16384.0)
 
 
 @triton.jit
-def _eq9_dot(p, w):
+def eq9_dot(p, w):
     """``p @ w`` (``p [M, N]`` float32 in ``[0, 1]``, ``w [N, K]`` float16 integers) to float32 accuracy.
 
     Two fp16 ``tl.dot``s of ``p * 2^14 = hi + lo`` (``lo`` the fp16-rounded remainder, ``~2^-22``
@@ -186,7 +186,7 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
             p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
         # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
         # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
-        head_scores = _eq9_dot(p, w)
+        head_scores = eq9_dot(p, w)
         scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
         key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
         # Blocks a row gains this step are those beating its n-th best.
