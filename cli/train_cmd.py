@@ -77,20 +77,40 @@ def _parse_depths(text: str) -> tuple[float, ...]:
               help="With --model dense: the --out directory of an earlier NSA run; dense replays its "
                    "schedule (same steps, learning rates, contexts, batches) and the outputs cover both.")
 @click.option("--tiny", is_flag=True, help="A one-layer model and 64-token task that train on a CPU in ~20 s.")
+@click.option("--leg-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop training after this many minutes of this command and checkpoint, to go on "
+                   "with --resume (a run longer than one job allows). Unlike --minutes it does not "
+                   "change the schedule.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out (its configuration; only --leg-minutes may be given "
+                   "with it): paused models go on from their checkpoints, finished ones stand.")
 def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None,
           sparse_warmup: bool | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
           rope_theta: float | None, seed: int,
-          out_dir: str, device: str, replay_dir: str | None, tiny: bool) -> None:
+          out_dir: str, device: str, replay_dir: str | None, tiny: bool, leg_minutes: float | None,
+          resume: bool) -> None:
     """Train NSA and/or its dense twin on synthetic retrieval; report loss curves and retrieval
     accuracy by context and depth."""
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
-    from nsa.models.train import gpu_config, run_training, tiny_config
+    from nsa.models.train import gpu_config, resume_config, tiny_config
 
+    if resume:
+        source = click.get_current_context().get_parameter_source
+        given = [f"--{name.replace('_', '-')}" for name in click.get_current_context().params
+                 if name not in ("out_dir", "leg_minutes", "resume")
+                 and source(name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--resume continues the run in --out with its own configuration; "
+                                   f"drop {', '.join(given)} (only --out and --leg-minutes go with it)")
+        try:
+            config = resume_config(out_dir)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--out") from None
+        _run(config, out_dir, replay_dir=None, resume=True, leg_minutes=leg_minutes)
+        return
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -121,12 +141,23 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
         config = config.replace(model=config.model.replace(**model_changes))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _run(config, out_dir, replay_dir=replay_dir, resume=False, leg_minutes=leg_minutes)
+
+
+def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minutes: float | None) -> None:
+    """Train with live progress, then print the summary table and the goals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nsa.models.train import run_training
 
     console = Console()
-    console.print(f"[bold]nsa train[/bold]: models {', '.join(config.models)} on {device}, context "
+    minutes = config.minutes
+    console.print(f"[bold]nsa train[/bold]{' --resume' if resume else ''}: models {', '.join(config.models)} on "
+                  f"{config.device}, context "
                   f"{config.context} (warm-up from {config.start_context or config.context}), up to "
                   f"{config.steps} steps" + (f", {minutes:g} min per model" if minutes else "")
-                  + f"; outputs in {out_dir}")
+                  + (f", this leg {leg_minutes:g} min" if leg_minutes else "") + f"; outputs in {out_dir}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # The bar only draws on a terminal; elsewhere (CI logs, remote runs) the periodic lines that
@@ -141,8 +172,12 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
                 bars[name] = bar.add_task(name, total=total, loss="")
             bar.update(bars[name], completed=step, total=total, loss=f"loss {row['loss']:.4f}")
 
-        summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir,
-                               report=lambda line: console.print(line, markup=False, highlight=False))
+        try:
+            summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir, resume=resume,
+                                   leg_minutes=leg_minutes,
+                                   report=lambda line: console.print(line, markup=False, highlight=False))
+        except ValueError as exc:  # a checkpoint that cannot be resumed, a replay that does not match
+            raise click.UsageError(str(exc)) from None
 
     table = Table(title="trainability")
     for column in ("model", "backend", "steps", "train s", "initial loss", "final loss"):
@@ -151,7 +186,9 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
         table.add_row(name, info["backend"], str(info["steps"]), f"{info['train_seconds']:.0f}",
                       f"{info['initial_loss']:.3f}", f"{info['final_loss']:.4f}")
     console.print(table)
-    goals = summary["goals"]
+    if summary["status"] == "paused":
+        console.print(f"paused by --leg-minutes; continue with: nsa train --resume --out {out_dir}")
+    goals = summary["goals"] or {}
     for key in sorted(goals):
         console.print(f"  {key}: {goals[key]}")
     console.print(f"wall time {summary['wall_seconds']:.0f} s; summary in {Path(out_dir) / 'summary.json'}")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ from nsa.models.train import (
     make_optimizer,
     nsa_pattern_at,
     read_table,
+    resume_config,
+    run_training,
     set_learning_rate,
     set_nsa_pattern,
     tiny_config,
@@ -576,7 +579,74 @@ def test_cli_dense_replays_an_earlier_nsa_run(tmp_path):
     assert {r["model"] for r in read_table(tmp_path / "dense" / "retrieval.parquet")} == {"nsa", "dense"}
     bad = runner.invoke(train_command, [*common, "--model", "dense", "--seed", "3", "--replay",
                                         str(tmp_path / "nsa"), "--out", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "seed" in str(bad.exception)
+    assert bad.exit_code != 0 and "seed" in bad.output
     bad = runner.invoke(train_command, [*common, "--model", "both", "--replay", str(tmp_path / "nsa"),
                                         "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--replay" in bad.output
+
+
+def _losses(path: Path, model: str) -> list[tuple]:
+    return [(r["step"], r["loss"], r["lr"], r["context"], r["grad_norm"])
+            for r in read_table(path) if r["model"] == model]
+
+
+def test_run_in_legs_equals_one_run_bit_for_bit(tmp_path):
+    """Legs of a fraction of a second each (time-based, so they end at arbitrary steps, inside
+    warm-up stages and between checkpoints), each resumed from the last: the same losses,
+    learning rates, contexts, gradient norms and retrieval results as one uninterrupted run."""
+    config = tiny_config(steps=40, models=("nsa", "dense"), eval_contexts=(64,), eval_depths=(0.5, 1.0),
+                         eval_samples=4, checkpoint_every=15, log_every=5, eval_every=20)
+    whole = run_training(config, tmp_path / "whole", report=lambda _: None)
+    legs = [run_training(config, tmp_path / "legs", report=lambda _: None, leg_minutes=0.4 / 60)]
+    while legs[-1]["status"] == "paused":
+        assert len(legs) < 200
+        legs.append(run_training(resume_config(tmp_path / "legs"), tmp_path / "legs", report=lambda _: None,
+                                 resume=True, leg_minutes=0.4 / 60))
+    assert len(legs) >= 3, "the legs must actually split the run"
+    assert legs[0]["goals"] is None and legs[-1]["status"] == whole["status"] == "done"
+    for model in ("nsa", "dense"):
+        assert _losses(tmp_path / "legs" / "train_log.parquet", model) == \
+            _losses(tmp_path / "whole" / "train_log.parquet", model)
+        assert legs[-1]["models"][model]["steps"] == 40
+    cells = lambda d: sorted((r["model"], r["task"], r["depth"], r["correct"]) for r in read_table(d / "retrieval.parquet"))
+    assert cells(tmp_path / "legs") == cells(tmp_path / "whole")
+    assert legs[-1]["goals"] == whole["goals"]
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither summary.json nor checkpoints"):
+        resume_config(tmp_path / "empty")
+    config = tiny_config(steps=6, eval_contexts=(64,), eval_depths=(0.5,), eval_samples=2)
+    run_training(config, tmp_path / "run", report=lambda _: None, leg_minutes=1e-6)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "paused"
+    with pytest.raises(ValueError, match="different run configuration"):
+        run_training(config.replace(lr=1e-2), tmp_path / "run", resume=True, report=lambda _: None)
+    with pytest.raises(ValueError, match="leg_minutes"):
+        run_training(config, tmp_path / "run", resume=True, leg_minutes=0.0, report=lambda _: None)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "nsa.pt", weights_only=False)
+    torch.save({**state, "resume": None}, tmp_path / "run" / "checkpoints" / "nsa.pt")
+    with pytest.raises(ValueError, match="no loop state"):
+        run_training(config, tmp_path / "run", resume=True, report=lambda _: None)
+    (tmp_path / "run" / "checkpoints" / "nsa.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        run_training(config, tmp_path / "run", resume=True, report=lambda _: None)
+
+
+def test_cli_leg_minutes_then_resume(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    first = runner.invoke(train_command, ["--tiny", "--model", "nsa", "--steps", "12", "--device", "cpu",
+                                          "--eval-contexts", "64", "--eval-depths", "50", "--eval-samples", "2",
+                                          "--leg-minutes", "0.00001", "--out", out])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert "nsa train --resume --out" in first.output
+    bad = runner.invoke(train_command, ["--resume", "--steps", "5", "--out", out])
+    assert bad.exit_code != 0 and "--steps" in bad.output
+    bad = runner.invoke(train_command, ["--resume", "--out", str(tmp_path / "nothing")])
+    assert bad.exit_code != 0 and "--out" in bad.output
+    second = runner.invoke(train_command, ["--resume", "--out", out])
+    assert second.exit_code == 0, second.output + repr(second.exception)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["models"]["nsa"]["steps"] == 12
+    assert summary["goals"]["finite_goal_met"] is True
+    assert len(read_table(tmp_path / "run" / "train_log.parquet")) == 12

@@ -11,7 +11,9 @@ evaluates retrieval accuracy at several contexts and depths, and writes into ``o
 - ``loss.png``: training loss against steps for every model;
 - ``retrieval_<model>.png``: accuracy heat map (context x depth);
 - ``summary.json``: configs, step counts, timings, backend, goals and whether each was met;
-- ``checkpoints/<model>.pt``: model/optimizer state (rewritten every ``checkpoint_every`` steps).
+- ``checkpoints/<model>.pt``: model/optimizer state and everything a resumed run needs (data
+  stream, log rows, schedule and warm-up state), rewritten every ``checkpoint_every`` steps and
+  at the end; ``run_training(..., resume=True)`` continues from it (``nsa train --resume``).
 
 Every file is written to a temporary name and moved into place, so a killed run leaves whole files.
 """
@@ -195,6 +197,20 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (also of its JSON form, where tuples became lists)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"TrainConfig.from_dict: unknown fields {unknown}")
+        values = dict(data)
+        values["model"] = LMConfig.from_dict(data["model"])
+        values["task"] = RetrievalTask(**data["task"])
+        for name in ("models", "betas", "eval_contexts", "eval_depths"):
+            values[name] = tuple(data[name])
+        return cls(**values)
 
 
 def tiny_config(**changes: Any) -> TrainConfig:
@@ -404,12 +420,38 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(path: Path, model, optimizer, config: TrainConfig, step: int) -> None:
+def _save_checkpoint(path: Path, model, optimizer, config: TrainConfig, step: int,
+                     state: dict[str, Any] | None = None) -> None:
+    """Model and optimizer at ``step``; ``state``: the loop state a resumed run continues from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "lm_config": model.config.to_dict(), "train_config": config.to_dict()}, tmp)
+                "lm_config": model.config.to_dict(), "train_config": config.to_dict(), "resume": state}, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_path(out_dir: Path | str, name: str) -> Path:
+    """Where training writes model ``name``'s checkpoint under ``out_dir``."""
+    return Path(out_dir) / "checkpoints" / f"{name}.pt"
+
+
+def load_resume_state(out_dir: Path | str, name: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint of model ``name`` under ``out_dir`` to resume from (``None`` when there is
+    none: that model has not started). Errors if it was written by another run configuration, or
+    before checkpoints carried their loop state."""
+    path = checkpoint_path(out_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"cannot resume from {path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if saved.get("resume") is None:
+        raise ValueError(f"cannot resume from {path}: it has no loop state (written before resumable "
+                         f"checkpoints); start a new run")
+    if saved["train_config"] != config.to_dict():
+        raise ValueError(f"cannot resume from {path}: it was written by a different run configuration")
+    return saved
 
 
 def load_model(path: Path | str, device: str = "cpu") -> tuple[RetrievalLM, int]:
@@ -441,11 +483,14 @@ class ModelRun:
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     eval_seconds: float = 0.0
     backend_fallback: str = ""
+    paused: bool = False  # stopped by the leg limit (``stop_after_s``), to be resumed
 
 
 def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelRun | None = None,
                 report: Callable[[str], None] = print,
-                progress: Callable[[str, int, int, dict], None] | None = None) -> tuple[RetrievalLM, ModelRun]:
+                progress: Callable[[str, int, int, dict], None] | None = None,
+                resume: dict[str, Any] | None = None,
+                stop_after_s: float | None = None) -> tuple[RetrievalLM, ModelRun]:
     """Train one model (``"nsa"`` or ``"dense"``).
 
     Args:
@@ -456,6 +501,12 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             for as many steps (the dense twin replays NSA: same batches, same schedule). Without
             it the schedule is ``config.steps`` long, refitted to ``config.minutes`` if given.
         report: receives console lines. progress: ``(model, step, total, row)`` after each step.
+        resume: a checkpoint of this model and configuration (:func:`load_resume_state`): training
+            continues from its step as if it had never stopped (same batches, schedule, warm-up
+            state; on the CPU bit for bit). A checkpoint of finished training trains no further.
+        stop_after_s: wall-clock seconds this call may train (a "leg" of a run split across
+            commands); when spent, the checkpoint is written and the run returned with
+            ``paused=True``. Unlike ``config.minutes`` it does not change the schedule.
     """
     device = torch.device(config.device)
     lm_config = config.model if name == "nsa" else config.model.replace(attention="dense")
@@ -482,7 +533,31 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     held = 0  # steps the hold (hold_loss) stopped the warm-up's stage clock
     step = tokens_seen = 0
     fallback = ""
-    while step < (max_steps if max_steps is not None else total):
+    trained_before = 0.0  # seconds of training in earlier legs
+    finished = paused = False
+    if resume is not None:
+        loop = resume["resume"]
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        gen.set_state(loop["generator"])
+        rows = list(loop["rows"])
+        step, total, held, last_context = resume["step"], loop["total"], loop["held"], loop["last_context"]
+        tokens_seen, nonfinite_loss, nonfinite_grad = loop["tokens_seen"], loop["nonfinite_loss"], loop["nonfinite_grad"]
+        backend, fallback, trained_before, finished = loop["backend"], loop["fallback"], loop["train_seconds"], loop["finished"]
+        if fallback:
+            set_nsa_backend(model, "reference")
+        if not finished:
+            report(f"[{name}] resuming at step {step} of {total} ({trained_before:.0f} s trained before)")
+    start = time.perf_counter() - trained_before
+    leg_start = time.perf_counter()
+
+    def loop_state() -> dict[str, Any]:
+        return {"generator": gen.get_state(), "rows": list(rows), "total": total, "held": held,
+                "last_context": last_context, "tokens_seen": tokens_seen, "nonfinite_loss": nonfinite_loss,
+                "nonfinite_grad": nonfinite_grad, "backend": backend, "fallback": fallback,
+                "train_seconds": time.perf_counter() - start, "finished": finished}
+
+    while not finished and step < (max_steps if max_steps is not None else total):
         lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
         set_learning_rate(optimizer, lr)
         # Never shrink: a refitted (longer) schedule moves the warm-up stages later.
@@ -575,7 +650,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             report(f"[{name}] step {step}/{total} ctx {context} loss {sum(recent) / len(recent):.4f} lr {lr:.2e} "
                    f"grad {row.get('grad_norm', float('nan')):.3f} {elapsed:.0f}s")
         if step % config.checkpoint_every == 0:
-            _save_checkpoint(out_dir / "checkpoints" / f"{name}.pt", model, optimizer, config, step)
+            _save_checkpoint(checkpoint_path(out_dir, name), model, optimizer, config, step, loop_state())
         # Fit the schedule into the time budget from measured step times: at every new context
         # (skipping its first steps, which pay for autotuning and allocator growth) the cost per
         # token is re-measured and the schedule length re-chosen so that the predicted remaining
@@ -596,12 +671,21 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             if now - start > budget:
                 report(f"[{name}] time budget of {config.minutes:g} min reached at step {step}")
                 break
+        if stop_after_s is not None and time.perf_counter() - leg_start > stop_after_s:
+            paused = step < (max_steps if max_steps is not None else total)
+            if paused:
+                report(f"[{name}] leg time limit reached at step {step}: paused (resume with the same output directory)")
+            break
+    finished = not paused
     seconds = time.perf_counter() - start
     if name == "nsa":
         set_nsa_pattern(model, config.model.nsa)
-    _save_checkpoint(out_dir / "checkpoints" / f"{name}.pt", model, optimizer, config, step)
+    if resume is None or not resume["resume"]["finished"]:
+        _save_checkpoint(checkpoint_path(out_dir, name), model, optimizer, config, step, loop_state())
+    else:
+        seconds = trained_before
     run = ModelRun(name, step, total, seconds, rows, backend or "unknown",
-                   sum(p.numel() for p in model.parameters()), backend_fallback=fallback)
+                   sum(p.numel() for p in model.parameters()), backend_fallback=fallback, paused=paused)
     return model, run
 
 
@@ -790,6 +874,12 @@ def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
 # ----- the whole run ---------------------------------------------------------------------------
 
 
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A retrieval row read back from Parquet without the columns other rows added (null here);
+    ``accuracy`` and ``correct`` stay, null meaning not measured."""
+    return {k: v for k, v in row.items() if v is not None or k in ("accuracy", "correct")}
+
+
 def load_nsa_run(run_dir: Path | str) -> ModelRun:
     """The NSA model's run from a previous ``run_training`` output directory (its log rows,
     retrieval rows and summary entry), for a dense twin trained in a separate command to replay."""
@@ -804,27 +894,55 @@ def load_nsa_run(run_dir: Path | str) -> ModelRun:
     if info is None or not rows:
         raise ValueError(f"{run_dir} holds no NSA run (summary.json models: "
                          f"{sorted(json.loads(paths[2].read_text())['models'])})")
+    if info.get("paused"):
+        raise ValueError(f"{run_dir}'s NSA run is paused at step {info['steps']}: finish it first "
+                         f"(nsa train --resume --out {run_dir})")
     rows = [{k: v for k, v in r.items() if v is not None} for r in sorted(rows, key=lambda r: r["step"])]
     run = ModelRun("nsa", info["steps"], info["schedule_steps"], info["train_seconds"], rows, info["backend"],
                    info["parameters"], backend_fallback=info.get("backend_fallback", ""))
-    run.eval_rows = [{k: v for k, v in r.items() if v is not None or k in ("accuracy", "correct")}
-                     for r in read_table(paths[1]) if r["model"] == "nsa"]
+    run.eval_rows = [_present(r) for r in read_table(paths[1]) if r["model"] == "nsa"]
     run.eval_seconds = info["eval_seconds"]
     return run
 
 
+def resume_config(out_dir: Path | str) -> TrainConfig:
+    """The configuration of the run whose outputs are in ``out_dir`` (from ``summary.json``, or
+    from a checkpoint when the run was stopped before writing one)."""
+    out_dir = Path(out_dir)
+    summary = out_dir / "summary.json"
+    if summary.is_file():
+        try:
+            return TrainConfig.from_dict(json.loads(summary.read_text())["config"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot resume from {out_dir}: summary.json has no readable config ({exc})") from None
+    for path in sorted((out_dir / "checkpoints").glob("*.pt")):
+        return TrainConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["train_config"])
+    raise FileNotFoundError(f"cannot resume from {out_dir}: it holds neither summary.json nor checkpoints/*.pt "
+                            f"(the --out directory of an earlier `nsa train`)")
+
+
 def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[str], None] = print,
                  progress: Callable[[str, int, int, dict], None] | None = None,
-                 replay_dir: Path | str | None = None) -> dict[str, Any]:
+                 replay_dir: Path | str | None = None, resume: bool = False,
+                 leg_minutes: float | None = None) -> dict[str, Any]:
     """Train and evaluate every model in ``config.models``, write the outputs (module docstring)
     under ``out_dir`` and return the summary (also in ``summary.json``).
 
     ``replay_dir``: the output directory of an earlier run that trained NSA; its NSA run is
     loaded (log and retrieval rows), the dense twin replays its schedule, and the outputs here
     cover both models (so one long NSA command and one dense command compare at equal steps).
+
+    ``leg_minutes``: wall-clock limit on this call's training (a run longer than one session or
+    one job's time limit goes in legs). When it is spent, the model in training is checkpointed,
+    later models do not start, the summary's ``status`` is ``"paused"`` and ``goals`` is ``None``.
+    ``resume``: continue the run in ``out_dir`` (same ``config``: see :func:`resume_config`): a
+    model with a finished, evaluated checkpoint is taken as it is, a paused one continues, one
+    without a checkpoint starts.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if leg_minutes is not None and not leg_minutes > 0:
+        raise ValueError(f"leg_minutes must be positive or None, got {leg_minutes!r}")
     if replay_dir is not None and config.models != ("dense",):
         raise ValueError(f"replay_dir is for training the dense twin alone (models=('dense',)), "
                          f"got models={config.models}")
@@ -853,26 +971,47 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         runs["nsa"] = load_nsa_run(replay_dir)
         summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
                                     "replayed_from": str(replay_dir)}
+    earlier: dict[str, Any] = {}
+    if resume and (out_dir / "summary.json").is_file():
+        earlier = json.loads((out_dir / "summary.json").read_text()).get("models", {})
+    paused = trained = False  # trained: some model took steps in this call (every leg makes progress)
     for name in config.models:
-        nsa_run = runs.get("nsa")
-        model, run = train_model(name, config, out_dir, report=report, progress=progress, replay=nsa_run)
+        saved = load_resume_state(out_dir, name, config) if resume else None
+        done_before = saved is not None and saved["resume"]["finished"]
+        left = None if leg_minutes is None else leg_minutes * 60 - (time.perf_counter() - began)
+        if left is not None and left <= 0 and trained and not done_before:
+            report(f"[{name}] leg time limit reached before it started: paused")
+            paused = True
+            break
+        trained = trained or not done_before
+        model, run = train_model(name, config, out_dir, report=report, progress=progress, replay=runs.get("nsa"),
+                                 resume=saved, stop_after_s=left)
         runs[name] = run
         write_table(all_rows("rows"), log_path, LOG_BASE_COLUMNS)
-        eval_start = time.perf_counter()
-        run.eval_rows = evaluate_retrieval(model, name, config, report=report)
-        run.eval_seconds = time.perf_counter() - eval_start
-        write_table(all_rows("eval_rows"), eval_path, ("model", "task", "context", "depth", "status"))
-        plot_retrieval(run, out_dir / f"retrieval_{name}.png")
-        summary["models"][name] = {
-            "steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
-            "eval_seconds": run.eval_seconds, "backend": run.backend, "backend_fallback": run.backend_fallback,
-            "parameters": run.parameters,
-            "initial_loss": initial_loss(run.rows), "final_loss": smoothed_final_loss(run.rows, run.steps)}
+        entry = {"steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
+                 "backend": run.backend, "backend_fallback": run.backend_fallback, "parameters": run.parameters,
+                 "initial_loss": initial_loss(run.rows), "final_loss": smoothed_final_loss(run.rows, run.steps)}
+        if run.paused:
+            summary["models"][name] = {**entry, "paused": True}
+            paused = True
+            break
+        if earlier.get(name, {}).get("evaluated") and eval_path.is_file():
+            # Finished and evaluated in an earlier leg: its retrieval rows stand.
+            run.eval_rows = [_present(r) for r in read_table(eval_path) if r["model"] == name]
+            run.eval_seconds = earlier[name]["eval_seconds"]
+        else:
+            eval_start = time.perf_counter()
+            run.eval_rows = evaluate_retrieval(model, name, config, report=report)
+            run.eval_seconds = time.perf_counter() - eval_start
+            write_table(all_rows("eval_rows"), eval_path, ("model", "task", "context", "depth", "status"))
+            plot_retrieval(run, out_dir / f"retrieval_{name}.png")
+        summary["models"][name] = {**entry, "eval_seconds": run.eval_seconds, "evaluated": True}
         del model
         if config.device == "cuda":
             torch.cuda.empty_cache()
     plot_loss(runs, out_dir / "loss.png")
-    summary["goals"] = goals(runs)
+    summary["status"] = "paused" if paused else "done"
+    summary["goals"] = None if paused else goals(runs)
     summary["wall_seconds"] = time.perf_counter() - began
     _write_json(summary, out_dir / "summary.json")
     return summary
