@@ -1,17 +1,23 @@
-"""performance: the prefill benchmark's cases as acceptance checks (GPU only).
+"""performance: the benchmarks' cases as acceptance checks (GPU only).
 
-Each case times our NSA (forward, backward) beside dense causal attention through torch SDPA's
-cuDNN and FlashAttention-2 backends in the same process, records every time and ratio, and
-requires NSA to beat cuDNN in both directions (issue 3: "faster than cuDNN from 8k up"). The
-64k targets (>= 6x forward, >= 5x backward) are recorded as ratios with their target as tolerance
-but only the "faster than dense" bound gates acceptance.
+Prefill (``T<len>-d<Dk>x<Dv>``, ``nsa bench``'s shapes): each case times our NSA (forward,
+backward) beside dense causal attention through torch SDPA's cuDNN and FlashAttention-2 backends
+in the same process, records every time and ratio, and requires NSA to beat cuDNN in both
+directions (issue 3: "faster than cuDNN from 8k up"). The 64k targets (>= 6x forward, >= 5x
+backward) are recorded beside the ratios but only the "faster than dense" bound gates acceptance.
+
+Decode (``decode-S<context>-B<batch>-d<Dk>x<Dv>``, ``nsa bench decode``'s shapes): one NSA step
+(CUDA graph) beside one step of every torch SDPA backend over a dense cache, in the same
+process; records the times, the bandwidth on the spec formula's bytes and its fraction of the
+card's copy bandwidth, and requires NSA to beat the fastest dense backend. Issue 5's targets at
+64k (10x the best dense, 60% of copy bandwidth at batch 32) are recorded beside the measurements.
 """
 
 from __future__ import annotations
 
 import torch
 
-from nsa.bench import prefill
+from nsa.bench import decode, prefill
 from verify.registry import Checks, SkipCase, suite
 
 
@@ -23,11 +29,26 @@ def _cases(scale: str):
             # expected_s (longest-first scheduling): the dense baselines' fwd+bwd grow as T^2.
             yield f"T{seq_len}-d{dk}x{dv}", dict(seq_len=seq_len, head_dim=dk, v_head_dim=dv, needs_gpu=True,
                                                  expected_s=5 + 95 * (seq_len / 131072) ** 2)
+    for dk, dv in decode.HEAD_DIMS:
+        for context in decode.CONTEXTS:
+            for batch in decode.BATCHES:
+                # Graph capture and a few hundred replays of each backend: seconds, the dense cache's
+                # fill growing with batch x context.
+                yield (f"decode-S{context}-B{batch}-d{dk}x{dv}",
+                       dict(kind="decode", context=context, batch=batch, head_dim=dk, v_head_dim=dv,
+                            needs_gpu=True, expected_s=3 + 10 * batch * context / (32 * 131072)))
+
+
+DECODE_TARGET_SPEEDUP_64K = 10.0
+DECODE_TARGET_COPY_FRACTION_64K_B32 = 0.6
 
 
 def _check(params: dict, checks: Checks) -> None:
     if not torch.cuda.is_available():
         raise SkipCase("performance cases need a CUDA device")
+    if params.get("kind") == "decode":
+        _check_decode(params, checks)
+        return
     backend = params.get("backend", "auto")
     backend = "triton" if backend == "auto" else backend
     n, dk, dv = params["seq_len"], params["head_dim"], params["v_head_dim"]
@@ -53,5 +74,36 @@ def _check(params: dict, checks: Checks) -> None:
         checks.record("fwd_speedup_vs_flash2", prefill.ratio(flash, ours, "fwd_ms"))
 
 
-performance = suite("performance", "prefill speed against dense SDPA (cuDNN, FlashAttention-2), GPU only",
+def _check_decode(params: dict, checks: Checks) -> None:
+    batch, context, dk, dv = params["batch"], params["context"], params["head_dim"], params["v_head_dim"]
+    backend = params.get("backend", "auto")
+    if backend == "reference":
+        raise SkipCase("decode performance times the Triton decode step; the reference backend has none to time")
+    checks.backend = "triton"
+    copy = decode.copy_bandwidth_gbps()
+    ours = decode.nsa_row(batch, context, dk, dv)
+    torch.cuda.empty_cache()
+    group = [ours, *decode.dense_rows(batch, context, dk, dv)]
+    torch.cuda.empty_cache()
+    best = decode.rank_against_dense(group, copy)
+    checks.record("nsa_us", ours.us)
+    checks.record("nsa_gbps", ours.gbps)
+    checks.record("nsa_mb_read", ours.bytes_read / 1e6)
+    checks.record("copy_gbps", copy)
+    checks.record("nsa_copy_fraction", ours.copy_fraction)
+    checks.true("nsa_cuda_graph", ours.cuda_graph, ours.note)
+    for row in group[1:]:
+        if row.us is not None:
+            checks.record(f"{row.impl}_us", row.us)
+    if best is None:
+        raise SkipCase("no torch SDPA backend ran this shape: "
+                       + "; ".join(f"{r.impl}: {r.note}" for r in group[1:]))
+    checks.at_least("speedup_vs_best_dense", ours.speedup_vs_dense, 1.0)
+    if context == 65536:
+        checks.record("speedup_target_64k", DECODE_TARGET_SPEEDUP_64K)
+        if batch == 32:
+            checks.record("copy_fraction_target_64k_b32", DECODE_TARGET_COPY_FRACTION_64K_B32)
+
+
+performance = suite("performance", "prefill and decode speed against dense SDPA (same process), GPU only",
                     cases=_cases, needs_gpu=True, timeout_s=900.0)(_check)

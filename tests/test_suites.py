@@ -33,3 +33,66 @@ def test_decode_reads_check_catches_a_wrong_count():
     bad = Checks()
     check_reads(config, reads, positions, bad)
     assert bad.metrics["reads_slc_mismatches"] == 1 and bad.failures
+
+
+@pytest.fixture
+def fake_decode_bench(monkeypatch):
+    """The performance suite's decode cases on a pretend GPU: the bench's timing functions give
+    fixed rows (NSA 100 us over 369 MB; cuDNN 950 us, FlashAttention 1000 us, one backend that
+    cannot run), so the case's ranking, bandwidth and gates are checked without CUDA."""
+    import suites.performance as performance
+    from nsa.bench.decode import DecodeRow
+
+    state = {"nsa_us": 100.0, "dense_us": (950.0, 1000.0)}
+
+    def nsa_row(batch, context, dk, dv):
+        nbytes = 369_000_000
+        return DecodeRow("nsa-triton", context, batch, dk, dv, us=state["nsa_us"], bytes_read=nbytes,
+                         gbps=nbytes / (state["nsa_us"] * 1e-6) / 1e9, cuda_graph=True)
+
+    def dense_rows(batch, context, dk, dv):
+        (cudnn, flash) = state["dense_us"]
+        rows = [DecodeRow("sdpa-cudnn", context, batch, dk, dv, us=cudnn),
+                DecodeRow("sdpa-flash", context, batch, dk, dv, us=flash),
+                DecodeRow("sdpa-math", context, batch, dk, dv, note="RuntimeError: no kernel")]
+        return [r for r in rows if r.us is not None or r.note]
+
+    monkeypatch.setattr(performance.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(performance.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(performance.decode, "copy_bandwidth_gbps", lambda: 4000.0)
+    monkeypatch.setattr(performance.decode, "nsa_row", nsa_row)
+    monkeypatch.setattr(performance.decode, "dense_rows", dense_rows)
+    return state
+
+
+def _decode_case(context: int, batch: int):
+    cases = {c.case_id: c for c in all_suites()["performance"].cases("full")}
+    return cases[f"decode-S{context}-B{batch}-d128x128"]
+
+
+def test_performance_lists_decode_cases_at_full_scale_only():
+    suite = all_suites()["performance"]
+    assert not suite.cases("ci")
+    decode_ids = [c.case_id for c in suite.cases("full") if c.case_id.startswith("decode-")]
+    assert len(decode_ids) == 5 * 2 * 2 and "decode-S131072-B32-d192x128" in decode_ids
+    assert all(c.needs_gpu for c in suite.cases("full"))
+
+
+def test_decode_performance_case_ranks_against_the_best_dense(fake_decode_bench):
+    result = all_suites()["performance"].run(_decode_case(65536, 32))
+    assert result.status == "pass", result.message
+    m = result.metrics
+    assert m["speedup_vs_best_dense"] == pytest.approx(9.5) and result.tolerances["speedup_vs_best_dense"] == 1.0
+    assert m["nsa_gbps"] == pytest.approx(3690.0) and m["nsa_copy_fraction"] == pytest.approx(3690.0 / 4000.0)
+    assert m["sdpa-cudnn_us"] == 950.0 and "sdpa-math_us" not in m
+    assert m["speedup_target_64k"] == 10.0 and m["copy_fraction_target_64k_b32"] == 0.6
+    assert "copy_fraction_target_64k_b32" not in all_suites()["performance"].run(_decode_case(65536, 1)).metrics
+
+
+def test_decode_performance_case_fails_slower_than_dense_and_skips_without_dense(fake_decode_bench):
+    fake_decode_bench["nsa_us"] = 2000.0
+    slow = all_suites()["performance"].run(_decode_case(8192, 1))
+    assert slow.status == "fail" and "speedup_vs_best_dense" in slow.message
+    fake_decode_bench["dense_us"] = (None, None)
+    alone = all_suites()["performance"].run(_decode_case(8192, 1))
+    assert alone.status == "skip" and "no torch SDPA backend ran" in alone.message and "sdpa-math" in alone.message

@@ -216,6 +216,21 @@ def nsa_row(batch: int, context: int, head_dim: int, v_head_dim: int,
     return row
 
 
+def rank_against_dense(group: list[DecodeRow], copy_gbps: float) -> DecodeRow | None:
+    """Fill in each row's ``copy_fraction``, ``speedup_vs_dense`` and ``best_dense`` for one shape
+    (``group``: the NSA row, then the dense rows) and return the fastest dense row (``None`` when
+    no dense backend ran)."""
+    timed = [r for r in group[1:] if r.us is not None]
+    best = min(timed, key=lambda r: r.us) if timed else None
+    for r in group:
+        if r.gbps is not None:
+            r.copy_fraction = r.gbps / copy_gbps
+        if best is not None and r.us is not None:
+            r.speedup_vs_dense = best.us / r.us
+        r.best_dense = best.impl if best else None
+    return best
+
+
 def measure(contexts=CONTEXTS, batches=BATCHES, head_dims=HEAD_DIMS, *, deadline: float | None = None,
             log: Callable[[str], None] = print) -> tuple[list[DecodeRow], float]:
     """Rows for every (head dims, context, batch) and the card's copy bandwidth in GB/s.
@@ -242,14 +257,7 @@ def measure(contexts=CONTEXTS, batches=BATCHES, head_dims=HEAD_DIMS, *, deadline
                 torch.cuda.empty_cache()
                 group += dense_rows(batch, context, dk, dv)
                 torch.cuda.empty_cache()
-                timed = [r for r in group[1:] if r.us is not None]
-                best = min(timed, key=lambda r: r.us) if timed else None
-                for r in group:
-                    if r.gbps is not None:
-                        r.copy_fraction = r.gbps / copy
-                    if best is not None and r.us is not None:
-                        r.speedup_vs_dense = best.us / r.us
-                    r.best_dense = best.impl if best else None
+                best = rank_against_dense(group, copy)
                 nsa = group[0]
                 log(f"Dk/Dv={dk}/{dv} S={context} B={batch}: nsa {nsa.us or math.nan:.1f} us "
                     f"({nsa.gbps or math.nan:.0f} GB/s, graph={nsa.cuda_graph}), best dense "
