@@ -131,7 +131,10 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
               help="Start no new shape after this many seconds (rows past it say 'skipped').")
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Where the result table goes (reports/bench/run=<id>/decode.parquet).")
-def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | None, out_dir: str) -> None:
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON to this file.")
+def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | None, out_dir: str,
+                 json_out: str | None) -> None:
     """Decode benchmark: one NSA decode step (Triton, CUDA graph) beside torch SDPA over a dense
     cache (every backend that runs), bytes the step must read (spec formula) and bandwidth achieved."""
     import torch
@@ -159,6 +162,13 @@ def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | 
                       f"{r.bytes_read / 1e6:.1f}", _fmt(r.gbps),
                       _fmt(None if r.copy_fraction is None else 100 * r.copy_fraction), _fmt(r.speedup_vs_dense),
                       "yes" if r.cuda_graph else "no", r.note[:40])
+    if json_out:
+        Path(json_out).write_text(json.dumps(records, indent=1))
     console.print(table)
+    # Where an NSA step's time goes: device time per kernel (eager, torch.profiler).
+    for r in rows:
+        if r.impl == "nsa-triton" and r.kernels_us:
+            console.print(f"NSA kernels, S={r.context} B={r.batch} {r.head_dim}/{r.v_head_dim} (us): {r.kernels_us}",
+                          highlight=False)
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))

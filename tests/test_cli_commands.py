@@ -28,3 +28,29 @@ def test_bench_without_cuda_says_so():
 def test_bench_rejects_malformed_head_dims():
     result = CliRunner().invoke(nsa, ["bench", "--head-dims", "128x128"])
     assert result.exit_code == 2 and "--head-dims" in result.output and "128/128" in result.output
+
+
+def test_bench_decode_writes_rows_json_and_the_kernel_breakdown(tmp_path, monkeypatch):
+    """`nsa bench decode` on a pretend GPU (the measurement faked): the Parquet table, --json-out
+    and the per-kernel breakdown of the NSA rows."""
+    import json
+
+    import torch
+
+    from nsa.bench import decode
+    from nsa.bench.decode import DecodeRow
+
+    rows = [DecodeRow("nsa-triton", 65536, 32, 128, 128, us=142.5, bytes_read=369_000_000, gbps=2590.0,
+                      copy_fraction=0.61, speedup_vs_dense=6.64, cuda_graph=True,
+                      kernels_us="_range_kernel 82.2, _select_kernel 35.5"),
+            DecodeRow("sdpa-cudnn", 65536, 32, 128, 128, us=945.8, bytes_read=4_295_000_000, cuda_graph=True)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend GPU")
+    monkeypatch.setattr(decode, "measure", lambda *a, **k: (rows, 4244.0))
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(nsa, ["bench", "decode", "--contexts", "65536", "--batches", "32",
+                                      "--head-dims", "128/128", "--out", str(tmp_path), "--json-out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    records = json.loads(out.read_text())
+    assert [r["impl"] for r in records] == ["nsa-triton", "sdpa-cudnn"] and records[0]["copy_gbps"] == 4244.0
+    assert "_range_kernel 82.2" in result.output and list(tmp_path.glob("bench/run=*/decode.parquet"))
