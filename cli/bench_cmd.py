@@ -95,7 +95,7 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
             rows += group
     table = Table(title=f"NSA prefill, B=1 HQ=64 HK=4 bf16, paper blocks, {card}")
     for col in ("impl", "T", "Dk/Dv", "fwd ms", "bwd ms", "f+b ms", "peak GiB",
-                "fwd x cudnn", "bwd x cudnn", "fwd x fa2", "x fla f/b", "note"):
+                "fwd x cudnn", "bwd x cudnn", "fwd x fa2", "x fla f/b", "TFLOP/s f/b", "note"):
         table.add_column(col)
     records = []
     for r in rows:
@@ -113,7 +113,8 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
         table.add_row(r.impl, str(r.seq_len), f"{r.head_dim}/{r.v_head_dim}", _fmt(r.fwd_ms), _fmt(r.bwd_ms),
                       _fmt(r.fwdbwd_ms), _fmt(r.peak_mem_gib), _fmt(ratios["fwd_x_cudnn"]),
                       _fmt(ratios["bwd_x_cudnn"]), _fmt(ratios["fwd_x_flash2"]),
-                      f"{_fmt(ratios['fwd_x_fla'])}/{_fmt(ratios['bwd_x_fla'])}", r.note[:40])
+                      f"{_fmt(ratios['fwd_x_fla'])}/{_fmt(ratios['bwd_x_fla'])}",
+                      f"{_fmt(r.fwd_tflops)}/{_fmt(r.bwd_tflops)}", r.note[:40])
     path = _write_rows(records, Path(out_dir), "prefill")
     if json_out:
         Path(json_out).write_text(json.dumps(records, indent=1))

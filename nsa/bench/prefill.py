@@ -33,9 +33,48 @@ class BenchRow:
     note: str = ""
     # NSA rows: the autotuned tile config of each kernel at this length ("kernel: config; ...").
     tiles: str = ""
+    # Achieved TFLOP/s on the algorithmic FLOPs of what the row computes (see attention_flops);
+    # None where the time or the count is missing.
+    fwd_tflops: float | None = None
+    bwd_tflops: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def attention_flops(pairs: float, head_dim: int, v_head_dim: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of attention over ``pairs`` (query head, key) pairs, counted as
+    FlashAttention counts them: forward ``QK^T`` and ``PV``; backward the five products ``QK^T``
+    (recomputed), ``dO V^T``, ``P^T dO``, ``dS^T Q``, ``dS K``. Recomputation beyond that and the
+    softmax are not counted, so the TFLOP/s are comparable across implementations."""
+    return 2.0 * pairs * (head_dim + v_head_dim), 2.0 * pairs * (3 * head_dim + 2 * v_head_dim)
+
+
+def dense_causal_pairs(seq_len: int, num_heads: int) -> float:
+    """(query head, key) pairs of causal attention over one sequence: ``HQ * T (T + 1) / 2``."""
+    return num_heads * seq_len * (seq_len + 1) / 2
+
+
+def nsa_flops(reads: dict[str, torch.Tensor], config: NSAConfig) -> dict[str, tuple[float, float]]:
+    """(forward, backward) FLOPs per NSA branch from the key reads an :class:`~nsa.NSAInfo`
+    reports (``{"cmp", "slc", "win"} -> [B, T, HK]``; each read serves the group's ``G`` query
+    heads), plus ``"scoring-topn"``: block scoring's second ``q.k`` pass over the compressed keys
+    (forward only; Eq. 9/10 and the top-n are not counted)."""
+    pairs = {name: float(r.sum()) * config.group_size for name, r in reads.items()}
+    dk, dv = config.head_dim, config.v_head_dim
+    return {"compression": attention_flops(pairs["cmp"], dk, dv),
+            "selection": attention_flops(pairs["slc"], dk, dv),
+            "window": attention_flops(pairs["win"], dk, dv),
+            "scoring-topn": (2.0 * pairs["cmp"] * dk, 0.0)}
+
+
+def set_tflops(row: BenchRow, fwd_flops: float, bwd_flops: float) -> BenchRow:
+    """Fill ``row``'s achieved TFLOP/s from its times (where measured and the count is non-zero)."""
+    if row.fwd_ms and fwd_flops:
+        row.fwd_tflops = fwd_flops / (row.fwd_ms * 1e-3) / 1e12
+    if row.bwd_ms and bwd_flops:
+        row.bwd_tflops = bwd_flops / (row.bwd_ms * 1e-3) / 1e12
+    return row
 
 
 # A call this slow is timed with a few CUDA-event samples rather than do_bench: do_bench spends
@@ -120,7 +159,7 @@ def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = 64
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
         except RuntimeError as exc:  # e.g. FlashAttention-2 rejects Dk != Dv
             row.note = f"cannot run: {str(exc).splitlines()[0][:160]}"
-        rows.append(row)
+        rows.append(set_tflops(row, *attention_flops(dense_causal_pairs(seq_len, num_heads), head_dim, v_head_dim)))
     return rows
 
 
@@ -151,6 +190,10 @@ def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton
     row = BenchRow(f"nsa-{backend}", seq_len, head_dim, v_head_dim)
     row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
         lambda: nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend=backend), list(x.values()))
+    with torch.no_grad():
+        _, info = nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend=backend, return_info=True)
+    branches = nsa_flops(info.reads, config).values()
+    set_tflops(row, sum(f for f, _ in branches), sum(b for _, b in branches))
     if backend == "triton":
         from nsa.ops.triton_nsa import autotuned_tiles
 
@@ -192,6 +235,7 @@ def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
     from nsa.ops.combine.triton import combine_branches_triton
     from nsa.ops.compressed_attention.triton import compressed_attention_triton
     from nsa.ops.compression import compress_mean
+    from nsa.ops.reads import branch_reads
     from nsa.ops.selected_attention.triton import selected_attention_triton
     from nsa.ops.selection.triton import select_blocks_triton
     from nsa.ops.window_attention.triton import window_attention_triton
@@ -212,16 +256,17 @@ def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
                       [q, k, v]),
         "window": (lambda: window_attention_triton(q, k, v, window=c.window)[0], [q, k, v]),
     }
+    flops = nsa_flops(branch_reads(blocks, 0, c), c)
     rows = []
     for name, (forward, inputs) in branches.items():
         row = BenchRow(f"nsa-branch-{name}", seq_len, head_dim, v_head_dim)
         row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(forward, inputs)
-        rows.append(row)
+        rows.append(set_tflops(row, *flops[name]))
     scoring = BenchRow("nsa-branch-scoring-topn", seq_len, head_dim, v_head_dim, note="forward only (no gradient)")
     scoring.fwd_ms = _bench(lambda: select_blocks_triton(
         q.detach(), k_cmp.detach(), lse.detach(), block=c.compress_block, stride=c.compress_stride,
         select_block=c.select_block, select_count=c.select_count))
-    rows.append(scoring)
+    rows.append(set_tflops(scoring, *flops["scoring-topn"]))
     o = torch.randn(1, seq_len, c.num_heads, v_head_dim, device="cuda", dtype=dtype)
     gates = x["gates"].detach()
     combine = BenchRow("nsa-branch-gate-combine", seq_len, head_dim, v_head_dim, note="forward only")
