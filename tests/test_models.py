@@ -650,3 +650,28 @@ def test_cli_leg_minutes_then_resume(tmp_path):
     assert summary["status"] == "done" and summary["models"]["nsa"]["steps"] == 12
     assert summary["goals"]["finite_goal_met"] is True
     assert len(read_table(tmp_path / "run" / "train_log.parquet")) == 12
+
+
+def test_resumed_dense_twin_keeps_replaying(tmp_path):
+    """A dense twin replaying an NSA run, paused and resumed: it still replays that run (same
+    steps, learning rates, contexts) and the outputs cover both models."""
+    runner = CliRunner()
+    # NSA's schedule is fitted to a time budget, so the dense twin's own (3000 steps) would differ.
+    common = ["--tiny", "--steps", "3000", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "50",
+              "--eval-samples", "2"]
+    first = runner.invoke(train_command, [*common, "--minutes", "0.03", "--model", "nsa", "--out",
+                                          str(tmp_path / "nsa")])
+    assert first.exit_code == 0, first.output
+    steps = json.loads((tmp_path / "nsa" / "summary.json").read_text())["models"]["nsa"]["steps"]
+    assert 1 < steps < 3000
+    out = str(tmp_path / "dense")
+    leg = runner.invoke(train_command, [*common, "--model", "dense", "--replay", str(tmp_path / "nsa"),
+                                        "--leg-minutes", "0.00001", "--out", out])
+    assert leg.exit_code == 0 and "paused" in leg.output, leg.output
+    done = runner.invoke(train_command, ["--resume", "--out", out])
+    assert done.exit_code == 0, done.output + repr(done.exception)
+    summary = json.loads((tmp_path / "dense" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["goals"]["equal_steps"] == steps
+    log = read_table(tmp_path / "dense" / "train_log.parquet")
+    by_model = {m: [(r["lr"], r["context"]) for r in log if r["model"] == m] for m in ("nsa", "dense")}
+    assert len(by_model["dense"]) == steps and by_model["dense"] == by_model["nsa"]

@@ -542,8 +542,10 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         gen.set_state(loop["generator"])
         rows = list(loop["rows"])
         step, total, held, last_context = resume["step"], loop["total"], loop["held"], loop["last_context"]
-        tokens_seen, nonfinite_loss, nonfinite_grad = loop["tokens_seen"], loop["nonfinite_loss"], loop["nonfinite_grad"]
-        backend, fallback, trained_before, finished = loop["backend"], loop["fallback"], loop["train_seconds"], loop["finished"]
+        tokens_seen, nonfinite_loss, nonfinite_grad = (loop["tokens_seen"], loop["nonfinite_loss"],
+                                                       loop["nonfinite_grad"])
+        backend, fallback, finished = loop["backend"], loop["fallback"], loop["finished"]
+        trained_before = loop["train_seconds"]
         if fallback:
             set_nsa_backend(model, "reference")
         if not finished:
@@ -916,7 +918,11 @@ def resume_config(out_dir: Path | str) -> TrainConfig:
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot resume from {out_dir}: summary.json has no readable config ({exc})") from None
     for path in sorted((out_dir / "checkpoints").glob("*.pt")):
-        return TrainConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["train_config"])
+        try:
+            return TrainConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["train_config"])
+        except Exception as exc:
+            raise ValueError(f"cannot resume from {out_dir}: {path.name} is not a readable checkpoint "
+                             f"({type(exc).__name__}: {exc})") from None
     raise FileNotFoundError(f"cannot resume from {out_dir}: it holds neither summary.json nor checkpoints/*.pt "
                             f"(the --out directory of an earlier `nsa train`)")
 
@@ -937,10 +943,15 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
     later models do not start, the summary's ``status`` is ``"paused"`` and ``goals`` is ``None``.
     ``resume``: continue the run in ``out_dir`` (same ``config``: see :func:`resume_config`): a
     model with a finished, evaluated checkpoint is taken as it is, a paused one continues, one
-    without a checkpoint starts.
+    without a checkpoint starts. A dense twin that was replaying an NSA run goes on replaying it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier: dict[str, Any] = {}
+    if resume and (out_dir / "summary.json").is_file():
+        earlier = json.loads((out_dir / "summary.json").read_text()).get("models", {})
+        if replay_dir is None and "replayed_from" in earlier.get("nsa", {}):
+            replay_dir = earlier["nsa"]["replayed_from"]
     if leg_minutes is not None and not leg_minutes > 0:
         raise ValueError(f"leg_minutes must be positive or None, got {leg_minutes!r}")
     if replay_dir is not None and config.models != ("dense",):
@@ -971,9 +982,6 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         runs["nsa"] = load_nsa_run(replay_dir)
         summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
                                     "replayed_from": str(replay_dir)}
-    earlier: dict[str, Any] = {}
-    if resume and (out_dir / "summary.json").is_file():
-        earlier = json.loads((out_dir / "summary.json").read_text()).get("models", {})
     paused = trained = False  # trained: some model took steps in this call (every leg makes progress)
     for name in config.models:
         saved = load_resume_state(out_dir, name, config) if resume else None
