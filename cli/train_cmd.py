@@ -153,9 +153,9 @@ def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minu
 
     console = Console()
     minutes = config.minutes
-    console.print(f"[bold]nsa train[/bold]{' --resume' if resume else ''}: models {', '.join(config.models)} on "
-                  f"{config.device}, context "
-                  f"{config.context} (warm-up from {config.start_context or config.context}), up to "
+    console.print(f"[bold]nsa train[/bold]{' --resume' if resume else ''}: models {', '.join(config.models)} "
+                  f"on {config.device}, context {config.context} "
+                  f"(warm-up from {config.start_context or config.context}), up to "
                   f"{config.steps} steps" + (f", {minutes:g} min per model" if minutes else "")
                   + (f", this leg {leg_minutes:g} min" if leg_minutes else "") + f"; outputs in {out_dir}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -173,8 +173,8 @@ def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minu
             bar.update(bars[name], completed=step, total=total, loss=f"loss {row['loss']:.4f}")
 
         try:
-            summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir, resume=resume,
-                                   leg_minutes=leg_minutes,
+            summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir,
+                                   resume=resume, leg_minutes=leg_minutes,
                                    report=lambda line: console.print(line, markup=False, highlight=False))
         except ValueError as exc:  # a checkpoint that cannot be resumed, a replay that does not match
             raise click.UsageError(str(exc)) from None

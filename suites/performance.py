@@ -35,8 +35,8 @@ def _cases(scale: str):
                 # Graph capture and a few hundred replays of each backend: seconds, the dense cache's
                 # fill growing with batch x context.
                 yield (f"decode-S{context}-B{batch}-d{dk}x{dv}",
-                       dict(kind="decode", context=context, batch=batch, head_dim=dk, v_head_dim=dv,
-                            needs_gpu=True, expected_s=3 + 10 * batch * context / (32 * 131072)))
+                       {"kind": "decode", "context": context, "batch": batch, "head_dim": dk, "v_head_dim": dv,
+                        "needs_gpu": True, "expected_s": 3 + 10 * batch * context / (32 * 131072)})
 
 
 DECODE_TARGET_SPEEDUP_64K = 10.0
@@ -78,7 +78,8 @@ def _check_decode(params: dict, checks: Checks) -> None:
     batch, context, dk, dv = params["batch"], params["context"], params["head_dim"], params["v_head_dim"]
     backend = params.get("backend", "auto")
     if backend == "reference":
-        raise SkipCase("decode performance times the Triton decode step; the reference backend has none to time")
+        raise SkipCase("decode performance times the Triton decode step; "
+                       "the reference backend has none to time")
     checks.backend = "triton"
     copy = decode.copy_bandwidth_gbps()
     ours = decode.nsa_row(batch, context, dk, dv)

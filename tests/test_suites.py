@@ -40,8 +40,8 @@ def fake_decode_bench(monkeypatch):
     """The performance suite's decode cases on a pretend GPU: the bench's timing functions give
     fixed rows (NSA 100 us over 369 MB; cuDNN 950 us, FlashAttention 1000 us, one backend that
     cannot run), so the case's ranking, bandwidth and gates are checked without CUDA."""
-    import suites.performance as performance
     from nsa.bench.decode import DecodeRow
+    from suites import performance
 
     state = {"nsa_us": 100.0, "dense_us": (950.0, 1000.0)}
 

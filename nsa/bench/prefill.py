@@ -159,7 +159,8 @@ def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = 64
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
         except RuntimeError as exc:  # e.g. FlashAttention-2 rejects Dk != Dv
             row.note = f"cannot run: {str(exc).splitlines()[0][:160]}"
-        rows.append(set_tflops(row, *attention_flops(dense_causal_pairs(seq_len, num_heads), head_dim, v_head_dim)))
+        flops = attention_flops(dense_causal_pairs(seq_len, num_heads), head_dim, v_head_dim)
+        rows.append(set_tflops(row, *flops))
     return rows
 
 

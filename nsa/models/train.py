@@ -444,8 +444,9 @@ def load_resume_state(out_dir: Path | str, name: str, config: TrainConfig) -> di
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"cannot resume from {path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
+        raise ValueError(f"cannot resume from {path}: unreadable checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
     if saved.get("resume") is None:
         raise ValueError(f"cannot resume from {path}: it has no loop state (written before resumable "
                          f"checkpoints); start a new run")
@@ -676,7 +677,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         if stop_after_s is not None and time.perf_counter() - leg_start > stop_after_s:
             paused = step < (max_steps if max_steps is not None else total)
             if paused:
-                report(f"[{name}] leg time limit reached at step {step}: paused (resume with the same output directory)")
+                report(f"[{name}] leg time limit reached at step {step}: paused "
+                       f"(resume with the same output directory)")
             break
     finished = not paused
     seconds = time.perf_counter() - start
@@ -916,15 +918,17 @@ def resume_config(out_dir: Path | str) -> TrainConfig:
         try:
             return TrainConfig.from_dict(json.loads(summary.read_text())["config"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot resume from {out_dir}: summary.json has no readable config ({exc})") from None
+            raise ValueError(f"cannot resume from {out_dir}: summary.json has no readable config "
+                             f"({exc})") from None
     for path in sorted((out_dir / "checkpoints").glob("*.pt")):
         try:
-            return TrainConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["train_config"])
-        except Exception as exc:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            return TrainConfig.from_dict(saved["train_config"])
+        except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
             raise ValueError(f"cannot resume from {out_dir}: {path.name} is not a readable checkpoint "
                              f"({type(exc).__name__}: {exc})") from None
-    raise FileNotFoundError(f"cannot resume from {out_dir}: it holds neither summary.json nor checkpoints/*.pt "
-                            f"(the --out directory of an earlier `nsa train`)")
+    raise FileNotFoundError(f"cannot resume from {out_dir}: it holds neither summary.json nor "
+                            f"checkpoints/*.pt (the --out directory of an earlier `nsa train`)")
 
 
 def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[str], None] = print,
@@ -992,8 +996,8 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
             paused = True
             break
         trained = trained or not done_before
-        model, run = train_model(name, config, out_dir, report=report, progress=progress, replay=runs.get("nsa"),
-                                 resume=saved, stop_after_s=left)
+        model, run = train_model(name, config, out_dir, report=report, progress=progress,
+                                 replay=runs.get("nsa"), resume=saved, stop_after_s=left)
         runs[name] = run
         write_table(all_rows("rows"), log_path, LOG_BASE_COLUMNS)
         entry = {"steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
