@@ -33,6 +33,15 @@ def _parse_depths(text: str) -> tuple[float, ...]:
     return tuple(v / 100 for v in values)
 
 
+def _parse_fractions(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected START,END (two fractions of the schedule), got {text!r}",
+                                 param_hint="--selection-anneal") from None
+    return start, end
+
+
 @click.command("train")
 @click.option("--model", "which", type=click.Choice(["nsa", "dense", "both"]), default="both", show_default=True,
               help="Which attention to train; 'both' trains NSA, then the dense twin for as many steps.")
@@ -47,6 +56,10 @@ def _parse_depths(text: str) -> tuple[float, ...]:
 @click.option("--sparse-warmup/--no-sparse-warmup", default=None,
               help="During the context warm-up, scale NSA's selection count and window with the "
                    "context, so every stage is as sparse as the final one [default: off].")
+@click.option("--selection-anneal", default=None, metavar="START,END",
+              help="Fractions of the schedule: before START NSA selects every block (dense selection), "
+                   "from START to END its selection count falls linearly to the model's own "
+                   "[default: off].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -85,7 +98,7 @@ def _parse_depths(text: str) -> tuple[float, ...]:
               help="Continue the run in --out (its configuration; only --leg-minutes may be given "
                    "with it): paused models go on from their checkpoints, finished ones stand.")
 def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None,
-          sparse_warmup: bool | None, steps: int | None,
+          sparse_warmup: bool | None, selection_anneal: str | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
           rope_theta: float | None, seed: int,
@@ -126,6 +139,8 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
         changes["hold_loss"] = hold_loss or None
     if sparse_warmup is not None:
         changes["sparse_warmup"] = sparse_warmup
+    if selection_anneal is not None:
+        changes["selection_anneal"] = _parse_fractions(selection_anneal)
     if eval_contexts is not None:
         changes["eval_contexts"] = _parse_ints(eval_contexts, "--eval-contexts")
     target_context = changes.get("context", base.context)

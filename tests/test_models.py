@@ -1,5 +1,6 @@
 """nsa.models: retrieval task generator, the LM and its dense twin, training pieces, `nsa train`."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ from nsa.models.lm import DenseAttention, copy_twin_init, init_phi_as_mean
 from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN
 from nsa.models.train import (
     LOG_BASE_COLUMNS,
+    TrainConfig,
     context_at,
     fit_schedule,
     gpu_config,
@@ -675,3 +677,26 @@ def test_resumed_dense_twin_keeps_replaying(tmp_path):
     log = read_table(tmp_path / "dense" / "train_log.parquet")
     by_model = {m: [(r["lr"], r["context"]) for r in log if r["model"] == m] for m in ("nsa", "dense")}
     assert len(by_model["dense"]) == steps and by_model["dense"] == by_model["nsa"]
+
+
+def test_selection_anneal_goes_from_dense_to_the_models_own_selection(tmp_path):
+    """Tiny pattern (n = 6, l' = 8) at 128 tokens: 16 blocks (dense) before 25% of the schedule,
+    a linear fall to 6 until 75%, then 6; the log records it, the returned model has its own n,
+    and the warm-up's shorter contexts are dense at their own size (never below n)."""
+    config = tiny_config(steps=40, context=128, start_context=None, selection_anneal=(0.25, 0.75), eval_every=1000)
+    assert nsa_pattern_at(128, config, 0.0).select_count == 16
+    assert nsa_pattern_at(128, config, 0.5).select_count == 11
+    assert nsa_pattern_at(128, config, 0.75) == config.model.nsa
+    assert nsa_pattern_at(32, config, 0.0).select_count == 6 and nsa_pattern_at(64, config, 0.1).select_count == 8
+    model, run = train_model("nsa", config, tmp_path, report=lambda _: None)
+    counts = [r["select_count"] for r in run.rows]
+    assert counts[:10] == [16] * 10 and counts[30:] == [6] * 10 and counts[20] == 11
+    assert all(a >= b for a, b in itertools.pairwise(counts))
+    assert {b.attn.config.select_count for b in model.blocks} == {6}
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="selection_anneal must be"):
+        tiny_config(selection_anneal=(0.8, 0.2))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        tiny_config(selection_anneal=(0.2, 0.8), sparse_warmup=True)
+    bad = CliRunner().invoke(train_command, ["--tiny", "--selection-anneal", "0.2", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--selection-anneal" in bad.output

@@ -87,6 +87,14 @@ class TrainConfig:
             are not parameters, so no weight changes with them; evaluation, checkpoints and the
             periodic accuracy checks use the model's own ``n`` and ``w``. The NSA model's rows
             of the training log record the pattern of each step (``select_count``, ``window``).
+        selection_anneal: ``(start, end)`` fractions of the schedule, or ``None``. Before ``start``
+            the NSA layers select every block the context has, ``n(C) = max(n, ceil(C / l'))``
+            (the selection branch is then causal dense attention whatever the compressed scores
+            say, as below ``n * l'`` tokens, where the H200 model left the retrieval plateau);
+            from ``start`` to ``end`` their ``n`` falls linearly to the model's own, so the
+            selection turns sparse gradually at a fixed context instead of at each doubling
+            of the warm-up; after ``end``, the model's own ``n``. The opposite of
+            ``sparse_warmup`` (the two cannot be combined); logged and evaluated as it is.
         steps: learning-rate schedule length (upper bound on steps).
         minutes: wall-clock budget of each model's training; the schedule is shortened to fit it
             after timing the first steps. ``None``: run ``steps``.
@@ -126,6 +134,7 @@ class TrainConfig:
     hold_loss: float | None = None
     hold_until: float = 0.5
     sparse_warmup: bool = False
+    selection_anneal: tuple[float, float] | None = None
     steps: int = 1000
     minutes: float | None = None
     batch_size: int = 16
@@ -165,6 +174,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.context_warmup must be in [0, 1), got {self.context_warmup!r}")
         if not isinstance(self.sparse_warmup, bool):
             raise ValueError(f"TrainConfig.sparse_warmup must be a bool, got {self.sparse_warmup!r}")
+        if self.selection_anneal is not None:
+            anneal = self.selection_anneal
+            if not (isinstance(anneal, tuple) and len(anneal) == 2 and 0 <= anneal[0] <= anneal[1] <= 1):
+                raise ValueError(f"TrainConfig.selection_anneal must be (start, end) with 0 <= start <= end <= 1 "
+                                 f"or None, got {anneal!r}")
+            if self.sparse_warmup:
+                raise ValueError("TrainConfig.selection_anneal and sparse_warmup cannot be combined: one makes "
+                                 "the warm-up's selection dense, the other as sparse as the final context's")
         if not 0 < self.hold_until <= 1:
             raise ValueError(f"TrainConfig.hold_until must be in (0, 1], got {self.hold_until!r}")
         if self.hold_loss is not None and not self.hold_loss > 0:
@@ -210,6 +227,8 @@ class TrainConfig:
         values["task"] = RetrievalTask(**data["task"])
         for name in ("models", "betas", "eval_contexts", "eval_depths"):
             values[name] = tuple(data[name])
+        if data.get("selection_anneal") is not None:
+            values["selection_anneal"] = tuple(data["selection_anneal"])
         return cls(**values)
 
 
@@ -280,10 +299,21 @@ def context_at(step: int, total: int, config: TrainConfig) -> int:
     return min(config.context, config.start_context * 2 ** (step // stage_steps))
 
 
-def nsa_pattern_at(context: int, config: TrainConfig) -> NSAConfig:
-    """The NSA layers' config at training context ``context`` (``sparse_warmup`` scales ``n`` and
-    ``w`` with ``context / config.context``; otherwise the model's own)."""
+def nsa_pattern_at(context: int, config: TrainConfig, progress: float = 1.0) -> NSAConfig:
+    """The NSA layers' config at training context ``context``, ``progress`` (0..1) into the
+    schedule: ``sparse_warmup`` scales ``n`` and ``w`` with ``context / config.context``,
+    ``selection_anneal`` makes ``n`` dense and anneals it (see :class:`TrainConfig`); otherwise,
+    and at the end of either, the model's own."""
     nsa = config.model.nsa
+    if config.selection_anneal is not None:
+        start, end = config.selection_anneal
+        dense = max(nsa.select_count, -(-context // nsa.select_block))
+        if progress < start:
+            return nsa.replace(select_count=dense)
+        if progress < end:
+            return nsa.replace(select_count=round(dense + (nsa.select_count - dense) * (progress - start)
+                                                  / (end - start)))
+        return nsa
     if not config.sparse_warmup or context >= config.context:
         return nsa
     return nsa.replace(select_count=max(3, nsa.select_count * context // config.context),
@@ -584,7 +614,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             if context != last_context and last_context:
                 report(f"[{name}] step {step}: context {last_context} -> {context}")
         last_context = context
-        pattern = nsa_pattern_at(context, config) if name == "nsa" else None
+        pattern = nsa_pattern_at(context, config, step / total) if name == "nsa" else None
         if pattern is not None:
             set_nsa_pattern(model, pattern)
         batch = make_batch(config.task, config.batch_size, context, gen).to(device)

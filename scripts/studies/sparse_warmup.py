@@ -1,6 +1,11 @@
-"""CPU study: does ``TrainConfig.sparse_warmup`` remove the loss jumps of NSA's context warm-up?
+"""CPU study: does ``TrainConfig.sparse_warmup`` (or ``selection_anneal``) remove the loss jumps of
+NSA's context warm-up?
 
-    python scripts/studies/sparse_warmup.py {off,on} [--seed 0] [--steps 2000] [--out DIR]
+    python scripts/studies/sparse_warmup.py {off,on,anneal} [--seed 0] [--steps 2000] [--out DIR]
+
+``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
+(dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
+256 tokens until 85%).
 
 A small NSA model (2 layers of width 64, 4 query / 2 key-value heads of dim 16) on the GPU run's
 task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down by 8
@@ -31,13 +36,17 @@ from nsa.models.tasks import RetrievalTask  # noqa: E402
 from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noqa: E402
 
 
-def study_config(sparse: bool, seed: int, steps: int) -> TrainConfig:
+ANNEAL = (0.6, 0.85)
+
+
+def study_config(mode: str, seed: int, steps: int) -> TrainConfig:
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
                     select_block=8, select_count=8, window=16)
     model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=1e8)
     return TrainConfig(models=("nsa",), model=model, task=task, context=256, start_context=32, context_warmup=0.6,
-                       advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=sparse, steps=steps,
+                       advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=mode == "on",
+                       selection_anneal=ANNEAL if mode == "anneal" else None, steps=steps,
                        batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
                        eval_every=steps + 1, eval_contexts=(256, 1024), eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                        eval_samples=16, eval_batch_size=16, checkpoint_every=steps + 1, device="cpu", seed=seed)
@@ -49,13 +58,14 @@ def mean_loss(rows: list[dict], first: int, last: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["off", "on"], help="sparse_warmup off or on")
+    parser.add_argument("mode", choices=["off", "on", "anneal"],
+                        help="plain warm-up, sparse_warmup, or selection_anneal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = study_config(args.mode == "on", args.seed, args.steps)
+    config = study_config(args.mode, args.seed, args.steps)
     out = Path(args.out)
     start = time.time()
     model, run = train_model("nsa", config, out / f"{args.mode}-{args.seed}", report=lambda line: None)
@@ -68,6 +78,8 @@ def main() -> None:
         "context_changes": [{"step": step, "from": a, "to": b, "loss_20_before": mean_loss(rows, step - 20, step),
                              "loss_20_after": mean_loss(rows, step, step + 20)} for step, a, b in changes],
         "loss_last_200": mean_loss(rows, run.steps - 200, run.steps),
+        "loss_per_100": [mean_loss(rows, s, min(s + 100, run.steps)) for s in range(0, run.steps, 100)],
+        "select_count_per_100": [rows[s]["select_count"] for s in range(0, run.steps, 100)],
         "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")} for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +88,8 @@ def main() -> None:
         print(f"step {change['step']}: {change['from']} -> {change['to']} tokens, loss (20 steps) "
               f"{change['loss_20_before']:.3f} -> {change['loss_20_after']:.3f}")
     print(f"mean loss, last 200 steps: {result['loss_last_200']:.4f}")
+    print("mean loss per 100 steps:", " ".join(f"{x:.2f}" for x in result["loss_per_100"]))
+    print("select_count every 100 steps:", result["select_count_per_100"])
     for r in result["retrieval"]:
         print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}")
 
