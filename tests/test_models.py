@@ -700,3 +700,14 @@ def test_selection_anneal_goes_from_dense_to_the_models_own_selection(tmp_path):
         tiny_config(selection_anneal=(0.2, 0.8), sparse_warmup=True)
     bad = CliRunner().invoke(train_command, ["--tiny", "--selection-anneal", "0.2", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--selection-anneal" in bad.output
+
+
+def test_cli_gate_lr_scale_zero_freezes_the_gates(tmp_path):
+    result = CliRunner().invoke(train_command, [
+        "--tiny", "--model", "nsa", "--steps", "30", "--gate-lr-scale", "0", "--eval-contexts", "64",
+        "--eval-depths", "50", "--eval-samples", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["gate_lr_scale"] == 0.0
+    logged = [r for r in read_table(tmp_path / "train_log.parquet") if r["gate_mean/cmp"] is not None]
+    assert len(logged) >= 2 and all(r[f"gate_mean/{b}"] == pytest.approx(0.5, abs=1e-6)
+                                    for r in logged for b in ("cmp", "slc", "win"))
