@@ -1,11 +1,12 @@
 """CPU study: does ``TrainConfig.sparse_warmup`` (or ``selection_anneal``) remove the loss jumps of
 NSA's context warm-up?
 
-    python scripts/studies/sparse_warmup.py {off,on,anneal} [--seed 0] [--steps 2000] [--out DIR]
+    python scripts/studies/sparse_warmup.py {off,on,anneal,frozen} [--seed 0] [--steps 2000] [--out DIR]
 
 ``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
 (dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
-256 tokens until 85%).
+256 tokens until 85%); ``frozen``: the plain warm-up with the gates frozen at 0.5
+(``gate_lr_scale=0``). Every mode also prints the per-layer mean gates every 200 steps.
 
 A small NSA model (2 layers of width 64, 4 query / 2 key-value heads of dim 16) on the GPU run's
 task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down by 8
@@ -46,7 +47,8 @@ def study_config(mode: str, seed: int, steps: int) -> TrainConfig:
     model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=1e8)
     return TrainConfig(models=("nsa",), model=model, task=task, context=256, start_context=32, context_warmup=0.6,
                        advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=mode == "on",
-                       selection_anneal=ANNEAL if mode == "anneal" else None, steps=steps,
+                       selection_anneal=ANNEAL if mode == "anneal" else None,
+                       gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
                        batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
                        eval_every=steps + 1, eval_contexts=(256, 1024), eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                        eval_samples=16, eval_batch_size=16, checkpoint_every=steps + 1, device="cpu", seed=seed)
@@ -58,8 +60,8 @@ def mean_loss(rows: list[dict], first: int, last: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["off", "on", "anneal"],
-                        help="plain warm-up, sparse_warmup, or selection_anneal")
+    parser.add_argument("mode", choices=["off", "on", "anneal", "frozen"],
+                        help="plain warm-up, sparse_warmup, selection_anneal, or frozen gates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
@@ -80,6 +82,8 @@ def main() -> None:
         "loss_last_200": mean_loss(rows, run.steps - 200, run.steps),
         "loss_per_100": [mean_loss(rows, s, min(s + 100, run.steps)) for s in range(0, run.steps, 100)],
         "select_count_per_100": [rows[s]["select_count"] for s in range(0, run.steps, 100)],
+        "gates_per_200": [{"step": r["step"], **{k: r[k] for k in r if k.startswith("gate_mean/L")}}
+                          for r in rows if r["step"] % 200 == 0 and r.get("gate_mean/cmp") is not None],
         "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")} for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +94,10 @@ def main() -> None:
     print(f"mean loss, last 200 steps: {result['loss_last_200']:.4f}")
     print("mean loss per 100 steps:", " ".join(f"{x:.2f}" for x in result["loss_per_100"]))
     print("select_count every 100 steps:", result["select_count_per_100"])
+    for gates in result["gates_per_200"]:
+        print(f"step {gates['step']}: mean gates " + " ".join(
+            f"L{layer} " + "/".join(f"{gates[f'gate_mean/L{layer}/{b}']:.2f}" for b in ("cmp", "slc", "win"))
+            for layer in (0, 1)))
     for r in result["retrieval"]:
         print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}")
 
