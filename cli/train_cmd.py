@@ -57,11 +57,12 @@ def _parse_fractions(text: str) -> tuple[float, float]:
               help="During the context warm-up, scale NSA's selection count and window with the "
                    "context, so every stage is as sparse as the final one [default: off].")
 @click.option("--selection-anneal", default=None, metavar="START,END",
-              help="Fractions of the schedule: before START NSA selects every block (dense selection), "
-                   "from START to END its selection count falls linearly to the model's own "
-                   "[default: off].")
+              help="Fractions of the schedule: before START NSA selects every block (dense "
+                   "selection), from START to END its selection count falls linearly to the model's "
+                   "own [default: off].")
 @click.option("--gate-lr-scale", type=click.FloatRange(min=0), default=None,
-              help="Learning-rate multiplier of NSA's gate MLP; 0 freezes the gates at 0.5 [default: 1].")
+              help="Learning-rate multiplier of NSA's gate MLP; 0 freezes the gates at 0.5 "
+                   "[default: 1].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,

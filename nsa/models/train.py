@@ -177,11 +177,12 @@ class TrainConfig:
         if self.selection_anneal is not None:
             anneal = self.selection_anneal
             if not (isinstance(anneal, tuple) and len(anneal) == 2 and 0 <= anneal[0] <= anneal[1] <= 1):
-                raise ValueError(f"TrainConfig.selection_anneal must be (start, end) with 0 <= start <= end <= 1 "
-                                 f"or None, got {anneal!r}")
+                raise ValueError(f"TrainConfig.selection_anneal must be (start, end) with "
+                                 f"0 <= start <= end <= 1 or None, got {anneal!r}")
             if self.sparse_warmup:
-                raise ValueError("TrainConfig.selection_anneal and sparse_warmup cannot be combined: one makes "
-                                 "the warm-up's selection dense, the other as sparse as the final context's")
+                raise ValueError("TrainConfig.selection_anneal and sparse_warmup cannot be combined: one "
+                                 "makes the warm-up's selection dense, the other as sparse as the final "
+                                 "context's")
         if not 0 < self.hold_until <= 1:
             raise ValueError(f"TrainConfig.hold_until must be in (0, 1], got {self.hold_until!r}")
         if self.hold_loss is not None and not self.hold_loss > 0:
@@ -1031,8 +1032,9 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         runs[name] = run
         write_table(all_rows("rows"), log_path, LOG_BASE_COLUMNS)
         entry = {"steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
-                 "backend": run.backend, "backend_fallback": run.backend_fallback, "parameters": run.parameters,
-                 "initial_loss": initial_loss(run.rows), "final_loss": smoothed_final_loss(run.rows, run.steps)}
+                 "backend": run.backend, "backend_fallback": run.backend_fallback,
+                 "parameters": run.parameters, "initial_loss": initial_loss(run.rows),
+                 "final_loss": smoothed_final_loss(run.rows, run.steps)}
         if run.paused:
             summary["models"][name] = {**entry, "paused": True}
             paused = True

@@ -119,7 +119,10 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the kernels must be compiled kernels", file=sys.stderr)
         return 2
     dims = [tuple(int(x) for x in pair.split("/")) for pair in args.head_dims.split(",")]
-    strict = {dk for dk, _ in dims} if args.no_spill is None else {int(x) for x in args.no_spill.split(",") if x}
+    if args.no_spill is None:
+        strict = {dk for dk, _ in dims}
+    else:
+        strict = {int(x) for x in args.no_spill.split(",") if x}
     spilled = 0
     for (dk, dv) in dims:
         for label, resources in compile_all(args.dtype, [(dk, dv)], args.arch):

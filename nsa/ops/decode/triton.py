@@ -438,10 +438,10 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                 block_n: int | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups.
 
-    Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM on CUDA, 2 splits
-    per token group under the interpreter) so that
-    batch 1 at a long context still fills the card, but never fewer keys per program than one
-    tile; a large batch gets one split per branch and no partial-merge traffic to speak of.
+    Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
+    on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
+    still fills the card, but never fewer keys per program than one tile; a large batch gets few
+    splits per branch and little partial-merge traffic.
     """
     c = config
     if target_programs is None:
