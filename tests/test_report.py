@@ -83,10 +83,10 @@ def test_compare_lists_new_failures_regressions_and_time_ratios():
 
     a = run_of([row("new-fail", err=1e-7), row("noise", err=1e-16), row("regress", err=1e-7, cos=0.999),
                 row("cos-regress", cos=0.999), row("eq", count=4.0), row("fixed", "fail", err=1.0),
-                row("perf", fwd_ms=2.0, bwd_s=1.0), row("gone")], run_id="A")
+                row("perf", fwd_ms=2.0, bwd_s=1.0, nsa_us=100.0), row("gone")], run_id="A")
     b = run_of([row("new-fail", "fail", err=1.0), row("noise", err=3e-16), row("regress", err=5e-6, cos=0.999),
                 row("cos-regress", cos=0.9905), row("eq", count=5.0), row("fixed", err=1e-7),
-                row("perf", fwd_ms=3.0, bwd_s=0.5), row("new")], run_id="B")
+                row("perf", fwd_ms=3.0, bwd_s=0.5, nsa_us=80.0), row("new")], run_id="B")
     cmp = report.compare_runs(a, b, threshold=0.1)
     assert [n for n, *_ in cmp.new_failures] == ["s::new-fail"]
     assert [n for n, *_ in cmp.fixed] == ["s::fixed"]
@@ -94,7 +94,7 @@ def test_compare_lists_new_failures_regressions_and_time_ratios():
     # float64 noise far below the bound is not a regression; losing headroom is; a NaN-free eq change is
     assert regressed == {("s::new-fail", "err"), ("s::regress", "err"), ("s::cos-regress", "cos"), ("s::eq", "count")}
     ratios = {(n, m): r for n, m, _, _, r in cmp.performance}
-    assert ratios == {("s::perf", "fwd_ms"): 1.5, ("s::perf", "bwd_s"): 0.5}
+    assert ratios == {("s::perf", "fwd_ms"): 1.5, ("s::perf", "bwd_s"): 0.5, ("s::perf", "nsa_us"): 0.8}
     assert cmp.only_a == ["s::gone"] and cmp.only_b == ["s::new"] and cmp.worse
     # a higher threshold forgives a smaller loss of headroom
     assert ("s::regress", "err") not in {(n, m) for n, m, *_ in report.compare_runs(a, b, 0.6).regressions}

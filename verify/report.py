@@ -27,7 +27,7 @@ from typing import Any
 from verify.schema import RESULT_SCHEMA, STATUSES, ResultRow, json_safe
 from verify.store import RunData
 
-TIME_SUFFIXES = ("_ms", "_s")
+TIME_SUFFIXES = ("_us", "_ms", "_s")
 STATUS_STYLE = {"pass": "green", "fail": "red", "error": "bold red", "skip": "yellow"}
 EXPORT_FORMATS = ("csv", "json", "junit")
 
@@ -257,7 +257,8 @@ def compare_runs(a: RunData, b: RunData, threshold: float = 0.1) -> Comparison:
       for ``>=``), or an ``==`` metric that moved off its expected value, or one that became NaN.
       Measuring against the bound keeps float64 round-off (1e-16 -> 3e-16 under a 1e-10 bound)
       from being listed;
-    - a performance ratio B/A for every unbounded metric named ``*_ms`` or ``*_s``.
+    - a performance ratio B/A for every unbounded metric named ``*_us``, ``*_ms`` or ``*_s`` (times:
+      the decode performance cases report microseconds).
     """
     rows_a = {row.name: row for row in a.rows}
     rows_b = {row.name: row for row in b.rows}
