@@ -473,17 +473,22 @@ def load_resume_state(out_dir: Path | str, name: str, config: TrainConfig) -> di
     path = checkpoint_path(out_dir, name)
     if not path.is_file():
         return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
-        raise ValueError(f"cannot resume from {path}: unreadable checkpoint "
-                         f"({type(exc).__name__}: {exc})") from None
+    saved = _read_checkpoint(path)
     if saved.get("resume") is None:
         raise ValueError(f"cannot resume from {path}: it has no loop state (written before resumable "
                          f"checkpoints); start a new run")
     if saved["train_config"] != config.to_dict():
         raise ValueError(f"cannot resume from {path}: it was written by a different run configuration")
     return saved
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents on the CPU; a ``ValueError`` naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
+        raise ValueError(f"cannot resume from {path}: unreadable checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def load_model(path: Path | str, device: str = "cpu") -> tuple[RetrievalLM, int]:
@@ -952,12 +957,7 @@ def resume_config(out_dir: Path | str) -> TrainConfig:
             raise ValueError(f"cannot resume from {out_dir}: summary.json has no readable config "
                              f"({exc})") from None
     for path in sorted((out_dir / "checkpoints").glob("*.pt")):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            return TrainConfig.from_dict(saved["train_config"])
-        except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
-            raise ValueError(f"cannot resume from {out_dir}: {path.name} is not a readable checkpoint "
-                             f"({type(exc).__name__}: {exc})") from None
+        return TrainConfig.from_dict(_read_checkpoint(path)["train_config"])
     raise FileNotFoundError(f"cannot resume from {out_dir}: it holds neither summary.json nor "
                             f"checkpoints/*.pt (the --out directory of an earlier `nsa train`)")
 

@@ -121,6 +121,18 @@ class SizeTunedKernel:
         choose); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "configs", [config])
 
+    def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict) -> None:
+        """Launch the autotuner of ``seq_len``'s size class or, under the interpreter (which
+        bypasses autotuning), the kernel with ``interpret_config``'s tiles.
+
+        ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs.
+        """
+        if INTERPRET:
+            meta = {**fixed, **interpret_config}
+            self.kernel[grid(meta)](*args, **meta)
+        else:
+            self.at(seq_len)[grid](*args, **fixed)
+
 
 class GroupTunedKernel:
     """A ``@triton.jit`` kernel autotuned per group size ``G`` (the configs depend on it) and

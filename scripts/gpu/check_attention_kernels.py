@@ -247,16 +247,10 @@ def resource_report(arch: int = 90) -> None:
     """Compile each kernel config for ``sm_<arch>`` as a launch with contiguous inputs would
     specialize it (16-aligned pointers and strides), and print its resource use."""
     import inspect
-    import re
-    import subprocess
-    import tempfile
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    from nsa.ops.offline_compile import compile_as_launched, resource_usage
     from nsa.ops.triton_common import split_dim
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     floats = ("qk_scale", "scale")
     int_ptrs = ("idx", "qpos", "item_group", "item_start", "item_len")
     f32_ptrs = ("lse", "delta", "dk_part", "dv_part")
@@ -275,11 +269,9 @@ def resource_report(arch: int = 90) -> None:
                 sig[n] = "*bf16"
             else:
                 sig[n] = "fp32" if n in floats else "i32"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n].startswith("*") or (n.startswith("s") and n not in ("slh", "scale"))}
-        src = ASTSource(jitfn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+        # Strides are the integer arguments named s<tensor><dim> (slh, lse's last stride, is 1).
+        return compile_as_launched(jitfn, sig, consts, arch=arch, num_warps=warps, num_stages=stages,
+                                   aligned=lambda n: n.startswith("s") and n not in ("slh", "scale"))
 
     kernels = [("sel fwd", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=False)),
                ("sel dq", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=True)),
@@ -295,15 +287,10 @@ def resource_report(arch: int = 90) -> None:
                     consts = dict(HK=4, G=group, DK=dk, DV=128, DK_A=dk_a, DK_B=dk_b, DV_PAD=128, PREC="tf32",
                                   **extra, **cfg.kwargs)
                     kernel = compile_one(tuned.kernel, consts, cfg.num_warps, cfg.num_stages)
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(kernel.asm["cubin"])
-                        f.flush()
-                        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                                               capture_output=True, text=True).stdout
-                    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+                    regs, stack = resource_usage(kernel) or ("?", "?")
                     print(f"{name:8} dk={dk} G={group:2} {cfg.kwargs} warps={cfg.num_warps} "
-                          f"stages={cfg.num_stages}: regs={m.group(1) if m else '?'} "
-                          f"spill_stack={m.group(2) if m else '?'} shared={kernel.metadata.shared}", flush=True)
+                          f"stages={cfg.num_stages}: regs={regs} spill_stack={stack} "
+                          f"shared={kernel.metadata.shared}", flush=True)
 
 
 def fmt(x, spec=".2f"):

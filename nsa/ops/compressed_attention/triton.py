@@ -58,19 +58,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch(tuned: SizeTunedKernel, seq_len: int, grid, args, fixed: dict, interpret_config: dict):
-    """Launch ``tuned`` (autotuned for ``seq_len``'s size class) or, under the interpreter, its
-    kernel with one config.
-
-    ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs.
-    """
-    if interpreting():
-        meta = {**fixed, **interpret_config}
-        tuned.kernel[grid(meta)](*args, **meta)
-    else:
-        tuned.at(seq_len)[grid](*args, **fixed)
-
-
 def group_configs(tiles):
     """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
@@ -467,7 +454,7 @@ def _forward(q, k_cmp, v_cmp, block, stride, scale):
 
     args = (q, k_cmp, v_cmp, o, lse, seq_len, num_kv, *_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp),
             *_strides3(o), *_strides3(lse), scale * LOG2E)
-    launch(_cmp_fwd_tuned, seq_len, grid, args, consts, _interpret_tiles(gp))
+    _cmp_fwd_tuned.launch(seq_len, grid, args, consts, _interpret_tiles(gp))
     return o, lse
 
 
@@ -518,15 +505,17 @@ def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
     dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, seq_len, num_cmp, num_kv, split_len, *common)
-    launch(_cmp_bwd_dkdv_tuned, seq_len,
-           lambda meta: (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits),
-           dkdv_args, consts, _interpret_tiles(gp))
+    def dkdv_grid(meta):
+        return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
+
+    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(gp))
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))
     dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
-    launch(_cmp_bwd_dq_tuned, seq_len,
-           lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv),
-           dq_args, consts, _interpret_tiles(gp))
+    def dq_grid(meta):
+        return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
+
+    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, consts, _interpret_tiles(gp))
     return dq, dk, dv
 
 

@@ -19,35 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
-
-
-def _resources(cubin: bytes) -> str:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return f"REG:{found.group(1)} STACK:{found.group(2)}" if found else "resources unknown"
 
 
 def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, group: int = 16,
                 num_warps: int | None = None) -> list[tuple[str, str]]:
     """``(kernel description, resources)`` for every decode kernel at the paper's block sizes,
     with the warps the decode plan uses for each head dim (``decode_warps``) unless given."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import nsa.ops.decode.triton as kernels
+    from nsa.ops.offline_compile import compile_as_launched, resource_usage
 
-    target = GPUTarget("cuda", arch, 32)
     precision = "ieee" if dtype == "fp32" else "tf32"
     gp = max(16, kernels.pow2(group))
     fp32_buffers = {"O_CMP", "L_CMP", "O_WIN", "L_WIN", "O_SLC", "L_SLC", "P_TILE", "M_TILE", "LSE_PART"}
@@ -74,15 +55,12 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
                 signature[name] = f"*{dtype}"
             else:
                 signature[name] = "i32"
-        # What a real launch specialises on: 16-byte aligned tensors and strides divisible by 16
-        # (every cache stride at the paper's head dims). Without these hints Triton cannot prove
-        # the key/value loads vectorisable, does not pipeline them and reports spills that the
-        # launched kernel does not have.
-        aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(fn.arg_names)
-                   if signature[name].startswith("*") or name.startswith("stride")}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=aligned), target=target,
-                                  options={"num_warps": warps, "num_stages": kernels.DECODE_STAGES})
-        results.append((label, _resources(compiled.asm["cubin"])))
+        # Every cache stride is a multiple of 16 at the paper's head dims.
+        compiled = compile_as_launched(fn, signature, consts, arch=arch, num_warps=warps,
+                                       num_stages=kernels.DECODE_STAGES,
+                                       aligned=lambda name: name.startswith("stride"))
+        usage = resource_usage(compiled)
+        results.append((label, f"REG:{usage[0]} STACK:{usage[1]}" if usage else "resources unknown"))
 
     for dk, dv in head_dims:
         warps = num_warps or kernels.decode_warps(dk)

@@ -38,7 +38,6 @@ from nsa.ops.compressed_attention.triton import (
     dot_head_dim,
     dot_precision,
     head_dim_blocks,
-    interpreting,
     load_head_dim,
     pow2,
     tile_base,
@@ -308,11 +307,8 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     args = (q, k_cmp, lse, out, seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
-    if interpreting():
-        meta = {**consts, **selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
-                                            max_positions=MAX_POSITIONS, block=block, stride=stride,
-                                            select_block=select_block, count_pow2=consts["NP"])}
-        _select_kernel[grid(meta)](*args, **meta)
-    else:
-        _select_tuned.at(seq_len)[grid](*args, **consts)
+    interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
+                                      max_positions=MAX_POSITIONS, block=block, stride=stride,
+                                      select_block=select_block, count_pow2=consts["NP"])
+    _select_tuned.launch(seq_len, grid, args, consts, interpret_tiles)
     return out

@@ -1,0 +1,47 @@
+"""Compile Triton kernels for an NVIDIA target without a GPU (Triton's bundled ptxas), as a launch
+would specialise them, and read back their register and spill-stack use.
+
+Used by the checks that catch compiled-mode problems the CPU interpreter cannot see
+(:mod:`nsa.ops.decode.compile_check`, ``scripts/gpu/check_attention_kernels.py --resources``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+
+def compile_as_launched(fn, signature: dict[str, str], constexprs: dict, *, arch: int, num_warps: int,
+                        num_stages: int, aligned: Callable[[str], bool]):
+    """``fn`` compiled for ``sm_<arch>`` with the specialisation a real launch gets: every pointer
+    16-byte aligned, and the integer arguments ``aligned(name)`` picks (strides) divisible by 16.
+
+    Without those hints Triton cannot prove the loads vectorisable, does not pipeline them, and
+    the result shows spills the launched kernel does not have.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    hints = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(fn.arg_names)
+             if name not in constexprs and (signature[name].startswith("*") or aligned(name))}
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=hints)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resource_usage(compiled) -> tuple[int, int] | None:
+    """``(registers, spill stack bytes)`` per thread of a compiled kernel (cuobjdump), ``None``
+    when the tool's output cannot be read."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
