@@ -21,7 +21,7 @@ from nsa.models import (
     retrieval_accuracy,
 )
 from nsa.models.lm import DenseAttention, copy_twin_init, init_phi_as_mean
-from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN
+from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN, RetrievalCount, needle_block_selected
 from nsa.models.train import (
     LOG_BASE_COLUMNS,
     TrainConfig,
@@ -366,10 +366,46 @@ def test_retrieval_accuracy_counts_the_first_query():
                 out[row, 0, tokens[row, start + 1]] = 1
             return out
 
-    assert retrieval_accuracy(Oracle(), task, 60, 0.5, num_samples=10, batch_size=3, seed=0) == (10, 10)
+    assert retrieval_accuracy(Oracle(), task, 60, 0.5, num_samples=10, batch_size=3, seed=0) == RetrievalCount(10, 10)
     model = _model("dense", task)
-    correct, total = retrieval_accuracy(model, task, 60, None, num_samples=5, batch_size=2, seed=0)
-    assert total == 5 and 0 <= correct <= 5
+    count = retrieval_accuracy(model, task, 60, None, num_samples=5, batch_size=2, seed=0, needle_selection=True)
+    assert count.total == 5 and 0 <= count.correct <= 5
+    assert count.needle_selected == ()  # no NSA layer
+
+
+def test_needle_block_selected_on_hand_made_selections():
+    # Needles at 17..19 (block 2 of 8 tokens) and 15..17 (blocks 1 and 2); answers at position 40.
+    batch = make_batch(RetrievalTask(num_keys=8, num_values=8, num_filler=8), 2, 48, seed=0)
+    batch.needle_starts[:, 0] = torch.tensor([17, 15])
+    batch.answer_positions[:, 0] = 40
+    blocks = torch.full((2, 48, 2, 4), -1, dtype=torch.int64)
+    blocks[:, 40, 0, :3] = torch.tensor([0, 1, 3])  # head 0: block 1 (second needle's start), no block 2
+    assert needle_block_selected(blocks, batch, 8).tolist() == [False, True]
+    blocks[0, 40, 1, 0] = 2  # another head reads the first needle's block
+    assert needle_block_selected(blocks, batch, 8).tolist() == [True, True]
+    blocks[1, 40] = -1
+    blocks[1, 39, 0, 0] = 1  # the block chosen at another position does not count
+    assert needle_block_selected(blocks, batch, 8).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("context, depth", [(128, 0.0), (128, 1.0), (32, 0.5)])
+def test_needle_selection_counts_forced_and_dense_selections(context, depth):
+    # Oracles from the spec, not from the model: block 0 and the query's own and previous blocks are
+    # always selected (depths 0 and 1), and at 32 tokens n * l' covers every block.
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8)
+    model = _model("nsa", task).eval()
+    count = retrieval_accuracy(model, task, context, depth, num_samples=6, batch_size=4, seed=1,
+                               needle_selection=True)
+    assert count.needle_selected == (6, 6)
+    assert model.last_infos == []
+
+
+def test_needle_selection_is_measured_at_middle_depths():
+    task = RetrievalTask(num_keys=8, num_values=8, num_filler=8)
+    model = _model("nsa", task).eval()
+    count = retrieval_accuracy(model, task, 256, 0.5, num_samples=16, batch_size=8, seed=2, needle_selection=True)
+    # 32 blocks, 4 selected (3 forced): an untrained model finds the needle's block rarely, never always.
+    assert len(count.needle_selected) == 2 and all(0 <= hits < 16 for hits in count.needle_selected)
 
 
 # ----- training pieces -------------------------------------------------------------------------
@@ -426,6 +462,8 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     evals = read_table(out / "retrieval.parquet")
     assert {(r["model"], r["task"], r["depth"]) for r in evals} >= {("nsa", "single", 0.0), ("dense", "single", 1.0)}
     assert all(r["status"] == "ok" and r["correct"] <= 4 for r in evals)
+    # Depths 0 and 100% lie in forced blocks: the one NSA layer selected every needle; dense has no column.
+    assert all(r["needle_selected_layer0"] == (1.0 if r["model"] == "nsa" else None) for r in evals)
 
 
 def test_cli_rejects_bad_options(tmp_path):

@@ -203,11 +203,47 @@ def make_batch(task: RetrievalTask, batch_size: int, context: int, seed: int | t
     return RetrievalBatch(tokens, targets, answer_positions, answers, needle_starts, depths)
 
 
+@dataclass(frozen=True)
+class RetrievalCount:
+    """What :func:`retrieval_accuracy` measured.
+
+    Attributes:
+        correct, total: sequences whose first query was answered right, and sequences evaluated.
+        needle_selected: per NSA layer (in depth order; empty unless asked for, or for a model
+            without NSA layers), how many sequences had a block holding part of the asked needle
+            among the blocks selected at the answer position by at least one KV head. Separates
+            the two ways retrieval fails: scoring that never reads the needle, and a read that
+            is not turned into the answer.
+    """
+
+    correct: int
+    total: int
+    needle_selected: tuple[int, ...] = ()
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def needle_block_selected(selected_blocks: torch.Tensor, batch: RetrievalBatch, select_block: int) -> torch.Tensor:
+    """bool ``[B]``: whether any KV head selected a block overlapping the first query's needle at
+    that query's answer position.
+
+    ``selected_blocks`` is one layer's :attr:`nsa.NSAInfo.selected_blocks`, int64 ``[B, T, HK, n]``
+    (``-1`` padded); ``select_block`` is the selection block size ``l'``.
+    """
+    rows = torch.arange(selected_blocks.shape[0], device=selected_blocks.device)
+    chosen = selected_blocks[rows, batch.answer_positions[:, 0]]  # [B, HK, n]
+    first = (batch.needle_starts[:, 0] // select_block)[:, None, None]
+    last = ((batch.needle_starts[:, 0] + NEEDLE_LEN - 1) // select_block)[:, None, None]
+    return ((chosen >= first) & (chosen <= last)).flatten(1).any(1)
+
+
 @torch.no_grad()
 def retrieval_accuracy(model: torch.nn.Module, task: RetrievalTask, context: int, depth: float | None,
                        *, num_samples: int, batch_size: int, seed: int,
                        device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                       ) -> tuple[int, int]:
+                       needle_selection: bool = False) -> RetrievalCount:
     """How many of ``num_samples`` sequences' first query the model answers (greedy argmax).
 
     ``model(tokens, logits_at=positions)`` must return logits ``[B, Q, vocab]`` at the given
@@ -220,19 +256,32 @@ def retrieval_accuracy(model: torch.nn.Module, task: RetrievalTask, context: int
         num_samples: sequences evaluated; batches of ``batch_size``.
         seed: the data seed (the same seed gives the same sequences for every model).
         device: where the model runs; ``autocast_dtype``: autocast dtype on CUDA, or None.
+        needle_selection: also count, per NSA layer, the sequences whose needle was among the
+            selected blocks (``model`` must be a :class:`nsa.models.RetrievalLM`; it then
+            collects each layer's :class:`nsa.NSAInfo`).
 
     Returns:
-        ``(correct, total)``.
+        a :class:`RetrievalCount`.
     """
     gen = torch.Generator().manual_seed(int(seed))
     correct = total = 0
+    selected: list[int] = []
     device = torch.device(device)
     while total < num_samples:
         size = min(batch_size, num_samples - total)
         batch = make_batch(task, size, context, gen, depth=depth).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1])
+            if needle_selection:
+                logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1], collect_info=True)
+            else:
+                logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1])
         predicted = logits[:, 0].argmax(dim=-1)
         correct += int((predicted == batch.answers[:, 0]).sum())
         total += size
-    return correct, total
+        if needle_selection:
+            infos = [info for info in model.last_infos if info is not None]
+            hits = [int(needle_block_selected(info.selected_blocks, batch, model.config.nsa.select_block).sum())
+                    for info in infos]
+            selected = hits if not selected else [a + b for a, b in zip(selected, hits)]
+            model.last_infos = []  # [B, T, HK, n] per layer: not kept past the count
+    return RetrievalCount(correct, total, tuple(selected))

@@ -7,7 +7,9 @@ evaluates retrieval accuracy at several contexts and depths, and writes into ``o
   norms per parameter group as ``grad_norm/<group>``, NSA gate statistics every ``log_every``
   steps as ``gate_mean/<branch>``, ``gate_std/<branch>`` over all layers plus per layer
   ``gate_mean/L<i>/<branch>``...; absent values are null);
-- ``retrieval.parquet``: one row per (model, task, context, depth) with correct/total;
+- ``retrieval.parquet``: one row per (model, task, context, depth) with correct/total and, for
+  NSA, ``needle_selected_layer<i>``: the fraction of sequences whose needle block layer ``i``
+  selected at the answer position (scoring failures apart from read-out failures);
 - ``loss.png``: training loss against steps for every model;
 - ``retrieval_<model>.png``: accuracy heat map (context x depth);
 - ``summary.json``: configs, step counts, timings, backend, goals and whether each was met;
@@ -671,16 +673,15 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             model.eval()
             if pattern is not None:
                 set_nsa_pattern(model, config.model.nsa)
-            correct, count = retrieval_accuracy(model, config.task.replace(num_needles=1, num_queries=1),
-                                                config.context, None, num_samples=32,
-                                                batch_size=config.eval_batch_size, seed=config.seed + 7,
-                                                device=device, autocast_dtype=autocast)
+            count = retrieval_accuracy(model, config.task.replace(num_needles=1, num_queries=1),
+                                       config.context, None, num_samples=32, batch_size=config.eval_batch_size,
+                                       seed=config.seed + 7, device=device, autocast_dtype=autocast)
             model.train()
             if pattern is not None:
                 set_nsa_pattern(model, pattern)
-            row["eval_accuracy"] = correct / count
+            row["eval_accuracy"] = count.accuracy
             report(f"[{name}] step {step}: accuracy at {config.context} tokens (random depths) "
-                   f"{correct}/{count}")
+                   f"{count.correct}/{count.total}")
         rows.append(row)
         if progress is not None:
             progress(name, step, max_steps if max_steps is not None else total, row)
@@ -759,6 +760,7 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
     device = torch.device(config.device)
     autocast = _autocast_dtype(device)
     model.eval()
+    is_nsa = model.config.attention == "nsa"
     tasks = {"single": config.task.replace(num_needles=1, num_queries=1)}
     if config.task.num_needles > 1:
         tasks["multikey"] = config.task.replace(num_queries=1)
@@ -776,10 +778,10 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                     continue
                 began = time.perf_counter()
                 try:
-                    correct, total = retrieval_accuracy(
+                    count = retrieval_accuracy(
                         model, task, context, depth, num_samples=config.eval_samples,
                         batch_size=config.eval_batch_size, seed=config.seed + 1000 + context + index,
-                        device=device, autocast_dtype=autocast)
+                        device=device, autocast_dtype=autocast, needle_selection=is_nsa)
                 except Exception as exc:  # noqa: BLE001 -- one failing cell (OOM, a kernel) must not end the run
                     oom = isinstance(exc, torch.cuda.OutOfMemoryError)
                     rows.append({**row, "status": "oom" if oom else "error", "correct": None, "accuracy": None,
@@ -789,12 +791,19 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                rows.append({**row, "status": "ok", "correct": correct, "accuracy": correct / total,
-                             "seconds": time.perf_counter() - began})
+                rows.append({**row, "status": "ok", "correct": count.correct, "accuracy": count.accuracy,
+                             "seconds": time.perf_counter() - began,
+                             **{f"needle_selected_layer{layer}": hits / count.total
+                                for layer, hits in enumerate(count.needle_selected)}})
             done = [r for r in rows if r["context"] == context and r["task"] == task_name and r["status"] == "ok"]
             if done:
                 report(f"[{name}] {task_name} retrieval at {context} tokens: "
                        + " ".join(f"{r['depth']:.0%}:{r['accuracy']:.2f}" for r in done))
+                if is_nsa:
+                    report(f"[{name}] {task_name} needle block selected at {context} tokens, per layer: "
+                           + " ".join(f"{r['depth']:.0%}:" + "/".join(
+                               f"{r[k]:.2f}" for k in sorted(r) if k.startswith("needle_selected_layer"))
+                               for r in done))
     return rows
 
 
