@@ -21,7 +21,16 @@ from nsa.models import (
     retrieval_accuracy,
 )
 from nsa.models.lm import DenseAttention, copy_twin_init, init_phi_as_mean
-from nsa.models.tasks import BOS, IGNORE, KEY, NEEDLE_LEN, QUERY, QUERY_LEN, RetrievalCount, needle_block_selected
+from nsa.models.tasks import (
+    BOS,
+    IGNORE,
+    KEY,
+    NEEDLE_LEN,
+    QUERY,
+    QUERY_LEN,
+    RetrievalCount,
+    needle_block_selected,
+)
 from nsa.models.train import (
     LOG_BASE_COLUMNS,
     TrainConfig,

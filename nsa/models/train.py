@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from nsa.config import NSAConfig
-from nsa.layer import NSAAttention
 from nsa.functional import BRANCHES
+from nsa.layer import NSAAttention
 from nsa.models.lm import LMConfig, RetrievalLM, copy_twin_init, parameter_group
 from nsa.models.tasks import RetrievalTask, make_batch, retrieval_accuracy
 
