@@ -14,7 +14,8 @@ task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down
 128 -> 256 crosses it as the H200 model's 512 -> ... -> 4096 crosses 1024. Same curriculum as
 ``gpu_config`` otherwise (hold at 3.5 nats, advance at 0.3, phi at 0.03x the learning rate). One
 thread; about 12 minutes per run on one core of the CI machine. Prints the loss around each
-context change, the mean loss of the last 200 steps and retrieval at 256 and 1024 tokens; writes
+context change, the mean loss of the last 200 steps and retrieval at 256 and 1024 tokens
+(``--eval-contexts``) with how often each layer selected the needle's block; writes
 ``<out>/<mode>-<seed>.json``.
 """
 
@@ -40,7 +41,7 @@ from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noq
 ANNEAL = (0.6, 0.85)
 
 
-def study_config(mode: str, seed: int, steps: int) -> TrainConfig:
+def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...] = (256, 1024)) -> TrainConfig:
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
                     select_block=8, select_count=8, window=16)
@@ -50,7 +51,7 @@ def study_config(mode: str, seed: int, steps: int) -> TrainConfig:
                        selection_anneal=ANNEAL if mode == "anneal" else None,
                        gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
                        batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
-                       eval_every=steps + 1, eval_contexts=(256, 1024), eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                       eval_every=steps + 1, eval_contexts=eval_contexts, eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                        eval_samples=16, eval_batch_size=16, checkpoint_every=steps + 1, device="cpu", seed=seed)
 
 
@@ -65,9 +66,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
+    parser.add_argument("--eval-contexts", default="256,1024", help="comma-separated retrieval contexts")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = study_config(args.mode, args.seed, args.steps)
+    config = study_config(args.mode, args.seed, args.steps, tuple(int(c) for c in args.eval_contexts.split(",")))
     out = Path(args.out)
     start = time.time()
     model, run = train_model("nsa", config, out / f"{args.mode}-{args.seed}", report=lambda line: None)
@@ -84,7 +86,9 @@ def main() -> None:
         "select_count_per_100": [rows[s]["select_count"] for s in range(0, run.steps, 100)],
         "gates_per_200": [{"step": r["step"], **{k: r[k] for k in r if k.startswith("gate_mean/L")}}
                           for r in rows if r["step"] % 200 == 0 and r.get("gate_mean/cmp") is not None],
-        "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")} for r in retrieval],
+        "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")}
+                      | {"needle_selected": [r[k] for k in sorted(r) if k.startswith("needle_selected_layer")]}
+                      for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.mode}-{args.seed}.json").write_text(json.dumps(result, indent=1))
@@ -99,7 +103,8 @@ def main() -> None:
             f"L{layer} " + "/".join(f"{gates[f'gate_mean/L{layer}/{b}']:.2f}" for b in ("cmp", "slc", "win"))
             for layer in (0, 1)))
     for r in result["retrieval"]:
-        print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}")
+        print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}, needle block selected "
+              "per layer " + "/".join(f"{x:.2f}" for x in r["needle_selected"]))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         build(kernels._score_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk),
                                       **blocks, "SELECT_BLOCK": 64, "PRECISION": precision, "BLOCK_N": 64,
                                       "NB_STEP": 15, "NBT": 16}, f"_score_kernel {dtype} {dk} warps={warps}", warps)
-        build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "NBP": 2048,
+        build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
                                        "PRECISION": precision, "BLOCK_N": 64},
               f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps)
         combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dv)  # the most splits a plan makes

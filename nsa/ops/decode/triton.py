@@ -207,7 +207,7 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
                    qk_scale, CHUNK, SPLITS,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                    DV: tl.constexpr, DVP: tl.constexpr, SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr,
-                   NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                   COUNTP: tl.constexpr, NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Top-n of token group ``program_id(0)``'s ranking keys, then partial selection attention over
     the chosen blocks of slots ``[s*CHUNK, (s+1)*CHUNK)``, ``s = program_id(1)``.
 
@@ -236,9 +236,18 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     k_base = KS + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = VS + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     cols = tl.arange(0, BLOCK_N)
-    for slot in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)):
-        j = tl.max(tl.where(chosen & (slot_of == slot), jj, -1), 0)
-        tl.store(BLOCKS + pid_r.to(tl.int64) * COUNT + slot, j.to(tl.int64))
+    first, last = pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)
+    row_blocks = BLOCKS + pid_r.to(tl.int64) * COUNT
+    # This split's slots: each chosen block is stored straight to its slot, the slots past the
+    # chosen ones get -1; the loop then reads its block from there. (Searching the chosen blocks
+    # for each slot's index took a cross-warp reduction over all NBP keys per slot.)
+    tl.store(row_blocks + slot_of, jj.to(tl.int64), mask=chosen & (slot_of >= first) & (slot_of < last))
+    n_chosen = tl.sum(chosen.to(tl.int32), 0)
+    cc = tl.arange(0, COUNTP)
+    tl.store(row_blocks + cc, tl.full([COUNTP], -1, tl.int64), mask=(cc >= n_chosen) & (cc >= first) & (cc < last))
+    tl.debug_barrier()  # the stores above, from any thread, are read back by every thread below
+    for slot in range(first, last):
+        j = tl.load(row_blocks + slot).to(tl.int32)
         positions = j * SELECT_BLOCK + cols
         # Positions j*l' .. min(t, j*l' + l' - 1); padding slots (-1) and padding tokens read none.
         span = tl.where((j >= 0) & valid, tl.minimum(t + 1 - j * SELECT_BLOCK, SELECT_BLOCK), 0)
@@ -607,7 +616,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
-        NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision, BLOCK_N=plan.slc_block_n,
+        COUNTP=pow2(c.select_count), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision, BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     _combine_kernel[(rows * group,)](
