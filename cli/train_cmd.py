@@ -194,7 +194,9 @@ def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minu
         try:
             summary = run_training(config, Path(out_dir), progress=progress, replay_dir=replay_dir,
                                    resume=resume, leg_minutes=leg_minutes,
-                                   report=lambda line: console.print(line, markup=False, highlight=False))
+                                   # One line per report, never wrapped: logs are grepped.
+                                   report=lambda line: console.print(line, markup=False, highlight=False,
+                                                                     soft_wrap=True))
         except ValueError as exc:  # a checkpoint that cannot be resumed, a replay that does not match
             raise click.UsageError(str(exc)) from None
 

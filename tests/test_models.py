@@ -375,9 +375,11 @@ def test_retrieval_accuracy_counts_the_first_query():
                 out[row, 0, tokens[row, start + 1]] = 1
             return out
 
-    assert retrieval_accuracy(Oracle(), task, 60, 0.5, num_samples=10, batch_size=3, seed=0) == RetrievalCount(10, 10)
+    oracle = retrieval_accuracy(Oracle(), task, 60, 0.5, num_samples=10, batch_size=3, seed=0)
+    assert oracle == RetrievalCount(10, 10)
     model = _model("dense", task)
-    count = retrieval_accuracy(model, task, 60, None, num_samples=5, batch_size=2, seed=0, needle_selection=True)
+    count = retrieval_accuracy(model, task, 60, None, num_samples=5, batch_size=2, seed=0,
+                               needle_selection=True)
     assert count.total == 5 and 0 <= count.correct <= 5
     assert count.needle_selected == ()  # no NSA layer
 
@@ -412,7 +414,8 @@ def test_needle_selection_counts_forced_and_dense_selections(context, depth):
 def test_needle_selection_is_measured_at_middle_depths():
     task = RetrievalTask(num_keys=8, num_values=8, num_filler=8)
     model = _model("nsa", task).eval()
-    count = retrieval_accuracy(model, task, 256, 0.5, num_samples=16, batch_size=8, seed=2, needle_selection=True)
+    count = retrieval_accuracy(model, task, 256, 0.5, num_samples=16, batch_size=8, seed=2,
+                               needle_selection=True)
     # 32 blocks, 4 selected (3 forced): an untrained model finds the needle's block rarely, never always.
     assert len(count.needle_selected) == 2 and all(0 <= hits < 16 for hits in count.needle_selected)
 
@@ -473,6 +476,19 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     assert all(r["status"] == "ok" and r["correct"] <= 4 for r in evals)
     # Depths 0 and 100% lie in forced blocks: the one NSA layer selected every needle; dense has no column.
     assert all(r["needle_selected_layer0"] == (1.0 if r["model"] == "nsa" else None) for r in evals)
+
+
+def test_cli_report_lines_are_not_wrapped(tmp_path):
+    depths = ",".join(str(d) for d in range(0, 101, 10))
+    result = CliRunner().invoke(train_command, [
+        "--tiny", "--model", "nsa", "--steps", "4", "--device", "cpu", "--out", str(tmp_path),
+        "--eval-contexts", "64", "--eval-depths", depths, "--eval-samples", "1", "--hold-loss", "9.5"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    lines = [line for line in result.output.splitlines() if "single retrieval at 64 tokens" in line]
+    assert len(lines) == 1 and len(lines[0]) > 80 and "0%:" in lines[0] and "100%:" in lines[0]
+    selected = [line for line in result.output.splitlines()
+                if "single needle block selected at 64 tokens" in line]
+    assert len(selected) == 1 and "100%:1.00" in selected[0]  # forced block at depth 100%
 
 
 def test_cli_rejects_bad_options(tmp_path):

@@ -225,7 +225,8 @@ class RetrievalCount:
         return self.correct / self.total
 
 
-def needle_block_selected(selected_blocks: torch.Tensor, batch: RetrievalBatch, select_block: int) -> torch.Tensor:
+def needle_block_selected(selected_blocks: torch.Tensor, batch: RetrievalBatch,
+                          select_block: int) -> torch.Tensor:
     """bool ``[B]``: whether any KV head selected a block overlapping the first query's needle at
     that query's answer position.
 
@@ -280,7 +281,8 @@ def retrieval_accuracy(model: torch.nn.Module, task: RetrievalTask, context: int
         total += size
         if needle_selection:
             infos = [info for info in model.last_infos if info is not None]
-            hits = [int(needle_block_selected(info.selected_blocks, batch, model.config.nsa.select_block).sum())
+            select_block = model.config.nsa.select_block
+            hits = [int(needle_block_selected(info.selected_blocks, batch, select_block).sum())
                     for info in infos]
             selected = hits if not selected else [a + b for a, b in zip(selected, hits)]
             model.last_infos = []  # [B, T, HK, n] per layer: not kept past the count

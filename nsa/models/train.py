@@ -674,8 +674,9 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             if pattern is not None:
                 set_nsa_pattern(model, config.model.nsa)
             count = retrieval_accuracy(model, config.task.replace(num_needles=1, num_queries=1),
-                                       config.context, None, num_samples=32, batch_size=config.eval_batch_size,
-                                       seed=config.seed + 7, device=device, autocast_dtype=autocast)
+                                       config.context, None, num_samples=32,
+                                       batch_size=config.eval_batch_size, seed=config.seed + 7,
+                                       device=device, autocast_dtype=autocast)
             model.train()
             if pattern is not None:
                 set_nsa_pattern(model, pattern)

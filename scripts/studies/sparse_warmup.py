@@ -41,7 +41,8 @@ from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noq
 ANNEAL = (0.6, 0.85)
 
 
-def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...] = (256, 1024)) -> TrainConfig:
+def study_config(mode: str, seed: int, steps: int,
+                 eval_contexts: tuple[int, ...] = (256, 1024)) -> TrainConfig:
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
                     select_block=8, select_count=8, window=16)
@@ -51,7 +52,8 @@ def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...
                        selection_anneal=ANNEAL if mode == "anneal" else None,
                        gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
                        batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
-                       eval_every=steps + 1, eval_contexts=eval_contexts, eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                       eval_every=steps + 1, eval_contexts=eval_contexts,
+                       eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                        eval_samples=16, eval_batch_size=16, checkpoint_every=steps + 1, device="cpu", seed=seed)
 
 
@@ -69,7 +71,8 @@ def main() -> None:
     parser.add_argument("--eval-contexts", default="256,1024", help="comma-separated retrieval contexts")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = study_config(args.mode, args.seed, args.steps, tuple(int(c) for c in args.eval_contexts.split(",")))
+    contexts = tuple(int(c) for c in args.eval_contexts.split(","))
+    config = study_config(args.mode, args.seed, args.steps, contexts)
     out = Path(args.out)
     start = time.time()
     model, run = train_model("nsa", config, out / f"{args.mode}-{args.seed}", report=lambda line: None)
@@ -87,7 +90,8 @@ def main() -> None:
         "gates_per_200": [{"step": r["step"], **{k: r[k] for k in r if k.startswith("gate_mean/L")}}
                           for r in rows if r["step"] % 200 == 0 and r.get("gate_mean/cmp") is not None],
         "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")}
-                      | {"needle_selected": [r[k] for k in sorted(r) if k.startswith("needle_selected_layer")]}
+                      | {"needle_selected": [r[k] for k in sorted(r)
+                                             if k.startswith("needle_selected_layer")]}
                       for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +107,8 @@ def main() -> None:
             f"L{layer} " + "/".join(f"{gates[f'gate_mean/L{layer}/{b}']:.2f}" for b in ("cmp", "slc", "win"))
             for layer in (0, 1)))
     for r in result["retrieval"]:
-        print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}, needle block selected "
-              "per layer " + "/".join(f"{x:.2f}" for x in r["needle_selected"]))
+        print(f"{r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}, "
+              "needle block selected per layer " + "/".join(f"{x:.2f}" for x in r["needle_selected"]))
 
 
 if __name__ == "__main__":

@@ -244,7 +244,8 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     tl.store(row_blocks + slot_of, jj.to(tl.int64), mask=chosen & (slot_of >= first) & (slot_of < last))
     n_chosen = tl.sum(chosen.to(tl.int32), 0)
     cc = tl.arange(0, COUNTP)
-    tl.store(row_blocks + cc, tl.full([COUNTP], -1, tl.int64), mask=(cc >= n_chosen) & (cc >= first) & (cc < last))
+    tl.store(row_blocks + cc, tl.full([COUNTP], -1, tl.int64),
+             mask=(cc >= n_chosen) & (cc >= first) & (cc < last))
     tl.debug_barrier()  # the stores above, from any thread, are read back by every thread below
     for slot in range(first, last):
         j = tl.load(row_blocks + slot).to(tl.int32)
@@ -616,7 +617,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
-        COUNTP=pow2(c.select_count), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision, BLOCK_N=plan.slc_block_n,
+        COUNTP=pow2(c.select_count), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision,
+        BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     _combine_kernel[(rows * group,)](
