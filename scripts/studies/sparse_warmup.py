@@ -2,6 +2,7 @@
 NSA's context warm-up?
 
     python scripts/studies/sparse_warmup.py {off,on,anneal,frozen} [--seed 0] [--steps 2000] [--out DIR]
+        [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--tag SUFFIX]
 
 ``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
 (dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
@@ -41,13 +42,13 @@ from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noq
 ANNEAL = (0.6, 0.85)
 
 
-def study_config(mode: str, seed: int, steps: int,
-                 eval_contexts: tuple[int, ...] = (256, 1024)) -> TrainConfig:
+def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...] = (256, 1024),
+                 context: int = 256, rope_theta: float = 1e8) -> TrainConfig:
     task = RetrievalTask(num_needles=4, num_queries=4)
     nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
                     select_block=8, select_count=8, window=16)
-    model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=1e8)
-    return TrainConfig(models=("nsa",), model=model, task=task, context=256, start_context=32, context_warmup=0.6,
+    model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=rope_theta)
+    return TrainConfig(models=("nsa",), model=model, task=task, context=context, start_context=32, context_warmup=0.6,
                        advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=mode == "on",
                        selection_anneal=ANNEAL if mode == "anneal" else None,
                        gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
@@ -69,19 +70,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
     parser.add_argument("--eval-contexts", default="256,1024", help="comma-separated retrieval contexts")
+    parser.add_argument("--context", type=int, default=256, help="final training context (the warm-up doubles "
+                        "from 32 up to it)")
+    parser.add_argument("--rope-theta", type=float, default=1e8)
+    parser.add_argument("--tag", default="", help="suffix of the output names (runs with other options)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     contexts = tuple(int(c) for c in args.eval_contexts.split(","))
-    config = study_config(args.mode, args.seed, args.steps, contexts)
+    config = study_config(args.mode, args.seed, args.steps, contexts, args.context, args.rope_theta)
+    name = f"{args.mode}-{args.seed}{args.tag}"
     out = Path(args.out)
     start = time.time()
-    model, run = train_model("nsa", config, out / f"{args.mode}-{args.seed}", report=lambda line: None)
+    model, run = train_model("nsa", config, out / name, report=lambda line: None)
     retrieval = evaluate_retrieval(model, "nsa", config, report=lambda line: None)
     rows = run.rows
     changes = [(rows[i]["step"], rows[i - 1]["context"], rows[i]["context"]) for i in range(1, len(rows))
                if rows[i]["context"] != rows[i - 1]["context"]]
     result = {
-        "mode": args.mode, "seed": args.seed, "steps": run.steps, "seconds": time.time() - start,
+        "mode": args.mode, "seed": args.seed, "context": args.context, "rope_theta": args.rope_theta,
+        "steps": run.steps, "seconds": time.time() - start,
         "context_changes": [{"step": step, "from": a, "to": b, "loss_20_before": mean_loss(rows, step - 20, step),
                              "loss_20_after": mean_loss(rows, step, step + 20)} for step, a, b in changes],
         "loss_last_200": mean_loss(rows, run.steps - 200, run.steps),
@@ -95,7 +102,7 @@ def main() -> None:
                       for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.mode}-{args.seed}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     for change in result["context_changes"]:
         print(f"step {change['step']}: {change['from']} -> {change['to']} tokens, loss (20 steps) "
               f"{change['loss_20_before']:.3f} -> {change['loss_20_after']:.3f}")
