@@ -48,7 +48,8 @@ def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...
     nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
                     select_block=8, select_count=8, window=16)
     model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=rope_theta)
-    return TrainConfig(models=("nsa",), model=model, task=task, context=context, start_context=32, context_warmup=0.6,
+    return TrainConfig(models=("nsa",), model=model, task=task, context=context, start_context=32,
+                       context_warmup=0.6,
                        advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=mode == "on",
                        selection_anneal=ANNEAL if mode == "anneal" else None,
                        gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
@@ -70,8 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
     parser.add_argument("--eval-contexts", default="256,1024", help="comma-separated retrieval contexts")
-    parser.add_argument("--context", type=int, default=256, help="final training context (the warm-up doubles "
-                        "from 32 up to it)")
+    parser.add_argument("--context", type=int, default=256,
+                        help="final training context (the warm-up doubles from 32 up to it)")
     parser.add_argument("--rope-theta", type=float, default=1e8)
     parser.add_argument("--tag", default="", help="suffix of the output names (runs with other options)")
     args = parser.parse_args()
