@@ -465,6 +465,7 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"] == 24
     assert summary["goals"]["finite_goal_met"] is True
+    assert summary["goals"]["nsa_min_needle_selected_longest"] == {"layer0": 1.0}  # depths 0, 100%: forced
     assert summary["config"]["hold_loss"] == 9.5
     log = read_table(out / "train_log.parquet")
     assert len(log) == 48 and {r["model"] for r in log} == {"nsa", "dense"}
