@@ -617,7 +617,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
-        COUNTP=pow2(c.select_count), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision,
+        COUNTP=max(16, pow2(c.select_count)), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision,
         BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
