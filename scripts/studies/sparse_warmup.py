@@ -2,7 +2,7 @@
 NSA's context warm-up?
 
     python scripts/studies/sparse_warmup.py {off,on,anneal,frozen} [--seed 0] [--steps 2000] [--out DIR]
-        [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--tag SUFFIX]
+        [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--pattern 4,2,8,8] [--tag SUFFIX]
 
 ``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
 (dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
@@ -43,10 +43,13 @@ ANNEAL = (0.6, 0.85)
 
 
 def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...] = (256, 1024),
-                 context: int = 256, rope_theta: float = 1e8) -> TrainConfig:
+                 context: int = 256, rope_theta: float = 1e8,
+                 pattern: tuple[int, int, int, int] = (4, 2, 8, 8)) -> TrainConfig:
+    """``pattern``: ``(l, d, l', n)``; the window stays 16."""
     task = RetrievalTask(num_needles=4, num_queries=4)
-    nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=4, compress_stride=2,
-                    select_block=8, select_count=8, window=16)
+    block, stride, select_block, select_count = pattern
+    nsa = NSAConfig(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=block, compress_stride=stride,
+                    select_block=select_block, select_count=select_count, window=16)
     model = LMConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, nsa=nsa, rope_theta=rope_theta)
     return TrainConfig(models=("nsa",), model=model, task=task, context=context, start_context=32,
                        context_warmup=0.6,
@@ -74,11 +77,16 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256,
                         help="final training context (the warm-up doubles from 32 up to it)")
     parser.add_argument("--rope-theta", type=float, default=1e8)
+    parser.add_argument("--pattern", default="4,2,8,8",
+                        help="l,d,l',n of the NSA layers (default: the paper's 32,16,64,16 scaled down by 8, "
+                        "where the 3-token needle fills most of a compressed token; 16,8,16,6 dilutes it "
+                        "nearer to the paper's 3 of 32)")
     parser.add_argument("--tag", default="", help="suffix of the output names (runs with other options)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     contexts = tuple(int(c) for c in args.eval_contexts.split(","))
-    config = study_config(args.mode, args.seed, args.steps, contexts, args.context, args.rope_theta)
+    pattern = tuple(int(x) for x in args.pattern.split(","))
+    config = study_config(args.mode, args.seed, args.steps, contexts, args.context, args.rope_theta, pattern)
     name = f"{args.mode}-{args.seed}{args.tag}"
     out = Path(args.out)
     start = time.time()
@@ -89,6 +97,7 @@ def main() -> None:
                if rows[i]["context"] != rows[i - 1]["context"]]
     result = {
         "mode": args.mode, "seed": args.seed, "context": args.context, "rope_theta": args.rope_theta,
+        "pattern": args.pattern,
         "steps": run.steps, "seconds": time.time() - start,
         "context_changes": [{"step": step, "from": a, "to": b, "loss_20_before": mean_loss(rows, step - 20, step),
                              "loss_20_after": mean_loss(rows, step, step + 20)} for step, a, b in changes],
