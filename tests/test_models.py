@@ -477,6 +477,11 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     assert all(r["status"] == "ok" and r["correct"] <= 4 for r in evals)
     # Depths 0 and 100% lie in forced blocks: the one NSA layer selected every needle; dense has no column.
     assert all(r["needle_selected_layer0"] == (1.0 if r["model"] == "nsa" else None) for r in evals)
+    # The NSA heat map has a second panel (layer 0's selection rate): twice the dense one's width.
+    from PIL import Image
+
+    nsa_width, dense_width = (Image.open(out / f"retrieval_{m}.png").size[0] for m in ("nsa", "dense"))
+    assert nsa_width > 1.8 * dense_width
 
 
 def test_cli_report_lines_are_not_wrapped(tmp_path):

@@ -11,7 +11,8 @@ evaluates retrieval accuracy at several contexts and depths, and writes into ``o
   NSA, ``needle_selected_layer<i>``: the fraction of sequences whose needle block layer ``i``
   selected at the answer position (scoring failures apart from read-out failures);
 - ``loss.png``: training loss against steps for every model;
-- ``retrieval_<model>.png``: accuracy heat map (context x depth);
+- ``retrieval_<model>.png``: accuracy heat map (context x depth), for NSA beside the needle
+  selection rate of each layer;
 - ``summary.json``: configs, step counts, timings, backend, goals and whether each was met;
 - ``checkpoints/<model>.pt``: model/optimizer state and everything a resumed run needs (data
   stream, log rows, schedule and warm-up state), rewritten every ``checkpoint_every`` steps and
@@ -893,7 +894,8 @@ def plot_loss(runs: dict[str, ModelRun], path: Path) -> Path:
 
 
 def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
-    """Single-needle accuracy heat map: contexts (rows) x depths (columns); grey = not measured."""
+    """Single-needle heat maps, contexts (rows) x depths (columns), grey = not measured: accuracy,
+    and for NSA beside it, per layer, the rate at which the needle's block was selected."""
     cells = [r for r in run.eval_rows if r["task"] == "single"]
     if not cells:
         return None
@@ -905,21 +907,26 @@ def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
 
     contexts = sorted({r["context"] for r in cells})
     depths = sorted({r["depth"] for r in cells})
-    grid = np.full((len(contexts), len(depths)), np.nan)
-    for r in cells:
-        if r["status"] == "ok":
-            grid[contexts.index(r["context"]), depths.index(r["depth"])] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.7 * len(depths)), max(3.0, 1.5 + 0.6 * len(contexts))))
-    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_facecolor("lightgrey")
-    ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], rotation=45)
-    ax.set_yticks(range(len(contexts)), [str(c) for c in contexts])
-    ax.set_xlabel("needle depth")
-    ax.set_ylabel("context")
-    ax.set_title(f"{run.name}: single-needle retrieval accuracy")
-    fig.colorbar(image, ax=ax)
+    panels = [("accuracy", f"{run.name}: single-needle retrieval accuracy")]
+    panels += [(k, f"layer {k.removeprefix('needle_selected_layer')}: needle block selected")
+               for k in sorted({k for r in cells for k in r if k.startswith("needle_selected_layer")})]
+    width, height = max(6.0, 1.5 + 0.7 * len(depths)), max(3.0, 1.5 + 0.6 * len(contexts))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        grid = np.full((len(contexts), len(depths)), np.nan)
+        for r in cells:
+            if r["status"] == "ok" and r.get(metric) is not None:
+                grid[contexts.index(r["context"]), depths.index(r["depth"])] = r[metric]
+        image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_facecolor("lightgrey")
+        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], rotation=45)
+        ax.set_yticks(range(len(contexts)), [str(c) for c in contexts])
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
