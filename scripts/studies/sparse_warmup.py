@@ -1,5 +1,7 @@
-"""CPU study: does ``TrainConfig.sparse_warmup`` (or ``selection_anneal``) remove the loss jumps of
-NSA's context warm-up?
+"""CPU proxy of the H200 trainability runs: the context warm-up's loss jumps and what changes them
+(``sparse_warmup``, ``selection_anneal``, frozen gates), and retrieval far beyond the training length
+(``--eval-contexts``) with how often each layer selected the needle's block (``--context``,
+``--rope-theta``, ``--pattern`` vary the setup).
 
     python scripts/studies/sparse_warmup.py {off,on,anneal,frozen} [--seed 0] [--steps 2000] [--out DIR]
         [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--pattern 4,2,8,8] [--tag SUFFIX]
