@@ -83,7 +83,7 @@ def _check_full(params: dict[str, Any], checks: Checks) -> None:
         checks.record(f"{name}_train_seconds", info["train_seconds"])
     checks.record("nsa_cells_not_measured_64k", goals["nsa_cells_not_measured_longest"])
     for layer, rate in goals["nsa_min_needle_selected_longest"].items():
-        checks.record(f"nsa_min_needle_selected_64k_{layer}", rate)
+        checks.record(f"nsa_min_needle_selected_64k_{layer}", float("nan") if rate is None else rate)
     checks.at_least("nsa_min_accuracy_64k", goals["nsa_min_accuracy_longest"]
                     if goals["nsa_min_accuracy_longest"] is not None else float("nan"), GOAL_ACCURACY)
     checks.equal("nsa_cells_not_measured_64k_is_zero", goals["nsa_cells_not_measured_longest"], 0)
