@@ -272,10 +272,9 @@ def retrieval_accuracy(model: torch.nn.Module, task: RetrievalTask, context: int
         size = min(batch_size, num_samples - total)
         batch = make_batch(task, size, context, gen, depth=depth).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            if needle_selection:
-                logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1], collect_info=True)
-            else:
-                logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1])
+            # collect_info only when asked: other models (the tests' oracles) take no such argument
+            logits = model(batch.tokens, logits_at=batch.answer_positions[:, :1],
+                           **({"collect_info": True} if needle_selection else {}))
         predicted = logits[:, 0].argmax(dim=-1)
         correct += int((predicted == batch.answers[:, 0]).sum())
         total += size

@@ -795,7 +795,7 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                     continue
                 rows.append({**row, "status": "ok", "correct": count.correct, "accuracy": count.accuracy,
                              "seconds": time.perf_counter() - began,
-                             **{f"needle_selected_layer{layer}": hits / count.total
+                             **{f"{NEEDLE_SELECTED}{layer}": hits / count.total
                                 for layer, hits in enumerate(count.needle_selected)}})
             done = [r for r in rows if r["context"] == context and r["task"] == task_name and r["status"] == "ok"]
             if done:
@@ -804,9 +804,18 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
                 if is_nsa:
                     report(f"[{name}] {task_name} needle block selected at {context} tokens, per layer: "
                            + " ".join(f"{r['depth']:.0%}:" + "/".join(
-                               f"{r[k]:.2f}" for k in sorted(r) if k.startswith("needle_selected_layer"))
-                               for r in done))
+                               f"{r[k]:.2f}" for k in needle_selected_columns([r])) for r in done))
     return rows
+
+
+# Per-layer column prefix of the retrieval rows: ``needle_selected_layer<i>``.
+NEEDLE_SELECTED = "needle_selected_layer"
+
+
+def needle_selected_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``needle_selected_layer<i>`` columns present in ``rows``, in layer order."""
+    names = {k for r in rows for k in r if k.startswith(NEEDLE_SELECTED)}
+    return sorted(names, key=lambda k: int(k.removeprefix(NEEDLE_SELECTED)))
 
 
 def smoothed_final_loss(rows: list[dict[str, Any]], steps: int) -> float:
@@ -838,11 +847,10 @@ def goals(runs: dict[str, ModelRun]) -> dict[str, Any]:
         out["nsa_retrieval_goal_met"] = bool(measured) and len(measured) == len(cells) and min(
             measured) >= GOAL_ACCURACY
         # Why the goal is missed: per layer, the worst depth's rate of selecting the needle's block.
-        layers = sorted({k for r in cells for k in r if k.startswith("needle_selected_layer")})
         out["nsa_min_needle_selected_longest"] = {
             k.removeprefix("needle_selected_"): min((r[k] for r in cells if r.get(k) is not None),
                                                     default=None)
-            for k in layers}
+            for k in needle_selected_columns(cells)}
     if "nsa" in runs and "dense" in runs:
         steps = min(runs["nsa"].steps, runs["dense"].steps)
         nsa_loss = smoothed_final_loss(runs["nsa"].rows, steps)
@@ -908,8 +916,8 @@ def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
     contexts = sorted({r["context"] for r in cells})
     depths = sorted({r["depth"] for r in cells})
     panels = [("accuracy", f"{run.name}: single-needle retrieval accuracy")]
-    panels += [(k, f"layer {k.removeprefix('needle_selected_layer')}: needle block selected")
-               for k in sorted({k for r in cells for k in r if k.startswith("needle_selected_layer")})]
+    panels += [(k, f"layer {k.removeprefix(NEEDLE_SELECTED)}: needle block selected")
+               for k in needle_selected_columns(cells)]
     width, height = max(6.0, 1.5 + 0.7 * len(depths)), max(3.0, 1.5 + 0.6 * len(contexts))
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):

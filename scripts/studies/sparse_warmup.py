@@ -38,7 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nsa import NSAConfig  # noqa: E402
 from nsa.models.lm import LMConfig  # noqa: E402
 from nsa.models.tasks import RetrievalTask  # noqa: E402
-from nsa.models.train import TrainConfig, evaluate_retrieval, train_model  # noqa: E402
+from nsa.models.train import (  # noqa: E402
+    TrainConfig,
+    evaluate_retrieval,
+    needle_selected_columns,
+    train_model,
+)
 
 
 ANNEAL = (0.6, 0.85)
@@ -109,8 +114,7 @@ def main() -> None:
         "gates_per_200": [{"step": r["step"], **{k: r[k] for k in r if k.startswith("gate_mean/L")}}
                           for r in rows if r["step"] % 200 == 0 and r.get("gate_mean/cmp") is not None],
         "retrieval": [{k: r[k] for k in ("task", "context", "depth", "accuracy")}
-                      | {"needle_selected": [r[k] for k in sorted(r)
-                                             if k.startswith("needle_selected_layer")]}
+                      | {"needle_selected": [r[k] for k in needle_selected_columns([r])]}
                       for r in retrieval],
     }
     out.mkdir(parents=True, exist_ok=True)
