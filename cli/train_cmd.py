@@ -63,6 +63,9 @@ def _parse_fractions(text: str) -> tuple[float, float]:
 @click.option("--gate-lr-scale", type=click.FloatRange(min=0), default=None,
               help="Learning-rate multiplier of NSA's gate MLP; 0 freezes the gates at 0.5 "
                    "[default: 1].")
+@click.option("--gate-freeze", type=click.FloatRange(min=0, max=1), default=None, metavar="FRACTION",
+              help="The gates stay at 0.5 for this fraction of the schedule, then train at "
+                   "--gate-lr-scale [default: 0].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -102,7 +105,7 @@ def _parse_fractions(text: str) -> tuple[float, float]:
                    "with it): paused models go on from their checkpoints, finished ones stand.")
 def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None,
           sparse_warmup: bool | None, selection_anneal: str | None, gate_lr_scale: float | None,
-          steps: int | None,
+          gate_freeze: float | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
           rope_theta: float | None, seed: int,
@@ -136,7 +139,8 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
     changes: dict = {"device": device, "seed": seed, "models": ("nsa", "dense") if which == "both" else (which,),
                      "eval_depths": _parse_depths(eval_depths), "minutes": minutes, "eval_minutes": eval_minutes}
     for key, value in (("context", context), ("steps", steps), ("eval_samples", eval_samples),
-                       ("batch_size", batch_size), ("lr", lr), ("gate_lr_scale", gate_lr_scale)):
+                       ("batch_size", batch_size), ("lr", lr), ("gate_lr_scale", gate_lr_scale),
+                       ("gate_freeze", gate_freeze)):
         if value is not None:
             changes[key] = value
     if hold_loss is not None:

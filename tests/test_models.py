@@ -295,6 +295,31 @@ def test_gate_trains_at_a_scaled_learning_rate():
         config.replace(gate_lr_scale=True)
 
 
+def test_gate_freeze_holds_the_gates_for_a_fraction_of_the_schedule(tmp_path):
+    """``--gate-freeze 0.5``: the gates read exactly 0.5 (no update, no weight decay) through the
+    first half of the schedule, then move."""
+    result = CliRunner().invoke(train_command, [
+        "--tiny", "--model", "nsa", "--steps", "80", "--gate-freeze", "0.5", "--eval-contexts", "64",
+        "--eval-depths", "50", "--eval-samples", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["gate_freeze"] == 0.5
+    # The gate MLP's last layer starts at zero, so every gate is exactly 0.5 (std 0 over tokens)
+    # until its first update; a gate logged at step s (every 25th) is read before that step's
+    # update, and steps 0..39 are frozen.
+    stds = {r["step"]: [r[f"gate_std/{b}"] for b in ("cmp", "slc", "win")]
+            for r in read_table(tmp_path / "train_log.parquet") if r["gate_std/cmp"] is not None}
+    frozen = [s for s in stds if 0 < s <= 40]
+    released = [s for s in stds if s > 41]
+    assert frozen and released, sorted(stds)
+    assert all(g == 0.0 for s in frozen for g in stds[s]), {s: stds[s] for s in frozen}
+    assert all(min(stds[s]) > 1e-4 for s in released), {s: stds[s] for s in released}
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="gate_freeze"):
+            tiny_config(gate_freeze=bad)
+    bad = CliRunner().invoke(train_command, ["--tiny", "--gate-freeze", "2", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--gate-freeze" in bad.output
+
+
 def test_dense_twin_starts_from_the_nsa_models_initial_weights(tmp_path):
     """Paired init: the twins differ only by NSA's own parts at step 0 (NSA's extra parameters
     come from the same random stream, so separately drawn twins differed in every later weight,

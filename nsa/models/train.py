@@ -114,6 +114,12 @@ class TrainConfig:
             width 256, lr 2e-3) while the retrieval branches have learned nothing to gate yet. An
             experiment knob: frozen gates did not measurably help in the CPU study
             (docs/TRAINING.md, "GPU run 2026-11-28 (H200)").
+        gate_freeze: fraction of the schedule (0..1) during which the gate MLP does not train at
+            all (learning rate 0, so no weight decay either: every gate stays at its initial
+            0.5); afterwards it trains at ``gate_lr_scale``. ``gate_lr_scale=0`` freezes it for
+            the whole run. Frozen gates keep a layer's branches from being shut while they learn
+            nothing yet (docs/TRAINING.md, "GPU runs 2026-11-29, last"); releasing them later
+            lets the model gate down a branch that dilutes at long context.
         paired_init: the dense twin starts from the NSA model's initial weights wherever they
             share a parameter (:func:`nsa.models.lm.copy_twin_init`); ``False``: its own draw from
             ``seed`` (which differs from NSA's in every weight drawn after NSA's first extra one).
@@ -149,6 +155,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     phi_lr_scale: float = 0.1
     gate_lr_scale: float = 1.0
+    gate_freeze: float = 0.0
     paired_init: bool = True
     log_every: int = 10
     eval_every: int = 100
@@ -208,6 +215,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.gate_freeze, bool) or not (isinstance(self.gate_freeze, (int, float))
+                                                       and 0 <= self.gate_freeze <= 1):
+            raise ValueError(f"TrainConfig.gate_freeze must be a fraction in [0, 1], got {self.gate_freeze!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -362,7 +372,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
     Every group carries ``lr_scale``: the learning rate of a step is ``lr * lr_scale``
     (:func:`set_learning_rate`); the learned phi's groups have ``config.phi_lr_scale``, the NSA
-    gate MLP's ``config.gate_lr_scale``.
+    gate MLP's ``config.gate_lr_scale``. ``role`` (``"phi"``, ``"gate"`` or ``""``) names the
+    groups a step can freeze.
     """
     buckets: dict[tuple[bool, str], list] = {}
     for name, p in model.named_parameters():
@@ -370,15 +381,16 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         buckets.setdefault((p.dim() >= 2, role), []).append(p)
     scales = {"phi": config.phi_lr_scale, "gate": config.gate_lr_scale, "": 1.0}
     groups = [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
-               "lr_scale": scales[role], "lr": config.lr * scales[role]}
+               "lr_scale": scales[role], "lr": config.lr * scales[role], "role": role}
               for (decay, role), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The step's learning rate: ``lr`` times each group's ``lr_scale`` (1 when absent)."""
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, frozen: tuple[str, ...] = ()) -> None:
+    """The step's learning rate: ``lr`` times each group's ``lr_scale`` (1 when absent), 0 for
+    the groups whose ``role`` is in ``frozen``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = 0.0 if group.get("role", "") in frozen else lr * group.get("lr_scale", 1.0)
 
 
 def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -601,7 +613,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
 
     while not finished and step < (max_steps if max_steps is not None else total):
         lr = replay.rows[step]["lr"] if replay is not None else learning_rate(step, total, config)
-        set_learning_rate(optimizer, lr)
+        gate_frozen = step < config.gate_freeze * total
+        set_learning_rate(optimizer, lr, frozen=("gate",) if gate_frozen else ())
         # Never shrink: a refitted (longer) schedule moves the warm-up stages later.
         if replay is not None:
             context = replay.rows[step]["context"]

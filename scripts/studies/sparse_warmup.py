@@ -3,13 +3,14 @@
 (``--eval-contexts``) with how often each layer selected the needle's block (``--context``,
 ``--rope-theta``, ``--pattern`` vary the setup).
 
-    python scripts/studies/sparse_warmup.py {off,on,anneal,frozen} [--seed 0] [--steps 2000] [--out DIR]
+    python scripts/studies/sparse_warmup.py {off,on,anneal,frozen,release} [--seed 0] [--steps 2000] [--out DIR]
         [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--pattern 4,2,8,8] [--tag SUFFIX]
 
 ``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
 (dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
 256 tokens until 85%); ``frozen``: the plain warm-up with the gates frozen at 0.5
-(``gate_lr_scale=0``). Every mode also prints the per-layer mean gates every 200 steps.
+(``gate_lr_scale=0``); ``release``: frozen for the first half of the schedule, then trained
+(``gate_freeze=0.5``). Every mode also prints the per-layer mean gates every 200 steps.
 
 A small NSA model (2 layers of width 64, 4 query / 2 key-value heads of dim 16) on the GPU run's
 task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down by 8
@@ -62,7 +63,8 @@ def study_config(mode: str, seed: int, steps: int, eval_contexts: tuple[int, ...
                        context_warmup=0.6,
                        advance_loss=0.3, hold_loss=3.5, hold_until=0.5, sparse_warmup=mode == "on",
                        selection_anneal=ANNEAL if mode == "anneal" else None,
-                       gate_lr_scale=0.0 if mode == "frozen" else 1.0, steps=steps,
+                       gate_lr_scale=0.0 if mode == "frozen" else 1.0,
+                       gate_freeze=0.5 if mode == "release" else 0.0, steps=steps,
                        batch_size=16, lr=3e-3, warmup_steps=20, phi_lr_scale=0.03, log_every=50,
                        eval_every=steps + 1, eval_contexts=eval_contexts,
                        eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
@@ -75,8 +77,9 @@ def mean_loss(rows: list[dict], first: int, last: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["off", "on", "anneal", "frozen"],
-                        help="plain warm-up, sparse_warmup, selection_anneal, or frozen gates")
+    parser.add_argument("mode", choices=["off", "on", "anneal", "frozen", "release"],
+                        help="plain warm-up, sparse_warmup, selection_anneal, frozen gates, or gates "
+                             "frozen for the first half")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="reports/studies/sparse_warmup")
