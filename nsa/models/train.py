@@ -906,6 +906,14 @@ def plot_loss(runs: dict[str, ModelRun], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Retrieval training loss: NSA vs dense twin")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically (a temp file beside it, then ``os.replace``) and
+    close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -948,12 +956,7 @@ def plot_retrieval(run: ModelRun, path: Path) -> Path | None:
         ax.set_ylabel("context")
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)
 
 
 # ----- the whole run ---------------------------------------------------------------------------
