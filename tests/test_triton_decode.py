@@ -183,6 +183,19 @@ def test_split_plans_agree():
     assert many.cmp_splits > 1 and many.slc_splits > 1 and many.score_splits > 1
 
 
+@pytest.mark.parametrize("window_overlap", ["compressed", "scoring"])
+def test_window_splits_launched_apart_agree(window_overlap):
+    """The window splits as a launch of their own (``SPLIT_BASE``; on a side stream on CUDA, in
+    order here) give the prefill's result, with several splits in every branch."""
+    config = small(window=40)
+    plan_kwargs = {"target_programs": 1024, "block_n": 16, "window_overlap": window_overlap}
+    plan = plan_decode(config, 4, 96, **plan_kwargs)
+    assert plan.cmp_splits > 1 and plan.win_splits > 1
+    check_step(config, [90, 57], [1, 1], 1, 96, 40, 4, plan_kwargs=plan_kwargs)
+    with pytest.raises(ValueError, match="window_overlap"):
+        plan_decode(small(), 4, 96, window_overlap="window")
+
+
 @pytest.mark.parametrize("head_dim,warps", [(64, 4), (128, 4), (192, 8), (256, 8)])
 def test_decode_warps_follow_the_padded_head_dim(head_dim, warps):
     """4 warps up to Dk=128 (faster on an H200); 8 above (as fast as 4 there, measured)."""

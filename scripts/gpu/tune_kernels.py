@@ -195,10 +195,13 @@ def sweep(seq_len, dk, dv, results, only):
 
 # Decode-plan variants, each a change from the default plan (the first, empty one): programs per
 # branch in multiples of the SM count, key tile, warps of the range/select kernels, pipeline depth
-# of their key loops, warps of the combine kernel.
+# of their key loops, warps of the combine kernel, the window splits on a side stream.
 DECODE_VARIANTS = [{}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
                    {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
-                   {"num_stages": 4, "combine_warps": 1}, {"programs": 8, "num_stages": 4, "combine_warps": 1}]
+                   {"num_stages": 4, "combine_warps": 1},
+                   {"programs": 8, "num_stages": 4, "combine_warps": 1},
+                   {"programs": 2, "window_overlap": "compressed"},
+                   {"programs": 2, "window_overlap": "scoring"}]
 
 
 def sweep_decode(context, dk, dv, results):
@@ -231,7 +234,8 @@ def sweep_decode(context, dk, dv, results):
                                          cache.v_win, gates, cache.lengths, config, num_new=num_new,
                                          plan=plan, check_values=False)
             label = (f"T={context} B={batch} {dk}/{dv} (bn {plan.block_n}, warps {plan.num_warps}, "
-                     f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs})")
+                     f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs}, "
+                     f"window {plan.window_overlap})")
             if DEVICE == "cpu":
                 timed(results, "decode", label, step)
                 continue

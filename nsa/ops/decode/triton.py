@@ -12,7 +12,9 @@ A step is four launches and no host synchronisation, so it can be captured in a 
 
 1. ``_range_kernel``: the two contiguous key ranges in one launch: compressed attention over
    ``[0, num_cmp(t + 1))`` (the first splits of grid axis 1) and window attention over
-   ``max(0, t - w + 1) .. t`` read from the ring (the other splits).
+   ``max(0, t - w + 1) .. t`` read from the ring (the other splits). With
+   ``DecodePlan.window_overlap`` the window splits are a second launch on a side stream instead,
+   joined before the combine (the capture of a CUDA graph forks and joins the same way).
 2. ``_score_kernel``: ``p_cmp = exp2(q.k * scale * log2e - lse)`` with the merged log-sum-exp of
    1, summed over the group's heads (Eq. 10) and mapped to selection blocks by Eq. 9 (the second
    pass over the compressed keys); it writes one int64 ranking key per block: float bits of the
@@ -31,6 +33,7 @@ loaded, summed over splits: counted from the ranges used, not from the formula.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,6 +52,7 @@ LOG2E = 1.4426950408889634
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
 MAX_SPLITS = 64
+WINDOW_OVERLAPS = ("none", "compressed", "scoring")
 # Software-pipeline depth of the key loops (range and select kernels): tiles in flight per program.
 # A program whose chunk is at most two tiles (batch 1 at long contexts: one tile each) gets 2: the
 # third buffer only costs occupancy (H200, 64k, batch 1: 31.2 against 33.5 us per step; batch 32,
@@ -121,12 +125,12 @@ def _store_partial(acc, m_i, l_i, counted, O_PART, LSE_PART, CNT_PART, part, GP:
     tl.store(CNT_PART + part, tl.sum(counted))
 
 
-@triton.jit(do_not_specialize=["N_TILES", "CMP_CHUNK", "CMP_SPLITS", "WIN_CHUNK", "WIN_SPLITS"])
+@triton.jit(do_not_specialize=["N_TILES", "CMP_CHUNK", "CMP_SPLITS", "WIN_CHUNK", "WIN_SPLITS", "SPLIT_BASE"])
 def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, P_TILE, M_TILE,
                   KQ, HK, RING, N_TILES,
                   stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn,
                   stride_vch, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh, qk_scale,
-                  CMP_CHUNK, CMP_SPLITS, WIN_CHUNK, WIN_SPLITS,
+                  CMP_CHUNK, CMP_SPLITS, WIN_CHUNK, WIN_SPLITS, SPLIT_BASE,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -134,6 +138,8 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     """Partial compressed attention (splits ``0 .. CMP_SPLITS-1`` of axis 1) or window attention
     (the next ``WIN_SPLITS``) of token group ``program_id(0)``: one launch for both contiguous
     key ranges, the branch picked per program by scalar selects rather than divergent code.
+    Split ``program_id(1) + SPLIT_BASE``: a launch of only the window splits (``SPLIT_BASE =
+    CMP_SPLITS``) can run on another stream (``DecodePlan.window_overlap``).
 
     With ``FUSED`` the compressed programs also write, per tile ``u`` of ``BLOCK_N`` compressed
     tokens, the Eq. 9 block sums of ``exp2(s - m_u)`` per head (``P_TILE [rows, N_TILES, GP, J+1]``)
@@ -142,7 +148,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     Scaled by ``exp2(m_u - lse)`` they give ``p_slc`` without reading the compressed keys again.
     """
     pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(1) + SPLIT_BASE
     is_win = pid_s >= CMP_SPLITS
     split = tl.where(is_win, pid_s - CMP_SPLITS, pid_s)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
@@ -421,6 +427,10 @@ class DecodePlan:
     ``*_splits`` programs per token group; ``score_steps`` Eq. 9 steps (tiles when ``fused``) of
     ``nb_step`` blocks per scoring program; ``fused``: the compressed pass leaves per-tile block
     sums (``n_tiles`` per token group) so the scoring does not read the compressed keys again.
+    ``window_overlap``: ``"none"``, one launch for the compressed and window splits; otherwise the
+    window splits run on a side stream, from the start (``"compressed"``: beside the compressed
+    pass) or once the compressed pass is done (``"scoring"``: beside the scoring and the top-n,
+    which leave the memory system mostly idle); the streams join before the combine.
     """
 
     block_n: int
@@ -442,11 +452,18 @@ class DecodePlan:
     num_warps: int  # decode_warps(head_dim)
     num_stages: int  # DECODE_STAGES, or SHORT_CHUNK_STAGES for chunks of at most two tiles
     combine_warps: int  # combine_warps(most splits, Dv)
+    window_overlap: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.window_overlap not in WINDOW_OVERLAPS:
+            raise ValueError(f"DecodePlan.window_overlap must be one of {WINDOW_OVERLAPS}, "
+                             f"got {self.window_overlap!r}")
 
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
-                block_n: int | None = None) -> DecodePlan:
-    """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups.
+                block_n: int | None = None, window_overlap: str = "none") -> DecodePlan:
+    """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
+    (``window_overlap``: see :class:`DecodePlan`).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -495,7 +512,8 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       score_steps=score_steps // nb_step, score_splits=score_splits, num_blocks=num_blocks,
                       fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
-                      combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim))
+                      combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim),
+                      window_overlap=window_overlap)
 
 
 def decode_warps(head_dim: int) -> int:
@@ -525,6 +543,33 @@ def combine_warps(splits: int, dv: int) -> int:
 def splits_pow2(splits: int) -> int:
     """Tile width over a branch's splits; at least 16 so that few variants get compiled."""
     return max(16, pow2(splits))
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _fork(device: torch.device) -> torch.cuda.Stream | None:
+    """The device's side stream, made to wait for the work queued so far on the current stream
+    (``None`` on CPU tensors, i.e. under the interpreter: launches there are sequential)."""
+    if device.type != "cuda":
+        return None
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
+
+
+def _on(side: torch.cuda.Stream | None):
+    """Launches inside go to ``side`` (nothing changes for ``None``)."""
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+
+def _join(side: torch.cuda.Stream, device: torch.device) -> None:
+    """The current stream waits for ``side``'s work: every buffer it wrote is ready, and the
+    caching allocator may reuse them once the current stream is done (a CUDA graph capture joins
+    the forked stream here too)."""
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -589,14 +634,28 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         m_tile = torch.empty(rows, plan.n_tiles, gp, **f32)
     else:
         p_tile = m_tile = torch.empty(1, **f32)
-    _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](
+    range_args = (
         q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], p_tile, m_tile, steps, hk,
         ring, plan.n_tiles, *q_strides,
         *k_cmp.stride()[:3], *v_cmp.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], qk_scale,
-        plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits, G=group, GP=gp, DK=dk, DKP=dkp,
-        DV=dv, DVP=dvp, BLOCK=c.compress_block, STRIDE=c.compress_stride, WINDOW=c.window, PRECISION=precision,
-        BLOCK_N=plan.block_n, FUSED=plan.fused, SELECT_BLOCK=c.select_block, NBT=plan.nbt, num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits)
+    range_meta = {"G": group, "GP": gp, "DK": dk, "DKP": dkp, "DV": dv, "DVP": dvp,
+                  "BLOCK": c.compress_block, "STRIDE": c.compress_stride, "WINDOW": c.window,
+                  "PRECISION": precision, "BLOCK_N": plan.block_n, "FUSED": plan.fused,
+                  "SELECT_BLOCK": c.select_block, "NBT": plan.nbt, "num_warps": plan.num_warps,
+                  "num_stages": plan.num_stages}
+    side = None
+    if plan.window_overlap == "none":
+        _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](*range_args, 0, **range_meta)
+    else:
+        if plan.window_overlap == "compressed":
+            side = _fork(q.device)
+            _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
+        else:
+            _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
+            side = _fork(q.device)
+        with _on(side):
+            _range_kernel[(rows, plan.win_splits)](*range_args, plan.cmp_splits, **range_meta)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
     if plan.fused:
         _score_tiles_kernel[(rows, plan.score_splits)](
@@ -621,6 +680,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
+    if side is not None:
+        _join(side, q.device)
     _combine_kernel[(rows * group,)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
