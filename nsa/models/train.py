@@ -111,9 +111,9 @@ class TrainConfig:
             learning rate (default 1: unchanged). The gate's last layer starts at zero (spec:
             gates 0.5); Adam moves each of its ``d_model`` input weights by up to about ``lr`` per
             step, so a gate logit can move by up to about ``lr * ||x||_1`` (about 0.4 per step at
-            width 256, lr 2e-3) while the retrieval branches have learned nothing to gate yet. An
-            experiment knob: frozen gates did not measurably help in the CPU study
-            (docs/TRAINING.md, "GPU run 2026-11-28 (H200)").
+            width 256, lr 2e-3) while the retrieval branches have learned nothing to gate yet.
+            ``0`` freezes the gates at 0.5 (the best 64k retrieval on the H200 so far;
+            docs/TRAINING.md, "GPU runs 2026-11-29, last").
         gate_freeze: fraction of the schedule (0..1) during which the gate MLP does not train at
             all (learning rate 0, so no weight decay either: every gate stays at its initial
             0.5); afterwards it trains at ``gate_lr_scale``. ``gate_lr_scale=0`` freezes it for
