@@ -861,7 +861,7 @@ def goals(runs: dict[str, ModelRun]) -> dict[str, Any]:
             measured) >= GOAL_ACCURACY
         # Why the goal is missed: per layer, the worst depth's rate of selecting the needle's block.
         out["nsa_min_needle_selected_longest"] = {
-            k.removeprefix("needle_selected_"): min((r[k] for r in cells if r.get(k) is not None),
+            f"layer{k.removeprefix(NEEDLE_SELECTED)}": min((r[k] for r in cells if r.get(k) is not None),
                                                     default=None)
             for k in needle_selected_columns(cells)}
     if "nsa" in runs and "dense" in runs:

@@ -565,13 +565,6 @@ def _on(side: torch.cuda.Stream | None):
     return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
 
-def _join(side: torch.cuda.Stream, device: torch.device) -> None:
-    """The current stream waits for ``side``'s work: every buffer it wrote is ready, and the
-    caching allocator may reuse them once the current stream is done (a CUDA graph capture joins
-    the forked stream here too)."""
-    torch.cuda.current_stream(device).wait_stream(side)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -648,11 +641,11 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     if plan.window_overlap == "none":
         _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](*range_args, 0, **range_meta)
     else:
+        # The fork point decides what the window runs beside: the compressed pass, or what follows it.
         if plan.window_overlap == "compressed":
             side = _fork(q.device)
-            _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
-        else:
-            _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
+        _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
+        if plan.window_overlap == "scoring":
             side = _fork(q.device)
         with _on(side):
             _range_kernel[(rows, plan.win_splits)](*range_args, plan.cmp_splits, **range_meta)
@@ -681,7 +674,9 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     if side is not None:
-        _join(side, q.device)
+        # Every buffer the window wrote is ready, and the allocator may reuse them once the current
+        # stream is done (a CUDA graph capture joins the forked stream here too).
+        torch.cuda.current_stream(q.device).wait_stream(side)
     _combine_kernel[(rows * group,)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
