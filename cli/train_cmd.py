@@ -76,6 +76,10 @@ def _parse_fractions(text: str) -> tuple[float, float]:
 @click.option("--eval-contexts", default=None,
               help="Comma-separated evaluation contexts [default: 4096,16384,65536; 64,256 with --tiny].")
 @click.option("--eval-depths", default="0,10,20,30,40,50,60,70,80,90,100", show_default=True, help=DEPTH_HELP)
+@click.option("--eval-rope-scaling", default=None, metavar="METHODS",
+              help="Comma-separated RoPE methods at evaluation contexts longer than the training one: "
+                   "none (as trained), yarn, linear (position interpolation); each method gets its own "
+                   "rows [default: none].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Sequences per (context, depth) cell [default: 8; 16 with --tiny].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -107,7 +111,8 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
           sparse_warmup: bool | None, selection_anneal: str | None, gate_lr_scale: float | None,
           gate_freeze: float | None, steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
-          eval_samples: int | None, batch_size: int | None, lr: float | None, backend: str,
+          eval_rope_scaling: str | None, eval_samples: int | None, batch_size: int | None, lr: float | None,
+          backend: str,
           rope_theta: float | None, seed: int,
           out_dir: str, device: str, replay_dir: str | None, tiny: bool, leg_minutes: float | None,
           resume: bool) -> None:
@@ -151,6 +156,8 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
         changes["selection_anneal"] = _parse_fractions(selection_anneal)
     if eval_contexts is not None:
         changes["eval_contexts"] = _parse_ints(eval_contexts, "--eval-contexts")
+    if eval_rope_scaling is not None:
+        changes["eval_rope_scaling"] = tuple(m.strip() for m in eval_rope_scaling.split(",") if m.strip())
     target_context = changes.get("context", base.context)
     start = start_context if start_context is not None else base.start_context
     changes["start_context"] = None if start is None or start >= target_context else start

@@ -15,7 +15,7 @@ from nsa.functional import BRANCHES, NSAInfo, nsa_attention
 from nsa.ops.decode import resolve_decode
 from nsa.ops.reference import nsa_reference
 from nsa.phi import BlockCompressor
-from nsa.rope import apply_rope, check_rope_dim
+from nsa.rope import RopeScaling, apply_rope, apply_rope_queries, check_rope_dim
 
 
 @dataclass
@@ -75,6 +75,9 @@ class NSAAttention(nn.Module):
         d_model: width of the layer's input and output.
         config: the :class:`~nsa.NSAConfig` (``config.head_dim`` must be even for RoPE).
         rope_theta: RoPE base.
+        rope_scaling: RoPE beyond the trained context (:class:`~nsa.rope.RopeScaling`, e.g. YaRN);
+            ``None``: RoPE as trained. An attribute: set it to evaluate or decode a trained layer at
+            a longer context (prefill and decode rotate alike).
         phi_hidden: hidden width of the learned phi MLP (``config.phi == "mlp"``); default ``4 * D``.
         bias: bias on the q/k/v and output projections (the gate always has one).
 
@@ -85,7 +88,8 @@ class NSAAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, config: NSAConfig, *, rope_theta: float = 10000.0,
-                 phi_hidden: int | None = None, bias: bool = False) -> None:
+                 rope_scaling: RopeScaling | None = None, phi_hidden: int | None = None,
+                 bias: bool = False) -> None:
         super().__init__()
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
@@ -94,7 +98,11 @@ class NSAAttention(nn.Module):
         check_rope_dim(config.head_dim, "config.head_dim")
         if not float(rope_theta) > 0:
             raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+        if rope_scaling is not None and not isinstance(rope_scaling, RopeScaling):
+            raise TypeError(f"rope_scaling must be an nsa.rope.RopeScaling or None, "
+                            f"got {type(rope_scaling).__name__}")
         self.d_model, self.config, self.rope_theta = d_model, config, float(rope_theta)
+        self.rope_scaling = rope_scaling
         hq, hk, dk, dv = config.num_heads, config.num_kv_heads, config.head_dim, config.v_head_dim
         self.q_proj = nn.Linear(d_model, hq * dk, bias=bias)
         self.k_proj = nn.ModuleDict({b: nn.Linear(d_model, hk * dk, bias=bias) for b in BRANCHES})
@@ -108,7 +116,8 @@ class NSAAttention(nn.Module):
         self.o_proj = nn.Linear(hq * dv, d_model, bias=bias)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, rope_theta={self.rope_theta}, config={self.config}"
+        return (f"d_model={self.d_model}, rope_theta={self.rope_theta}, rope_scaling={self.rope_scaling}, "
+                f"config={self.config}")
 
     # ----- pieces ------------------------------------------------------------------------------
 
@@ -133,13 +142,13 @@ class NSAAttention(nn.Module):
         """
         c = self.config
         batch, seq_len, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions,
-                       theta=self.rope_theta)
+        q = apply_rope_queries(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions,
+                               theta=self.rope_theta, scaling=self.rope_scaling)
         kv = {}
         for branch in BRANCHES:
             k = self.k_proj[branch](x).view(batch, seq_len, c.num_kv_heads, c.head_dim)
             v = self.v_proj[branch](x).view(batch, seq_len, c.num_kv_heads, c.v_head_dim)
-            kv[branch] = (apply_rope(k, positions, theta=self.rope_theta), v)
+            kv[branch] = (apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling), v)
         logits = self.gate_proj(x).view(batch, seq_len, c.num_heads, 3)
         gates = torch.sigmoid(logits) if c.gate == "sigmoid" else torch.softmax(logits, dim=-1)
         return q, kv, gates

@@ -805,3 +805,42 @@ def test_cli_gate_lr_scale_zero_freezes_the_gates(tmp_path):
     logged = [r for r in read_table(tmp_path / "train_log.parquet") if r["gate_mean/cmp"] is not None]
     assert len(logged) >= 2 and all(r[f"gate_mean/{b}"] == pytest.approx(0.5, abs=1e-6)
                                     for r in logged for b in ("cmp", "slc", "win"))
+
+
+def test_cli_eval_rope_scaling_adds_rows_per_method_beyond_the_training_context(tmp_path, monkeypatch):
+    import nsa.models.train as train_module
+
+    seen = []
+    real = train_module.retrieval_accuracy
+
+    def spy(model, task, context, depth, **kwargs):
+        scalings = {block.attn.rope_scaling for block in model.blocks}
+        assert len(scalings) == 1, "every layer runs the same RoPE"
+        seen.append((context, scalings.pop()))
+        return real(model, task, context, depth, **kwargs)
+
+    monkeypatch.setattr(train_module, "retrieval_accuracy", spy)
+    result = CliRunner().invoke(train_command, [
+        "--tiny", "--model", "nsa", "--steps", "4", "--device", "cpu", "--out", str(tmp_path),
+        "--eval-contexts", "64,128", "--eval-depths", "0,100", "--eval-samples", "2",
+        "--eval-rope-scaling", "none,yarn,linear"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = read_table(tmp_path / "retrieval.parquet")
+    cells = {(r["task"], r["context"], r["rope_scaling"]) for r in rows}
+    # The training context (64) runs once, as trained; 128 once per method.
+    assert cells == {(task, context, method) for task in ("single", "multikey")
+                     for context, method in ((64, "none"), (128, "none"), (128, "yarn"), (128, "linear"))}
+    assert len(rows) == 2 * 4 * 2
+    from nsa.rope import RopeScaling
+
+    assert set(seen) == {(64, None), (128, None), (128, RopeScaling("yarn", 2.0, 64)),
+                         (128, RopeScaling("linear", 2.0, 64))}
+    assert "single retrieval at 128 tokens (yarn RoPE)" in result.output
+    goals = json.loads((tmp_path / "summary.json").read_text())["goals"]
+    assert set(goals["nsa_by_rope_scaling"]) == {"none", "yarn", "linear"}
+    met = [m for m, g in goals["nsa_by_rope_scaling"].items() if g["retrieval_goal_met"]]
+    assert goals["nsa_retrieval_goal_met"] == bool(met)
+    assert goals["nsa_retrieval_goal_method"] == (met[0] if met else None)
+    bad = CliRunner().invoke(train_command, ["--tiny", "--eval-rope-scaling", "none,ntk",
+                                             "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "eval_rope_scaling" in bad.output

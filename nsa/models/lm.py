@@ -25,7 +25,7 @@ from nsa.backends import BACKEND_CHOICES
 from nsa.config import NSAConfig
 from nsa.layer import NSAAttention
 from nsa.phi import BlockCompressor
-from nsa.rope import apply_rope, check_rope_dim
+from nsa.rope import RopeScaling, apply_rope, apply_rope_queries, check_rope_dim
 
 ATTENTION_CHOICES = ("nsa", "dense")
 BRANCH_INIT_CHOICES = ("shared", "independent")
@@ -133,6 +133,7 @@ class DenseAttention(nn.Module):
         super().__init__()
         check_rope_dim(config.head_dim, "config.head_dim")
         self.config, self.rope_theta = config, float(rope_theta)
+        self.rope_scaling: RopeScaling | None = None  # as NSAAttention.rope_scaling
         hq, hk, dk, dv = config.num_heads, config.num_kv_heads, config.head_dim, config.v_head_dim
         self.q_proj = nn.Linear(d_model, hq * dk, bias=False)
         self.k_proj = nn.Linear(d_model, hk * dk, bias=False)
@@ -144,10 +145,10 @@ class DenseAttention(nn.Module):
         c = self.config
         batch, seq_len, _ = x.shape
         positions = torch.arange(seq_len, device=x.device)
-        q = apply_rope(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions,
-                       theta=self.rope_theta)
+        q = apply_rope_queries(self.q_proj(x).view(batch, seq_len, c.num_heads, c.head_dim), positions,
+                               theta=self.rope_theta, scaling=self.rope_scaling)
         k = apply_rope(self.k_proj(x).view(batch, seq_len, c.num_kv_heads, c.head_dim), positions,
-                       theta=self.rope_theta)
+                       theta=self.rope_theta, scaling=self.rope_scaling)
         v = self.v_proj(x).view(batch, seq_len, c.num_kv_heads, c.v_head_dim)
         # SDPA wants [B, H, T, D]; GQA by repeating kv heads (query head h*G+g reads kv head h).
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -223,6 +224,11 @@ class RetrievalLM(nn.Module):
                 init_phi_as_mean(module)
             if isinstance(module, NSAAttention) and self.config.branch_init == "shared":
                 share_branch_init(module)
+
+    def set_rope_scaling(self, scaling: RopeScaling | None) -> None:
+        """Run every attention layer with ``scaling`` (``None``: RoPE as trained)."""
+        for block in self.blocks:
+            block.attn.rope_scaling = scaling
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight

@@ -3,8 +3,9 @@
 # two NSA settings, inside one 10-minute command). Run from the project root on the GPU machine,
 # with `.whl/` carried (../shared/tools/gpu-wheels.sh):
 #   scripts/gpu/train_runs.sh LIMIT_SECONDS NAME="nsa train options" [NAME="options" ...]
-# Run i trains on GPU i with `--out reports/train/NAME` (git-ignored, so it stays on the machine
-# between commands: a later leg passes `--resume`, a dense twin `--replay reports/train/OTHER`),
+# Run i trains on GPU i with `--out /tmp/nsa-train/NAME`: outside the repository copy, which the
+# device tool replaces when a later command carries a fresh snapshot, so the run stays on the
+# machine while it is held (a later leg passes `--resume`, a dense twin `--replay /tmp/nsa-train/OTHER`),
 # logs to $OUT/NAME.log, and is stopped with SIGTERM at LIMIT_SECONDS. When all have ended (waited
 # for with `wait`, never by polling for a process pattern, which can match the waiting shell
 # itself), each run's tables, plots and summary are copied to $OUT/NAME/ without checkpoints.
@@ -18,7 +19,8 @@ export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled
 limit=$1
 shift
 out=${OUT:-reports/train-logs}
-mkdir -p "$out" reports/train
+runs=/tmp/nsa-train
+mkdir -p "$out" "$runs"
 names=() pids=()
 gpu=0
 for run in "$@"; do
@@ -29,7 +31,7 @@ for run in "$@"; do
   fi
   # shellcheck disable=SC2086  # the options are a word list on purpose
   CUDA_VISIBLE_DEVICES=$gpu timeout -s TERM -k 30 "$limit" \
-    python3 -m cli.main train $options --out "reports/train/$name" > "$out/$name.log" 2>&1 &
+    python3 -m cli.main train $options --out "$runs/$name" > "$out/$name.log" 2>&1 &
   names+=("$name") pids+=($!)
   gpu=$((gpu + 1))
 done
@@ -40,7 +42,7 @@ for i in "${!pids[@]}"; do
   [ "$rc" -ne 0 ] && status=1
   name=${names[$i]}
   mkdir -p "$out/$name"
-  tar -C "reports/train/$name" --exclude=checkpoints -cf - . | tar -xf - -C "$out/$name"
+  tar -C "$runs/$name" --exclude=checkpoints -cf - . | tar -xf - -C "$out/$name"
   echo "== $name: exit $rc"
   tail -25 "$out/$name.log"
 done
