@@ -96,3 +96,38 @@ def test_decode_performance_case_fails_slower_than_dense_and_skips_without_dense
     fake_decode_bench["dense_us"] = (None, None)
     alone = all_suites()["performance"].run(_decode_case(8192, 1))
     assert alone.status == "skip" and "no torch SDPA backend ran" in alone.message and "sdpa-math" in alone.message
+
+
+def _method_goal(min_accuracy, not_measured=0):
+    return {"min_accuracy_longest": min_accuracy, "cells_not_measured_longest": not_measured,
+            "retrieval_goal_met": False, "min_needle_selected_longest": {"layer0": 0.5}}
+
+
+@pytest.mark.parametrize("by_method, passes, best", [
+    # RoPE as trained misses, position interpolation meets the goal: pass, named.
+    ({"none": _method_goal(0.5), "linear": _method_goal(1.0)}, True, "linear"),
+    # Every method misses: fail on the best one's number.
+    ({"none": _method_goal(0.5), "yarn": _method_goal(0.875)}, False, "yarn"),
+    # A perfect method with unmeasured cells loses to a measured one and fails the cell count.
+    ({"none": _method_goal(0.25), "linear": _method_goal(1.0, not_measured=3)}, False, "none"),
+])
+def test_trainability_retrieval_goal_takes_the_best_rope_method(by_method, passes, best):
+    from suites.trainability import _check_retrieval_goal
+    from verify.registry import Checks
+
+    checks = Checks()
+    _check_retrieval_goal({"nsa_by_rope_scaling": by_method}, checks)
+    assert (not checks.failures) == passes, checks.failures
+    assert checks.metrics[f"nsa_best_rope_scaling_is_{best}"] == 1.0
+    for method, result in by_method.items():
+        assert checks.metrics[f"nsa_min_accuracy_64k_{method}"] == result["min_accuracy_longest"]
+
+
+def test_trainability_retrieval_goal_reads_runs_without_methods():
+    from suites.trainability import _check_retrieval_goal
+    from verify.registry import Checks
+
+    checks = Checks()
+    _check_retrieval_goal({"nsa_min_accuracy_longest": 1.0, "nsa_cells_not_measured_longest": 0,
+                           "nsa_min_needle_selected_longest": {"layer0": 1.0}}, checks)
+    assert not checks.failures and checks.metrics["nsa_min_accuracy_64k"] == 1.0

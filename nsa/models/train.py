@@ -300,7 +300,8 @@ def gpu_config(**changes: Any) -> TrainConfig:
                        context_warmup=0.6, advance_loss=0.3, hold_loss=3.5, hold_until=0.5, steps=3000,
                        batch_size=16, lr=2e-3, warmup_steps=50, phi_lr_scale=0.03,
                        log_every=25, eval_every=250, eval_contexts=(4096, 16384, 65536), eval_samples=8,
-                       eval_batch_size=4, checkpoint_every=500, device="cuda")
+                       eval_batch_size=4, eval_rope_scaling=("none", "linear", "yarn"), checkpoint_every=500,
+                       device="cuda")
     return base.replace(**changes)
 
 
