@@ -79,7 +79,7 @@ def _parse_fractions(text: str) -> tuple[float, float]:
 @click.option("--eval-rope-scaling", default=None, metavar="METHODS",
               help="Comma-separated RoPE methods at evaluation contexts longer than the training one: "
                    "none (as trained), yarn, linear (position interpolation); each method gets its own "
-                   "rows [default: none].")
+                   "rows [default: none,linear,yarn; none with --tiny].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Sequences per (context, depth) cell [default: 8; 16 with --tiny].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,

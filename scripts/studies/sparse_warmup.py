@@ -5,6 +5,7 @@
 
     python scripts/studies/sparse_warmup.py {off,on,anneal,frozen,release} [--seed 0] [--steps 2000] [--out DIR]
         [--eval-contexts 256,1024] [--context 256] [--rope-theta 1e8] [--pattern 4,2,8,8] [--tag SUFFIX]
+        [--twin]
 
 ``off``: the plain warm-up; ``on``: ``sparse_warmup``; ``anneal``: ``selection_anneal=(0.6, 0.85)``
 (dense selection through the warm-up, which ends by 60% of the schedule, then ``n`` falls to 8 at
@@ -20,7 +21,9 @@ task (4 needles, 4 queries, vocabulary 264) with the paper's pattern scaled down
 thread; about 12 minutes per run on one core of the CI machine. Prints the loss around each
 context change, the mean loss of the last 200 steps and retrieval at 256 and 1024 tokens
 (``--eval-contexts``) with how often each layer selected the needle's block; writes
-``<out>/<mode>-<seed>.json``.
+``<out>/<mode>-<seed>.json``. ``--twin`` then trains the dense twin on NSA's schedule (same
+batches, learning rates and contexts, NSA's initial weights where shared) and prints both final
+losses as the trainability goal measures them (mean of the last 10% of steps).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from nsa.models.train import (  # noqa: E402
     TrainConfig,
     evaluate_retrieval,
     needle_selected_columns,
+    smoothed_final_loss,
     train_model,
 )
 
@@ -92,6 +96,7 @@ def main() -> None:
                         "where the 3-token needle fills most of a compressed token; 16,8,16,6 dilutes it "
                         "nearer to the paper's 3 of 32)")
     parser.add_argument("--tag", default="", help="suffix of the output names (runs with other options)")
+    parser.add_argument("--twin", action="store_true", help="also train the dense twin on NSA's schedule")
     args = parser.parse_args()
     torch.set_num_threads(1)
     contexts = tuple(int(c) for c in args.eval_contexts.split(","))
@@ -120,12 +125,27 @@ def main() -> None:
                       | {"needle_selected": [r[k] for k in needle_selected_columns([r])]}
                       for r in retrieval],
     }
+    if args.twin:
+        dense, dense_run = train_model("dense", config.replace(models=("dense",)), out / f"{name}-dense",
+                                       replay=run, report=lambda line: None)
+        result["final_loss_nsa"] = smoothed_final_loss(rows, run.steps)
+        result["final_loss_dense"] = smoothed_final_loss(dense_run.rows, dense_run.steps)
+        result["dense_loss_per_100"] = [mean_loss(dense_run.rows, s, min(s + 100, dense_run.steps))
+                                        for s in range(0, dense_run.steps, 100)]
+        result["dense_retrieval"] = [{k: r[k] for k in ("task", "context", "depth", "accuracy")}
+                                     for r in evaluate_retrieval(dense, "dense", config, report=lambda line: None)]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     for change in result["context_changes"]:
         print(f"step {change['step']}: {change['from']} -> {change['to']} tokens, loss (20 steps) "
               f"{change['loss_20_before']:.3f} -> {change['loss_20_after']:.3f}")
     print(f"mean loss, last 200 steps: {result['loss_last_200']:.4f}")
+    if args.twin:
+        print(f"final loss (last 10% of steps): NSA {result['final_loss_nsa']:.4f}, dense "
+              f"{result['final_loss_dense']:.4f}")
+        print("dense mean loss per 100 steps:", " ".join(f"{x:.2f}" for x in result["dense_loss_per_100"]))
+        for r in result["dense_retrieval"]:
+            print(f"dense {r['task']:8} {r['context']:5} depth {r['depth']:.2f}: {r['accuracy']:.2f}")
     print("mean loss per 100 steps:", " ".join(f"{x:.2f}" for x in result["loss_per_100"]))
     print("select_count every 100 steps:", result["select_count_per_100"])
     for gates in result["gates_per_200"]:
