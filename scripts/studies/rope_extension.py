@@ -56,8 +56,9 @@ def main() -> None:
           f"{args.samples} sequences per cell, {time.time() - start:.0f} s")
     for row in rows:
         selected = "/".join(f"{row[k]:.2f}" for k in needle_selected_columns([row]))
-        print(f"{row['task']:8} {row['context']:6} {row['rope_scaling']:6} depth {row['depth']:.2f}: "
-              f"{row['accuracy']:.2f}" + (f"  needle block selected per layer {selected}" if selected else ""))
+        where = f"{row['task']:8} {row['context']:6} {row['rope_scaling']:6} depth {row['depth']:.2f}"
+        print(f"{where}: {row['accuracy']:.2f}" + (f"  needle block selected per layer {selected}"
+                                                   if selected else ""))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -132,8 +132,9 @@ def main() -> None:
         result["final_loss_dense"] = smoothed_final_loss(dense_run.rows, dense_run.steps)
         result["dense_loss_per_100"] = [mean_loss(dense_run.rows, s, min(s + 100, dense_run.steps))
                                         for s in range(0, dense_run.steps, 100)]
+        dense_rows = evaluate_retrieval(dense, "dense", config, report=lambda line: None)
         result["dense_retrieval"] = [{k: r[k] for k in ("task", "context", "depth", "accuracy")}
-                                     for r in evaluate_retrieval(dense, "dense", config, report=lambda line: None)]
+                                     for r in dense_rows]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     for change in result["context_changes"]:
