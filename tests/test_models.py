@@ -485,8 +485,18 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
         "--eval-contexts", "64", "--eval-depths", "0,100", "--eval-samples", "4", "--hold-loss", "9.5"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     for name in ("train_log.parquet", "retrieval.parquet", "loss.png", "summary.json", "retrieval_nsa.png",
-                 "checkpoints/nsa.pt", "checkpoints/dense.pt"):
+                 "checkpoints/nsa.pt", "checkpoints/dense.pt", "weights_nsa.pt", "weights_dense.pt"):
         assert (out / name).is_file(), name
+    # The weights file is the checkpoint's model without optimizer or loop state.
+    from nsa.models.train import load_model
+
+    for model in ("nsa", "dense"):
+        (full, step), (small, small_step) = (load_model(out / p) for p in (f"checkpoints/{model}.pt",
+                                                                           f"weights_{model}.pt"))
+        assert step == small_step == 24
+        tokens = torch.randint(0, full.config.vocab_size, (1, 40))
+        assert torch.equal(full(tokens), small(tokens))
+        assert (out / f"weights_{model}.pt").stat().st_size < 0.6 * (out / f"checkpoints/{model}.pt").stat().st_size
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"] == 24
     assert summary["goals"]["finite_goal_met"] is True

@@ -490,6 +490,20 @@ def _save_checkpoint(path: Path, model, optimizer, config: TrainConfig, step: in
     os.replace(tmp, path)
 
 
+def _save_weights(path: Path, model, config: TrainConfig, step: int) -> None:
+    """The trained model alone (no optimizer or loop state): a few MB, small enough to fetch
+    from a GPU machine where the checkpoint is not; :func:`load_model` reads it too."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"model": model.state_dict(), "step": step, "lm_config": model.config.to_dict(),
+                "train_config": config.to_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def weights_path(out_dir: Path | str, name: str) -> Path:
+    """``<out_dir>/weights_<name>.pt``: the finished model's weights (see :func:`_save_weights`)."""
+    return Path(out_dir) / f"weights_{name}.pt"
+
+
 def checkpoint_path(out_dir: Path | str, name: str) -> Path:
     """Where training writes model ``name``'s checkpoint under ``out_dir``."""
     return Path(out_dir) / "checkpoints" / f"{name}.pt"
@@ -521,7 +535,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path | str, device: str = "cpu") -> tuple[RetrievalLM, int]:
-    """A model saved by training (``checkpoints/<model>.pt``) and the step it was saved at."""
+    """A model saved by training (``checkpoints/<model>.pt`` or ``weights_<model>.pt``) and the
+    step it was saved at."""
     state = torch.load(path, map_location=device, weights_only=False)
     model = RetrievalLM(LMConfig.from_dict(state["lm_config"])).to(device)
     model.load_state_dict(state["model"])
@@ -752,6 +767,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         set_nsa_pattern(model, config.model.nsa)
     if resume is None or not resume["resume"]["finished"]:
         _save_checkpoint(checkpoint_path(out_dir, name), model, optimizer, config, step, loop_state())
+        if finished:
+            _save_weights(weights_path(out_dir, name), model, config, step)
     else:
         seconds = trained_before
     run = ModelRun(name, step, total, seconds, rows, backend or "unknown",

@@ -8,7 +8,8 @@
 # machine while it is held (a later leg passes `--resume`, a dense twin `--replay /tmp/nsa-train/OTHER`),
 # logs to $OUT/NAME.log, and is stopped with SIGTERM at LIMIT_SECONDS. When all have ended (waited
 # for with `wait`, never by polling for a process pattern, which can match the waiting shell
-# itself), each run's tables, plots and summary are copied to $OUT/NAME/ without checkpoints.
+# itself), each run's tables, plots, summary and finished weights (weights_<model>.pt) are copied
+# to $OUT/NAME/ without checkpoints.
 # Example:
 #   scripts/gpu/train_runs.sh 590 \
 #     frozen8k="--model nsa --context 8192 --gate-lr-scale 0 --minutes 19 --leg-minutes 8" \
