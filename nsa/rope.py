@@ -80,9 +80,9 @@ class RopeScaling:
     def for_context(cls, method: str, context: int, original_context: int) -> RopeScaling | None:
         """The scaling that stretches ``original_context`` to ``context``; ``None`` when
         ``method == "none"`` or ``context <= original_context`` (RoPE as trained)."""
+        if method != "none" and method not in ROPE_SCALING_METHODS:
+            raise ValueError(f"method must be 'none' or one of {ROPE_SCALING_METHODS}, got {method!r}")
         if method == "none" or context <= original_context:
-            if method != "none" and method not in ROPE_SCALING_METHODS:
-                raise ValueError(f"method must be 'none' or one of {ROPE_SCALING_METHODS}, got {method!r}")
             return None
         return cls(method, context / original_context, original_context)
 
