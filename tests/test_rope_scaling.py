@@ -63,7 +63,8 @@ def test_for_context_only_scales_beyond_the_trained_context():
     ({"method": "ntk", "factor": 2.0, "original_context": 64}, "RopeScaling.method must be one of"),
     ({"method": "yarn", "factor": 0.5, "original_context": 64}, "RopeScaling.factor must be >= 1"),
     ({"method": "yarn", "factor": 2.0, "original_context": 0}, "original_context must be a positive"),
-    ({"method": "yarn", "factor": 2.0, "original_context": 64, "beta_slow": 40.0}, "0 < beta_slow < beta_fast"),
+    ({"method": "yarn", "factor": 2.0, "original_context": 64, "beta_slow": 40.0},
+     "0 < beta_slow < beta_fast"),
 ])
 def test_bad_scaling_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
