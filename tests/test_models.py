@@ -855,3 +855,16 @@ def test_cli_eval_rope_scaling_adds_rows_per_method_beyond_the_training_context(
     bad = CliRunner().invoke(train_command, ["--tiny", "--eval-rope-scaling", "none,ntk",
                                              "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "eval_rope_scaling" in bad.output
+
+
+def test_evaluation_past_its_budget_records_every_cell_as_not_run():
+    from nsa.models.train import evaluate_retrieval
+
+    config = tiny_config(eval_contexts=(64, 128), eval_depths=(0.0, 1.0), eval_rope_scaling=("none", "yarn"),
+                         eval_minutes=1e-9)
+    model = RetrievalLM(config.model)
+    rows = evaluate_retrieval(model, "nsa", config, report=lambda line: None)
+    # single and multikey x (64 none, 128 none, 128 yarn) x 2 depths, none dropped
+    assert len(rows) == 2 * 3 * 2
+    assert all(r["status"] == "not_run" and r["accuracy"] is None for r in rows)
+    assert all(block.attn.rope_scaling is None for block in model.blocks)

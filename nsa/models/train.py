@@ -538,9 +538,14 @@ def load_model(path: Path | str, device: str = "cpu") -> tuple[RetrievalLM, int]
     """A model saved by training (``checkpoints/<model>.pt`` or ``weights_<model>.pt``) and the
     step it was saved at."""
     state = torch.load(path, map_location=device, weights_only=False)
+    return model_from_state(state, device), int(state["step"])
+
+
+def model_from_state(state: dict[str, Any], device: str = "cpu") -> RetrievalLM:
+    """The model of a loaded checkpoint or weights file (its ``lm_config`` and ``model``)."""
     model = RetrievalLM(LMConfig.from_dict(state["lm_config"])).to(device)
     model.load_state_dict(state["model"])
-    return model, int(state["step"])
+    return model
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -804,14 +809,11 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
     (``config.task``'s needles, one query) at the same grid, once per ``eval_rope_scaling`` method
     (contexts beyond the training context only, for methods other than ``"none"``); stops
     starting new cells when ``eval_minutes`` is spent, recording those cells as ``not_run``."""
-    device = torch.device(config.device)
-    autocast = _autocast_dtype(device)
     model.eval()
     tasks = {"single": config.task.replace(num_needles=1, num_queries=1)}
     if config.task.num_needles > 1:
         tasks["multikey"] = config.task.replace(num_queries=1)
-    start = time.perf_counter()
-    budget = None if config.eval_minutes is None else config.eval_minutes * 60
+    deadline = None if config.eval_minutes is None else time.perf_counter() + config.eval_minutes * 60
     rows = []
     # A context within the training length runs RoPE as trained, once, whatever the methods.
     methods = config.eval_rope_scaling
@@ -821,23 +823,26 @@ def evaluate_retrieval(model: RetrievalLM, name: str, config: TrainConfig,
         for task_name, task in tasks.items():
             for method, context in grid:
                 model.set_rope_scaling(RopeScaling.for_context(method, context, config.context))
-                rows += _evaluate_cells(model, name, task_name, task, context, method, config, budget, start,
-                                        device, autocast, report)
+                rows += _evaluate_cells(model, name, task_name, task, context, method, config, deadline,
+                                        report)
     finally:
         model.set_rope_scaling(None)
     return rows
 
 
 def _evaluate_cells(model: RetrievalLM, name: str, task_name: str, task: RetrievalTask, context: int,
-                    method: str, config: TrainConfig, budget: float | None, start: float,
-                    device: torch.device, autocast, report: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One (task, context, RoPE method) row of the retrieval grid: a cell per depth."""
+                    method: str, config: TrainConfig, deadline: float | None,
+                    report: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One (task, context, RoPE method) row of the retrieval grid: a cell per depth; cells not
+    started by ``deadline`` (``time.perf_counter()``) are ``not_run``."""
     is_nsa = model.config.attention == "nsa"
+    device = torch.device(config.device)
+    autocast = _autocast_dtype(device)
     rows = []
     for index, depth in enumerate(config.eval_depths):
         row = {"model": name, "task": task_name, "context": context, "depth": float(depth),
                "rope_scaling": method, "samples": config.eval_samples}
-        if budget is not None and time.perf_counter() - start > budget:
+        if deadline is not None and time.perf_counter() > deadline:
             rows.append({**row, "status": "not_run", "correct": None, "accuracy": None, "seconds": None})
             continue
         began = time.perf_counter()

@@ -23,8 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.models.lm import LMConfig, RetrievalLM  # noqa: E402
-from nsa.models.train import TrainConfig, evaluate_retrieval, needle_selected_columns  # noqa: E402
+from nsa.models.train import (  # noqa: E402
+    TrainConfig,
+    evaluate_retrieval,
+    model_from_state,
+    needle_selected_columns,
+)
 
 
 def main() -> None:
@@ -41,9 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model = RetrievalLM(LMConfig.from_dict(state["lm_config"]))
-    model.load_state_dict(state["model"])
-    model.to(args.device)
+    model = model_from_state(state, args.device)
     config = TrainConfig.from_dict(state["train_config"]).replace(
         eval_contexts=tuple(int(c) for c in args.contexts.split(",")),
         eval_depths=tuple(int(d) / 100 for d in args.depths.split(",")),
