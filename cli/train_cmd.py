@@ -66,6 +66,13 @@ def _parse_fractions(text: str) -> tuple[float, float]:
 @click.option("--gate-freeze", type=click.FloatRange(min=0, max=1), default=None, metavar="FRACTION",
               help="The gates stay at 0.5 for this fraction of the schedule, then train at "
                    "--gate-lr-scale [default: 0].")
+@click.option("--adjacent-rate", type=click.FloatRange(min=0, max=1), default=None, metavar="FRACTION",
+              help="Fraction of training sequences whose first asked needle sits right before the "
+                   "queries (depth 100%; RetrievalTask.adjacent_rate). Default 0: uniform depths.")
+@click.option("--init-weights", type=click.Path(exists=True), default=None,
+              help="Start from an earlier run's trained weights instead of a fresh draw: a second "
+                   "training stage with a fresh optimizer and schedule. Its --out directory (each model "
+                   "from its weights_<model>.pt) or one weights file (with one --model).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Learning-rate schedule length [default: 3000; 300 with --tiny].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -109,7 +116,8 @@ def _parse_fractions(text: str) -> tuple[float, float]:
                    "with it): paused models go on from their checkpoints, finished ones stand.")
 def train(which: str, context: int | None, start_context: int | None, hold_loss: float | None,
           sparse_warmup: bool | None, selection_anneal: str | None, gate_lr_scale: float | None,
-          gate_freeze: float | None, steps: int | None,
+          gate_freeze: float | None, adjacent_rate: float | None, init_weights: str | None,
+          steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
           eval_rope_scaling: str | None, eval_samples: int | None, batch_size: int | None, lr: float | None,
           backend: str,
@@ -150,6 +158,10 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
             changes[key] = value
     if hold_loss is not None:
         changes["hold_loss"] = hold_loss or None
+    if adjacent_rate is not None:
+        changes["task"] = base.task.replace(adjacent_rate=adjacent_rate)
+    if init_weights is not None:
+        changes["init_weights"] = init_weights
     if sparse_warmup is not None:
         changes["sparse_warmup"] = sparse_warmup
     if selection_anneal is not None:

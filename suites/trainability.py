@@ -6,12 +6,13 @@
   the answer's token range stays at ``ln(num_values) / ln(vocab) ~ 0.8`` of the initial loss:
   passing takes real retrieval through the sparse attention. No step may have a NaN/inf loss or
   gradient. Retrieval accuracy after training is recorded.
-- ``full`` (one GPU, ~25 min, opt-in): the run of docs/TRAINING.md
-  (:func:`nsa.models.train.gpu_config` at 8k context, gates frozen for half the schedule), NSA and
-  the dense twin, with the issue's goals as bounds: NSA single-needle retrieval >= 99% at every
-  depth at 64k (under the best of the RoPE methods evaluated: as trained, position interpolation,
-  YaRN; each one's numbers recorded), NSA loss within 5% of dense at equal steps (or within 0.01
-  nats), no NaN/inf. A second full case checks the Triton backward against the reference on the model's
+- ``full`` (one GPU, ~35 min, opt-in): the run of docs/TRAINING.md
+  (:func:`nsa.models.train.gpu_config` at 8k context, gates frozen for half the schedule, then a
+  second stage from those weights with needles next to the queries in a tenth of the sequences),
+  NSA and the dense twin, with the issue's goals as bounds on the final models: NSA single-needle
+  retrieval >= 99% at every depth at 64k (under the best of the RoPE methods evaluated: as
+  trained, position interpolation, YaRN; each one's numbers recorded), NSA loss within 5% of
+  dense at equal steps (or within 0.01 nats), no NaN/inf in either stage. A second full case checks the Triton backward against the reference on the model's
   real layer shapes.
 """
 
@@ -41,13 +42,18 @@ def _cases(scale: str):
         # interpreter (seconds per step).
         yield "tiny-cpu-300steps", {"steps": 300, "seed": 0, "backend": "reference"}
         return
-    # Opt-in: a training run of about 25 minutes does not belong in every acceptance run (the
+    # Opt-in: a training run of about 35 minutes does not belong in every acceptance run (the
     # whole of `nsa verify --scale full` takes 6 on one H200); naming the suite runs it. The recipe
-    # of the best H200 run so far (docs/TRAINING.md): 8k context, gates frozen for half the
-    # schedule, 16 minutes of NSA training, evaluation with RoPE as trained, interpolated and YaRN.
+    # that met the retrieval goal on an H200 (docs/TRAINING.md, "GPU runs 2026-11-29, seventh
+    # session"): 8k context, gates frozen for half the schedule, 16 minutes of NSA training; then a
+    # second stage of 3.5 minutes from those weights (both twins) in which a tenth of the sequences
+    # put the first asked needle right before the queries; evaluation with RoPE as trained,
+    # interpolated and YaRN. 19.5 minutes of NSA training in all (the issue allows 20).
     yield "h200-nsa-vs-dense-8k", {"needs_gpu": True, "context": 8192, "steps": 15000, "minutes": 16.0,
-                                   "gate_freeze": 0.5, "eval_minutes": 2.0, "seed": 0, "opt_in": True,
-                                   "expected_s": 1500}
+                                   "gate_freeze": 0.5, "eval_minutes": 2.0, "seed": 0,
+                                   "second_stage": {"minutes": 3.5, "steps": 6000, "lr": 3e-4,
+                                                    "adjacent_rate": 0.1, "seed": 1},
+                                   "opt_in": True, "expected_s": 2100}
     yield "triton-grad-model-shapes", {"needs_gpu": True, "seq_len": 4096, "batch": 2, "seed": 0,
                                        "expected_s": 120}
 
@@ -81,20 +87,34 @@ def _check_full(params: dict[str, Any], checks: Checks) -> None:
                         seed=params["seed"])
     config = config.replace(model=config.model.replace(backend=params.get("backend", "auto")))
     out = Path(params.get("out_dir") or tempfile.mkdtemp(prefix="nsa-trainability-"))
-    summary = run_training(config, out, report=print)
+    summary = _train_stage("stage1", config, out, checks)
+    if params.get("second_stage"):
+        second = params["second_stage"]
+        config = config.replace(
+            start_context=None, steps=second["steps"], minutes=second["minutes"], lr=second["lr"],
+            gate_freeze=0.0, seed=second["seed"], init_weights=str(out / "stage1"),
+            task=config.task.replace(adjacent_rate=second["adjacent_rate"]))
+        summary = _train_stage("stage2", config, out, checks)
+    # The goals on the last stage: the finished models, and the dense twin at NSA's steps.
     goals = summary["goals"]
     checks.backend = summary["models"]["nsa"]["backend"]
-    for name, info in summary["models"].items():
-        checks.record(f"{name}_steps", info["steps"])
-        checks.record(f"{name}_final_loss", info["final_loss"])
-        checks.record(f"{name}_train_seconds", info["train_seconds"])
     _check_retrieval_goal(goals, checks)
     ratio = goals["loss_ratio_nsa_over_dense"]
     checks.record("loss_ratio_nsa_over_dense", ratio)
     checks.true("loss_within_5pct_of_dense", goals["loss_goal_met"],
                 f"NSA {goals['nsa_final_loss']:.4f} vs dense {goals['dense_final_loss']:.4f} nats "
                 f"(ratio {ratio:.3f} > {GOAL_LOSS_RATIO})")
-    checks.equal("nonfinite_steps", sum(goals["nonfinite_steps"].values()), 0)
+
+
+def _train_stage(stage: str, config, out: Path, checks: Checks) -> dict[str, Any]:
+    """Train one stage into ``out/stage``; record each model's steps, loss and time, check finiteness."""
+    summary = run_training(config, out / stage, report=print)
+    for name, info in summary["models"].items():
+        checks.record(f"{stage}_{name}_steps", info["steps"])
+        checks.record(f"{stage}_{name}_final_loss", info["final_loss"])
+        checks.record(f"{stage}_{name}_train_seconds", info["train_seconds"])
+    checks.equal(f"{stage}_nonfinite_steps", sum(summary["goals"]["nonfinite_steps"].values()), 0)
+    return summary
 
 
 def _check_retrieval_goal(goals: dict[str, Any], checks: Checks) -> None:

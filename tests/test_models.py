@@ -112,6 +112,28 @@ def test_depth_is_honoured(depth, needles):
     assert (batch.tokens[:, expected] == KEY).all()
 
 
+@pytest.mark.parametrize("needles", [1, 4])
+def test_adjacent_rate_places_the_asked_needle_right_before_the_queries(needles):
+    context, rows = 200, 400
+    plain = RetrievalTask(num_keys=16, num_values=8, num_filler=8, num_needles=needles, num_queries=1)
+    adjacent_start = context - QUERY_LEN - NEEDLE_LEN  # the needle ends where the first query starts
+    # Rate 0 draws nothing extra: the same batches as a task without the option.
+    assert torch.equal(make_batch(plain.replace(adjacent_rate=0.0), 8, context, seed=5).tokens,
+                       make_batch(plain, 8, context, seed=5).tokens)
+    always = make_batch(plain.replace(adjacent_rate=1.0), rows, context, seed=5)
+    assert (always.needle_starts[:, 0] == adjacent_start).all() and (always.depths[:, 0] == 1.0).all()
+    assert (always.tokens[:, adjacent_start] == KEY).all()
+    assert (always.tokens[:, adjacent_start + 1] == always.tokens[:, context - QUERY_LEN + 1]).all()
+    half = make_batch(plain.replace(adjacent_rate=0.5), rows, context, seed=5)
+    at_end = (half.needle_starts[:, 0] == adjacent_start).float().mean().item()
+    assert 0.4 < at_end < 0.6  # uniform placement alone ends there in ~1 of 190 sequences
+    for batch in (always, half):  # the other needles still fit around it: exactly one KEY each
+        assert ((batch.tokens == KEY).sum(1) == needles).all()
+    # Fixed-depth batches (evaluation) ignore the rate.
+    fixed = make_batch(plain.replace(adjacent_rate=1.0), 8, context, seed=5, depth=0.5)
+    assert (fixed.depths[:, 0] - 0.5).abs().max() < 0.01
+
+
 def test_batches_are_deterministic_and_seed_dependent():
     task = RetrievalTask(num_needles=3, num_queries=2)
     a, b = make_batch(task, 3, 128, seed=11), make_batch(task, 3, 128, seed=11)
@@ -125,6 +147,9 @@ def test_task_and_batch_reject_bad_arguments():
         RetrievalTask(num_needles=2, num_queries=3)
     with pytest.raises(ValueError, match="num_keys"):
         RetrievalTask(num_keys=2, num_needles=3, num_queries=1)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="adjacent_rate"):
+            RetrievalTask(adjacent_rate=bad)
     task = RetrievalTask(num_needles=2, num_queries=2)
     with pytest.raises(ValueError, match="context"):
         make_batch(task, 2, task.min_context() - 1, seed=0)
@@ -805,6 +830,55 @@ def test_selection_anneal_goes_from_dense_to_the_models_own_selection(tmp_path):
         tiny_config(selection_anneal=(0.2, 0.8), sparse_warmup=True)
     bad = CliRunner().invoke(train_command, ["--tiny", "--selection-anneal", "0.2", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--selection-anneal" in bad.output
+
+
+def _first_batch_loss(model: RetrievalLM, config: TrainConfig) -> float:
+    """``model``'s loss on the first training batch of ``config`` (the stream ``train_model`` draws)."""
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    batch = make_batch(config.task, config.batch_size, config.start_context or config.context, gen)
+    with torch.no_grad():
+        logits = model(batch.tokens, logits_at=batch.answer_positions)
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answers.flatten()))
+
+
+def test_cli_second_stage_starts_from_saved_weights(tmp_path):
+    from nsa.models.train import load_initial_weights, load_model
+
+    first = tmp_path / "first"
+    common = ["--tiny", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "100", "--eval-samples", "2"]
+    result = CliRunner().invoke(train_command, [*common, "--model", "both", "--steps", "6", "--out", str(first)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = {name: load_model(first / f"weights_{name}.pt")[0] for name in ("nsa", "dense")}
+    # A fresh draw from another seed differs; loaded, it is the saved model.
+    fresh = RetrievalLM(saved["nsa"].config)
+    tokens = torch.randint(0, fresh.config.vocab_size, (1, 40))
+    assert not torch.equal(fresh(tokens), saved["nsa"](tokens))
+    assert load_initial_weights(fresh, first / "weights_nsa.pt") == 6
+    assert torch.equal(fresh(tokens), saved["nsa"](tokens))
+    # Second stages: NSA alone from its file, and both twins from the directory. Each model's first
+    # loss is its saved model's loss on that batch (the dense twin replays NSA's batches).
+    stages = {"file": ["--model", "nsa", "--init-weights", str(first / "weights_nsa.pt")],
+              "dir": ["--model", "both", "--init-weights", str(first)]}
+    for stage, options in stages.items():
+        out = tmp_path / stage
+        result = CliRunner().invoke(train_command, [*common, *options, "--steps", "3", "--seed", "3",
+                                                    "--adjacent-rate", "0.5", "--out", str(out)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        config = TrainConfig.from_dict(json.loads((out / "summary.json").read_text())["config"])
+        assert config.init_weights == options[-1] and config.task.adjacent_rate == 0.5
+        log = read_table(out / "train_log.parquet")
+        for name in config.models:
+            first_row = next(r for r in log if r["model"] == name)
+            assert first_row["loss"] == pytest.approx(_first_batch_loss(saved[name], config), rel=1e-5), name
+    # A model configured differently, a file for two models, an unreadable file: errors naming the field.
+    other = RetrievalLM(fresh.config.replace(d_model=fresh.config.d_model * 2))
+    with pytest.raises(ValueError, match="init_weights.*configured as"):
+        load_initial_weights(other, first / "weights_nsa.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="init_weights.*unreadable"):
+        load_initial_weights(fresh, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="init_weights.*directory"):
+        tiny_config(models=("nsa", "dense"), init_weights=str(first / "weights_nsa.pt"))
 
 
 def test_cli_gate_lr_scale_zero_freezes_the_gates(tmp_path):

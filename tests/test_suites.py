@@ -1,5 +1,7 @@
 """Every suite's ``ci`` cases run under pytest too (so ``make test`` covers them)."""
 
+import json
+
 import pytest
 import torch
 
@@ -131,3 +133,37 @@ def test_trainability_retrieval_goal_reads_runs_without_methods():
     _check_retrieval_goal({"nsa_min_accuracy_longest": 1.0, "nsa_cells_not_measured_longest": 0,
                            "nsa_min_needle_selected_longest": {"layer0": 1.0}}, checks)
     assert not checks.failures and checks.metrics["nsa_min_accuracy_64k"] == 1.0
+
+
+def test_trainability_full_case_trains_two_stages_and_checks_the_last(tmp_path, monkeypatch):
+    """The full case's flow on the CPU: a tiny stand-in for the GPU config, both twins, two stages;
+    the second starts from the first's weights with adjacent needles, and the goals are read from it."""
+    from nsa.models.train import read_table, tiny_config
+    from suites import trainability
+    from verify.registry import Checks
+
+    def tiny_gpu_config(**changes):
+        config = tiny_config(models=("nsa", "dense"), eval_contexts=(64, 128), eval_depths=(0.0, 1.0),
+                             eval_samples=2, **changes)
+        return config.replace(model=config.model.replace(backend="reference"))
+
+    monkeypatch.setattr(trainability, "gpu_config", tiny_gpu_config)
+    monkeypatch.setattr(trainability, "_require_cuda", lambda: None)
+    params = {"context": 64, "steps": 6, "minutes": 5.0, "gate_freeze": 0.5, "eval_minutes": 5.0, "seed": 0,
+              "backend": "reference", "out_dir": str(tmp_path),
+              "second_stage": {"minutes": 5.0, "steps": 4, "lr": 1e-3, "adjacent_rate": 0.5, "seed": 1}}
+    checks = Checks()
+    trainability._check_full(params, checks)
+    metrics = checks.metrics
+    assert metrics["stage1_nsa_steps"] == metrics["stage1_dense_steps"] == 6
+    assert metrics["stage2_nsa_steps"] == metrics["stage2_dense_steps"] == 4
+    summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
+    assert summary["config"]["init_weights"] == str(tmp_path / "stage1")
+    assert summary["config"]["task"]["adjacent_rate"] == 0.5 and summary["config"]["start_context"] is None
+    # The goals come from the second stage; a 10-step model misses retrieval: a recorded failure.
+    goals = summary["goals"]
+    assert metrics["loss_ratio_nsa_over_dense"] == pytest.approx(goals["loss_ratio_nsa_over_dense"])
+    assert metrics["nsa_min_accuracy_64k_none"] == goals["nsa_min_accuracy_longest"]
+    assert metrics["stage1_nonfinite_steps"] == metrics["stage2_nonfinite_steps"] == 0
+    assert any(f.startswith("nsa_min_accuracy_64k ") for f in checks.failures), checks.failures
+    assert len(read_table(tmp_path / "stage2" / "train_log.parquet")) == 8

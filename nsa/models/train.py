@@ -135,6 +135,12 @@ class TrainConfig:
         eval_minutes: wall-clock budget of each model's final evaluation; cells not reached are
             recorded as ``not_run`` (never silently dropped).
         checkpoint_every: rewrite the checkpoint every that many steps (and at the end).
+        init_weights: start from an earlier run's trained weights instead of a fresh draw: a
+            second training stage (e.g. on a changed task) with a fresh optimizer and schedule.
+            Either that run's ``--out`` directory (each model starts from its
+            ``weights_<model>.pt``, so the dense twin stays a twin) or one weights file or
+            checkpoint (then ``models`` must name one model). The saved models' configuration
+            must equal this run's (the backend may differ). ``None``: initialise from ``seed``.
         seed: model init and data seed.
         device: ``"cpu"`` or ``"cuda"``; bf16 autocast on CUDA.
     """
@@ -172,6 +178,7 @@ class TrainConfig:
     eval_rope_scaling: tuple[str, ...] = ("none",)
     eval_minutes: float | None = None
     checkpoint_every: int = 500
+    init_weights: str | None = None
     seed: int = 0
     device: str = "cpu"
 
@@ -232,6 +239,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.gate_freeze must be a fraction in [0, 1], got {self.gate_freeze!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.init_weights is not None and len(self.models) != 1 and not Path(self.init_weights).is_dir():
+            raise ValueError(f"TrainConfig.init_weights: a weights file starts one model, got models="
+                             f"{self.models!r}; give the earlier run's directory to start both twins")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -494,7 +504,9 @@ def _save_weights(path: Path, model, config: TrainConfig, step: int) -> None:
     """The trained model alone (no optimizer or loop state): a few MB, small enough to fetch
     from a GPU machine where the checkpoint is not; :func:`load_model` reads it too."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"model": model.state_dict(), "step": step, "lm_config": model.config.to_dict(),
+    # CPU tensors: the file then loads on a machine without the training's GPU.
+    weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    torch.save({"model": weights, "step": step, "lm_config": model.config.to_dict(),
                 "train_config": config.to_dict()}, tmp)
     os.replace(tmp, path)
 
@@ -525,12 +537,13 @@ def load_resume_state(out_dir: Path | str, name: str, config: TrainConfig) -> di
     return saved
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents on the CPU; a ``ValueError`` naming the file when it cannot be read."""
+def _read_checkpoint(path: Path | str, purpose: str = "cannot resume from") -> dict[str, Any]:
+    """A checkpoint's contents on the CPU; a ``ValueError`` naming the file (after ``purpose``)
+    when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch.load fails on a damaged file in many ways
-        raise ValueError(f"cannot resume from {path}: unreadable checkpoint "
+        raise ValueError(f"{purpose} {path}: unreadable checkpoint "
                          f"({type(exc).__name__}: {exc})") from None
 
 
@@ -546,6 +559,21 @@ def model_from_state(state: dict[str, Any], device: str = "cpu") -> RetrievalLM:
     model = RetrievalLM(LMConfig.from_dict(state["lm_config"])).to(device)
     model.load_state_dict(state["model"])
     return model
+
+
+def load_initial_weights(model: RetrievalLM, path: Path | str) -> int:
+    """Load the weights saved at ``path`` into ``model`` (``TrainConfig.init_weights``); returns
+    the step they were saved at. Raises ``ValueError`` when the saved model is configured
+    differently (the backend aside)."""
+    state = _read_checkpoint(path, "TrainConfig.init_weights: cannot start from")
+    if "lm_config" not in state or "model" not in state:
+        raise ValueError(f"TrainConfig.init_weights: {path} holds no model weights (lm_config and model)")
+    saved = LMConfig.from_dict(state["lm_config"])
+    if saved.replace(backend=model.config.backend) != model.config:
+        raise ValueError(f"TrainConfig.init_weights: {path} holds a model configured as {saved}, this run's "
+                         f"model is {model.config}")
+    model.load_state_dict(state["model"])
+    return int(state.get("step", 0))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -601,6 +629,9 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
     if name == "dense" and config.paired_init:
         torch.manual_seed(config.seed)
         copy_twin_init(RetrievalLM(config.model.replace(attention="nsa")), model)
+    if config.init_weights is not None and resume is None:
+        source = Path(config.init_weights)
+        load_initial_weights(model, weights_path(source, name) if source.is_dir() else source)
     model = model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
