@@ -12,8 +12,8 @@
   NSA and the dense twin, with the issue's goals as bounds on the final models: NSA single-needle
   retrieval >= 99% at every depth at 64k (under the best of the RoPE methods evaluated: as
   trained, position interpolation, YaRN; each one's numbers recorded), NSA loss within 5% of
-  dense at equal steps (or within 0.01 nats), no NaN/inf in either stage. A second full case checks the Triton backward against the reference on the model's
-  real layer shapes.
+  dense at equal steps (or within 0.01 nats), no NaN/inf in either stage. A second full case
+  checks the Triton backward against the reference on the model's real layer shapes.
 """
 
 from __future__ import annotations

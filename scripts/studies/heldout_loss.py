@@ -2,13 +2,15 @@
 context, in bfloat16 autocast and in float32, on the same batches for every model.
 
     python scripts/studies/heldout_loss.py WEIGHTS [WEIGHTS ...] [--batches 40] [--batch-size 8]
-        [--precisions bf16,fp32] [--device cuda] [--seed 12345] [--out FILE]
+        [--precisions bf16,fp32] [--device cuda] [--seed 12345] [--misses NATS] [--out FILE]
 
 WEIGHTS is a ``weights_<model>.pt`` or ``checkpoints/<model>.pt`` of a run (anything
 :func:`nsa.models.train.load_model` reads). The training log's loss is a mean over the weights of
 the last steps (they still move); this is the final weights' loss on batches no step saw (the
 seed differs from training's), with the answers counted as wrong when the argmax is not the
-value. Needles are placed uniformly (``adjacent_rate`` 0) whatever the run trained on, so runs
+value. ``--misses NATS`` also lists every answer above that loss: where its needle sat (depth,
+offset inside its selection block, tokens before the query) and whether each NSA layer's
+selection held the needle's block at the answer position. Needles are placed uniformly (``adjacent_rate`` 0) whatever the run trained on, so runs
 with and without adjacent needles compare on one distribution. Prints one line per (model, precision); ``--out`` writes them as JSON.
 """
 
@@ -25,31 +27,56 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.models.tasks import make_batch  # noqa: E402
+from nsa.models.tasks import NEEDLE_LEN, make_batch  # noqa: E402
 from nsa.models.train import TrainConfig, load_model  # noqa: E402
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 
 
+def describe_misses(per_answer: torch.Tensor, batch, infos: list, select_block: int | None,
+                    threshold: float) -> list[dict]:
+    """One dict per answer of ``per_answer`` ([B, Q] nats) above ``threshold``."""
+    misses = []
+    for row, query in (per_answer > threshold).nonzero().tolist():
+        start = int(batch.needle_starts[row, query])
+        at = int(batch.answer_positions[row, query])
+        miss = {"loss": round(float(per_answer[row, query]), 3), "query": query,
+                "depth": round(float(batch.depths[row, query]), 4), "tokens_before_query": at - start}
+        if select_block is not None:
+            first, last = start // select_block, (start + NEEDLE_LEN - 1) // select_block
+            miss["offset_in_block"] = start % select_block
+            for layer, info in enumerate(infos):
+                chosen = info.selected_blocks[row, at].cpu()  # [HK, n]
+                miss[f"selected_layer{layer}"] = bool(((chosen >= first) & (chosen <= last)).any())
+        misses.append(miss)
+    return misses
+
+
 @torch.no_grad()
 def heldout_loss(model, config: TrainConfig, precision: str, batches: int, batch_size: int,
-                 seed: int, device: str) -> dict:
+                 seed: int, device: str, misses_over: float | None = None) -> dict:
     generator = torch.Generator().manual_seed(seed)
     autocast = PRECISIONS[precision]
-    losses, wrong, answers = [], 0, 0
+    select_block = model.config.nsa.select_block if model.config.attention == "nsa" else None
+    losses, misses, wrong, answers = [], [], 0, 0
     for _ in range(batches):
         batch = make_batch(config.task, batch_size, config.context, generator).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
-            logits = model(batch.tokens, logits_at=batch.answer_positions)
+            logits = model(batch.tokens, logits_at=batch.answer_positions,
+                           collect_info=misses_over is not None and select_block is not None)
         per_answer = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten(), reduction="none")
         if not torch.isfinite(per_answer).all():
             raise RuntimeError(f"non-finite loss in {precision}")
         losses.append(per_answer.double().cpu())
         wrong += int((logits.argmax(-1) != batch.answers).sum())
         answers += batch.answers.numel()
+        if misses_over is not None:
+            misses += describe_misses(per_answer.view_as(batch.answers).cpu(), batch.to("cpu"),
+                                      model.last_infos, select_block, misses_over)
     every = torch.cat(losses)
     return {"precision": precision, "answers": answers, "mean_loss": float(every.mean()),
-            "max_loss": float(every.max()), "answers_over_0.1": int((every > 0.1).sum()), "wrong": wrong}
+            "max_loss": float(every.max()), "answers_over_0.1": int((every > 0.1).sum()), "wrong": wrong,
+            "misses": misses}
 
 
 def main() -> None:
@@ -60,6 +87,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp32")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--misses", type=float, default=None, metavar="NATS",
+                        help="list every answer above this loss, with where its needle sat")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     precisions = args.precisions.split(",")
@@ -76,7 +105,7 @@ def main() -> None:
         for precision in precisions:
             start = time.time()
             row = heldout_loss(model, config, precision, args.batches, args.batch_size, args.seed,
-                               args.device)
+                               args.device, args.misses)
             row.update(weights=str(path), model=model.config.attention, step=step,
                        context=config.context, seconds=round(time.time() - start, 1))
             rows.append(row)
@@ -84,6 +113,8 @@ def main() -> None:
                   f"{config.context} tokens: mean loss {row['mean_loss']:.5f}, max {row['max_loss']:.3f}, "
                   f"{row['answers_over_0.1']} over 0.1 nats, {row['wrong']} wrong ({row['seconds']} s)",
                   flush=True)
+            for miss in row["misses"]:
+                print("  miss:", " ".join(f"{k}={v}" for k, v in miss.items()), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1))
 
