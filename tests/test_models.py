@@ -845,8 +845,10 @@ def test_cli_second_stage_starts_from_saved_weights(tmp_path):
     from nsa.models.train import load_initial_weights, load_model
 
     first = tmp_path / "first"
-    common = ["--tiny", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "100", "--eval-samples", "2"]
-    result = CliRunner().invoke(train_command, [*common, "--model", "both", "--steps", "6", "--out", str(first)])
+    common = ["--tiny", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "100",
+              "--eval-samples", "2"]
+    result = CliRunner().invoke(train_command, [*common, "--model", "both", "--steps", "6",
+                                                "--out", str(first)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     saved = {name: load_model(first / f"weights_{name}.pt")[0] for name in ("nsa", "dense")}
     # A fresh draw from another seed differs; loaded, it is the saved model.

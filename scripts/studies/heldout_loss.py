@@ -8,10 +8,11 @@ WEIGHTS is a ``weights_<model>.pt`` or ``checkpoints/<model>.pt`` of a run (anyt
 :func:`nsa.models.train.load_model` reads). The training log's loss is a mean over the weights of
 the last steps (they still move); this is the final weights' loss on batches no step saw (the
 seed differs from training's), with the answers counted as wrong when the argmax is not the
-value. ``--misses NATS`` also lists every answer above that loss: where its needle sat (depth,
-offset inside its selection block, tokens before the query) and whether each NSA layer's
-selection held the needle's block at the answer position. Needles are placed uniformly (``adjacent_rate`` 0) whatever the run trained on, so runs
-with and without adjacent needles compare on one distribution. Prints one line per (model, precision); ``--out`` writes them as JSON.
+value. Needles are placed uniformly (``adjacent_rate`` 0) whatever the run trained on, so runs
+with and without adjacent needles compare on one distribution. Prints one line per (model,
+precision); ``--out`` writes them as JSON. ``--misses NATS`` also lists every answer above that
+loss: where its needle sat (depth, offset inside its selection block, tokens before the query)
+and whether each NSA layer's selection held the needle's block at the answer position.
 """
 
 from __future__ import annotations
