@@ -34,15 +34,20 @@ from nsa.models.train import TrainConfig, load_model  # noqa: E402
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 
 
-def describe_misses(per_answer: torch.Tensor, batch, infos: list, select_block: int | None,
-                    threshold: float) -> list[dict]:
-    """One dict per answer of ``per_answer`` ([B, Q] nats) above ``threshold``."""
+def describe_misses(per_answer: torch.Tensor, predicted: torch.Tensor, batch, infos: list,
+                    select_block: int | None, threshold: float) -> list[dict]:
+    """One dict per answer of ``per_answer`` ([B, Q] nats) above ``threshold``; ``predicted`` is
+    the argmax token per answer ([B, Q]). ``predicted_answer_of`` lists the sequence's other
+    queries whose answer is the predicted token (the model read another needle)."""
     misses = []
     for row, query in (per_answer > threshold).nonzero().tolist():
         start = int(batch.needle_starts[row, query])
         at = int(batch.answer_positions[row, query])
-        miss = {"loss": round(float(per_answer[row, query]), 3), "query": query,
-                "depth": round(float(batch.depths[row, query]), 4), "tokens_before_query": at - start}
+        given = int(predicted[row, query])
+        others = [q for q in (batch.answers[row] == given).nonzero().flatten().tolist() if q != query]
+        miss = {"loss": round(float(per_answer[row, query]), 3), "row": row, "query": query,
+                "depth": round(float(batch.depths[row, query]), 4), "tokens_before_query": at - start,
+                "correct": given == int(batch.answers[row, query]), "predicted_answer_of": others}
         if select_block is not None:
             first, last = start // select_block, (start + NEEDLE_LEN - 1) // select_block
             miss["offset_in_block"] = start % select_block
@@ -60,7 +65,7 @@ def heldout_loss(model, config: TrainConfig, precision: str, batches: int, batch
     autocast = PRECISIONS[precision]
     select_block = model.config.nsa.select_block if model.config.attention == "nsa" else None
     losses, misses, wrong, answers = [], [], 0, 0
-    for _ in range(batches):
+    for index in range(batches):
         batch = make_batch(config.task, batch_size, config.context, generator).to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
             logits = model(batch.tokens, logits_at=batch.answer_positions,
@@ -72,8 +77,9 @@ def heldout_loss(model, config: TrainConfig, precision: str, batches: int, batch
         wrong += int((logits.argmax(-1) != batch.answers).sum())
         answers += batch.answers.numel()
         if misses_over is not None:
-            misses += describe_misses(per_answer.view_as(batch.answers).cpu(), batch.to("cpu"),
-                                      model.last_infos, select_block, misses_over)
+            misses += [dict(miss, batch=index) for miss in describe_misses(
+                per_answer.view_as(batch.answers).cpu(), logits.argmax(-1).cpu(), batch.to("cpu"),
+                model.last_infos, select_block, misses_over)]
     every = torch.cat(losses)
     return {"precision": precision, "answers": answers, "mean_loss": float(every.mean()),
             "max_loss": float(every.max()), "answers_over_0.1": int((every > 0.1).sum()), "wrong": wrong,
