@@ -63,13 +63,14 @@ def main() -> None:
     batch = make_batch(config.task.replace(adjacent_rate=0.0), args.sequences, args.context, args.seed)
     with torch.no_grad():
         model(batch.tokens, logits_at=batch.answer_positions, collect_info=True)
-    print(f"{args.weights} (step {step}): {args.sequences} sequences of {args.context} tokens, positions "
-          f">= {args.from_position}, n = {model.config.nsa.select_count} blocks of {model.config.nsa.select_block}")
+    nsa = model.config.nsa
+    print(f"{args.weights} (step {step}): {args.sequences} sequences of {args.context} tokens, "
+          f"positions >= {args.from_position}, n = {nsa.select_count} blocks of {nsa.select_block}")
     for layer, info in enumerate(model.last_infos):
         for tile in (int(t) for t in args.tiles.split(",")):
             ratio = union_ratio(info.selected_blocks, tile, args.from_position)
-            print(f"layer {layer}, tile of {tile:3d} positions: distinct blocks {ratio:.2f} x one position's; "
-                  f"block loads {tile / ratio:.1f}x fewer, dot work {ratio:.2f}x per position")
+            print(f"layer {layer}, tile of {tile:3d} positions: distinct blocks {ratio:.2f} x one "
+                  f"position's; block loads {tile / ratio:.1f}x fewer, dot work {ratio:.2f}x per position")
 
 
 if __name__ == "__main__":
