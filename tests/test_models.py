@@ -447,6 +447,16 @@ def test_needle_block_selected_on_hand_made_selections():
     blocks[1, 40] = -1
     blocks[1, 39, 0, 0] = 1  # the block chosen at another position does not count
     assert needle_block_selected(blocks, batch, 8).tolist() == [True, False]
+    # Another query: its own needle and answer position.
+    two = make_batch(RetrievalTask(num_keys=8, num_values=8, num_filler=8, num_needles=2, num_queries=2),
+                     1, 48, seed=0)
+    two.needle_starts[0] = torch.tensor([9, 25])  # blocks 1 and 3
+    two.answer_positions[0] = torch.tensor([40, 43])
+    blocks = torch.full((1, 48, 1, 2), -1, dtype=torch.int64)
+    blocks[0, 40, 0, 0] = 3  # at query 0's position: query 1's block, not its own
+    blocks[0, 43, 0, 0] = 3
+    assert needle_block_selected(blocks, two, 8, query=0).tolist() == [False]
+    assert needle_block_selected(blocks, two, 8, query=1).tolist() == [True]
 
 
 @pytest.mark.parametrize("context, depth", [(128, 0.0), (128, 1.0), (32, 0.5)])

@@ -240,17 +240,17 @@ class RetrievalCount:
 
 
 def needle_block_selected(selected_blocks: torch.Tensor, batch: RetrievalBatch,
-                          select_block: int) -> torch.Tensor:
-    """bool ``[B]``: whether any KV head selected a block overlapping the first query's needle at
-    that query's answer position.
+                          select_block: int, query: int = 0) -> torch.Tensor:
+    """bool ``[B]``: whether any KV head selected a block overlapping the needle of query
+    ``query`` (default the first) at that query's answer position.
 
     ``selected_blocks`` is one layer's :attr:`nsa.NSAInfo.selected_blocks`, int64 ``[B, T, HK, n]``
     (``-1`` padded); ``select_block`` is the selection block size ``l'``.
     """
     rows = torch.arange(selected_blocks.shape[0], device=selected_blocks.device)
-    chosen = selected_blocks[rows, batch.answer_positions[:, 0]]  # [B, HK, n]
-    first = (batch.needle_starts[:, 0] // select_block)[:, None, None]
-    last = ((batch.needle_starts[:, 0] + NEEDLE_LEN - 1) // select_block)[:, None, None]
+    chosen = selected_blocks[rows, batch.answer_positions[:, query]]  # [B, HK, n]
+    first = (batch.needle_starts[:, query] // select_block)[:, None, None]
+    last = ((batch.needle_starts[:, query] + NEEDLE_LEN - 1) // select_block)[:, None, None]
     return ((chosen >= first) & (chosen <= last)).flatten(1).any(1)
 
 

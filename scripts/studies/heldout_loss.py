@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.models.tasks import NEEDLE_LEN, make_batch  # noqa: E402
-from nsa.models.train import TrainConfig, load_model  # noqa: E402
+from nsa.models.tasks import make_batch, needle_block_selected  # noqa: E402
+from nsa.models.train import TrainConfig, model_from_state  # noqa: E402
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 
@@ -42,18 +42,17 @@ def describe_misses(per_answer: torch.Tensor, predicted: torch.Tensor, batch, in
     misses = []
     for row, query in (per_answer > threshold).nonzero().tolist():
         start = int(batch.needle_starts[row, query])
-        at = int(batch.answer_positions[row, query])
         given = int(predicted[row, query])
         others = [q for q in (batch.answers[row] == given).nonzero().flatten().tolist() if q != query]
         miss = {"loss": round(float(per_answer[row, query]), 3), "row": row, "query": query,
-                "depth": round(float(batch.depths[row, query]), 4), "tokens_before_query": at - start,
+                "depth": round(float(batch.depths[row, query]), 4),
+                "tokens_before_query": int(batch.answer_positions[row, query]) - start,
                 "correct": given == int(batch.answers[row, query]), "predicted_answer_of": others}
         if select_block is not None:
-            first, last = start // select_block, (start + NEEDLE_LEN - 1) // select_block
             miss["offset_in_block"] = start % select_block
             for layer, info in enumerate(infos):
-                chosen = info.selected_blocks[row, at].cpu()  # [HK, n]
-                miss[f"selected_layer{layer}"] = bool(((chosen >= first) & (chosen <= last)).any())
+                selected = needle_block_selected(info.selected_blocks.cpu(), batch, select_block, query)
+                miss[f"selected_layer{layer}"] = bool(selected[row])
         misses.append(miss)
     return misses
 
@@ -74,11 +73,12 @@ def heldout_loss(model, config: TrainConfig, precision: str, batches: int, batch
         if not torch.isfinite(per_answer).all():
             raise RuntimeError(f"non-finite loss in {precision}")
         losses.append(per_answer.double().cpu())
-        wrong += int((logits.argmax(-1) != batch.answers).sum())
+        predicted = logits.argmax(-1)
+        wrong += int((predicted != batch.answers).sum())
         answers += batch.answers.numel()
         if misses_over is not None:
             misses += [dict(miss, batch=index) for miss in describe_misses(
-                per_answer.view_as(batch.answers).cpu(), logits.argmax(-1).cpu(), batch.to("cpu"),
+                per_answer.view_as(batch.answers).cpu(), predicted.cpu(), batch.to("cpu"),
                 model.last_infos, select_block, misses_over)]
     every = torch.cat(losses)
     return {"precision": precision, "answers": answers, "mean_loss": float(every.mean()),
@@ -107,7 +107,7 @@ def main() -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
         config = TrainConfig.from_dict(state["train_config"])
         config = config.replace(task=config.task.replace(adjacent_rate=0.0))
-        model, step = load_model(path, args.device)
+        model, step = model_from_state(state, args.device), int(state["step"])
         model.eval()
         for precision in precisions:
             start = time.time()

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nsa.models.tasks import make_batch  # noqa: E402
-from nsa.models.train import TrainConfig, load_model  # noqa: E402
+from nsa.models.train import TrainConfig, model_from_state  # noqa: E402
 
 
 def union_ratio(selected: torch.Tensor, tile: int, start: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     state = torch.load(args.weights, map_location="cpu", weights_only=False)
     config = TrainConfig.from_dict(state["train_config"])
-    model, step = load_model(args.weights)
+    model, step = model_from_state(state), int(state["step"])
     if model.config.attention != "nsa":
         parser.error(f"WEIGHTS: an NSA model is needed, {args.weights} holds a {model.config.attention} one")
     if not 0 <= args.from_position < args.context:
