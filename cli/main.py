@@ -14,6 +14,7 @@ COMMANDS = {
     "report": "cli.report_cmd:report",
     "bench": "cli.bench_cmd:bench",
     "train": "cli.train_cmd:train",
+    "train-join": "cli.train_cmd:train_join",
 }
 
 

@@ -89,6 +89,9 @@ def _parse_fractions(text: str) -> tuple[float, float]:
                    "rows [default: none,linear,yarn; none with --tiny].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Sequences per (context, depth) cell [default: 8; 16 with --tiny].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="Quick accuracy at the training context (32 sequences, random depths) every this "
+                   "many steps, counted in the training time [default: 250; 100 with --tiny].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Training sequences per step [default: 16].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -119,7 +122,7 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
           gate_freeze: float | None, adjacent_rate: float | None, init_weights: str | None,
           steps: int | None,
           minutes: float | None, eval_minutes: float | None, eval_contexts: str | None, eval_depths: str,
-          eval_rope_scaling: str | None, eval_samples: int | None, batch_size: int | None, lr: float | None,
+          eval_rope_scaling: str | None, eval_samples: int | None, eval_every: int | None, batch_size: int | None, lr: float | None,
           backend: str,
           rope_theta: float | None, seed: int,
           out_dir: str, device: str, replay_dir: str | None, tiny: bool, leg_minutes: float | None,
@@ -152,6 +155,7 @@ def train(which: str, context: int | None, start_context: int | None, hold_loss:
     changes: dict = {"device": device, "seed": seed, "models": ("nsa", "dense") if which == "both" else (which,),
                      "eval_depths": _parse_depths(eval_depths), "minutes": minutes, "eval_minutes": eval_minutes}
     for key, value in (("context", context), ("steps", steps), ("eval_samples", eval_samples),
+                       ("eval_every", eval_every),
                        ("batch_size", batch_size), ("lr", lr), ("gate_lr_scale", gate_lr_scale),
                        ("gate_freeze", gate_freeze)):
         if value is not None:
@@ -236,6 +240,29 @@ def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minu
     for key in sorted(goals):
         console.print(f"  {key}: {goals[key]}")
     console.print(f"wall time {summary['wall_seconds']:.0f} s; summary in {Path(out_dir) / 'summary.json'}")
+
+
+@click.command("train-join")
+@click.argument("nsa_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("dense_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output directory for the joined log, plots and summary (and both weights files).")
+def train_join(nsa_dir: str, dense_dir: str, out_dir: str) -> None:
+    """Join an NSA run and a dense run trained side by side (one per GPU, same options, a fixed
+    --steps) into one comparison at equal steps, after checking that they were twins: same
+    settings, and the same learning rate and context at every step."""
+    from rich.console import Console
+
+    from nsa.models.twins import join_twin_runs
+
+    try:
+        summary = join_twin_runs(nsa_dir, dense_dir, out_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from None
+    console = Console()
+    for key in sorted(summary["goals"]):
+        console.print(f"  {key}: {summary['goals'][key]}", markup=False, highlight=False)
+    console.print(f"joined into {Path(out_dir) / 'summary.json'}")
 
 
 if __name__ == "__main__":  # `python -m cli.train_cmd ...` until `train` is in the `nsa` group

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -954,3 +955,64 @@ def test_evaluation_past_its_budget_records_every_cell_as_not_run():
     assert len(rows) == 2 * 3 * 2
     assert all(r["status"] == "not_run" and r["accuracy"] is None for r in rows)
     assert all(block.attn.rope_scaling is None for block in model.blocks)
+
+
+def test_cli_train_join_checks_and_joins_side_by_side_twins(tmp_path):
+    """NSA and the dense twin trained in separate commands with one fixed schedule, then joined:
+    the same comparison as `--model both` in one process (on the CPU bit for bit), and a second
+    stage whose twins start from a first-stage pair (the dense one a replay of NSA's)."""
+    from cli.train_cmd import train_join
+
+    runner = CliRunner()
+    common = ["--tiny", "--steps", "12", "--device", "cpu", "--eval-contexts", "64", "--eval-depths", "50",
+              "--eval-samples", "2"]
+
+    def train(name: str, *options: str) -> Path:
+        result = runner.invoke(train_command, [*common, *options, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return tmp_path / name
+
+    def join(nsa_dir: Path, dense_dir: Path, name: str):
+        return runner.invoke(train_join, [str(nsa_dir), str(dense_dir), "--out", str(tmp_path / name)])
+
+    nsa_dir, dense_dir = train("nsa", "--model", "nsa"), train("dense", "--model", "dense", "--eval-every", "5")
+    both = train("both", "--model", "both")
+    result = join(nsa_dir, dense_dir, "joined")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    joined = json.loads((tmp_path / "joined" / "summary.json").read_text())
+    expected = json.loads((both / "summary.json").read_text())["goals"]
+    assert joined["goals"]["equal_steps"] == expected["equal_steps"] == 12
+    for key in ("nsa_final_loss", "dense_final_loss"):
+        assert joined["goals"][key] == pytest.approx(expected[key], rel=1e-6), key
+    assert _losses(tmp_path / "joined" / "train_log.parquet", "dense") == _losses(both / "train_log.parquet", "dense")
+    assert {r["model"] for r in read_table(tmp_path / "joined" / "retrieval.parquet")} == {"nsa", "dense"}
+    assert all((tmp_path / "joined" / f).is_file() for f in ("loss.png", "weights_nsa.pt", "weights_dense.pt"))
+    assert joined["models"]["dense"]["joined_from"] == str(dense_dir)
+
+    # Not twins: another seed; a time-fitted schedule; a schedule that differs at one step.
+    result = join(nsa_dir, train("seed3", "--model", "dense", "--seed", "3"), "bad")
+    assert result.exit_code != 0 and "seed: 0 vs 3" in result.output
+    for name in ("nsa", "dense"):
+        shutil.copytree(tmp_path / name, tmp_path / f"timed-{name}")
+        summary = json.loads((tmp_path / f"timed-{name}" / "summary.json").read_text())
+        summary["config"]["minutes"] = 0.1
+        (tmp_path / f"timed-{name}" / "summary.json").write_text(json.dumps(summary))
+    result = join(tmp_path / "timed-nsa", tmp_path / "timed-dense", "bad")
+    assert result.exit_code != 0 and "minutes=0.1" in result.output
+    shutil.copytree(dense_dir, tmp_path / "shifted")
+    log = read_table(tmp_path / "shifted" / "train_log.parquet")
+    log[5]["lr"] *= 2
+    write_table(log, tmp_path / "shifted" / "train_log.parquet", LOG_BASE_COLUMNS)
+    result = join(nsa_dir, tmp_path / "shifted", "bad")
+    assert result.exit_code != 0 and "differ at step 5" in result.output
+
+    # A second stage: each twin from its own first stage, the dense one a replay of NSA's.
+    replay = train("replay", "--model", "dense", "--replay", str(nsa_dir))
+    stage2 = ["--seed", "1", "--adjacent-rate", "0.5", "--steps", "6"]
+    nsa2 = train("nsa2", "--model", "nsa", "--init-weights", str(nsa_dir), *stage2)
+    result = join(nsa2, train("dense2", "--model", "dense", "--init-weights", str(replay), *stage2), "joined2")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((tmp_path / "joined2" / "summary.json").read_text())["goals"]["equal_steps"] == 6
+    result = join(nsa2, train("dense2-alone", "--model", "dense", "--init-weights", str(dense_dir), *stage2),
+                  "bad")
+    assert result.exit_code != 0 and "replayed no NSA run" in result.output

@@ -1078,27 +1078,28 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if v is not None or k in ("accuracy", "correct")}
 
 
-def load_nsa_run(run_dir: Path | str) -> ModelRun:
-    """The NSA model's run from a previous ``run_training`` output directory (its log rows,
-    retrieval rows and summary entry), for a dense twin trained in a separate command to replay."""
+def load_model_run(run_dir: Path | str, name: str = "nsa") -> ModelRun:
+    """Model ``name``'s run from a previous ``run_training`` output directory (its log rows,
+    retrieval rows and summary entry): the NSA run a dense twin trained in a separate command
+    replays, or either twin of a pair trained side by side (:mod:`nsa.models.twins`)."""
     run_dir = Path(run_dir)
-    paths = [run_dir / name for name in ("train_log.parquet", "retrieval.parquet", "summary.json")]
+    paths = [run_dir / file for file in ("train_log.parquet", "retrieval.parquet", "summary.json")]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"replay directory {run_dir} lacks {', '.join(missing)} (the outputs of "
-                                f"a run that trained NSA)")
-    info = json.loads(paths[2].read_text())["models"].get("nsa")
-    rows = [r for r in read_table(paths[0]) if r["model"] == "nsa"]
+        raise FileNotFoundError(f"run directory {run_dir} lacks {', '.join(missing)} (the outputs of "
+                                f"a run that trained {name})")
+    models = json.loads(paths[2].read_text())["models"]
+    info = models.get(name)
+    rows = [r for r in read_table(paths[0]) if r["model"] == name]
     if info is None or not rows:
-        raise ValueError(f"{run_dir} holds no NSA run (summary.json models: "
-                         f"{sorted(json.loads(paths[2].read_text())['models'])})")
+        raise ValueError(f"{run_dir} holds no {name} run (summary.json models: {sorted(models)})")
     if info.get("paused"):
-        raise ValueError(f"{run_dir}'s NSA run is paused at step {info['steps']}: finish it first "
+        raise ValueError(f"{run_dir}'s {name} run is paused at step {info['steps']}: finish it first "
                          f"(nsa train --resume --out {run_dir})")
     rows = [{k: v for k, v in r.items() if v is not None} for r in sorted(rows, key=lambda r: r["step"])]
-    run = ModelRun("nsa", info["steps"], info["schedule_steps"], info["train_seconds"], rows, info["backend"],
+    run = ModelRun(name, info["steps"], info["schedule_steps"], info["train_seconds"], rows, info["backend"],
                    info["parameters"], backend_fallback=info.get("backend_fallback", ""))
-    run.eval_rows = [_present(r) for r in read_table(paths[1]) if r["model"] == "nsa"]
+    run.eval_rows = [_present(r) for r in read_table(paths[1]) if r["model"] == name]
     run.eval_seconds = info["eval_seconds"]
     return run
 
@@ -1165,6 +1166,12 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
 
     summary: dict[str, Any] = {"config": config.to_dict(), "device": _device_name(config.device),
                                "torch_version": torch.__version__, "models": {}}
+    init_summary = Path(config.init_weights or "") / "summary.json"
+    if config.init_weights is not None and init_summary.is_file():
+        # Provenance of a second stage's starting point, for joining twins trained side by side
+        # (nsa.models.twins): a dense twin's first stage names the NSA run it replayed.
+        summary["init_weights_replayed_from"] = json.loads(init_summary.read_text())["models"].get(
+            "nsa", {}).get("replayed_from")
     if replay_dir is not None:
         earlier = json.loads((Path(replay_dir) / "summary.json").read_text())["config"]
         now = config.to_dict()
@@ -1172,7 +1179,7 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
             if earlier.get(key) != json.loads(json.dumps(now[key])):
                 raise ValueError(f"replay_dir {replay_dir} was trained with {key}={earlier.get(key)!r}, this run "
                                  f"has {now[key]!r}: the twins would not see the same batches")
-        runs["nsa"] = load_nsa_run(replay_dir)
+        runs["nsa"] = load_model_run(replay_dir)
         summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
                                     "replayed_from": str(replay_dir)}
     paused = trained = False  # trained: some model took steps in this call (every leg makes progress)

@@ -1,0 +1,140 @@
+"""Chains of `nsa train` runs, one chain ("lane") per GPU, carried on across device commands that
+may each run only so long (issue 6: both twins through two training stages, 10-minute commands).
+
+    python3 scripts/gpu/train_lanes.py PLAN.json --deadline-s 585 [--runs /tmp/nsa-train] [--out $OUT]
+
+PLAN.json holds ``{"lanes": [[RUN, ...], ...]}``; lane i trains on GPU i, its runs in order. A RUN
+is ``{"name": ..., "options": "nsa train options", "after": [names], "train_s": seconds,
+"eval_s": seconds}`` (its expected training and final evaluation times);
+``{runs}`` in the options stands for ``--runs``, where run NAME writes (``--out {runs}/NAME``:
+outside the repository copy, which a later command replaces, so it lasts while the machine is held).
+
+Every call does, in each lane, as much as fits before the deadline (seconds from the start):
+a run whose ``summary.json`` says ``done`` is skipped; the others wait until every run in their
+``after`` is done (a dense twin replaying NSA's run, say); a run with a checkpoint or a paused
+summary goes on with ``nsa train --resume``, any other starts; each gets ``--leg-minutes`` for
+the time left less a start-up margin and, when it is expected to finish in this call, its
+``eval_s`` (:func:`leg_seconds`); none is begun with under a minute of training left. A run
+stopped that way is paused and resumes in the next call. At the end each run's outputs (tables, plots, summary, weights; no checkpoints) are copied to
+``--out/NAME`` with its console log, and a status line per run is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+START_MARGIN_S = 45  # process start, CUDA context, the first steps' autotuning
+MIN_LEG_S = 60
+END_BUFFER_S = 90
+
+
+def run_status(run_dir: Path) -> str:
+    """``done``, ``paused`` (a summary or checkpoint to resume from) or ``new``."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "done":
+        return "done"
+    if summary.is_file() or any((run_dir / "checkpoints").glob("*.pt")):
+        return "paused"
+    return "new"
+
+
+def trained_seconds(run_dir: Path) -> float:
+    """Training seconds of the paused model of an earlier leg (0 for a run not begun)."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return 0.0
+    models = json.loads(summary.read_text()).get("models", {}).values()
+    return sum(info.get("train_seconds", 0.0) for info in models if info.get("paused"))
+
+
+def leg_seconds(run: dict, run_dir: Path, left_s: float) -> float:
+    """This leg's training time. A run expected to finish in it (``train_s`` in the plan: its
+    total training seconds, estimated) keeps ``eval_s`` for its final evaluation; one that cannot
+    trains to the deadline, but stops ``END_BUFFER_S`` short of its expected end, so that a
+    misestimate never starts an evaluation the deadline would cut (the next call finishes it)."""
+    usable = left_s - START_MARGIN_S
+    remaining = run.get("train_s", float("inf")) - trained_seconds(run_dir)
+    if remaining + run.get("eval_s", 60) <= usable:
+        return usable - run.get("eval_s", 60)
+    return min(usable, remaining - END_BUFFER_S)
+
+
+def run_lane(gpu: int, lane: list[dict], runs: Path, logs: Path, deadline: float) -> None:
+    for run in lane:
+        run_dir = runs / run["name"]
+        if run_status(run_dir) == "done":
+            continue
+        while any(run_status(runs / other) != "done" for other in run.get("after", [])):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(5)
+        leg_s = leg_seconds(run, run_dir, deadline - time.monotonic())
+        if leg_s < MIN_LEG_S:
+            return
+        if run_status(run_dir) == "paused":
+            options = ["--resume", "--out", str(run_dir)]
+        else:
+            options = shlex.split(run["options"].replace("{runs}", str(runs))) + ["--out", str(run_dir)]
+        command = [sys.executable, "-m", "cli.main", "train", *options, "--leg-minutes", f"{leg_s / 60:.2f}"]
+        with open(logs / f"{run['name']}.log", "a") as log:
+            log.write(f"\n$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(command)}\n")
+            log.flush()
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+            # The leg limit stops training in time; the timeout only guards against a hang (a
+            # killed run resumes from its last checkpoint).
+            try:
+                subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               timeout=max(1.0, deadline - time.monotonic() + 30))
+            except subprocess.TimeoutExpired:
+                log.write("\n(killed at the deadline)\n")
+        if run_status(run_dir) != "done":
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("plan", type=Path)
+    parser.add_argument("--deadline-s", type=float, required=True)
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/nsa-train"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "reports/train-logs")))
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.deadline_s
+    lanes = json.loads(args.plan.read_text())["lanes"]
+    names = [run["name"] for lane in lanes for run in lane]
+    unknown = {a for lane in lanes for run in lane for a in run.get("after", [])} - set(names)
+    if len(set(names)) != len(names) or unknown:
+        raise SystemExit(f"{args.plan}: run names must be unique and 'after' must name runs of the plan "
+                         f"(unknown: {sorted(unknown)})")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = [threading.Thread(target=run_lane, args=(gpu, lane, args.runs, args.out, deadline))
+               for gpu, lane in enumerate(lanes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in names:
+        run_dir = args.runs / name
+        if run_dir.is_dir():
+            shutil.copytree(run_dir, args.out / name, ignore=shutil.ignore_patterns("checkpoints"),
+                            dirs_exist_ok=True)
+        status = run_status(run_dir)
+        steps = ""
+        if (run_dir / "summary.json").is_file():
+            models = json.loads((run_dir / "summary.json").read_text()).get("models", {})
+            steps = ", ".join(f"{m} {info.get('steps')} steps, loss {info.get('final_loss', float('nan')):.4f}"
+                              for m, info in models.items())
+        print(f"{name}: {status} {steps}")
+
+
+if __name__ == "__main__":
+    main()
