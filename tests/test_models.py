@@ -40,6 +40,7 @@ from nsa.models.train import (
     gpu_config,
     group_grad_norms,
     learning_rate,
+    load_model_run,
     make_optimizer,
     nsa_pattern_at,
     read_table,
@@ -818,6 +819,35 @@ def test_resumed_dense_twin_keeps_replaying(tmp_path):
     log = read_table(tmp_path / "dense" / "train_log.parquet")
     by_model = {m: [(r["lr"], r["context"]) for r in log if r["model"] == m] for m in ("nsa", "dense")}
     assert len(by_model["dense"]) == steps and by_model["dense"] == by_model["nsa"]
+
+
+def test_dense_twin_follows_a_paused_nsa_run_one_leg_behind(tmp_path):
+    """The twin replays a paused NSA run as far as it has logged and pauses; resumed after NSA has
+    gone on (twice) it follows it to the end, bit for bit the twin that replays the finished run
+    in one go, with the goals of the pair."""
+    config = tiny_config(steps=12, eval_contexts=(64,), eval_depths=(0.5,), eval_samples=2)
+    nsa_dir, dense_dir = tmp_path / "nsa", tmp_path / "dense"
+    quiet = {"report": lambda line: None}
+    # A leg limit of ~0 stops after the first step of each call.
+    assert run_training(config, nsa_dir, leg_minutes=1e-9, **quiet)["status"] == "paused"
+    dense_config = config.replace(models=("dense",))
+    first = run_training(dense_config, dense_dir, replay_dir=nsa_dir, **quiet)
+    assert first["status"] == "paused" and first["goals"] is None
+    assert first["models"]["dense"]["steps"] == first["models"]["nsa"]["steps"] == 1
+    run_training(config, nsa_dir, resume=True, leg_minutes=1e-9, **quiet)  # NSA: step 2, paused
+    second = run_training(dense_config, dense_dir, resume=True, **quiet)
+    assert second["status"] == "paused" and second["models"]["dense"]["steps"] == 2
+    assert run_training(config, nsa_dir, resume=True, **quiet)["status"] == "done"
+    done = run_training(dense_config, dense_dir, resume=True, **quiet)
+    assert done["status"] == "done" and done["goals"]["equal_steps"] == 12
+    at_once = run_training(dense_config, tmp_path / "at-once", replay_dir=nsa_dir, **quiet)
+    assert _losses(dense_dir / "train_log.parquet", "dense") == _losses(
+        tmp_path / "at-once" / "train_log.parquet", "dense")
+    assert done["goals"]["dense_final_loss"] == at_once["goals"]["dense_final_loss"]
+    # Without allow_paused a paused run is refused, naming the way on.
+    run_training(config, tmp_path / "paused", leg_minutes=1e-9, **quiet)
+    with pytest.raises(ValueError, match="paused at step 1.*--resume"):
+        load_model_run(tmp_path / "paused")
 
 
 def test_selection_anneal_goes_from_dense_to_the_models_own_selection(tmp_path):

@@ -611,8 +611,9 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         name: which attention.
         config: the run's :class:`TrainConfig`.
         out_dir: where the checkpoint goes.
-        replay: a finished run whose per-step learning rates and contexts are repeated exactly,
-            for as many steps (the dense twin replays NSA: same batches, same schedule). Without
+        replay: a run whose per-step learning rates and contexts are repeated exactly, for as many
+            steps (the dense twin replays NSA: same batches, same schedule). A paused run is
+            replayed as far as it has logged, and this one then pauses too. Without
             it the schedule is ``config.steps`` long, refitted to ``config.minutes`` if given.
         report: receives console lines. progress: ``(model, step, total, row)`` after each step.
         resume: a checkpoint of this model and configuration (:func:`load_resume_state`): training
@@ -665,6 +666,8 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         trained_before = loop["train_seconds"]
         if fallback:
             set_nsa_backend(model, "reference")
+        if replay is not None:  # the replayed run may have gone on (and refitted its schedule) since
+            total = replay.schedule_steps
         if not finished:
             report(f"[{name}] resuming at step {step} of {total} ({trained_before:.0f} s trained before)")
     start = time.perf_counter() - trained_before
@@ -797,6 +800,11 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
                 report(f"[{name}] leg time limit reached at step {step}: paused "
                        f"(resume with the same output directory)")
             break
+    if replay is not None and replay.paused and not finished and step >= replay.steps:
+        # Caught up with an NSA run that is itself paused: go on when it has.
+        paused = True
+        report(f"[{name}] replayed all {step} steps the paused {replay.name} run has logged: paused "
+               f"(resume after it has gone on)")
     finished = not paused
     seconds = time.perf_counter() - start
     if name == "nsa":
@@ -1078,29 +1086,35 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if v is not None or k in ("accuracy", "correct")}
 
 
-def load_model_run(run_dir: Path | str, name: str = "nsa") -> ModelRun:
+def load_model_run(run_dir: Path | str, name: str = "nsa", *, allow_paused: bool = False) -> ModelRun:
     """Model ``name``'s run from a previous ``run_training`` output directory (its log rows,
     retrieval rows and summary entry): the NSA run a dense twin trained in a separate command
-    replays, or either twin of a pair trained side by side (:mod:`nsa.models.twins`)."""
+    replays, or either twin of a pair trained side by side (:mod:`nsa.models.twins`).
+    ``allow_paused``: a run stopped by its leg limit is returned as far as it has logged
+    (``paused=True``, no retrieval rows) instead of refused."""
     run_dir = Path(run_dir)
     paths = [run_dir / file for file in ("train_log.parquet", "retrieval.parquet", "summary.json")]
-    missing = [str(p) for p in paths if not p.is_file()]
+    info = None
+    if paths[2].is_file():
+        info = json.loads(paths[2].read_text())["models"].get(name)
+    paused = info is not None and bool(info.get("paused"))
+    if paused and not allow_paused:
+        raise ValueError(f"{run_dir}'s {name} run is paused at step {info['steps']}: finish it first "
+                         f"(nsa train --resume --out {run_dir})")
+    missing = [str(p) for p in paths if not p.is_file() and not (paused and p == paths[1])]
     if missing:
         raise FileNotFoundError(f"run directory {run_dir} lacks {', '.join(missing)} (the outputs of "
                                 f"a run that trained {name})")
-    models = json.loads(paths[2].read_text())["models"]
-    info = models.get(name)
     rows = [r for r in read_table(paths[0]) if r["model"] == name]
     if info is None or not rows:
+        models = json.loads(paths[2].read_text())["models"]
         raise ValueError(f"{run_dir} holds no {name} run (summary.json models: {sorted(models)})")
-    if info.get("paused"):
-        raise ValueError(f"{run_dir}'s {name} run is paused at step {info['steps']}: finish it first "
-                         f"(nsa train --resume --out {run_dir})")
     rows = [{k: v for k, v in r.items() if v is not None} for r in sorted(rows, key=lambda r: r["step"])]
     run = ModelRun(name, info["steps"], info["schedule_steps"], info["train_seconds"], rows, info["backend"],
-                   info["parameters"], backend_fallback=info.get("backend_fallback", ""))
-    run.eval_rows = [_present(r) for r in read_table(paths[1]) if r["model"] == name]
-    run.eval_seconds = info["eval_seconds"]
+                   info["parameters"], backend_fallback=info.get("backend_fallback", ""), paused=paused)
+    if not paused:
+        run.eval_rows = [_present(r) for r in read_table(paths[1]) if r["model"] == name]
+        run.eval_seconds = info["eval_seconds"]
     return run
 
 
@@ -1131,6 +1145,9 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
     ``replay_dir``: the output directory of an earlier run that trained NSA; its NSA run is
     loaded (log and retrieval rows), the dense twin replays its schedule, and the outputs here
     cover both models (so one long NSA command and one dense command compare at equal steps).
+    An NSA run paused by its leg limit is replayed as far as it has logged; the twin then pauses
+    too and, resumed after NSA has gone on, follows it further (one leg behind, on another GPU,
+    instead of waiting for NSA to finish).
 
     ``leg_minutes``: wall-clock limit on this call's training (a run longer than one session or
     one job's time limit goes in legs). When it is spent, the model in training is checkpointed,
@@ -1179,7 +1196,7 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
             if earlier.get(key) != json.loads(json.dumps(now[key])):
                 raise ValueError(f"replay_dir {replay_dir} was trained with {key}={earlier.get(key)!r}, this run "
                                  f"has {now[key]!r}: the twins would not see the same batches")
-        runs["nsa"] = load_model_run(replay_dir)
+        runs["nsa"] = load_model_run(replay_dir, allow_paused=True)
         summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
                                     "replayed_from": str(replay_dir)}
     paused = trained = False  # trained: some model took steps in this call (every leg makes progress)

@@ -20,8 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nsa.models.train import (LOG_BASE_COLUMNS, ModelRun, _write_json, goals, load_model_run, plot_loss,
-                              plot_retrieval, resume_config, weights_path, write_table)
+from nsa.models.train import (
+    LOG_BASE_COLUMNS,
+    ModelRun,
+    _write_json,
+    goals,
+    load_model_run,
+    plot_loss,
+    plot_retrieval,
+    resume_config,
+    weights_path,
+    write_table,
+)
 
 # Settings that may differ between the twins' commands: which model each trained, how (and for
 # how long) each was evaluated (the periodic checks draw from their own generator), how often it
@@ -61,7 +71,8 @@ def join_twin_runs(nsa_dir: Path | str, dense_dir: Path | str, out_dir: Path | s
 
     began = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table([r for run in runs.values() for r in run.rows], out_dir / "train_log.parquet", LOG_BASE_COLUMNS)
+    write_table([r for run in runs.values() for r in run.rows], out_dir / "train_log.parquet",
+                LOG_BASE_COLUMNS)
     write_table([r for run in runs.values() for r in run.eval_rows], out_dir / "retrieval.parquet",
                 ("model", "task", "context", "depth", "status"))
     for name, run in runs.items():
@@ -91,7 +102,8 @@ def _check_same_schedule(nsa: ModelRun, dense: ModelRun) -> None:
                              f"(a schedule that moved on the loss needs --replay)")
 
 
-def _check_starting_points(nsa_init: str | None, dense_init: str | None, dense_summary: dict[str, Any]) -> None:
+def _check_starting_points(nsa_init: str | None, dense_init: str | None,
+                           dense_summary: dict[str, Any]) -> None:
     """Twins start from twins: both fresh (the dense twin copies NSA's initial draw), one directory
     holding both models' weights, or a dense run whose first stage replayed NSA's first stage
     (recorded by ``run_training`` as ``init_weights_replayed_from``, so the check needs neither
@@ -100,6 +112,7 @@ def _check_starting_points(nsa_init: str | None, dense_init: str | None, dense_s
         return
     replayed = dense_summary.get("init_weights_replayed_from")
     if nsa_init is None or replayed is None or os.path.normpath(replayed) != os.path.normpath(nsa_init):
-        raise ValueError(f"init_weights differ: NSA starts from {nsa_init!r}, the dense twin from {dense_init!r}, "
+        raise ValueError(f"init_weights differ: NSA starts from {nsa_init!r}, the dense twin from "
+                         f"{dense_init!r}, "
                          f"whose run {'replayed ' + repr(replayed) if replayed else 'replayed no NSA run'}: "
                          f"twins start fresh or from the two models of one earlier pair")

@@ -18,14 +18,15 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.models import RetrievalLM, make_batch, retrieval_accuracy  # noqa: E402
-from nsa.models.train import _forward_backward, gpu_config, make_optimizer, set_learning_rate  # noqa: E402
+from nsa.models import RetrievalLM, make_batch, retrieval_accuracy
+from nsa.models.train import _forward_backward, gpu_config, make_optimizer, set_learning_rate
 
 
 def timed(fn, repeats: int) -> float:
@@ -41,6 +42,22 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def train_step(model: RetrievalLM, config, args, gen: torch.Generator, device: torch.device, autocast):
+    """One ``nsa train`` step of ``model`` (its own optimizer), as a callable; ``step(True)``
+    also collects the gate statistics. A factory, so each model's step keeps its own model."""
+    optimizer = make_optimizer(model, config)
+    set_learning_rate(optimizer, 1e-4)
+
+    def step(want_info: bool = False) -> None:
+        batch = make_batch(config.task, args.batch_size, args.context, gen).to(device)
+        _forward_backward(model, batch, want_info, autocast, device)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=8192)
@@ -54,39 +71,32 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     config = gpu_config(context=args.context, start_context=None, batch_size=args.batch_size)
     gen = torch.Generator().manual_seed(0)
-    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__,
                     "context": args.context, "batch_size": args.batch_size, "models": {}}
     result["make_batch_ms"] = timed(lambda: make_batch(config.task, args.batch_size, args.context, gen), 10)
-    models = {}
+    steps = {}
     for name in ("nsa", "dense"):
         lm_config = config.model if name == "nsa" else config.model.twin()
         model = RetrievalLM(lm_config).to(device).train()
-        optimizer = make_optimizer(model, config)
-        set_learning_rate(optimizer, 1e-4)
-
-        def step(want_info: bool = False) -> None:
-            batch = make_batch(config.task, args.batch_size, args.context, gen).to(device)
-            _forward_backward(model, batch, want_info, autocast, device)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = train_step(model, config, args, gen, device, autocast)
         for _ in range(5):  # autotuning, allocator growth
             step()
-        row = {"step_ms": timed(step, args.steps), "step_with_info_ms": timed(lambda: step(True), 5)}
+        row = {"step_ms": timed(step, args.steps), "step_with_info_ms": timed(partial(step, True), 5)}
         model.eval()
         check = config.task.replace(num_needles=1, num_queries=1)
-        row["accuracy_check_ms"] = timed(lambda: retrieval_accuracy(
-            model, check, args.context, None, num_samples=32, batch_size=config.eval_batch_size, seed=7,
-            device=device, autocast_dtype=autocast), 3)
+        row["accuracy_check_ms"] = timed(partial(
+            retrieval_accuracy, model, check, args.context, None, num_samples=32,
+            batch_size=config.eval_batch_size, seed=7, device=device, autocast_dtype=autocast), 3)
         model.train()
         row["accuracy_check_per_step_ms"] = row["accuracy_check_ms"] / config.eval_every
         result["models"][name] = row
-        models[name] = step
-    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        steps[name] = step
+    activities = torch.profiler.ProfilerActivity
+    activity = activities.CUDA if device.type == "cuda" else activities.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(5):
-            models["nsa"]()
+            steps["nsa"]()
     events = [e for e in prof.key_averages() if device.type != "cuda" or e.device_time_total > 0]
     time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     kernels = sorted(events, key=time_of, reverse=True)[:20]
@@ -96,7 +106,8 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch']}, context {args.context}, batch {args.batch_size}; "
-          f"make_batch {result['make_batch_ms']:.1f} ms; NSA kernels {result['nsa_kernel_ms_per_step']:.1f} ms/step")
+          f"make_batch {result['make_batch_ms']:.1f} ms; "
+          f"NSA kernels {result['nsa_kernel_ms_per_step']:.1f} ms/step")
     for k in result["nsa_kernels"]:
         print(f"  {k['ms_per_step']:7.2f} ms  x{k['calls'] // 5:<4} {k['name']}")
     print("| model | step ms | with gate stats | accuracy check ms (per step at eval_every) |")

@@ -4,25 +4,29 @@ may each run only so long (issue 6: both twins through two training stages, 10-m
     python3 scripts/gpu/train_lanes.py PLAN.json --deadline-s 585 [--runs /tmp/nsa-train] [--out $OUT]
 
 PLAN.json holds ``{"lanes": [[RUN, ...], ...]}``; lane i trains on GPU i, its runs in order. A RUN
-is ``{"name": ..., "options": "nsa train options", "after": [names], "train_s": seconds,
-"eval_s": seconds}`` (its expected training and final evaluation times);
+is ``{"name": ..., "options": "nsa train options", "after": [names], "follows": name,
+"train_s": seconds, "eval_s": seconds}`` (``follows``: a dense twin replaying that run, which
+may still be paused: it replays as far as that run has logged, waits, and goes on after it has;
+``train_s``, ``eval_s``: its expected training and final evaluation times);
 ``{runs}`` in the options stands for ``--runs``, where run NAME writes (``--out {runs}/NAME``:
 outside the repository copy, which a later command replaces, so it lasts while the machine is held).
 
 Every call does, in each lane, as much as fits before the deadline (seconds from the start):
 a run whose ``summary.json`` says ``done`` is skipped; the others wait until every run in their
-``after`` is done (a dense twin replaying NSA's run, say); a run with a checkpoint or a paused
-summary goes on with ``nsa train --resume``, any other starts; each gets ``--leg-minutes`` for
-the time left less a start-up margin and, when it is expected to finish in this call, its
-``eval_s`` (:func:`leg_seconds`); none is begun with under a minute of training left. A run
-stopped that way is paused and resumes in the next call. At the end each run's outputs (tables, plots, summary, weights; no checkpoints) are copied to
-``--out/NAME`` with its console log, and a status line per run is printed.
+``after`` is done (and a follower until its leader has logged more steps); a run with a
+checkpoint or a paused summary goes on with ``nsa train --resume``, any other starts; each gets
+``--leg-minutes`` for the time left less a start-up margin and, when it is expected to finish in
+this call, its ``eval_s`` (:func:`leg_seconds`); none is begun with under a minute of training
+left. A run stopped that way is paused and resumes in the next call. At the end each run's
+outputs (tables, plots, summary, weights; no checkpoints) are copied to ``--out/NAME`` with its
+console log, and a status line per run is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -68,36 +72,56 @@ def leg_seconds(run: dict, run_dir: Path, left_s: float) -> float:
     return min(usable, remaining - END_BUFFER_S)
 
 
+def own_steps(run_dir: Path) -> int:
+    """Steps the run's own model (the last of its configured models) has logged; 0 before any."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return 0
+    data = json.loads(summary.read_text())
+    return data.get("models", {}).get(data["config"]["models"][-1], {}).get("steps", 0)
+
+
+def ready(run: dict, runs: Path) -> bool:
+    """Every run in ``after`` is done, and the run it ``follows`` (if any) has logged steps this
+    one has not replayed yet, or is done."""
+    if any(run_status(runs / other) != "done" for other in run.get("after", [])):
+        return False
+    leader = run.get("follows")
+    if leader is None:
+        return True
+    return run_status(runs / leader) == "done" or own_steps(runs / leader) > own_steps(runs / run["name"])
+
+
 def run_lane(gpu: int, lane: list[dict], runs: Path, logs: Path, deadline: float) -> None:
     for run in lane:
         run_dir = runs / run["name"]
-        if run_status(run_dir) == "done":
-            continue
-        while any(run_status(runs / other) != "done" for other in run.get("after", [])):
-            if time.monotonic() > deadline:
+        while run_status(run_dir) != "done":
+            while not ready(run, runs):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(5)
+            leg_s = leg_seconds(run, run_dir, deadline - time.monotonic())
+            if leg_s < MIN_LEG_S:
                 return
-            time.sleep(5)
-        leg_s = leg_seconds(run, run_dir, deadline - time.monotonic())
-        if leg_s < MIN_LEG_S:
-            return
-        if run_status(run_dir) == "paused":
-            options = ["--resume", "--out", str(run_dir)]
-        else:
-            options = shlex.split(run["options"].replace("{runs}", str(runs))) + ["--out", str(run_dir)]
-        command = [sys.executable, "-m", "cli.main", "train", *options, "--leg-minutes", f"{leg_s / 60:.2f}"]
-        with open(logs / f"{run['name']}.log", "a") as log:
-            log.write(f"\n$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(command)}\n")
-            log.flush()
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-            # The leg limit stops training in time; the timeout only guards against a hang (a
-            # killed run resumes from its last checkpoint).
-            try:
-                subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               timeout=max(1.0, deadline - time.monotonic() + 30))
-            except subprocess.TimeoutExpired:
-                log.write("\n(killed at the deadline)\n")
-        if run_status(run_dir) != "done":
-            return
+            if run_status(run_dir) == "paused":
+                options = ["--resume", "--out", str(run_dir)]
+            else:
+                options = shlex.split(run["options"].replace("{runs}", str(runs))) + ["--out", str(run_dir)]
+            command = [sys.executable, "-m", "cli.main", "train", *options,
+                       "--leg-minutes", f"{leg_s / 60:.2f}"]
+            with open(logs / f"{run['name']}.log", "a") as log:
+                log.write(f"\n$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(command)}\n")
+                log.flush()
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                # The leg limit stops training in time; the timeout only guards against a hang (a
+                # killed run resumes from its last checkpoint).
+                try:
+                    subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
+                                   timeout=max(1.0, deadline - time.monotonic() + 30))
+                except subprocess.TimeoutExpired:
+                    log.write("\n(killed at the deadline)\n")
+            if run_status(run_dir) != "done" and "follows" not in run:
+                return  # paused by the deadline; a follower instead waits for its leader to go on
 
 
 def main() -> None:
@@ -110,7 +134,8 @@ def main() -> None:
     deadline = time.monotonic() + args.deadline_s
     lanes = json.loads(args.plan.read_text())["lanes"]
     names = [run["name"] for lane in lanes for run in lane]
-    unknown = {a for lane in lanes for run in lane for a in run.get("after", [])} - set(names)
+    named = {a for lane in lanes for run in lane for a in [*run.get("after", []), run.get("follows")]}
+    unknown = named - set(names) - {None}
     if len(set(names)) != len(names) or unknown:
         raise SystemExit(f"{args.plan}: run names must be unique and 'after' must name runs of the plan "
                          f"(unknown: {sorted(unknown)})")
@@ -131,7 +156,7 @@ def main() -> None:
         steps = ""
         if (run_dir / "summary.json").is_file():
             models = json.loads((run_dir / "summary.json").read_text()).get("models", {})
-            steps = ", ".join(f"{m} {info.get('steps')} steps, loss {info.get('final_loss', float('nan')):.4f}"
+            steps = ", ".join(f"{m} {info.get('steps')} steps, loss {info.get('final_loss', math.nan):.4f}"
                               for m, info in models.items())
         print(f"{name}: {status} {steps}")
 
