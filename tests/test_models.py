@@ -29,6 +29,7 @@ from nsa.models.tasks import (
     NEEDLE_LEN,
     QUERY,
     QUERY_LEN,
+    BatchStream,
     RetrievalCount,
     needle_block_selected,
 )
@@ -142,6 +143,25 @@ def test_batches_are_deterministic_and_seed_dependent():
     c = make_batch(task, 3, 128, seed=12)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.answers, b.answers)
     assert not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("contexts", [(64, 64, 64), (64, 128, 128, 64, 96), (128,)])
+def test_batch_stream_draws_the_batches_of_make_batch_in_order(contexts):
+    """The prefetching stream hands out exactly make_batch's batches for each step's context,
+    whether or not the next context matches the guess, and its state continues the stream."""
+    task = RetrievalTask(num_needles=3, num_queries=2, adjacent_rate=0.5)
+    plain, streamed = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    stream = BatchStream(task, 3, streamed)
+    try:
+        for step, context in enumerate(contexts):
+            expected, got = make_batch(task, 3, context, plain), stream.next(context)
+            assert torch.equal(expected.tokens, got.tokens) and torch.equal(expected.answers, got.answers), step
+            assert torch.equal(stream.state(), plain.get_state()), step
+    finally:
+        stream.close()
+    resumed = torch.Generator()
+    resumed.set_state(stream.state())
+    assert torch.equal(make_batch(task, 3, 64, resumed).tokens, make_batch(task, 3, 64, plain).tokens)
 
 
 def test_task_and_batch_reject_bad_arguments():

@@ -217,6 +217,58 @@ def make_batch(task: RetrievalTask, batch_size: int, context: int, seed: int | t
     return RetrievalBatch(tokens, targets, answer_positions, answers, needle_starts, depths)
 
 
+class BatchStream:
+    """The training batches of one generator, in order, each next one drawn on a background
+    thread while the current step trains.
+
+    Drawing is CPU work (16 x 8,192 tokens: about 2 ms on an idle core, 16 ms measured on a busy
+    2 x H200 host) that a training loop which reads its loss back every step otherwise waits for
+    once per step. The batches are exactly those of ``make_batch(task, batch_size, c_k, gen)`` for
+    each step's context ``c_k`` in turn: the next batch is drawn for the last step's context (the
+    usual case); when a step asks for another one, that draw is dropped and the generator rewound
+    to where it was, so the stream never depends on the guess.
+
+    Args:
+        task, batch_size: as for :func:`make_batch`.
+        gen: the CPU generator the batches come from; the stream owns it from now on (read its
+            position with :meth:`state`).
+    """
+
+    def __init__(self, task: RetrievalTask, batch_size: int, gen: torch.Generator):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.task, self.batch_size, self._gen = task, batch_size, gen
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-stream")
+        self._state = gen.get_state()  # the generator after the batches handed out
+        self._pending = None  # (context, future) of the draw under way
+
+    def next(self, context: int) -> RetrievalBatch:
+        """The batch of the next step, at ``context`` tokens."""
+        if self._pending is not None:
+            drawn_for, future = self._pending
+            batch = future.result()  # also lets a dropped draw finish before the rewind
+            if drawn_for != context:
+                self._gen.set_state(self._state)
+                batch = make_batch(self.task, self.batch_size, context, self._gen)
+        else:
+            batch = make_batch(self.task, self.batch_size, context, self._gen)
+        self._state = self._gen.get_state()
+        self._pending = (context, self._pool.submit(make_batch, self.task, self.batch_size, context, self._gen))
+        return batch
+
+    def state(self) -> torch.Tensor:
+        """The generator's state after the batches handed out so far (what a checkpoint saves:
+        ``torch.Generator().set_state(stream.state())`` continues the stream)."""
+        return self._state.clone()
+
+    def close(self) -> None:
+        """Finish the draw under way and stop the thread."""
+        if self._pending is not None:
+            self._pending[1].result()
+            self._pending = None
+        self._pool.shutdown()
+
+
 @dataclass(frozen=True)
 class RetrievalCount:
     """What :func:`retrieval_accuracy` measured.

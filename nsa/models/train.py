@@ -40,7 +40,7 @@ from nsa.config import NSAConfig
 from nsa.functional import BRANCHES
 from nsa.layer import NSAAttention
 from nsa.models.lm import LMConfig, RetrievalLM, copy_twin_init, parameter_group
-from nsa.models.tasks import RetrievalTask, make_batch, retrieval_accuracy
+from nsa.models.tasks import BatchStream, RetrievalTask, retrieval_accuracy
 from nsa.rope import ROPE_SCALING_METHODS, RopeScaling
 
 LOG_BASE_COLUMNS = ("model", "step", "loss", "lr", "context", "grad_norm", "tokens", "elapsed_s", "skipped",
@@ -672,9 +672,10 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
             report(f"[{name}] resuming at step {step} of {total} ({trained_before:.0f} s trained before)")
     start = time.perf_counter() - trained_before
     leg_start = time.perf_counter()
+    batches = BatchStream(config.task, config.batch_size, gen)
 
     def loop_state() -> dict[str, Any]:
-        return {"generator": gen.get_state(), "rows": list(rows), "total": total, "held": held,
+        return {"generator": batches.state(), "rows": list(rows), "total": total, "held": held,
                 "last_context": last_context, "tokens_seen": tokens_seen, "nonfinite_loss": nonfinite_loss,
                 "nonfinite_grad": nonfinite_grad, "backend": backend, "fallback": fallback,
                 "train_seconds": time.perf_counter() - start, "finished": finished}
@@ -707,7 +708,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         pattern = nsa_pattern_at(context, config, step / total) if name == "nsa" else None
         if pattern is not None:
             set_nsa_pattern(model, pattern)
-        batch = make_batch(config.task, config.batch_size, context, gen).to(device)
+        batch = batches.next(context).to(device)
         want_info = name == "nsa" and (step % config.log_every == 0)
         try:
             loss_value = _forward_backward(model, batch, want_info, autocast, device)
@@ -800,6 +801,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
                 report(f"[{name}] leg time limit reached at step {step}: paused "
                        f"(resume with the same output directory)")
             break
+    batches.close()
     if replay is not None and replay.paused and not finished and step >= replay.steps:
         # Caught up with an NSA run that is itself paused: go on when it has.
         paused = True
