@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from cli.main import nsa
 
 
-@pytest.mark.parametrize("command", ["verify", "report", "bench", "train"])
+@pytest.mark.parametrize("command", ["verify", "report", "bench", "train", "train-join"])
 def test_command_is_listed_and_loads(command):
     runner = CliRunner()
     listed = runner.invoke(nsa, ["--help"])
