@@ -731,6 +731,11 @@ def test_cli_dense_replays_an_earlier_nsa_run(tmp_path):
               "--eval-samples", "2"]
     first = runner.invoke(train_command, [*common, "--model", "nsa", "--out", str(tmp_path / "nsa")])
     assert first.exit_code == 0, first.output
+    # A run archived before a config field existed (here the task's adjacent_rate) still replays.
+    summary_path = tmp_path / "nsa" / "summary.json"
+    archived = json.loads(summary_path.read_text())
+    del archived["config"]["task"]["adjacent_rate"]
+    summary_path.write_text(json.dumps(archived))
     second = runner.invoke(train_command, [*common, "--model", "dense", "--replay", str(tmp_path / "nsa"),
                                            "--out", str(tmp_path / "dense")])
     assert second.exit_code == 0, second.output + repr(second.exception)
@@ -1066,3 +1071,7 @@ def test_cli_train_join_checks_and_joins_side_by_side_twins(tmp_path):
     result = join(nsa2, train("dense2-alone", "--model", "dense", "--init-weights", str(dense_dir), *stage2),
                   "bad")
     assert result.exit_code != 0 and "replayed no NSA run" in result.output
+    # NSA's second stage from a weights file of the replayed run (an archived one, say) also pairs.
+    nsa2_file = train("nsa2-file", "--model", "nsa", "--init-weights", str(nsa_dir / "weights_nsa.pt"), *stage2)
+    result = join(nsa2_file, tmp_path / "dense2", "joined3")
+    assert result.exit_code == 0, result.output + repr(result.exception)

@@ -1192,10 +1192,11 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         summary["init_weights_replayed_from"] = json.loads(init_summary.read_text())["models"].get(
             "nsa", {}).get("replayed_from")
     if replay_dir is not None:
-        earlier = json.loads((Path(replay_dir) / "summary.json").read_text())["config"]
+        # Through TrainConfig, so that a run archived before a field existed reads with its default.
+        earlier = resume_config(replay_dir).to_dict()
         now = config.to_dict()
         for key in ("task", "batch_size", "seed", "context"):
-            if earlier.get(key) != json.loads(json.dumps(now[key])):
+            if earlier.get(key) != now[key]:
                 raise ValueError(f"replay_dir {replay_dir} was trained with {key}={earlier.get(key)!r}, this run "
                                  f"has {now[key]!r}: the twins would not see the same batches")
         runs["nsa"] = load_model_run(replay_dir, allow_paused=True)

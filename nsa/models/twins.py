@@ -105,14 +105,18 @@ def _check_same_schedule(nsa: ModelRun, dense: ModelRun) -> None:
 def _check_starting_points(nsa_init: str | None, dense_init: str | None,
                            dense_summary: dict[str, Any]) -> None:
     """Twins start from twins: both fresh (the dense twin copies NSA's initial draw), one directory
-    holding both models' weights, or a dense run whose first stage replayed NSA's first stage
-    (recorded by ``run_training`` as ``init_weights_replayed_from``, so the check needs neither
-    directory to be at hand)."""
+    holding both models' weights, or a dense run whose first stage replayed the NSA run that NSA
+    starts from (its directory, or a weights file in it such as an archived
+    ``nsa-weights-bf16.pt``). The replay is recorded by ``run_training`` as
+    ``init_weights_replayed_from``, so the check needs neither directory to be at hand."""
     if nsa_init == dense_init:
         return
     replayed = dense_summary.get("init_weights_replayed_from")
-    if nsa_init is None or replayed is None or os.path.normpath(replayed) != os.path.normpath(nsa_init):
-        raise ValueError(f"init_weights differ: NSA starts from {nsa_init!r}, the dense twin from "
-                         f"{dense_init!r}, "
-                         f"whose run {'replayed ' + repr(replayed) if replayed else 'replayed no NSA run'}: "
-                         f"twins start fresh or from the two models of one earlier pair")
+    if nsa_init is not None and replayed is not None:
+        source = os.path.dirname(nsa_init) if nsa_init.endswith(".pt") else nsa_init
+        if os.path.normpath(replayed) == os.path.normpath(source):
+            return
+    raise ValueError(f"init_weights differ: NSA starts from {nsa_init!r}, the dense twin from "
+                     f"{dense_init!r}, whose run "
+                     f"{'replayed ' + repr(replayed) if replayed else 'replayed no NSA run'}: "
+                     f"twins start fresh or from the two models of one earlier pair")
