@@ -68,7 +68,8 @@ def test_two_stage_twin_plan_runs_to_the_end_and_joins(lanes, tmp_path):
     assert len(by_model["dense"]) == 24 and by_model["dense"] == by_model["nsa"]
     # Outputs copied without checkpoints, with each run's console log.
     out = tmp_path / "out"
-    assert (out / "s2-dense" / "weights_dense.pt").is_file() and not (out / "s2-dense" / "checkpoints").exists()
+    assert (out / "s2-dense" / "weights_dense.pt").is_file()
+    assert not (out / "s2-dense" / "checkpoints").exists()
     assert "--replay" in (out / "s1-dense.log").read_text()
     summary = join_twin_runs(out / "s2-nsa", out / "s2-dense", tmp_path / "joined")
     assert summary["goals"]["equal_steps"] == 8

@@ -253,7 +253,8 @@ class BatchStream:
         else:
             batch = make_batch(self.task, self.batch_size, context, self._gen)
         self._state = self._gen.get_state()
-        self._pending = (context, self._pool.submit(make_batch, self.task, self.batch_size, context, self._gen))
+        draw = self._pool.submit(make_batch, self.task, self.batch_size, context, self._gen)
+        self._pending = (context, draw)
         return batch
 
     def state(self) -> torch.Tensor:

@@ -1185,12 +1185,11 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
 
     summary: dict[str, Any] = {"config": config.to_dict(), "device": _device_name(config.device),
                                "torch_version": torch.__version__, "models": {}}
-    init_summary = Path(config.init_weights or "") / "summary.json"
-    if config.init_weights is not None and init_summary.is_file():
+    if config.init_weights is not None and (Path(config.init_weights) / "summary.json").is_file():
         # Provenance of a second stage's starting point, for joining twins trained side by side
         # (nsa.models.twins): a dense twin's first stage names the NSA run it replayed.
-        summary["init_weights_replayed_from"] = json.loads(init_summary.read_text())["models"].get(
-            "nsa", {}).get("replayed_from")
+        first_stage = json.loads((Path(config.init_weights) / "summary.json").read_text())
+        summary["init_weights_replayed_from"] = first_stage["models"].get("nsa", {}).get("replayed_from")
     if replay_dir is not None:
         # Through TrainConfig, so that a run archived before a field existed reads with its default.
         earlier = resume_config(replay_dir).to_dict()
