@@ -4,6 +4,7 @@ the CPU with the `--tiny` model, margins scaled down to its seconds)."""
 import importlib.util
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -66,16 +67,23 @@ def test_two_stage_twin_plan_runs_to_the_end_and_joins(lanes, tmp_path):
     log = read_table(runs / "s1-dense" / "train_log.parquet")
     by_model = {m: [(r["lr"], r["context"]) for r in log if r["model"] == m] for m in ("nsa", "dense")}
     assert len(by_model["dense"]) == 24 and by_model["dense"] == by_model["nsa"]
-    # Outputs copied without checkpoints, with each run's console log.
+    # What comes back: one archive without checkpoints or weights, and each model's weights file.
     out = tmp_path / "out"
-    assert (out / "s2-dense" / "weights_dense.pt").is_file()
-    assert not (out / "s2-dense" / "checkpoints").exists()
-    assert "--replay" in (out / "s1-dense.log").read_text()
-    summary = join_twin_runs(out / "s2-nsa", out / "s2-dense", tmp_path / "joined")
+    assert sorted(p.name for p in out.iterdir()) == ["lanes.tgz", "s1-dense-weights_dense.pt",
+                                                     "s1-nsa-weights_nsa.pt", "s2-dense-weights_dense.pt",
+                                                     "s2-nsa-weights_nsa.pt"]
+    with tarfile.open(out / "lanes.tgz") as archive:
+        members = archive.getnames()
+        archive.extractall(tmp_path / "back", filter="data")
+    assert "s2-dense/summary.json" in members and "s1-dense.log" in members
+    assert not any("checkpoints" in m or m.endswith(".pt") for m in members)
+    assert "--replay" in (tmp_path / "back" / "s1-dense.log").read_text()
+    back = tmp_path / "back"
+    summary = join_twin_runs(back / "s2-nsa", back / "s2-dense", tmp_path / "joined")
     assert summary["goals"]["equal_steps"] == 8
     # A second call finds everything done and starts nothing.
     _call(lanes, plan, tmp_path, deadline_s=5)
-    assert (out / "s2-nsa.log").read_text().count("$ CUDA_VISIBLE_DEVICES") == 1
+    assert (runs / "s2-nsa.log").read_text().count("$ CUDA_VISIBLE_DEVICES") == 1
 
 
 def test_a_plan_naming_unknown_runs_is_refused(lanes, tmp_path):

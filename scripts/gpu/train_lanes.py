@@ -17,9 +17,10 @@ a run whose ``summary.json`` says ``done`` is skipped; the others wait until eve
 checkpoint or a paused summary goes on with ``nsa train --resume``, any other starts; each gets
 ``--leg-minutes`` for the time left less a start-up margin and, when it is expected to finish in
 this call, its ``eval_s`` (:func:`leg_seconds`); none is begun with under a minute of training
-left. A run stopped that way is paused and resumes in the next call. At the end each run's
-outputs (tables, plots, summary, weights; no checkpoints) are copied to ``--out/NAME`` with its
-console log, and a status line per run is printed.
+left. A run stopped that way is paused and resumes in the next call; console logs go to
+``{runs}/NAME.log``. At the end ``--out`` gets what fits the device tool's return
+(:func:`write_outputs`: one archive of tables, plots, summaries and logs, and the weights files),
+and a status line per run is printed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -92,7 +94,7 @@ def ready(run: dict, runs: Path) -> bool:
     return run_status(runs / leader) == "done" or own_steps(runs / leader) > own_steps(runs / run["name"])
 
 
-def run_lane(gpu: int, lane: list[dict], runs: Path, logs: Path, deadline: float) -> None:
+def run_lane(gpu: int, lane: list[dict], runs: Path, deadline: float) -> None:
     for run in lane:
         run_dir = runs / run["name"]
         while run_status(run_dir) != "done":
@@ -109,7 +111,7 @@ def run_lane(gpu: int, lane: list[dict], runs: Path, logs: Path, deadline: float
                 options = shlex.split(run["options"].replace("{runs}", str(runs))) + ["--out", str(run_dir)]
             command = [sys.executable, "-m", "cli.main", "train", *options,
                        "--leg-minutes", f"{leg_s / 60:.2f}"]
-            with open(logs / f"{run['name']}.log", "a") as log:
+            with open(runs / f"{run['name']}.log", "a") as log:
                 log.write(f"\n$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(command)}\n")
                 log.flush()
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
@@ -122,6 +124,23 @@ def run_lane(gpu: int, lane: list[dict], runs: Path, logs: Path, deadline: float
                     log.write("\n(killed at the deadline)\n")
             if run_status(run_dir) != "done" and "follows" not in run:
                 return  # paused by the deadline; a follower instead waits for its leader to go on
+
+
+def write_outputs(runs: Path, names: list[str], out: Path) -> None:
+    """What comes back through the device tool (at most 8 files of 16 MiB): ``lanes.tgz`` with
+    every run's directory but its checkpoints and weights, and its console log ``NAME.log``; and
+    each finished model's weights as ``NAME-weights_<model>.pt`` (a few MB each)."""
+    def small(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if "/checkpoints" in info.name or info.name.endswith(".pt") else info
+
+    with tarfile.open(out / "lanes.tgz", "w:gz") as archive:
+        for name in names:
+            for path in (runs / name, runs / f"{name}.log"):
+                if path.exists():
+                    archive.add(path, arcname=path.name, filter=small)
+    for name in names:
+        for weights in sorted((runs / name).glob("weights_*.pt")):
+            shutil.copy2(weights, out / f"{name}-{weights.name}")
 
 
 def main() -> None:
@@ -141,17 +160,15 @@ def main() -> None:
                          f"(unknown: {sorted(unknown)})")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = [threading.Thread(target=run_lane, args=(gpu, lane, args.runs, args.out, deadline))
+    threads = [threading.Thread(target=run_lane, args=(gpu, lane, args.runs, deadline))
                for gpu, lane in enumerate(lanes)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    write_outputs(args.runs, names, args.out)
     for name in names:
         run_dir = args.runs / name
-        if run_dir.is_dir():
-            shutil.copytree(run_dir, args.out / name, ignore=shutil.ignore_patterns("checkpoints"),
-                            dirs_exist_ok=True)
         status = run_status(run_dir)
         steps = ""
         if (run_dir / "summary.json").is_file():
