@@ -90,3 +90,17 @@ def test_a_plan_naming_unknown_runs_is_refused(lanes, tmp_path):
     plan = {"lanes": [[{"name": "a", "options": TINY}], [{"name": "b", "follows": "c", "options": TINY}]]}
     with pytest.raises(SystemExit, match="unknown: \\['c'\\]"):
         _call(lanes, plan, tmp_path, deadline_s=5)
+
+
+def test_a_failing_follower_is_not_retried_without_progress(lanes, tmp_path):
+    """A twin whose command fails (here: it replays a run of another seed) is tried once, not
+    again and again until the deadline."""
+    plan = {"lanes": [
+        [{"name": "nsa", "options": f"{TINY} --model nsa --steps 6", "train_s": 5, "eval_s": 5}],
+        [{"name": "twin", "follows": "nsa", "train_s": 5, "eval_s": 5,
+          "options": f"{TINY} --model dense --seed 3 --replay {{runs}}/nsa"}],
+    ]}
+    _call(lanes, plan, tmp_path, deadline_s=60)
+    log = (tmp_path / "runs" / "twin.log").read_text()
+    assert log.count("$ CUDA_VISIBLE_DEVICES") == 1 and "seed" in log
+    assert lanes.run_status(tmp_path / "runs" / "twin") == "new"

@@ -105,6 +105,7 @@ def run_lane(gpu: int, lane: list[dict], runs: Path, deadline: float) -> None:
             leg_s = leg_seconds(run, run_dir, deadline - time.monotonic())
             if leg_s < MIN_LEG_S:
                 return
+            before = own_steps(run_dir)
             if run_status(run_dir) == "paused":
                 options = ["--resume", "--out", str(run_dir)]
             else:
@@ -122,8 +123,10 @@ def run_lane(gpu: int, lane: list[dict], runs: Path, deadline: float) -> None:
                                    timeout=max(1.0, deadline - time.monotonic() + 30))
                 except subprocess.TimeoutExpired:
                     log.write("\n(killed at the deadline)\n")
-            if run_status(run_dir) != "done" and "follows" not in run:
-                return  # paused by the deadline; a follower instead waits for its leader to go on
+            if run_status(run_dir) != "done" and ("follows" not in run or own_steps(run_dir) == before):
+                # Paused by the deadline, or failed (its log says why); a follower that made
+                # progress instead waits for its leader to go on.
+                return
 
 
 def write_outputs(runs: Path, names: list[str], out: Path) -> None:
