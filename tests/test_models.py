@@ -155,7 +155,8 @@ def test_batch_stream_draws_the_batches_of_make_batch_in_order(contexts):
     try:
         for step, context in enumerate(contexts):
             expected, got = make_batch(task, 3, context, plain), stream.next(context)
-            assert torch.equal(expected.tokens, got.tokens) and torch.equal(expected.answers, got.answers), step
+            assert torch.equal(expected.tokens, got.tokens), step
+            assert torch.equal(expected.answers, got.answers), step
             assert torch.equal(stream.state(), plain.get_state()), step
     finally:
         stream.close()
@@ -1030,7 +1031,8 @@ def test_cli_train_join_checks_and_joins_side_by_side_twins(tmp_path):
     def join(nsa_dir: Path, dense_dir: Path, name: str):
         return runner.invoke(train_join, [str(nsa_dir), str(dense_dir), "--out", str(tmp_path / name)])
 
-    nsa_dir, dense_dir = train("nsa", "--model", "nsa"), train("dense", "--model", "dense", "--eval-every", "5")
+    nsa_dir = train("nsa", "--model", "nsa")
+    dense_dir = train("dense", "--model", "dense", "--eval-every", "5")
     both = train("both", "--model", "both")
     result = join(nsa_dir, dense_dir, "joined")
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -1039,9 +1041,11 @@ def test_cli_train_join_checks_and_joins_side_by_side_twins(tmp_path):
     assert joined["goals"]["equal_steps"] == expected["equal_steps"] == 12
     for key in ("nsa_final_loss", "dense_final_loss"):
         assert joined["goals"][key] == pytest.approx(expected[key], rel=1e-6), key
-    assert _losses(tmp_path / "joined" / "train_log.parquet", "dense") == _losses(both / "train_log.parquet", "dense")
+    joined_dense = _losses(tmp_path / "joined" / "train_log.parquet", "dense")
+    assert joined_dense == _losses(both / "train_log.parquet", "dense")
     assert {r["model"] for r in read_table(tmp_path / "joined" / "retrieval.parquet")} == {"nsa", "dense"}
-    assert all((tmp_path / "joined" / f).is_file() for f in ("loss.png", "weights_nsa.pt", "weights_dense.pt"))
+    for name in ("loss.png", "weights_nsa.pt", "weights_dense.pt"):
+        assert (tmp_path / "joined" / name).is_file(), name
     assert joined["models"]["dense"]["joined_from"] == str(dense_dir)
 
     # Not twins: another seed; a time-fitted schedule; a schedule that differs at one step.
@@ -1065,13 +1069,15 @@ def test_cli_train_join_checks_and_joins_side_by_side_twins(tmp_path):
     replay = train("replay", "--model", "dense", "--replay", str(nsa_dir))
     stage2 = ["--seed", "1", "--adjacent-rate", "0.5", "--steps", "6"]
     nsa2 = train("nsa2", "--model", "nsa", "--init-weights", str(nsa_dir), *stage2)
-    result = join(nsa2, train("dense2", "--model", "dense", "--init-weights", str(replay), *stage2), "joined2")
+    dense2 = train("dense2", "--model", "dense", "--init-weights", str(replay), *stage2)
+    result = join(nsa2, dense2, "joined2")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((tmp_path / "joined2" / "summary.json").read_text())["goals"]["equal_steps"] == 6
     result = join(nsa2, train("dense2-alone", "--model", "dense", "--init-weights", str(dense_dir), *stage2),
                   "bad")
     assert result.exit_code != 0 and "replayed no NSA run" in result.output
     # NSA's second stage from a weights file of the replayed run (an archived one, say) also pairs.
-    nsa2_file = train("nsa2-file", "--model", "nsa", "--init-weights", str(nsa_dir / "weights_nsa.pt"), *stage2)
+    nsa2_file = train("nsa2-file", "--model", "nsa", "--init-weights", str(nsa_dir / "weights_nsa.pt"),
+                      *stage2)
     result = join(nsa2_file, tmp_path / "dense2", "joined3")
     assert result.exit_code == 0, result.output + repr(result.exception)
