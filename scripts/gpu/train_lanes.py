@@ -161,6 +161,11 @@ def main() -> None:
     if len(set(names)) != len(names) or unknown:
         raise SystemExit(f"{args.plan}: run names must be unique and 'after' must name runs of the plan "
                          f"(unknown: {sorted(unknown)})")
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus and len(lanes) > gpus:  # (no GPU at all: the runs are CPU runs, e.g. the tests')
+        raise SystemExit(f"{args.plan}: {len(lanes)} lanes need {len(lanes)} GPUs, this host has {gpus}")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     threads = [threading.Thread(target=run_lane, args=(gpu, lane, args.runs, deadline))
