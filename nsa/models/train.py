@@ -659,15 +659,15 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         optimizer.load_state_dict(resume["optimizer"])
         gen.set_state(loop["generator"])
         rows = list(loop["rows"])
-        step, total, held, last_context = resume["step"], loop["total"], loop["held"], loop["last_context"]
+        # A replayed run may have gone on (and refitted its schedule) since the checkpoint.
+        total = loop["total"] if replay is None else replay.schedule_steps
+        step, held, last_context = resume["step"], loop["held"], loop["last_context"]
         tokens_seen, nonfinite_loss, nonfinite_grad = (loop["tokens_seen"], loop["nonfinite_loss"],
                                                        loop["nonfinite_grad"])
         backend, fallback, finished = loop["backend"], loop["fallback"], loop["finished"]
         trained_before = loop["train_seconds"]
         if fallback:
             set_nsa_backend(model, "reference")
-        if replay is not None:  # the replayed run may have gone on (and refitted its schedule) since
-            total = replay.schedule_steps
         if not finished:
             report(f"[{name}] resuming at step {step} of {total} ({trained_before:.0f} s trained before)")
     start = time.perf_counter() - trained_before
@@ -1199,8 +1199,8 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
                 raise ValueError(f"replay_dir {replay_dir} was trained with {key}={earlier.get(key)!r}, this run "
                                  f"has {now[key]!r}: the twins would not see the same batches")
         runs["nsa"] = load_model_run(replay_dir, allow_paused=True)
-        summary["models"]["nsa"] = {**json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"],
-                                    "replayed_from": str(replay_dir)}
+        replayed = json.loads((Path(replay_dir) / "summary.json").read_text())["models"]["nsa"]
+        summary["models"]["nsa"] = {**replayed, "replayed_from": str(replay_dir)}
     paused = trained = False  # trained: some model took steps in this call (every leg makes progress)
     for name in config.models:
         saved = load_resume_state(out_dir, name, config) if resume else None

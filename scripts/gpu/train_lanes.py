@@ -43,22 +43,25 @@ MIN_LEG_S = 60
 END_BUFFER_S = 90
 
 
+def read_summary(run_dir: Path) -> dict:
+    """The run's ``summary.json`` (``{}`` before its first leg has ended)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_status(run_dir: Path) -> str:
     """``done``, ``paused`` (a summary or checkpoint to resume from) or ``new``."""
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "done":
+    summary = read_summary(run_dir)
+    if summary.get("status") == "done":
         return "done"
-    if summary.is_file() or any((run_dir / "checkpoints").glob("*.pt")):
+    if summary or any((run_dir / "checkpoints").glob("*.pt")):
         return "paused"
     return "new"
 
 
 def trained_seconds(run_dir: Path) -> float:
     """Training seconds of the paused model of an earlier leg (0 for a run not begun)."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return 0.0
-    models = json.loads(summary.read_text()).get("models", {}).values()
+    models = read_summary(run_dir).get("models", {}).values()
     return sum(info.get("train_seconds", 0.0) for info in models if info.get("paused"))
 
 
@@ -76,11 +79,10 @@ def leg_seconds(run: dict, run_dir: Path, left_s: float) -> float:
 
 def own_steps(run_dir: Path) -> int:
     """Steps the run's own model (the last of its configured models) has logged; 0 before any."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
+    summary = read_summary(run_dir)
+    if not summary:
         return 0
-    data = json.loads(summary.read_text())
-    return data.get("models", {}).get(data["config"]["models"][-1], {}).get("steps", 0)
+    return summary["models"].get(summary["config"]["models"][-1], {}).get("steps", 0)
 
 
 def ready(run: dict, runs: Path) -> bool:
@@ -177,13 +179,10 @@ def main() -> None:
     write_outputs(args.runs, names, args.out)
     for name in names:
         run_dir = args.runs / name
-        status = run_status(run_dir)
-        steps = ""
-        if (run_dir / "summary.json").is_file():
-            models = json.loads((run_dir / "summary.json").read_text()).get("models", {})
-            steps = ", ".join(f"{m} {info.get('steps')} steps, loss {info.get('final_loss', math.nan):.4f}"
-                              for m, info in models.items())
-        print(f"{name}: {status} {steps}")
+        models = read_summary(run_dir).get("models", {})
+        steps = ", ".join(f"{m} {info.get('steps')} steps, loss {info.get('final_loss', math.nan):.4f}"
+                          for m, info in models.items())
+        print(f"{name}: {run_status(run_dir)} {steps}")
 
 
 if __name__ == "__main__":
