@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -148,46 +149,61 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     k_slc, v_slc = selection_kv if selection_kv is not None else (k, v)
     k_win, v_win = window_kv if window_kv is not None else (k, v)
     if cu_seqlens is None:
-        bounds = [(0, q.shape[1])]
-        cmp_bounds = None
-    else:
-        offsets = cu_seqlens.tolist()
-        bounds = list(zip(offsets[:-1], offsets[1:]))
-        cmp_offsets = compressed_cu_seqlens(cu_seqlens, config.compress_block, config.compress_stride).tolist()
-        cmp_bounds = list(zip(cmp_offsets[:-1], cmp_offsets[1:]))
-    outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
-    for index, (start, end) in enumerate(bounds):
-        if end == start and len(bounds) > 1:
-            continue  # an empty sequence adds no rows; the kernels' backward is not asked for T = 0
-        piece = slice(start, end)
+        # One call on the tensors as given: slicing and concatenating a single whole piece would
+        # copy the output and, in backward, every input's gradient (measured: ~1.4 GB per step
+        # of issue 6's training model).
         if compressed_kv is None:
-            k_cmp = compress_mean(k[:, piece], config.compress_block, config.compress_stride)
-            v_cmp = compress_mean(v[:, piece], config.compress_block, config.compress_stride)
-        else:
-            cmp_piece = slice(*cmp_bounds[index]) if cmp_bounds is not None else slice(None)
-            k_cmp, v_cmp = compressed_kv[0][:, cmp_piece], compressed_kv[1][:, cmp_piece]
-        o, sel, rd = run_backend(name, q[:, piece], k_cmp, v_cmp, k_slc[:, piece], v_slc[:, piece],
-                                 k_win[:, piece], v_win[:, piece], gates[:, piece], config, scale=scale)
-        outputs.append(o)
-        blocks.append(sel)
-        for branch in BRANCHES:
-            reads[branch].append(rd[branch])
-    if not outputs:  # every packed sequence was empty: run the (empty) whole once for the shapes
-        o, sel, rd = run_backend(name, q, compressed_kv[0] if compressed_kv is not None else
-                                 compress_mean(k, config.compress_block, config.compress_stride),
-                                 compressed_kv[1] if compressed_kv is not None else
-                                 compress_mean(v, config.compress_block, config.compress_stride),
-                                 k_slc, v_slc, k_win, v_win, gates, config, scale=scale)
-        outputs, blocks, reads = [o], [sel], {b: [rd[b]] for b in BRANCHES}
-    out = torch.cat(outputs, dim=1)
+            compressed_kv = _mean_pooled(k, v, config)
+        out, blocks, reads = run_backend(name, q, *compressed_kv, k_slc, v_slc, k_win, v_win, gates, config,
+                                         scale=scale, with_reads=return_info)
+    else:
+        out, blocks, reads = _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_win,
+                                     cu_seqlens, scale, return_info)
     if not return_info:
         return out
     g = gates.detach().float()
     info = NSAInfo(
-        selected_blocks=torch.cat(blocks, dim=1),
-        reads={b: torch.cat(reads[b], dim=1) for b in BRANCHES},
-        backend=name, backend_reason=reason,
+        selected_blocks=blocks, reads=reads, backend=name, backend_reason=reason,
         gate_stats={b: (g[..., i].mean().item(), g[..., i].std().item() if g[..., i].numel() > 1 else 0.0)
                     for i, b in enumerate(BRANCHES)},
     )
     return out, info
+
+
+def _mean_pooled(k: torch.Tensor, v: torch.Tensor, config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default compressed tokens (``phi = "mean"``) of ``k`` and ``v``."""
+    return (compress_mean(k, config.compress_block, config.compress_stride),
+            compress_mean(v, config.compress_block, config.compress_stride))
+
+
+def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_win, cu_seqlens, scale,
+            with_reads):
+    """:func:`nsa_attention` over packed sequences: one backend call per sequence, joined."""
+    offsets = cu_seqlens.tolist()
+    bounds = list(pairwise(offsets))
+    cmp_bounds = list(pairwise(compressed_cu_seqlens(cu_seqlens, config.compress_block,
+                                                     config.compress_stride).tolist()))
+    outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
+    for (start, end), (cmp_start, cmp_end) in zip(bounds, cmp_bounds):
+        if end == start and len(bounds) > 1:
+            continue  # an empty sequence adds no rows; the kernels' backward is not asked for T = 0
+        piece = slice(start, end)
+        if compressed_kv is None:
+            k_cmp, v_cmp = _mean_pooled(k[:, piece], v[:, piece], config)
+        else:
+            k_cmp, v_cmp = (t[:, cmp_start:cmp_end] for t in compressed_kv)
+        o, sel, rd = run_backend(name, q[:, piece], k_cmp, v_cmp, k_slc[:, piece], v_slc[:, piece],
+                                 k_win[:, piece], v_win[:, piece], gates[:, piece], config, scale=scale,
+                                 with_reads=with_reads)
+        outputs.append(o)
+        blocks.append(sel)
+        if with_reads:
+            for branch in BRANCHES:
+                reads[branch].append(rd[branch])
+    if not outputs:  # every packed sequence was empty: run the (empty) whole once for the shapes
+        if compressed_kv is None:
+            compressed_kv = _mean_pooled(k, v, config)
+        return run_backend(name, q, *compressed_kv, k_slc, v_slc, k_win, v_win, gates, config, scale=scale,
+                           with_reads=with_reads)
+    joined_reads = {b: torch.cat(reads[b], dim=1) for b in BRANCHES} if with_reads else None
+    return torch.cat(outputs, dim=1), torch.cat(blocks, dim=1), joined_reads

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nsa.ops.attention_core import compute_dtype
+from nsa.ops.rotary import rotate_half
 
 
 def check_rope_dim(head_dim: int, name: str = "head_dim") -> None:
@@ -113,7 +114,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000
             logit temperature is the caller's (:attr:`RopeScaling.query_scale`), not applied here.
 
     Returns:
-        ``[B, T, H, D]`` in ``x``'s dtype, computed in float32 (float64 for float64 input).
+        ``[B, T, H, D]`` in ``x``'s dtype, computed in float32 (float64 for float64 input). On
+        CUDA (float16, bfloat16, float32) the rotation is one Triton kernel,
+        :func:`nsa.ops.rotary.triton.rotate_half_triton`, forward and backward; elsewhere
+        :func:`nsa.ops.rotary.rotate_half`. Both round the same float32 products once (a fused
+        multiply-add may differ in the last float32 bit).
     """
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
@@ -129,12 +134,13 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000
         inv_freq = scaling.inverse_frequencies(inv_freq)
     angles = positions.to(device=x.device, dtype=torch.float64)[..., None] * inv_freq  # [B|1, T, D/2]
     dtype = compute_dtype(x.dtype)
-    cos = torch.cos(angles).to(dtype)[:, :, None, :]
-    sin = torch.sin(angles).to(dtype)[:, :, None, :]
-    xc = x.to(dtype)
-    first, second = xc[..., : head_dim // 2], xc[..., head_dim // 2:]
-    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-    return rotated.to(x.dtype)
+    cos, sin = torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+    if x.is_cuda and dtype == torch.float32:
+        # The same float32 arithmetic in one pass (nsa.ops.rotary.triton says what it saves).
+        from nsa.ops.rotary.triton import rotate_half_triton
+
+        return rotate_half_triton(x, cos, sin)
+    return rotate_half(x, cos, sin)
 
 
 def apply_rope_queries(q: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0,

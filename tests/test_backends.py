@@ -66,3 +66,43 @@ def test_triton_refuses_head_dims_beyond_its_tiles(field):
     with pytest.raises(RuntimeError, match=f"{field}=320.*<= 256"):
         resolve_backend("triton", q, config)
     assert resolve_backend("auto", q, config)[0] == "reference"
+
+
+def _graph_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_whole_sequences_run_without_copies_and_reads_only_when_asked(backend, monkeypatch):
+    """Unpacked inputs reach the backend as given (no slice, no concatenation: each would copy the
+    output or, in backward, a gradient; the reference chunks internally, so the graph is checked
+    on Triton), and the per-branch reads are counted only for the info."""
+    import nsa.ops.reference
+    import nsa.ops.triton_nsa
+
+    config = NSAConfig(select_block=16, **SMALL)
+    q, k, v, gates = (t.requires_grad_() for t in _inputs(config))
+    counted = []
+
+    def counting(real):
+        def branch_reads(*args, **kwargs):
+            counted.append(1)
+            return real(*args, **kwargs)
+        return branch_reads
+
+    for module in (nsa.ops.reference, nsa.ops.triton_nsa):
+        monkeypatch.setattr(module, "branch_reads", counting(module.branch_reads))
+    out = nsa_attention(q, k, v, gates, config, backend=backend)
+    assert not counted
+    if backend == "triton":
+        assert not _graph_nodes(out) & {"SliceBackward0", "CatBackward0"}, _graph_nodes(out)
+    _, info = nsa_attention(q, k, v, gates, config, backend=backend, return_info=True)
+    assert counted and set(info.reads) == {"cmp", "slc", "win"}

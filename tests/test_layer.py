@@ -9,7 +9,7 @@ import torch
 from nsa import NSAAttention, NSAConfig
 from nsa.ops.compression import compress_mean
 from nsa.phi import BlockCompressor
-from nsa.rope import apply_rope
+from nsa.rope import RopeScaling, apply_rope, apply_rope_queries
 
 SMALL = {"compress_block": 4, "compress_stride": 2, "select_block": 8, "select_count": 3, "window": 6}
 
@@ -269,3 +269,36 @@ def test_readme_usage_example():
             step, info = layer(x[:, t:t + 1], cache=cache, return_info=True)
     print(info.reads["slc"].flatten().tolist(), cache.lengths.tolist())
     assert torch.allclose(step, y[:, -1:], atol=1e-4) and out.shape == (2, 190, 256)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scaling", [None, RopeScaling("yarn", 4.0, 16)])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_fused_input_projection_equals_the_separate_projections(bias, scaling, gate):
+    """project() runs q, the three keys and values and the gate as one linear map; the result is
+    each module applied on its own (float64, so only summation order may differ)."""
+    torch.manual_seed(3)
+    layer = NSAAttention(16, small_config(gate=gate), bias=bias, rope_scaling=scaling).double()
+    with torch.no_grad():
+        layer.gate_proj.weight.normal_()  # zero-initialised: make the gate columns count
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    positions = torch.arange(11) + 5
+    q, kv, gates = layer.project(x, positions)
+    c = layer.config
+    expect_q = apply_rope_queries(layer.q_proj(x).view(2, 11, c.num_heads, c.head_dim), positions, theta=layer.rope_theta,
+                                  scaling=scaling)
+    torch.testing.assert_close(q, expect_q, rtol=1e-12, atol=1e-12)
+    for branch in ("cmp", "slc", "win"):
+        k = apply_rope(layer.k_proj[branch](x).view(2, 11, c.num_kv_heads, c.head_dim), positions,
+                       theta=layer.rope_theta, scaling=scaling)
+        v = layer.v_proj[branch](x).view(2, 11, c.num_kv_heads, c.v_head_dim)
+        torch.testing.assert_close(kv[branch][0], k, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(kv[branch][1], v, rtol=1e-12, atol=1e-12)
+    logits = layer.gate_proj(x).view(2, 11, c.num_heads, 3)
+    expect_gates = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(gates, expect_gates, rtol=1e-12, atol=1e-12)
+    # Gradients reach every projection through the fused map, each its own.
+    (q.sum() + sum(t.pow(2).sum() for pair in kv.values() for t in pair) + gates.sum()).backward()
+    for name, p in layer.named_parameters():
+        if name.startswith(("q_proj", "k_proj", "v_proj", "gate_proj")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name

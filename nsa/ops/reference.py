@@ -16,7 +16,8 @@ from nsa.ops.window_attention import window_attention
 def nsa_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
                   v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
                   config: NSAConfig, *, scale: float | None = None, q_offset: int = 0,
-                  win_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                  win_offset: int = 0, with_reads: bool = True,
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """NSA for queries at absolute positions ``q_offset .. q_offset + Tq - 1`` of equal-length sequences.
 
     Args:
@@ -26,6 +27,8 @@ def nsa_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
         k_win, v_win: ``[B, W, HK, Dk|Dv]`` window-branch keys/values from absolute position
             ``win_offset``, covering every key the window reads.
         gates: ``[B, Tq, HQ, 3]`` activated gates (cmp, slc, win).
+
+        with_reads: count the per-branch reads (``False``: ``None`` instead; training skips them).
 
     Returns:
         ``o [B, Tq, HQ, Dv]`` in ``q``'s dtype, the selected blocks ``[B, Tq, HK, n]`` and the
@@ -43,5 +46,4 @@ def nsa_reference(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
     o_win, _ = window_attention(q, k_win, v_win, window=c.window, scale=scale, q_offset=q_offset,
                                 k_offset=win_offset)
     out = combine_branches(o_cmp, o_slc, o_win, gates)
-    reads = branch_reads(blocks, q_offset, config)
-    return out, blocks, reads
+    return out, blocks, branch_reads(blocks, q_offset, config) if with_reads else None

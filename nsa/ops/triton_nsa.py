@@ -37,7 +37,8 @@ def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
 def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
                config: NSAConfig, *, scale: float | None = None, q_offset: int = 0,
-               win_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+               win_offset: int = 0, with_reads: bool = True,
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """Triton NSA over whole sequences (``q_offset == win_offset == 0``); see ``nsa_reference``."""
     if q_offset or win_offset:
         raise NotImplementedError("the Triton backend runs whole sequences (q_offset = 0); "
@@ -51,5 +52,4 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
     o_slc, _ = selected_attention_triton(q, k_slc, v_slc, blocks, select_block=c.select_block, scale=scale)
     o_win, _ = window_attention_triton(q, k_win, v_win, window=c.window, scale=scale)
     out = combine_branches_triton(o_cmp, o_slc, o_win, gates)
-    reads = branch_reads(blocks, 0, config)
-    return out, blocks, reads
+    return out, blocks, branch_reads(blocks, 0, config) if with_reads else None
