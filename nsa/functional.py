@@ -149,9 +149,9 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     k_slc, v_slc = selection_kv if selection_kv is not None else (k, v)
     k_win, v_win = window_kv if window_kv is not None else (k, v)
     if cu_seqlens is None:
-        # One call on the tensors as given: slicing and concatenating a single whole piece would
-        # copy the output and, in backward, every input's gradient (measured: ~1.4 GB per step
-        # of issue 6's training model).
+        # One call on the tensors as given: concatenating a single whole piece copied the output,
+        # and the reads cost ~0.7 GB more per training step of issue 6's model (counted by
+        # scripts/studies/step_traffic.py).
         if compressed_kv is None:
             compressed_kv = _mean_pooled(k, v, config)
         out, blocks, reads = run_backend(name, q, *compressed_kv, k_slc, v_slc, k_win, v_win, gates, config,

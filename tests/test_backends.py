@@ -82,9 +82,9 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_whole_sequences_run_without_copies_and_reads_only_when_asked(backend, monkeypatch):
-    """Unpacked inputs reach the backend as given (no slice, no concatenation: each would copy the
-    output or, in backward, a gradient; the reference chunks internally, so the graph is checked
-    on Triton), and the per-branch reads are counted only for the info."""
+    """Unpacked inputs reach the backend as given (no slice, no concatenation, which copied the
+    output; the reference chunks internally, so the graph is checked on Triton), and the
+    per-branch reads are counted only for the info."""
     import nsa.ops.reference
     import nsa.ops.triton_nsa
 

@@ -24,7 +24,8 @@ CITED_PATH = re.compile(r"reports/[A-Za-z0-9_.=/-]+")
 
 
 def documents() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").rglob("README.md")),
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "reports").rglob("README.md")),
             *sorted((ROOT / "scripts" / "gpu" / "plans").glob("*.json"))]
 
 
@@ -67,8 +68,8 @@ def test_every_cited_archive_path_exists():
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
 def test_no_cited_archive_path_is_git_ignored():
     paths = sorted(all_cited())
-    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
     ignored = result.stdout.split()
     assert result.returncode in (0, 1), result.stderr
     assert not ignored, f"cited in the docs but ignored by git (they would never be committed): {ignored}"
@@ -78,5 +79,6 @@ def test_no_cited_archive_path_is_git_ignored():
                                   *(f"{folder}/run=x/table.parquet" for folder in OUTPUT_DIRS)])
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
 def test_default_outputs_are_git_ignored(name):
-    result = subprocess.run(["git", "check-ignore", "--no-index", "-q", f"reports/{name}"], cwd=ROOT, check=False)
+    result = subprocess.run(["git", "check-ignore", "--no-index", "-q", f"reports/{name}"], cwd=ROOT,
+                            check=False)
     assert result.returncode == 0, f"reports/{name} is a command's default output and should be git-ignored"

@@ -285,8 +285,8 @@ def test_fused_input_projection_equals_the_separate_projections(bias, scaling, g
     positions = torch.arange(11) + 5
     q, kv, gates = layer.project(x, positions)
     c = layer.config
-    expect_q = apply_rope_queries(layer.q_proj(x).view(2, 11, c.num_heads, c.head_dim), positions, theta=layer.rope_theta,
-                                  scaling=scaling)
+    expect_q = apply_rope_queries(layer.q_proj(x).view(2, 11, c.num_heads, c.head_dim), positions,
+                                  theta=layer.rope_theta, scaling=scaling)
     torch.testing.assert_close(q, expect_q, rtol=1e-12, atol=1e-12)
     for branch in ("cmp", "slc", "win"):
         k = apply_rope(layer.k_proj[branch](x).view(2, 11, c.num_kv_heads, c.head_dim), positions,

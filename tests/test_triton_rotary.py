@@ -33,7 +33,8 @@ def test_float32_matches_reference_and_complex_rotation(shape, per_sequence):
     half = dim // 2
     pairs = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
         torch.ones_like(angles), angles)[:, :, None, :]
-    torch.testing.assert_close(got.double(), torch.cat([pairs.real, pairs.imag], dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), torch.cat([pairs.real, pairs.imag], dim=-1), rtol=1e-5,
+                               atol=1e-5)
     assert got.is_contiguous() and got.dtype == x.dtype
 
 
@@ -102,8 +103,8 @@ def test_kernel_compiles_for_sm90():
         "                            aligned=lambda n: n.startswith('stride'))\n"
         "    print(half, resource_usage(k))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(", 0)" in line for line in lines), done.stdout
