@@ -33,13 +33,11 @@ def cited_archive_paths(text: str) -> set[str]:
     """``reports/...`` paths in ``text`` outside the commands' default output folders."""
     paths = set()
     for match in CITED_PATH.finditer(text):
-        path = match.group(0).rstrip(".")
-        if path.endswith("/") and match.end() < len(text) and text[match.end()] in "{<":
-            path = path.rstrip("/")
+        path = match.group(0).rstrip(".").rstrip("/")
         top = path.split("/")[1] if "/" in path else ""
         if not top or top in OUTPUT_NAMES or top.startswith("run="):
             continue
-        paths.add(path.rstrip("/"))
+        paths.add(path)
     return paths
 
 
