@@ -148,9 +148,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     name, reason = resolve_backend(backend, q, config)
     k_slc, v_slc = selection_kv if selection_kv is not None else (k, v)
     k_win, v_win = window_kv if window_kv is not None else (k, v)
-    if cu_seqlens is None:
-        # One call on the tensors as given: concatenating a single whole piece copied the output,
-        # and the reads cost ~0.7 GB more per training step of issue 6's model (counted by
+    if cu_seqlens is None or q.shape[1] == 0:
+        # One call on the tensors as given (also when every packed sequence is empty, for the
+        # shapes): concatenating a single whole piece copied the output, and the reads cost
+        # ~0.7 GB more per training step of issue 6's model (counted by
         # scripts/studies/step_traffic.py).
         if compressed_kv is None:
             compressed_kv = _mean_pooled(k, v, config)
@@ -178,14 +179,15 @@ def _mean_pooled(k: torch.Tensor, v: torch.Tensor, config: NSAConfig) -> tuple[t
 
 def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_win, cu_seqlens, scale,
             with_reads):
-    """:func:`nsa_attention` over packed sequences: one backend call per sequence, joined."""
+    """:func:`nsa_attention` over packed sequences (at least one non-empty): one backend call per
+    non-empty sequence, joined."""
     offsets = cu_seqlens.tolist()
     bounds = list(pairwise(offsets))
     cmp_bounds = list(pairwise(compressed_cu_seqlens(cu_seqlens, config.compress_block,
                                                      config.compress_stride).tolist()))
     outputs, blocks, reads = [], [], {b: [] for b in BRANCHES}
     for (start, end), (cmp_start, cmp_end) in zip(bounds, cmp_bounds):
-        if end == start and len(bounds) > 1:
+        if end == start:
             continue  # an empty sequence adds no rows; the kernels' backward is not asked for T = 0
         piece = slice(start, end)
         if compressed_kv is None:
@@ -200,10 +202,5 @@ def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_
         if with_reads:
             for branch in BRANCHES:
                 reads[branch].append(rd[branch])
-    if not outputs:  # every packed sequence was empty: run the (empty) whole once for the shapes
-        if compressed_kv is None:
-            compressed_kv = _mean_pooled(k, v, config)
-        return run_backend(name, q, *compressed_kv, k_slc, v_slc, k_win, v_win, gates, config, scale=scale,
-                           with_reads=with_reads)
     joined_reads = {b: torch.cat(reads[b], dim=1) for b in BRANCHES} if with_reads else None
     return torch.cat(outputs, dim=1), torch.cat(blocks, dim=1), joined_reads

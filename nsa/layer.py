@@ -166,8 +166,8 @@ class NSAAttention(nn.Module):
         Output columns: ``q`` (``HQ*Dk``), the keys of ``cmp, slc, win`` (``HK*Dk`` each), their
         values (``HK*Dv`` each), the gate logits (``HQ*3``). Why one map: the input is read (and,
         under autocast, cast) once instead of eight times, and backward runs one matmul for the
-        input's gradient instead of eight plus their float32 sum (issue 6's training model moved
-        ~4 GB less per step in forward alone). The parameters stay the separate modules (state
+        input's gradient instead of eight plus their float32 sum (counted for issue 6's training
+        model: ~3 GB less per step in forward alone). The parameters stay the separate modules (state
         dicts unchanged).
         """
         layers = [self.q_proj, *(self.k_proj[b] for b in BRANCHES), *(self.v_proj[b] for b in BRANCHES),

@@ -57,7 +57,7 @@ def test_gates_start_uniform(gate, start):
 
 
 @pytest.mark.parametrize("phi", ["mlp", "mean"])
-@pytest.mark.parametrize("lengths", [[13, 1, 30, 4], [9, 24]])
+@pytest.mark.parametrize("lengths", [[13, 1, 30, 4], [9, 24], [0, 7, 0, 5], [0, 0]])
 def test_packed_forward_equals_separate_sequences(phi, lengths):
     config = small_config(phi=phi)
     layer = make_layer(config, seed=len(lengths))
@@ -69,6 +69,7 @@ def test_packed_forward_equals_separate_sequences(phi, lengths):
         a, b = offsets[i].item(), offsets[i + 1].item()
         torch.testing.assert_close(packed[:, a:b], alone, rtol=0, atol=1e-12)
         assert torch.equal(info.selected_blocks[:, a:b], alone_info.selected_blocks)
+    assert packed.shape[1] == info.selected_blocks.shape[1] == sum(lengths)
 
 
 def test_padded_batch_equals_rows():
