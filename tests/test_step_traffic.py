@@ -12,8 +12,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "studies" / "step_tra
 
 def traffic(tmp_path, *options) -> dict:
     out = tmp_path / "traffic.json"
-    done = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), "--model", "dense", "--seq-len", "64",
-                           "--out", str(out), *options], capture_output=True, text=True, timeout=300, check=False)
+    command = [sys.executable, "-W", "ignore", str(SCRIPT), "--model", "dense", "--seq-len", "64",
+               "--out", str(out), *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
