@@ -72,6 +72,20 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
         tuned(lambda cfg: (1,), "arg", G=16)
 
 
+def test_max_positions_rounds_position_tiles_down_to_a_capped_power_of_two(fake_autotune):
+    tuned = GroupTunedKernel("kernel", [(16, 2, 2), (64, 4, 2)], key=["G"])
+    tiles = [(c.kwargs["BT"], c.kwargs["BLOCK_M"]) for c in tuned.configs(3)]
+    assert tiles == [(5, 16), (21, 64)]  # uncapped: rows // G positions
+    assert [(c.kwargs["BT"], c.kwargs["BLOCK_M"]) for c in tuned.configs(3, 8)] == [(4, 16), (8, 32)]
+    # G = 1: both options become 16 positions, one config per (tiles, warps).
+    assert [(c.kwargs["BT"], c.num_warps) for c in tuned.configs(1, 16)] == [(16, 2), (16, 4)]
+    tuned(lambda cfg: (1,), "arg", G=4, seq_len=8192, max_positions=16)
+    tuned(lambda cfg: (1,), "arg", G=4, seq_len=8192, max_positions=4)
+    first, second = (tuner for tuner, _ in fake_autotune.launches)
+    assert first is not second and [c.kwargs["BT"] for c in second.configs] == [4, 4]
+    assert all("max_positions" not in kwargs for _, kwargs in fake_autotune.launches)
+
+
 def test_chosen_configs_are_reported_per_size_class(fake_autotune):
     configs = [triton_common.triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
                for m, w in ((64, 4), (256, 8))]

@@ -1,11 +1,8 @@
 """RoPE's rotation in Triton (interpreter on CPU) against the reference and a complex-number oracle."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from compiled_subprocess import run_compiled
 
 from nsa.ops.rotary import rotate_half
 from nsa.ops.rotary.triton import rotate_half_triton
@@ -102,9 +99,6 @@ def test_kernel_compiles_for_sm90():
         "    k = compile_as_launched(_rotate_kernel, sig, const, arch=90, num_warps=4, num_stages=1,\n"
         "                            aligned=lambda n: n.startswith('stride'))\n"
         "    print(half, resource_usage(k))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 3 and all(", 0)" in line for line in lines), done.stdout
+    out = run_compiled(code, timeout=300)
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(", 0)" in line for line in lines), out

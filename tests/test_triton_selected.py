@@ -1,11 +1,16 @@
 """Selection-attention Triton kernels vs the naive reference, on CPU through the Triton interpreter."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import pytest
 import torch
+from compiled_subprocess import run_compiled
 from tile_options import option_id, option_pairs, pinned
 
 from nsa.ops import compress_mean, select_blocks, selection_block_scores
@@ -126,3 +131,49 @@ def test_every_production_tile_matches_naive(options, monkeypatch):
         got_all = run(selected_attention_triton, torch.float32)
     for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(selected_attention, torch.float64)):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_union_walk_pipelines_its_loads_on_sm90():
+    """Position tiles walk the union of their lists in a loop without a branch, so that Triton
+    software-pipelines the block loads (asynchronous copies in the compiled kernel); a branch
+    around the loads, the former walk, compiled to none. Built for sm_90 with the bundled ptxas."""
+    code = (
+        "from nsa.ops.offline_compile import compile_as_launched\n"
+        "from nsa.ops.selected_attention import triton as sel\n"
+        "from nsa.ops.triton_common import split_dim\n"
+        "kernel = sel._query_kernel\n"
+        "sig = {n: 'i32' for n in kernel.kernel.arg_names}\n"
+        "sig.update(q='*bf16', k='*bf16', v='*bf16', o='*bf16', do='*bf16', dq='*bf16', idx='*i32',\n"
+        "           lse='*fp32', delta='*fp32', qk_scale='fp32', scale='fp32')\n"
+        "for dk, group in ((32, 4), (128, 16)):\n"
+        "    for cfg in kernel.configs(group, sel.UNION_ENTRIES // 16):\n"
+        "        for backward in (False, True):\n"
+        "            dk_a, dk_b = split_dim(dk)\n"
+        "            const = dict(HK=2, G=group, DK=dk, DV=dk, DK_A=dk_a, DK_B=dk_b, DV_PAD=dk, BS=64,\n"
+        "                         N_PAD=16, BACKWARD=backward, PREC='tf32', **cfg.kwargs)\n"
+        "            sig.update({name: 'constexpr' for name in const})\n"
+        "            k = compile_as_launched(kernel.kernel, sig, const, arch=90, num_warps=cfg.num_warps,\n"
+        "                                    num_stages=cfg.num_stages,\n"
+        "                                    aligned=lambda n: n.startswith('s') and n != 'slh')\n"
+        "            print(dk, group, cfg.kwargs['BT'], backward,\n"
+        "                  k.asm['ttgir'].count('async_copy_global_to_local'))\n")
+    out = run_compiled(code)
+    rows = [line.split() for line in out.splitlines()]
+    walks = [row for row in rows if int(row[2]) > 1]
+    # (32, 4): 4- and 16-position tiles; (128, 16): the 4-position tile; forward and dq each.
+    assert len(walks) == 8, out
+    assert all(int(row[4]) > 0 for row in rows), out
+
+
+def test_walk_ab_script_runs_on_cpu(tmp_path):
+    """The GPU A/B of the union walk (scripts/gpu/selection_walk_ab.py) in its CPU smoke mode,
+    with this module as its own "before": every option agrees bit for bit and the JSON is whole."""
+    out = tmp_path / "ab.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "selection_walk_ab.py"
+    done = subprocess.run([sys.executable, "-W", "ignore", str(script), triton_selected.__file__, "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    options = len(triton_selected._query_kernel.options) + 1
+    assert len(rows) == 2 * options and all(r["bitwise_equal"] and r["finite"] for r in rows)
+    assert "| smoke | local |" in done.stdout

@@ -38,16 +38,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def row_tile_configs(group: int, options: list[tuple]) -> list[triton.Config]:
+def row_tile_configs(group: int, options: list[tuple],
+                     max_positions: int | None = None) -> list[triton.Config]:
     """Configs for kernels whose rows are ``BT positions x G heads``.
 
     ``options`` holds ``(target_rows, num_warps, num_stages[, other constexprs])``;
     ``BT = max(1, rows // G)`` and ``BLOCK_M`` is ``BT * G`` rounded up to a power of two (and to
-    16, the smallest dot M).
+    16, the smallest dot M). With ``max_positions`` (a power of two) ``BT`` is rounded down to a
+    power of two and capped there: for kernels that hold a vector per position of the tile.
     """
     seen, configs = set(), []
     for rows, warps, stages, *other in options:
         positions = max(1, rows // group)
+        if max_positions is not None:
+            positions = min(max_positions, 1 << (positions.bit_length() - 1))
         block_m = max(16, triton.next_power_of_2(positions * group))
         kwargs = {"BT": positions, "BLOCK_M": block_m, **(other[0] if other else {})}
         signature = (tuple(sorted(kwargs.items())), warps, stages)
@@ -145,8 +149,8 @@ class GroupTunedKernel:
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
         self._tuned: dict[tuple[int, int], object] = {}
 
-    def configs(self, group: int) -> list[triton.Config]:
-        configs = row_tile_configs(group, self.options)
+    def configs(self, group: int, max_positions: int | None = None) -> list[triton.Config]:
+        configs = row_tile_configs(group, self.options, max_positions)
         for c in configs:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
         return configs
@@ -154,21 +158,22 @@ class GroupTunedKernel:
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class, every group size (empty
         before any launch there, and under the interpreter)."""
-        return _chosen([t for (_, size), t in self._tuned.items() if size == size_class(seq_len)])
+        return _chosen([t for (_, size, _), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, option: tuple):
         """Within the ``with`` block, ``option`` is the whole list (autotuning has nothing to
         choose, the interpreter runs it); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "options", [option])
 
-    def __call__(self, grid, *args, G: int, seq_len: int, **kwargs):
+    def __call__(self, grid, *args, G: int, seq_len: int, max_positions: int | None = None, **kwargs):
+        """Launch on ``grid``; ``max_positions`` caps ``BT`` (see :func:`row_tile_configs`)."""
         if INTERPRET:
-            config = self.configs(G)[0]
+            config = self.configs(G, max_positions)[0]
             self.kernel[grid(config.kwargs)](*args, G=G, **kwargs, **config.kwargs)
             return
-        tune_key = (G, size_class(seq_len))
+        tune_key = (G, size_class(seq_len), max_positions)
         if tune_key not in self._tuned:
-            self._tuned[tune_key] = triton.autotune(self.configs(G), key=self.key)(self.kernel)
+            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions), key=self.key)(self.kernel)
         self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """Where a training step of issue 6's model goes: NSA against its dense twin, in one process.
 
     python3 scripts/gpu/profile_train_step.py [--context 8192] [--batch-size 16] [--steps 30]
-        [--out FILE]
+        [--nsa-weights FILE] [--out FILE]
 
 Times (wall clock around synchronised calls, after warm-up, medians over ``--steps``): making a
 batch on the CPU; a whole training step (batch made, moved, forward and backward in bf16
@@ -10,6 +10,11 @@ drawn on a thread meanwhile (``BatchStream``, as ``nsa train`` runs it); with th
 collected (every ``log_every``-th step); and the periodic accuracy check (32 sequences at the
 training context, every ``eval_every`` steps). Then the CUDA kernels of a few NSA steps, by total
 time (torch profiler). Prints a table last; ``--out`` writes everything as JSON.
+
+``--nsa-weights`` starts NSA from a trained model's weights (a weights file of ``nsa train``):
+its selection then has the trained pattern, in which neighbouring positions share blocks (the
+selection kernels' position tiles load a block once for all positions that list it), where a
+fresh model's selection is close to random.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nsa.models import RetrievalLM, make_batch, retrieval_accuracy
 from nsa.models.tasks import BatchStream
-from nsa.models.train import _forward_backward, gpu_config, make_optimizer, set_learning_rate
+from nsa.models.train import (
+    _forward_backward,
+    gpu_config,
+    load_initial_weights,
+    make_optimizer,
+    set_learning_rate,
+)
 
 
 def timed(fn, repeats: int) -> float:
@@ -66,6 +77,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--nsa-weights", type=Path, default=None,
+                        help="start NSA from these trained weights (default: a fresh draw)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
     args = parser.parse_args()
@@ -76,12 +89,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "torch": torch.__version__,
-                    "context": args.context, "batch_size": args.batch_size, "models": {}}
+                    "context": args.context, "batch_size": args.batch_size,
+                    "nsa_weights": None if args.nsa_weights is None else str(args.nsa_weights), "models": {}}
     result["make_batch_ms"] = timed(lambda: make_batch(config.task, args.batch_size, args.context, gen), 10)
     steps = {}
     for name in ("nsa", "dense"):
         lm_config = config.model if name == "nsa" else config.model.twin()
         model = RetrievalLM(lm_config).to(device).train()
+        if name == "nsa" and args.nsa_weights is not None:
+            load_initial_weights(model, args.nsa_weights)
         draw = partial(make_batch, config.task, args.batch_size, args.context, gen)
         step = train_step(model, config, args, draw, device, autocast)
         for _ in range(5):  # autotuning, allocator growth
@@ -115,7 +131,8 @@ def main() -> None:
     result["nsa_kernel_ms_per_step"] = sum(time_of(e) for e in events) / 5e3
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
-    print(f"{result['device']}, torch {result['torch']}, context {args.context}, batch {args.batch_size}; "
+    print(f"{result['device']}, torch {result['torch']}, context {args.context}, batch {args.batch_size}, "
+          f"NSA weights {result['nsa_weights'] or 'fresh'}; "
           f"make_batch {result['make_batch_ms']:.1f} ms; "
           f"NSA kernels {result['nsa_kernel_ms_per_step']:.1f} ms/step")
     for k in result["nsa_kernels"]:

@@ -4,8 +4,9 @@ Forward and dq: a program owns ``BT`` consecutive positions x the ``G`` query he
 key/value head (``BLOCK_M`` rows) and walks the selected blocks. With ``BT = 1`` (the paper's
 kernel, used when ``G >= 16``) every row reads the same block list and each block is loaded once
 for the whole group. With ``BT > 1`` (small ``G``, so the dot still has >= 16 rows) the program
-walks the union of its positions' lists: a block listed by an earlier position of the tile is
-skipped, and each row keeps only the blocks its own position selected.
+walks the union of its positions' lists, each block once (a vector of the tile's list entries
+is deduplicated before the loop, so ``BT`` is a power of two and ``BT * n`` at most
+``UNION_ENTRIES``), and each row keeps only the blocks its own position selected.
 
 dk/dv (deterministic, no atomics): the selections are inverted on the GPU (one sort of
 ``(kv head, block, position)`` keys), giving for every key block the ascending list of query
@@ -29,6 +30,10 @@ from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
+# List entries (positions x padded list width) of a union-walking tile, at most: the kernel holds
+# them as one vector and compares it with each earlier position's list (compiled for sm_90, 1,024
+# entries spilled; 256 did not).
+UNION_ENTRIES = 256
 
 
 @triton.jit
@@ -86,26 +91,38 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
             else:
                 m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     else:
-        row_in_tile = r // G
-        for i in range(0, BT * NSEL):
-            src = i // NSEL
-            # Past T the clamped position repeats the tile's last one, whose blocks are duplicates.
-            src_pos = tl.minimum(t0 + src, T - 1)
-            blk = tl.load(idx_base + src_pos.to(tl.int64) * sit + i % NSEL)
-            listed_before = tl.sum(tl.sum(((row_sel == blk) & (row_in_tile < src)[:, None]).to(tl.int32),
-                                          axis=1), axis=0)
-            if (blk >= 0) & (listed_before == 0):
-                kpos = blk * BS + kk
-                ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
-                vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-                sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
-                member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
-                allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
-                if BACKWARD:
-                    p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-                    acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
-                else:
-                    m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
+        # The union of the tile's lists, each block once, in the order the lists first name it.
+        # The entries (position, slot) of the tile as one vector; an entry is new when no earlier
+        # position of the tile lists its block (one list has no repeats), and the s-th new entry
+        # is the s-th block walked. The loop has no branch: Triton pipelines its K/V loads only
+        # then (a skip-if-listed-before branch around them, the former walk, exposed every load's
+        # latency; compiled for sm_90 it had no asynchronous copies).
+        entry = tl.arange(0, BT * N_PAD)
+        entry_pos = t0 + entry // N_PAD
+        entry_slot = entry % N_PAD
+        entry_blk = tl.load(idx_base + entry_pos.to(tl.int64) * sit + entry_slot,
+                            mask=(entry_pos < T) & (entry_slot < NSEL), other=-1)
+        listed_before = tl.zeros([BT * N_PAD], dtype=tl.int32)
+        for earlier in tl.static_range(0, BT - 1):
+            earlier_list = tl.load(idx_base + tl.minimum(t0 + earlier, T - 1).to(tl.int64) * sit + slot,
+                                   mask=slot < NSEL, other=-1)
+            hits = tl.sum((entry_blk[:, None] == earlier_list[None, :]).to(tl.int32), axis=1)
+            listed_before += tl.where(entry // N_PAD > earlier, hits, 0)
+        new = ((entry_blk >= 0) & (listed_before == 0)).to(tl.int32)
+        walk_rank = tl.where(new > 0, tl.cumsum(new, axis=0) - 1, -1)
+        for s in range(0, tl.sum(new, axis=0)):
+            blk = tl.sum(tl.where(walk_rank == s, entry_blk, 0), axis=0)
+            kpos = blk * BS + kk
+            ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
+            vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
+            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
+            member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
+            allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
+            if BACKWARD:
+                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
+                acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
+            else:
+                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
     if BACKWARD:
         store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                          DK, DK_A, DK_B)
@@ -228,6 +245,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None,
         do, delta, dq = o, lse, q  # unused in the forward
         rows, row_stats = o, lse
     n = idx.shape[-1]
+    n_pad = triton.next_power_of_2(max(n, 1))
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
@@ -235,8 +253,8 @@ def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None,
     _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *rows.stride()[:3], *row_stats.stride(),
-                  seq_len, n, scale * LOG2E, scale, N_PAD=triton.next_power_of_2(max(n, 1)),
-                  BACKWARD=backward, seq_len=seq_len, **meta)
+                  seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, seq_len=seq_len,
+                  max_positions=max(1, UNION_ENTRIES // n_pad), **meta)
     return dq if backward else (o, lse)
 
 
