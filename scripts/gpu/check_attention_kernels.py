@@ -283,14 +283,18 @@ def resource_report(arch: int = 90) -> None:
         dk_a, dk_b = split_dim(dk)
         for group in (16, 4, 1):
             for name, tuned, extra in kernels:
-                for cfg in tuned.configs(group):
+                # The selection query kernel caps its position tiles (see _query_pass).
+                capped = name.startswith("sel f") or name.startswith("sel dq")
+                max_positions = sel_triton.UNION_ENTRIES // extra["N_PAD"] if capped else None
+                for cfg in tuned.configs(group, max_positions):
                     consts = dict(HK=4, G=group, DK=dk, DV=128, DK_A=dk_a, DK_B=dk_b, DV_PAD=128, PREC="tf32",
                                   **extra, **cfg.kwargs)
                     kernel = compile_one(tuned.kernel, consts, cfg.num_warps, cfg.num_stages)
                     regs, stack = resource_usage(kernel) or ("?", "?")
+                    copies = kernel.asm["ttgir"].count("async_copy_global_to_local")
                     print(f"{name:8} dk={dk} G={group:2} {cfg.kwargs} warps={cfg.num_warps} "
                           f"stages={cfg.num_stages}: regs={regs} spill_stack={stack} "
-                          f"shared={kernel.metadata.shared}", flush=True)
+                          f"shared={kernel.metadata.shared} async_copies={copies}", flush=True)
 
 
 def fmt(x, spec=".2f"):

@@ -217,8 +217,10 @@ _query_kernel = GroupTunedKernel(
     [(16, 2, 2), (16, 4, 2), (64, 4, 2)],
     key=["G", "DK", "DV", "BS", "BACKWARD"])
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
-# 64k (12.4 ms against 17.6 for the former choice at 64k, H200).
-_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 1)],
+# 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
+# 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps); (64, 8, 2)
+# holds them without spilling (untimed: autotuning decides).
+_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 1)],
                                 key=["G", "DK", "DV", "BS"])
 
 

@@ -174,9 +174,11 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # (rows, warps, stages[, constexprs]); the first of each list won scripts/gpu/tune_kernels.py
 # (H200, G=16, 64k: dK/dV 7.7 ms with 64 rows x 64 keys against 9.7 with 32 x 64 and 12.3 with
 # the first choice; 128-key tiles, which helped compressed attention's dK/dV, were 11-19 ms here).
+# Compiled for sm_90 at Dk = Dv = 128 that dK/dV winner spills ~1 KiB per thread, the 32-row
+# options 200-250 bytes; (32, 8, 2) none (untimed: autotuning decides).
 _query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3)],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
-_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2)],
+_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 8, 2)],
                                 key=["G", "DK", "DV"], extra={"BN": 64})
 
 
