@@ -2,7 +2,8 @@
 
 The CPU interpreter runs kernels as NumPy and misses compiled-mode errors (loop-carried type
 changes, unsupported ops, register spills). This builds every decode kernel with the constants
-and warps a real step uses and reports each one's registers and spill stack::
+and warps a real step uses and reports each one's registers, spill stack and asynchronous copies
+(a loop whose loads Triton software-pipelines has some; none means every load waits)::
 
     python -m nsa.ops.decode.compile_check --dtype bf16 --head-dims 128/128,192/128 --arch 90
 
@@ -60,7 +61,9 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
                                        num_stages=kernels.DECODE_STAGES,
                                        aligned=lambda name: name.startswith("stride"))
         usage = resource_usage(compiled)
-        results.append((label, f"REG:{usage[0]} STACK:{usage[1]}" if usage else "resources unknown"))
+        copies = compiled.asm["ttgir"].count("async_copy_global_to_local")
+        results.append((label, (f"REG:{usage[0]} STACK:{usage[1]}" if usage else "resources unknown")
+                        + f" ASYNC_COPIES:{copies}"))
 
     for dk, dv in head_dims:
         warps = num_warps or kernels.decode_warps(dk)
