@@ -107,14 +107,16 @@ def test_invert_selection_lists_every_query_once_per_block():
 
 
 
+@pytest.mark.parametrize("group", [16, 4, 1])
 @pytest.mark.parametrize("options", option_pairs(triton_selected._query_kernel, triton_selected._dkdv_kernel),
                          ids=option_id)
-def test_every_production_tile_matches_naive(options, monkeypatch):
+def test_every_production_tile_matches_naive(options, group, monkeypatch):
     """The interpreter runs each list's first option; here each option of the GPU lists runs, at
-    G = 16 (one position per 16 rows, or position tiles walking the union of their blocks)."""
+    G = 16 (one position per 16 rows, or 4-position tiles walking the union of their blocks),
+    G = 4 (4- and 16-position tiles) and G = 1 (16- and 64-position tiles)."""
     monkeypatch.setattr(triton_selected, "CHUNK", 32)
     gen = torch.Generator().manual_seed(5)
-    batch, seq_len, num_kv, group, dk, dv, n = 1, 70, 1, 16, 32, 16, 3
+    batch, seq_len, num_kv, dk, dv, n = 1, 70, 1, 32, 16, 3
     q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
     k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
     v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
