@@ -162,8 +162,9 @@ def test_union_walk_pipelines_its_loads_on_sm90():
     out = run_compiled(code)
     rows = [line.split() for line in out.splitlines()]
     walks = [row for row in rows if int(row[2]) > 1]
-    # (32, 4): 4- and 16-position tiles; (128, 16): the 4-position tile; forward and dq each.
-    assert len(walks) == 8, out
+    # (32, 4): 4- (two warp counts), 8- and 16-position tiles; (128, 16): 2- and 4-position
+    # tiles; forward and dq each.
+    assert len(walks) == 12, out
     assert all(int(row[4]) > 0 for row in rows), out
 
 

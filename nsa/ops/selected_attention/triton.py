@@ -214,7 +214,9 @@ _query_kernel = GroupTunedKernel(
     _sel_query_kernel,
     # (rows, warps, stages): one position per program for G >= 16, position tiles below.
     # scripts/gpu/tune_kernels.py (H200, G=16): 2 warps beat 4 by 7% at 8k and 64k (fwd and dq).
-    [(16, 2, 2), (16, 4, 2), (64, 4, 2)],
+    # (32, 4, 2), added with the pipelined union walk (untimed): 2 positions at G = 16 share the
+    # forced blocks, 8 at G = 4; compiled for sm_90 it does not spill at Dk 32, 128 or 192.
+    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (32, 4, 2)],
     key=["G", "DK", "DV", "BS", "BACKWARD"])
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
 # 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
