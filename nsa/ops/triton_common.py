@@ -147,7 +147,7 @@ class GroupTunedKernel:
 
     def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
-        self._tuned: dict[tuple[int, int], object] = {}
+        self._tuned: dict[tuple[int, int, int | None], object] = {}  # (G, size class, max_positions)
 
     def configs(self, group: int, max_positions: int | None = None) -> list[triton.Config]:
         configs = row_tile_configs(group, self.options, max_positions)
