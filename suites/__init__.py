@@ -2,8 +2,8 @@
 
 import importlib
 
-SUITE_MODULES: tuple[str, ...] = ("decode", "causality", "eq9", "eq10", "equivalence", "gradcheck", "needle", "parity", "performance",
-                                  "trainability")
+SUITE_MODULES: tuple[str, ...] = ("decode", "causality", "compile", "eq9", "eq10", "equivalence", "gradcheck",
+                                  "needle", "parity", "performance", "trainability")
 
 for _module in SUITE_MODULES:
     importlib.import_module(f"suites.{_module}")

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from verify import runner, store
+from verify.registry import all_suites
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -189,7 +190,9 @@ def test_opt_in_cases_run_only_when_their_suite_is_named():
     long_run = "trainability::h200-nsa-vs-dense-8k"
     assert long_run not in default and long_run in named
     assert "trainability::triton-grad-model-shapes" in default  # only the opt-in case is left out
-    assert runner.opt_in_left_out([], "full") == [long_run]
+    compile_cases = [c.name for c in all_suites()["compile"].cases("full")]
+    assert len(compile_cases) == 4
+    assert set(runner.opt_in_left_out([], "full")) == {*compile_cases, long_run}
     assert runner.opt_in_left_out(["trainability"], "full") == []
     assert runner.opt_in_left_out([], "ci") == []
 

@@ -167,3 +167,33 @@ def test_trainability_full_case_trains_two_stages_and_checks_the_last(tmp_path, 
     assert metrics["stage1_nonfinite_steps"] == metrics["stage2_nonfinite_steps"] == 0
     assert any(f.startswith("nsa_min_accuracy_64k ") for f in checks.failures), checks.failures
     assert len(read_table(tmp_path / "stage2" / "train_log.parquet")) == 8
+
+
+def test_compile_audit_names_unknown_kernels():
+    from nsa.ops.compile_check import KERNELS, audit
+
+    with pytest.raises(ValueError, match=r"kernels: unknown \['selected-bwd'\]; known: compressed-fwd"):
+        audit([(128, 128)], [16], kernels=("selected-fwd", "selected-bwd"))
+    assert len(KERNELS) == 10
+
+
+def test_compile_suite_bounds_catch_an_unpipelined_loop_and_a_spilling_list(monkeypatch):
+    """The prefill check fails a list whose pipelined configs have no asynchronous copies, or
+    whose best config spills more than the allowance; rows as the compile subprocess prints."""
+    import suites.compile as compile_suite
+    from verify.registry import Checks
+
+    def rows(copies, spills):
+        return [{"kernel": "selected-fwd", "dk": 32, "dv": 32, "group": 4, "config": f"c{i}", "num_warps": 4,
+                 "num_stages": 2, "registers": 100, "spill_bytes": s, "shared_bytes": 0, "async_copies": c}
+                for i, (c, s) in enumerate(zip(copies, spills))]
+
+    for copies, spills, failure in (([4, 4], [0, 300], None), ([4, 0], [0, 0], "async_copies_min"),
+                                    ([4, 4], [65, 300], "spill_bytes_best")):
+        compiled = rows(copies, spills)
+        monkeypatch.setattr(compile_suite, "_compiled_rows", lambda code, compiled=compiled: compiled)
+        checks = Checks()
+        compile_suite._check_prefill({"head_dims": "32/32", "groups": "4"}, checks)
+        result = checks.result()
+        assert (result.status == "pass") == (failure is None), result.message
+        assert failure is None or f"selected-fwd_d32_G4_{failure}" in result.message

@@ -466,7 +466,8 @@ def test_kernels_compile_for_sm90_without_spills():
     # Compiled as launched (aligned pointers and strides), no decode kernel spills at either head dim.
     assert all("STACK:0" in line for line in lines), done.stdout
     # The kernels that loop over keys keep their loads in flight (software-pipelined).
-    looping = [line for line in lines if line.startswith(("_range_kernel", "_score_kernel", "_select_kernel"))]
+    looping = [line for line in lines
+               if line.startswith(("_range_kernel", "_score_kernel", "_select_kernel"))]
     assert len(looping) == 8 and all("ASYNC_COPIES:0" not in line for line in looping), done.stdout
 
 

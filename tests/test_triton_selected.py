@@ -139,33 +139,16 @@ def test_union_walk_pipelines_its_loads_on_sm90():
     """Position tiles walk the union of their lists in a loop without a branch, so that Triton
     software-pipelines the block loads (asynchronous copies in the compiled kernel); a branch
     around the loads, the former walk, compiled to none. Built for sm_90 with the bundled ptxas."""
-    code = (
-        "from nsa.ops.offline_compile import compile_as_launched\n"
-        "from nsa.ops.selected_attention import triton as sel\n"
-        "from nsa.ops.triton_common import split_dim\n"
-        "kernel = sel._query_kernel\n"
-        "sig = {n: 'i32' for n in kernel.kernel.arg_names}\n"
-        "sig.update(q='*bf16', k='*bf16', v='*bf16', o='*bf16', do='*bf16', dq='*bf16', idx='*i32',\n"
-        "           lse='*fp32', delta='*fp32', qk_scale='fp32', scale='fp32')\n"
-        "for dk, group in ((32, 4), (128, 16)):\n"
-        "    for cfg in kernel.configs(group, sel.UNION_ENTRIES // 16):\n"
-        "        for backward in (False, True):\n"
-        "            dk_a, dk_b = split_dim(dk)\n"
-        "            const = dict(HK=2, G=group, DK=dk, DV=dk, DK_A=dk_a, DK_B=dk_b, DV_PAD=dk, BS=64,\n"
-        "                         N_PAD=16, BACKWARD=backward, PREC='tf32', **cfg.kwargs)\n"
-        "            sig.update({name: 'constexpr' for name in const})\n"
-        "            k = compile_as_launched(kernel.kernel, sig, const, arch=90, num_warps=cfg.num_warps,\n"
-        "                                    num_stages=cfg.num_stages,\n"
-        "                                    aligned=lambda n: n.startswith('s') and n != 'slh')\n"
-        "            print(dk, group, cfg.kwargs['BT'], backward,\n"
-        "                  k.asm['ttgir'].count('async_copy_global_to_local'))\n")
-    out = run_compiled(code)
-    rows = [line.split() for line in out.splitlines()]
-    walks = [row for row in rows if int(row[2]) > 1]
+    code = ("import json\nfrom dataclasses import asdict\nfrom nsa.ops.compile_check import audit\n"
+            "for dims, group in (([(32, 32)], 4), ([(128, 128)], 16)):\n"
+            "    for row in audit(dims, [group], kernels=('selected-fwd', 'selected-dq')):\n"
+            "        print(json.dumps(asdict(row)))\n")
+    rows = [json.loads(line) for line in run_compiled(code).splitlines()]
+    walks = [row for row in rows if not row["config"].startswith("BT=1 ")]
     # (32, 4): 4- (two warp counts), 8- and 16-position tiles; (128, 16): 2- and 4-position
     # tiles; forward and dq each.
-    assert len(walks) == 12, out
-    assert all(int(row[4]) > 0 for row in rows), out
+    assert len(walks) == 12, rows
+    assert all(row["async_copies"] > 0 for row in rows), rows
 
 
 def test_walk_ab_script_runs_on_cpu(tmp_path):

@@ -14,6 +14,17 @@ import tempfile
 from collections.abc import Callable
 
 
+def launch_signature(fn, constexprs: dict, pointers: dict[str, str], floats=frozenset()) -> dict[str, str]:
+    """Triton signature of ``fn``'s arguments: ``constexpr`` for the keys of ``constexprs``, the
+    pointer type ``pointers`` gives by name (``"*bf16"``), ``fp32`` for ``floats``, ``i32`` for
+    the rest (sizes and strides)."""
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        return pointers.get(name, "fp32" if name in floats else "i32")
+    return {name: kind(name) for name in fn.arg_names}
+
+
 def compile_as_launched(fn, signature: dict[str, str], constexprs: dict, *, arch: int, num_warps: int,
                         num_stages: int, aligned: Callable[[str], bool]):
     """``fn`` compiled for ``sm_<arch>`` with the specialisation a real launch gets: every pointer
@@ -45,3 +56,9 @@ def resource_usage(compiled) -> tuple[int, int] | None:
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def async_copies(compiled) -> int:
+    """Asynchronous global-to-shared copies in a compiled kernel's TTGIR: how Triton's software
+    pipeliner keeps a loop's loads in flight; a loop that loads and has none waits for each."""
+    return compiled.asm["ttgir"].count("async_copy_global_to_local")

@@ -26,8 +26,8 @@ set. Exit status 1 if any parity check fails. Cases run in priority order within
 
 ``--smoke`` runs tiny shapes on CPU under ``TRITON_INTERPRET=1`` (no timing): a check of the
 script itself. ``--resources`` needs no GPU either: it compiles every autotune config of the six
-kernels for sm_90 (Triton's bundled ptxas) and prints registers, spill stack and shared memory,
-the check used to prune the config lists.
+kernels for sm_90 (Triton's bundled ptxas) and prints registers, spill bytes, shared memory and
+asynchronous copies (:mod:`nsa.ops.compile_check`, which covers every prefill kernel).
 """
 
 from __future__ import annotations
@@ -243,60 +243,6 @@ def run_case(seq_len, dk, dv, args, device) -> dict:
     return case
 
 
-def resource_report(arch: int = 90) -> None:
-    """Compile each kernel config for ``sm_<arch>`` as a launch with contiguous inputs would
-    specialize it (16-aligned pointers and strides), and print its resource use."""
-    import inspect
-
-    from nsa.ops.offline_compile import compile_as_launched, resource_usage
-    from nsa.ops.triton_common import split_dim
-
-    floats = ("qk_scale", "scale")
-    int_ptrs = ("idx", "qpos", "item_group", "item_start", "item_len")
-    f32_ptrs = ("lse", "delta", "dk_part", "dv_part")
-
-    def compile_one(jitfn, consts, warps, stages):
-        names = list(inspect.signature(jitfn.fn).parameters)
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in int_ptrs:
-                sig[n] = "*i32"
-            elif n in f32_ptrs:
-                sig[n] = "*fp32"
-            elif n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
-                sig[n] = "*bf16"
-            else:
-                sig[n] = "fp32" if n in floats else "i32"
-        # Strides are the integer arguments named s<tensor><dim> (slh, lse's last stride, is 1).
-        return compile_as_launched(jitfn, sig, consts, arch=arch, num_warps=warps, num_stages=stages,
-                                   aligned=lambda n: n.startswith("s") and n not in ("slh", "scale"))
-
-    kernels = [("sel fwd", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=False)),
-               ("sel dq", sel_triton._query_kernel, dict(BS=64, N_PAD=16, BACKWARD=True)),
-               ("sel dkdv", sel_triton._dkdv_kernel, dict(BS=64)),
-               ("win fwd", win_triton._query_kernel, dict(BACKWARD=False)),
-               ("win dq", win_triton._query_kernel, dict(BACKWARD=True)),
-               ("win dkdv", win_triton._dkdv_kernel, {})]
-    for dk in (128, 192):
-        dk_a, dk_b = split_dim(dk)
-        for group in (16, 4, 1):
-            for name, tuned, extra in kernels:
-                # The selection query kernel caps its position tiles (see _query_pass).
-                capped = name.startswith("sel f") or name.startswith("sel dq")
-                max_positions = sel_triton.UNION_ENTRIES // extra["N_PAD"] if capped else None
-                for cfg in tuned.configs(group, max_positions):
-                    consts = dict(HK=4, G=group, DK=dk, DV=128, DK_A=dk_a, DK_B=dk_b, DV_PAD=128, PREC="tf32",
-                                  **extra, **cfg.kwargs)
-                    kernel = compile_one(tuned.kernel, consts, cfg.num_warps, cfg.num_stages)
-                    regs, stack = resource_usage(kernel) or ("?", "?")
-                    copies = kernel.asm["ttgir"].count("async_copy_global_to_local")
-                    print(f"{name:8} dk={dk} G={group:2} {cfg.kwargs} warps={cfg.num_warps} "
-                          f"stages={cfg.num_stages}: regs={regs} spill_stack={stack} "
-                          f"shared={kernel.metadata.shared} async_copies={copies}", flush=True)
-
-
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -318,8 +264,10 @@ def main() -> int:
                         help="compile every config for sm_90 and print registers/spills/shared (no GPU)")
     args = parser.parse_args()
     if args.resources:
-        resource_report()
-        return 0
+        from nsa.ops.compile_check import main as compile_check
+        sys.argv = [sys.argv[0], "--head-dims", "128/128,192/128", "--groups", "16,4,1", "--kernels",
+                    "selected-fwd,selected-dq,selected-dkdv,window-fwd,window-dq,window-dkdv"]
+        return compile_check()
     if args.smoke:
         args.lengths, args.dims, args.heads, args.kv_heads = [100], "24/16", 8, 2
         args.select_block, args.select_count, args.window, args.samples = 16, 3, 40, 20

@@ -59,7 +59,8 @@ def selection(pattern: str, batch: int, seq_len: int, num_kv: int, every: int, n
         smooth = F.interpolate(anchors, size=seq_len, mode="linear", align_corners=True)
         scores = smooth.view(batch, num_kv, num_blocks, seq_len).permute(0, 3, 1, 2)
         scores = scores + noise * torch.randn(scores.shape, generator=gen, device=device)
-    return select_blocks(scores.contiguous(), select_block=select_block, select_count=select_count).to(torch.int32)
+    chosen = select_blocks(scores.contiguous(), select_block=select_block, select_count=select_count)
+    return chosen.to(torch.int32)
 
 
 def distinct_per_list(idx, tile: int) -> float:
@@ -68,7 +69,8 @@ def distinct_per_list(idx, tile: int) -> float:
 
     batch, seq_len, num_kv, n = idx.shape
     tiles = seq_len // tile
-    x = idx[:, :tiles * tile].reshape(batch, tiles, tile, num_kv, n).permute(0, 1, 3, 2, 4).reshape(-1, tile * n)
+    x = idx[:, :tiles * tile].reshape(batch, tiles, tile, num_kv, n).permute(0, 1, 3, 2, 4)
+    x = x.reshape(-1, tile * n)
     big = torch.iinfo(x.dtype).max
     x = torch.sort(torch.where(x < 0, big, x), dim=1).values
     distinct = ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] != big)).sum(1) + (x[:, 0] != big).long()
@@ -118,7 +120,8 @@ def compare(modules, q, k, v, idx, do, select_block, device, option) -> dict:
                 row[f"{label}_chosen"] = module._query_kernel.chosen(q.shape[1])
     (o_a, dq_a), (o_b, dq_b) = outputs["before"], outputs["after"]
     row["bitwise_equal"] = bool(o_a.equal(o_b) and dq_a.equal(dq_b))
-    row["max_abs_diff"] = float(max((o_a.float() - o_b.float()).abs().max(), (dq_a.float() - dq_b.float()).abs().max()))
+    row["max_abs_diff"] = float(max((o_a.float() - o_b.float()).abs().max(),
+                                    (dq_a.float() - dq_b.float()).abs().max()))
     row["finite"] = bool(o_b.isfinite().all() and dq_b.isfinite().all())
     for part in ("fwd", "dq"):
         row[f"{part}_speedup"] = row[f"before_{part}_ms"] / max(row[f"after_{part}_ms"], 1e-9)
@@ -131,7 +134,8 @@ def main() -> int:
     parser.add_argument("--shapes", default="train,g4-64k,g16-64k", help=f"comma list of {sorted(SHAPES)}")
     parser.add_argument("--patterns", default="random,local")
     parser.add_argument("--local-every", type=int, default=256, help="anchor spacing of the local pattern")
-    parser.add_argument("--local-noise", type=float, default=0.8, help="per-position noise of the local pattern")
+    parser.add_argument("--local-noise", type=float, default=0.8,
+                        help="per-position noise of the local pattern")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     args = parser.parse_args()
@@ -159,8 +163,8 @@ def main() -> int:
     for shape in args.shapes.split(","):
         batch, seq_len, heads, num_kv, dim = SHAPES[shape]
         gen = torch.Generator(device=device).manual_seed(3)
-        q, do = (torch.randn(batch, seq_len, heads, dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
-        k, v = (torch.randn(batch, seq_len, num_kv, dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
+        q, do, k, v = (torch.randn(batch, seq_len, h, dim, generator=gen, device=device, dtype=dtype)
+                       for h in (heads, heads, num_kv, num_kv))
         for pattern in args.patterns.split(","):
             idx = selection(pattern, batch, seq_len, num_kv, args.local_every, args.local_noise, select_block,
                             select_count, device)
@@ -176,8 +180,8 @@ def main() -> int:
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}")
-    print("| shape | pattern | distinct/list (4, 16) | option | fwd before -> after ms | dq before -> after ms "
-          "| speed-up fwd / dq | bitwise |")
+    print("| shape | pattern | distinct/list (4, 16) | option | fwd before -> after ms "
+          "| dq before -> after ms | speed-up fwd / dq | bitwise |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['pattern']} | {r['distinct_per_list_tile4']:.2f}, "

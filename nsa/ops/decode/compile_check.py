@@ -24,11 +24,12 @@ import sys
 
 
 def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, group: int = 16,
-                num_warps: int | None = None) -> list[tuple[str, str]]:
-    """``(kernel description, resources)`` for every decode kernel at the paper's block sizes,
-    with the warps the decode plan uses for each head dim (``decode_warps``) unless given."""
+                num_warps: int | None = None) -> list[dict]:
+    """One row per decode kernel at the paper's block sizes, with the warps the decode plan uses
+    for each head dim (``decode_warps``) unless given: ``label`` (kernel, dtype, dims, warps),
+    ``name`` (a short identifier), ``registers``, ``spill_bytes``, ``async_copies``."""
     import nsa.ops.decode.triton as kernels
-    from nsa.ops.offline_compile import compile_as_launched, resource_usage
+    from nsa.ops.offline_compile import async_copies, compile_as_launched, launch_signature, resource_usage
 
     precision = "ieee" if dtype == "fp32" else "tf32"
     gp = max(16, kernels.pow2(group))
@@ -39,31 +40,18 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
     floats = {"qk_scale"}
     results = []
 
-    def build(fn, consts: dict, label: str, warps: int) -> None:
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in floats:
-                signature[name] = "fp32"
-            elif name in fp32_buffers:
-                signature[name] = "*fp32"
-            elif name in int32_buffers:
-                signature[name] = "*i32"
-            elif name in int64_buffers:
-                signature[name] = "*i64"
-            elif name in data_buffers:
-                signature[name] = f"*{dtype}"
-            else:
-                signature[name] = "i32"
+    pointers = {**{n: "*fp32" for n in fp32_buffers}, **{n: "*i32" for n in int32_buffers},
+                **{n: "*i64" for n in int64_buffers}, **{n: f"*{dtype}" for n in data_buffers}}
+
+    def build(fn, consts: dict, label: str, warps: int, short: str) -> None:
+        signature = launch_signature(fn, consts, pointers, floats)
         # Every cache stride is a multiple of 16 at the paper's head dims.
         compiled = compile_as_launched(fn, signature, consts, arch=arch, num_warps=warps,
                                        num_stages=kernels.DECODE_STAGES,
                                        aligned=lambda name: name.startswith("stride"))
-        usage = resource_usage(compiled)
-        copies = compiled.asm["ttgir"].count("async_copy_global_to_local")
-        results.append((label, (f"REG:{usage[0]} STACK:{usage[1]}" if usage else "resources unknown")
-                        + f" ASYNC_COPIES:{copies}"))
+        registers, spill = resource_usage(compiled) or (-1, -1)
+        results.append({"label": label, "name": short, "registers": registers, "spill_bytes": spill,
+                        "async_copies": async_copies(compiled)})
 
     for dk, dv in head_dims:
         warps = num_warps or kernels.decode_warps(dk)
@@ -72,19 +60,22 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         for fused in (True, False):
             build(kernels._range_kernel, {**dims, **blocks, "WINDOW": 512, "PRECISION": precision, "BLOCK_N": 64,
                                           "FUSED": fused, "SELECT_BLOCK": 64, "NBT": 32},
-                  f"_range_kernel {dtype} {dk}/{dv} fused={fused} warps={warps}", warps)
+                  f"_range_kernel {dtype} {dk}/{dv} fused={fused} warps={warps}", warps,
+                  f"range_{dk}x{dv}_{'fused' if fused else 'unfused'}")
         build(kernels._score_tiles_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64,
-                                            "BLOCK_N": 64, "NBT": 32}, f"_score_tiles_kernel {dtype} warps=4", 4)
+                                            "BLOCK_N": 64, "NBT": 32},
+              f"_score_tiles_kernel {dtype} warps=4", 4, f"score_tiles_{dk}x{dv}")
         build(kernels._score_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk),
                                       **blocks, "SELECT_BLOCK": 64, "PRECISION": precision, "BLOCK_N": 64,
-                                      "NB_STEP": 15, "NBT": 16}, f"_score_kernel {dtype} {dk} warps={warps}", warps)
+                                      "NB_STEP": 15, "NBT": 16},
+              f"_score_kernel {dtype} {dk} warps={warps}", warps, f"scoring_{dk}x{dv}")
         build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
                                        "PRECISION": precision, "BLOCK_N": 64},
-              f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps)
+              f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps, f"select_{dk}x{dv}")
         combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dv)  # the most splits a plan makes
         build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp, "DV": dv,
                                         "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={combine_warps}",
-              combine_warps)
+              combine_warps, f"combine_{dk}x{dv}")
     return results
 
 
@@ -106,9 +97,10 @@ def main() -> int:
         strict = {int(x) for x in args.no_spill.split(",") if x}
     spilled = 0
     for (dk, dv) in dims:
-        for label, resources in compile_all(args.dtype, [(dk, dv)], args.arch):
-            print(f"{label}: {resources}")
-            spilled += dk in strict and "STACK:0" not in resources
+        for row in compile_all(args.dtype, [(dk, dv)], args.arch):
+            print(f"{row['label']}: REG:{row['registers']} STACK:{row['spill_bytes']} "
+                  f"ASYNC_COPIES:{row['async_copies']}")
+            spilled += dk in strict and row["spill_bytes"] != 0
     return 1 if spilled else 0
 
 
