@@ -2,15 +2,14 @@
 kernels for an NVIDIA target (Triton's bundled ptxas), which the test process, interpreting its
 kernels, cannot do."""
 
-import os
-import subprocess
-import sys
+import pytest
+
+from nsa.ops.offline_compile import run_compiling
 
 
 def run_compiled(code: str, timeout: int = 600) -> str:
     """``code``'s standard output; fails the test with its output when it exits non-zero."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    return done.stdout
+    try:
+        return run_compiling(code, timeout)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

@@ -54,6 +54,11 @@ class CompiledConfig:
     async_copies: int
 
 
+def _aligned(arg: str) -> bool:
+    """Strides (``s...``/``stride_...``) get the divisible-by-16 hint, but for :data:`UNALIGNED`."""
+    return arg.startswith("s") and arg not in UNALIGNED
+
+
 def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     from nsa.ops.offline_compile import launch_signature
 
@@ -74,24 +79,25 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     gp = cmp.pow2(group)
     dka, dkb = cmp.head_dim_blocks(dk)
     blocks = {"BLOCK": 32, "STRIDE": 16}
-    cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb, "DVP": cmp.pow2(dv),
-                  "PRECISION": precision}
+    cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
+                  "DVP": cmp.pow2(dv), "PRECISION": precision}
     for name, kernel, configs in (("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS),
                                   ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS),
                                   ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS)):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **config.kwargs}, config
-    select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk, "DKA": dka,
-                     "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
+    select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
+                     "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
     for config in scoring._prune_selection(scoring._SELECT_CONFIGS, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     sdk_a, sdk_b = split_dim(dk)
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": sdk_a, "DK_B": sdk_b,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
     n_pad = 16
+    union = sel.UNION_ENTRIES // n_pad  # the query kernel's position cap, as _query_pass sets it
     for name, tuned, extra, max_positions in (
-            ("selected-fwd", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": False}, sel.UNION_ENTRIES // n_pad),
-            ("selected-dq", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": True}, sel.UNION_ENTRIES // n_pad),
+            ("selected-fwd", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": False}, union),
+            ("selected-dq", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": True}, union),
             ("selected-dkdv", sel._dkdv_kernel, {"BS": 64}, None),
             ("window-fwd", win._query_kernel, {"BACKWARD": False}, None),
             ("window-dq", win._query_kernel, {"BACKWARD": True}, None),
@@ -115,9 +121,9 @@ def audit(head_dims: list[tuple[int, int]], groups: list[int], *, dtype: str = "
             for name, fn, constexprs, config in _builds(dk, dv, group, dtype):
                 if name not in kernels:
                     continue
-                compiled = compile_as_launched(fn, _signature(fn, constexprs, dtype), constexprs, arch=arch,
-                                               num_warps=config.num_warps, num_stages=config.num_stages,
-                                               aligned=lambda arg: arg.startswith("s") and arg not in UNALIGNED)
+                compiled = compile_as_launched(
+                    fn, _signature(fn, constexprs, dtype), constexprs, arch=arch, num_warps=config.num_warps,
+                    num_stages=config.num_stages, aligned=_aligned)
                 registers, spill = resource_usage(compiled) or (-1, -1)
                 rows.append(CompiledConfig(name, dk, dv, group, describe_config(config), config.num_warps,
                                            config.num_stages, registers, spill, compiled.metadata.shared,
@@ -147,9 +153,9 @@ def main() -> int:
         if args.json:
             print(json.dumps(asdict(row)), flush=True)
         else:
-            print(f"{row.kernel:18} {row.dk}/{row.dv} G={row.group:<2} {row.config:40} regs={row.registers:<3} "
-                  f"spill={row.spill_bytes:<4} shared={row.shared_bytes:<6} async_copies={row.async_copies}",
-                  flush=True)
+            print(f"{row.kernel:18} {row.dk}/{row.dv} G={row.group:<2} {row.config:40} "
+                  f"regs={row.registers:<3} spill={row.spill_bytes:<4} shared={row.shared_bytes:<6} "
+                  f"async_copies={row.async_copies}", flush=True)
     return 0
 
 

@@ -62,3 +62,18 @@ def async_copies(compiled) -> int:
     """Asynchronous global-to-shared copies in a compiled kernel's TTGIR: how Triton's software
     pipeliner keeps a loop's loads in flight; a loop that loads and has none waits for each."""
     return compiled.asm["ttgir"].count("async_copy_global_to_local")
+
+
+def run_compiling(code: str, timeout: float = 1200) -> str:
+    """Run Python ``code`` in a fresh interpreter without ``TRITON_INTERPRET`` (a process whose
+    kernels were defined under the interpreter cannot compile them) and return its standard
+    output; ``RuntimeError`` with its error output when it fails."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling failed (exit {done.returncode}): "
+                           f"{done.stdout[-1000:]}{done.stderr[-3000:]}")
+    return done.stdout
