@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from nsa.bench.prefill import HEAD_DIMS, SEQ_LENS
+from nsa.bench.prefill import HEAD_DIMS, HEADS, SEQ_LENS
 
 
 def _parse_head_dims(text: str) -> list[tuple[int, int]]:
@@ -23,6 +23,19 @@ def _parse_head_dims(text: str) -> list[tuple[int, int]]:
             raise click.BadParameter(f"expected DK/DV pairs like 128/128,192/128, got {item!r}",
                                      param_hint="--head-dims") from None
     return pairs
+
+
+def _parse_heads(text: str) -> tuple[int, int]:
+    """``HQ/HK`` query and key/value heads, ``HQ`` a multiple of ``HK``."""
+    try:
+        num_heads, num_kv_heads = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected HQ/HK (query/key-value heads) like 64/4, got {text!r}",
+                                 param_hint="--heads") from None
+    if num_kv_heads < 1 or num_heads < num_kv_heads or num_heads % num_kv_heads:
+        raise click.BadParameter(f"HQ must be a positive multiple of HK, got {num_heads}/{num_kv_heads}",
+                                 param_hint="--heads")
+    return num_heads, num_kv_heads
 
 
 def _parse_ints(text: str, hint: str) -> list[int]:
@@ -57,6 +70,9 @@ def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
               help="Comma-separated sequence lengths.")
 @click.option("--head-dims", default=",".join(f"{a}/{b}" for a, b in HEAD_DIMS), show_default=True,
               help="Comma-separated DK/DV pairs.")
+@click.option("--heads", default="/".join(map(str, HEADS)), show_default=True,
+              help="HQ/HK: query and key/value heads (issue 3's layout by default; 16/4 has 4 query heads "
+                   "per key/value head).")
 @click.option("--peer/--no-peer", default=True, show_default=True, help="Also time fla-core's parallel_nsa.")
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True, help="Per-branch kernel times.")
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
@@ -64,8 +80,8 @@ def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows as JSON to this file.")
 @click.pass_context
-def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdown: bool, out_dir: str,
-          json_out: str | None) -> None:
+def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: bool, breakdown: bool,
+          out_dir: str, json_out: str | None) -> None:
     """Prefill benchmark (default): forward, backward, forward+backward, peak memory and ratios."""
     if ctx.invoked_subcommand is not None:
         return
@@ -77,6 +93,7 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
 
     lengths = _parse_ints(seq_lens, "--seq-lens")
     dims = _parse_head_dims(head_dims)
+    num_heads, num_kv_heads = _parse_heads(heads)
     if not torch.cuda.is_available():
         raise click.ClickException("nsa bench needs a CUDA device (none is visible to torch)")
     # Logs (CI, remote runs) get a wide table instead of one squeezed to 80 columns.
@@ -86,14 +103,15 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, peer: bool, breakdo
     for dk, dv in dims:
         for n in lengths:
             console.print(f"[dim]T={n} Dk={dk} Dv={dv} ...[/dim]")
-            group = prefill.dense_rows(n, dk, dv) + [prefill.nsa_row(n, dk, dv)]
+            layout = {"num_heads": num_heads, "num_kv_heads": num_kv_heads}
+            group = prefill.dense_rows(n, dk, dv, **layout) + [prefill.nsa_row(n, dk, dv, **layout)]
             if peer:
-                group.append(prefill.fla_row(n, dk, dv))
+                group.append(prefill.fla_row(n, dk, dv, **layout))
             if breakdown:
-                group += prefill.nsa_branch_rows(n, dk, dv)
+                group += prefill.nsa_branch_rows(n, dk, dv, **layout)
             torch.cuda.empty_cache()
             rows += group
-    table = Table(title=f"NSA prefill, B=1 HQ=64 HK=4 bf16, paper blocks, {card}")
+    table = Table(title=f"NSA prefill, B=1 HQ={num_heads} HK={num_kv_heads} bf16, paper blocks, {card}")
     for col in ("impl", "T", "Dk/Dv", "fwd ms", "bwd ms", "f+b ms", "peak GiB",
                 "fwd x cudnn", "bwd x cudnn", "fwd x fa2", "x fla f/b", "TFLOP/s f/b", "note"):
         table.add_column(col)

@@ -54,3 +54,47 @@ def test_bench_decode_writes_rows_json_and_the_kernel_breakdown(tmp_path, monkey
     records = json.loads(out.read_text())
     assert [r["impl"] for r in records] == ["nsa-triton", "sdpa-cudnn"] and records[0]["copy_gbps"] == 4244.0
     assert "_range_kernel 82.2" in result.output and list(tmp_path.glob("bench/run=*/decode.parquet"))
+
+
+@pytest.mark.parametrize("heads,why", [("64x4", "expected HQ/HK"), ("64/5", "multiple of HK"),
+                                       ("4/8", "multiple"), ("8/0", "multiple")])
+def test_bench_rejects_a_bad_head_layout(heads, why):
+    result = CliRunner().invoke(nsa, ["bench", "--heads", heads])
+    assert result.exit_code == 2 and "--heads" in result.output and why in result.output
+
+
+def test_bench_prefill_benchmarks_the_head_layout_asked_for(tmp_path, monkeypatch):
+    """`nsa bench --heads 16/4` on a pretend GPU (the measurements faked): every row builder gets
+    the layout, and the rows and the table say which it was."""
+    import json
+
+    import torch
+
+    from nsa.bench import prefill
+    from nsa.bench.prefill import BenchRow
+
+    calls = []
+
+    def fake(impl):
+        def build(seq_len, head_dim, v_head_dim, *args, num_heads, num_kv_heads, **kwargs):
+            calls.append((impl, num_heads, num_kv_heads))
+            row = BenchRow(impl, seq_len, head_dim, v_head_dim, num_heads, num_kv_heads, fwd_ms=2.0,
+                           bwd_ms=4.0)
+            return [row] if impl != "nsa-triton" else row
+        return build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(prefill, "dense_rows", fake("sdpa-cudnn"))
+    monkeypatch.setattr(prefill, "nsa_row", fake("nsa-triton"))
+    monkeypatch.setattr(prefill, "nsa_branch_rows", fake("nsa-branch-selection"))
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(nsa, ["bench", "--seq-lens", "8192", "--head-dims", "128/128",
+                                      "--heads", "16/4", "--no-peer", "--out", str(tmp_path),
+                                      "--json-out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert sorted(calls) == [("nsa-branch-selection", 16, 4), ("nsa-triton", 16, 4), ("sdpa-cudnn", 16, 4)]
+    records = json.loads(out.read_text())
+    assert {(r["num_heads"], r["num_kv_heads"]) for r in records} == {(16, 4)}
+    assert "HQ=16 HK=4" in result.output

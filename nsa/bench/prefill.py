@@ -16,6 +16,7 @@ from nsa.config import NSAConfig
 
 SEQ_LENS = (8192, 16384, 32768, 65536, 131072)
 HEAD_DIMS = ((128, 128), (192, 128))
+HEADS = (64, 4)  # (query heads, key/value heads): issue 3's layout, G = 16
 
 
 @dataclass
@@ -26,6 +27,8 @@ class BenchRow:
     seq_len: int
     head_dim: int
     v_head_dim: int
+    num_heads: int = HEADS[0]
+    num_kv_heads: int = HEADS[1]
     fwd_ms: float | None = None
     bwd_ms: float | None = None
     fwdbwd_ms: float | None = None
@@ -135,8 +138,15 @@ def _time_fwd_bwd(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor
     return fwd, bwd, fwdbwd, peak
 
 
-def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = 64, num_kv_heads: int = 4,
-               dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
+def bench_config(head_dim: int, v_head_dim: int, num_heads: int = HEADS[0], num_kv_heads: int = HEADS[1],
+                 ) -> NSAConfig:
+    """The benchmarked NSA: paper block sizes, mean phi (so that only attention is timed)."""
+    return NSAConfig(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
+                     phi="mean")
+
+
+def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = HEADS[0],
+               num_kv_heads: int = HEADS[1], dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
     """torch SDPA dense causal with the FlashAttention-2 backend and with the cuDNN backend.
 
     K/V are expanded to all query heads outside the timed region (both backends then run MHA).
@@ -152,7 +162,7 @@ def dense_rows(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int = 64
     v = v.repeat_interleave(group, 1).requires_grad_()
     rows = []
     for name, backend in (("sdpa-flash2", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-        row = BenchRow(name, seq_len, head_dim, v_head_dim)
+        row = BenchRow(name, seq_len, head_dim, v_head_dim, num_heads, num_kv_heads)
         try:
             with sdpa_kernel([backend]):
                 row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
@@ -182,13 +192,14 @@ def nsa_inputs(config: NSAConfig, seq_len: int, dtype: torch.dtype = torch.bfloa
 
 
 def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton",
-            dtype: torch.dtype = torch.bfloat16) -> BenchRow:
-    """Our NSA (paper block sizes, mean phi so that only attention is timed)."""
+            dtype: torch.dtype = torch.bfloat16, num_heads: int = HEADS[0],
+            num_kv_heads: int = HEADS[1]) -> BenchRow:
+    """Our NSA (:func:`bench_config`)."""
     from nsa.functional import nsa_attention
 
-    config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
+    config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(config, seq_len, dtype)
-    row = BenchRow(f"nsa-{backend}", seq_len, head_dim, v_head_dim)
+    row = BenchRow(f"nsa-{backend}", seq_len, head_dim, v_head_dim, num_heads, num_kv_heads)
     row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(
         lambda: nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend=backend), list(x.values()))
     with torch.no_grad():
@@ -202,16 +213,16 @@ def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton
     return row
 
 
-def fla_row(seq_len: int, head_dim: int, v_head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BenchRow:
+def fla_row(seq_len: int, head_dim: int, v_head_dim: int, dtype: torch.dtype = torch.bfloat16,
+            num_heads: int = HEADS[0], num_kv_heads: int = HEADS[1]) -> BenchRow:
     """fla-core's ``parallel_nsa`` in its own configuration: mean pooling, l = d = l' = 64, no window."""
-    row = BenchRow("fla-parallel_nsa", seq_len, head_dim, v_head_dim)
+    row = BenchRow("fla-parallel_nsa", seq_len, head_dim, v_head_dim, num_heads, num_kv_heads)
     try:
         from fla.ops.nsa import parallel_nsa
     except ImportError as exc:
         row.note = f"fla-core not installed ({exc}); pip install 'nsa[bench]'"
         return row
-    config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
-    x = nsa_inputs(config, seq_len, dtype)
+    x = nsa_inputs(bench_config(head_dim, v_head_dim, num_heads, num_kv_heads), seq_len, dtype)
     g_cmp = x["gates"][..., 0].detach().contiguous().requires_grad_()
     g_slc = x["gates"][..., 1].detach().contiguous().requires_grad_()
     try:
@@ -230,8 +241,8 @@ def ratio(baseline: BenchRow, row: BenchRow, field: str) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
-                    dtype: torch.dtype = torch.bfloat16) -> list[BenchRow]:
+def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int, dtype: torch.dtype = torch.bfloat16,
+                    num_heads: int = HEADS[0], num_kv_heads: int = HEADS[1]) -> list[BenchRow]:
     """Per-branch breakdown of the Triton NSA: each kernel timed alone (forward and backward)."""
     from nsa.ops.combine.triton import combine_branches_triton
     from nsa.ops.compressed_attention.triton import compressed_attention_triton
@@ -241,8 +252,9 @@ def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
     from nsa.ops.selection.triton import select_blocks_triton
     from nsa.ops.window_attention.triton import window_attention_triton
 
-    c = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=v_head_dim, phi="mean")
+    c = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(c, seq_len, dtype)
+    layout = (num_heads, num_kv_heads)
     q, k, v = x["q"], x["k"], x["v"]
     k_cmp = compress_mean(k.detach(), c.compress_block, c.compress_stride).requires_grad_()
     v_cmp = compress_mean(v.detach(), c.compress_block, c.compress_stride).requires_grad_()
@@ -260,17 +272,18 @@ def nsa_branch_rows(seq_len: int, head_dim: int, v_head_dim: int,
     flops = nsa_flops(branch_reads(blocks, 0, c), c)
     rows = []
     for name, (forward, inputs) in branches.items():
-        row = BenchRow(f"nsa-branch-{name}", seq_len, head_dim, v_head_dim)
+        row = BenchRow(f"nsa-branch-{name}", seq_len, head_dim, v_head_dim, *layout)
         row.fwd_ms, row.bwd_ms, row.fwdbwd_ms, row.peak_mem_gib = _time_fwd_bwd(forward, inputs)
         rows.append(set_tflops(row, *flops[name]))
-    scoring = BenchRow("nsa-branch-scoring-topn", seq_len, head_dim, v_head_dim, note="forward only (no gradient)")
+    scoring = BenchRow("nsa-branch-scoring-topn", seq_len, head_dim, v_head_dim, *layout,
+                       note="forward only (no gradient)")
     scoring.fwd_ms = _bench(lambda: select_blocks_triton(
         q.detach(), k_cmp.detach(), lse.detach(), block=c.compress_block, stride=c.compress_stride,
         select_block=c.select_block, select_count=c.select_count))
     rows.append(set_tflops(scoring, *flops["scoring-topn"]))
     o = torch.randn(1, seq_len, c.num_heads, v_head_dim, device="cuda", dtype=dtype)
     gates = x["gates"].detach()
-    combine = BenchRow("nsa-branch-gate-combine", seq_len, head_dim, v_head_dim, note="forward only")
+    combine = BenchRow("nsa-branch-gate-combine", seq_len, head_dim, v_head_dim, *layout, note="forward only")
     combine.fwd_ms = _bench(lambda: combine_branches_triton(o, o, o, gates))
     rows.append(combine)
     return rows
