@@ -163,3 +163,16 @@ def test_walk_ab_script_runs_on_cpu(tmp_path):
     options = len(triton_selected._query_kernel.options) + 1
     assert len(rows) == 2 * options and all(r["bitwise_equal"] and r["finite"] for r in rows)
     assert "| smoke | local |" in done.stdout
+
+
+@pytest.mark.parametrize("group,seq_len", [(1, 1), (1, 3), (4, 5), (2, 19)])
+def test_sequences_shorter_than_a_position_tile(group, seq_len):
+    """Union walks whose tile reaches past T (16 positions at G = 1, 4 at G = 4, 8 at G = 2)."""
+    gen = torch.Generator().manual_seed(seq_len)
+    q = torch.randn(1, seq_len, group, 16, generator=gen)
+    k, v = (torch.randn(1, seq_len, 1, 16, generator=gen) for _ in range(2))
+    idx = random_selection(1, seq_len, 1, 3, generator=gen)
+    o, lse = selected_attention_triton(q, k, v, idx, select_block=SELECT_BLOCK)
+    o_ref, lse_ref = selected_attention(q.double(), k.double(), v.double(), idx, select_block=SELECT_BLOCK)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-6, rtol=1e-5)
