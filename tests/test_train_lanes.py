@@ -104,3 +104,26 @@ def test_a_failing_follower_is_not_retried_without_progress(lanes, tmp_path):
     log = (tmp_path / "runs" / "twin.log").read_text()
     assert log.count("$ CUDA_VISIBLE_DEVICES") == 1 and "seed" in log
     assert lanes.run_status(tmp_path / "runs" / "twin") == "new"
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "scripts" / "gpu" / "plans").glob("*.json")), ids=lambda p: p.name)
+def test_every_gpu_plan_names_its_runs_and_parses_as_nsa_train_options(plan, tmp_path, monkeypatch):
+    """A plan is spent on GPU minutes: its runs' names are unique, its dependencies name runs of
+    the plan, and every run's options are ones `nsa train` accepts, files they start from
+    included (parsed, not run; the plan's own runs stand in as empty folders)."""
+    import shlex
+
+    from cli.train_cmd import train
+
+    monkeypatch.chdir(ROOT)  # the plans name archived weights relative to the repository
+    lanes = json.loads(plan.read_text())["lanes"]
+    runs = [run for lane in lanes for run in lane]
+    names = [run["name"] for run in runs]
+    assert len(set(names)) == len(names)
+    for name in names:
+        (tmp_path / name).mkdir()
+    for run in runs:
+        assert set(run.get("after", [])) | {run.get("follows")} - {None} <= set(names)
+        options = run["options"].replace("{runs}", str(tmp_path))
+        context = train.make_context("train", shlex.split(options))
+        assert context.params["which"] in ("nsa", "dense")
