@@ -106,7 +106,10 @@ def test_a_failing_follower_is_not_retried_without_progress(lanes, tmp_path):
     assert lanes.run_status(tmp_path / "runs" / "twin") == "new"
 
 
-@pytest.mark.parametrize("plan", sorted((ROOT / "scripts" / "gpu" / "plans").glob("*.json")), ids=lambda p: p.name)
+PLANS = sorted((ROOT / "scripts" / "gpu" / "plans").glob("*.json"))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
 def test_every_gpu_plan_names_its_runs_and_parses_as_nsa_train_options(plan, tmp_path, monkeypatch):
     """A plan is spent on GPU minutes: its runs' names are unique, its dependencies name runs of
     the plan, and every run's options are ones `nsa train` accepts, files they start from
