@@ -565,6 +565,12 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     assert len(log) == 48 and {r["model"] for r in log} == {"nsa", "dense"}
     nsa_rows = [r for r in log if r["model"] == "nsa"]
     assert nsa_rows[0]["gate_mean/slc"] == pytest.approx(0.5, abs=1e-3)
+    # The selection overlap is logged with the gate statistics: a tile's distinct blocks per list
+    # lie between 1 (every position the same blocks) and the tile's positions (none shared).
+    overlap = [r["selection_distinct/L0/tile4"] for r in nsa_rows if r["gate_mean/slc"] is not None]
+    assert overlap and all(1.0 <= x <= 4.0 for x in overlap)
+    assert all(r["selection_distinct/L0/tile16"] is None or 1.0 <= r["selection_distinct/L0/tile16"] <= 16.0
+               for r in nsa_rows)
     assert all(math.isfinite(r["grad_norm/attn_phi"]) for r in nsa_rows)
     evals = read_table(out / "retrieval.parquet")
     assert {(r["model"], r["task"], r["depth"]) for r in evals} >= {("nsa", "single", 0.0), ("dense", "single", 1.0)}

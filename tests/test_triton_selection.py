@@ -160,3 +160,33 @@ def test_production_tiles_select_like_the_reference(tiles, monkeypatch):
     monkeypatch.setattr(selection_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
     check_random_selection(torch.Generator().manual_seed(sum(tiles)), batch=1, seq_len=400, num_kv=1, group=4,
                            dk=16, block=8, stride=4, select_block=16, count=6)
+
+
+def test_distinct_blocks_per_list_against_a_loop_and_by_hand():
+    """The overlap statistic of neighbouring positions' lists: hand cases, then a Python loop
+    over tiles as the oracle on random lists with -1 padding."""
+    import math
+
+    from nsa.ops import distinct_blocks_per_list
+
+    same = torch.tensor([0, 3, 5]).expand(1, 8, 2, 3)
+    assert distinct_blocks_per_list(same, 4) == 1.0
+    disjoint = torch.arange(24).reshape(1, 8, 1, 3)
+    assert distinct_blocks_per_list(disjoint, 4) == 4.0
+    padded = torch.tensor([[0, 1, -1], [0, 2, -1]]).reshape(1, 2, 1, 3)  # 3 distinct, 2 per list
+    assert distinct_blocks_per_list(padded, 2) == 1.5
+    assert math.isnan(distinct_blocks_per_list(disjoint, 4, start=6))  # no whole tile left
+    with pytest.raises(ValueError, match=r"selected must be \[B, T, HK, n\]"):
+        distinct_blocks_per_list(disjoint[0], 4)
+    gen = torch.Generator().manual_seed(3)
+    lists = torch.randint(0, 12, (2, 37, 3, 5), generator=gen)
+    lists = torch.where(torch.rand(lists.shape, generator=gen) < 0.2, -1, lists)
+    for tile, start in ((4, 0), (16, 5), (1, 0)):
+        ratios = []
+        for b in range(2):
+            for h in range(3):
+                for t0 in range(start, start + (37 - start) // tile * tile, tile):
+                    blocks = lists[b, t0:t0 + tile, h].flatten()
+                    valid = blocks[blocks >= 0]
+                    ratios.append(valid.unique().numel() / max(1.0, valid.numel() / tile))
+        assert distinct_blocks_per_list(lists, tile, start) == pytest.approx(sum(ratios) / len(ratios))

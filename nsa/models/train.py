@@ -6,7 +6,9 @@ evaluates retrieval accuracy at several contexts and depths, and writes into ``o
 - ``train_log.parquet``: one row per step and model (see :data:`LOG_BASE_COLUMNS`; gradient
   norms per parameter group as ``grad_norm/<group>``, NSA gate statistics every ``log_every``
   steps as ``gate_mean/<branch>``, ``gate_std/<branch>`` over all layers plus per layer
-  ``gate_mean/L<i>/<branch>``...; absent values are null);
+  ``gate_mean/L<i>/<branch>``..., and the overlap of neighbouring positions' selected blocks
+  per layer as ``selection_distinct/L<i>/tile<P>`` (:func:`selection_statistics`); absent values
+  are null);
 - ``retrieval.parquet``: one row per (model, task, context, depth) with correct/total and, for
   NSA, ``needle_selected_layer<i>``: the fraction of sequences whose needle block layer ``i``
   selected at the answer position (scoring failures apart from read-out failures);
@@ -447,6 +449,21 @@ def gate_statistics(infos: list) -> dict[str, float]:
     return out
 
 
+# Position tiles whose selection overlap the log records: the union walks of the selection
+# kernels at this model's 4 query heads per key/value head (4 and 16 positions per program).
+OVERLAP_TILES = (4, 16)
+
+
+def selection_statistics(infos: list) -> dict[str, float]:
+    """Per layer, how much neighbouring positions' selected blocks overlap
+    (:func:`nsa.ops.distinct_blocks_per_list`, tiles :data:`OVERLAP_TILES`): what the selection
+    kernels' position tiles load per position, so a step-time change can be read against it."""
+    from nsa.ops import distinct_blocks_per_list
+
+    return {f"selection_distinct/L{i}/tile{tile}": distinct_blocks_per_list(info.selected_blocks, tile)
+            for i, info in enumerate(infos) if info is not None for tile in OVERLAP_TILES}
+
+
 def write_table(rows: list[dict[str, Any]], path: Path, first_columns: tuple[str, ...]) -> Path:
     """Rows as a Parquet table with an explicit schema (union of keys; missing values null),
     written atomically (temp file in the same directory, then ``os.replace``)."""
@@ -744,6 +761,7 @@ def train_model(name: str, config: TrainConfig, out_dir: Path, *, replay: ModelR
         optimizer.zero_grad(set_to_none=True)
         if want_info:
             row.update(gate_statistics(model.last_infos))
+            row.update(selection_statistics(model.last_infos))
             if not backend:
                 backend = next(i.backend for i in model.last_infos if i is not None)
         elapsed = time.perf_counter() - start

@@ -63,21 +63,6 @@ def selection(pattern: str, batch: int, seq_len: int, num_kv: int, every: int, n
     return chosen.to(torch.int32)
 
 
-def distinct_per_list(idx, tile: int) -> float:
-    """Mean over tiles of ``tile`` positions: distinct blocks / blocks of one position's list."""
-    import torch
-
-    batch, seq_len, num_kv, n = idx.shape
-    tiles = seq_len // tile
-    x = idx[:, :tiles * tile].reshape(batch, tiles, tile, num_kv, n).permute(0, 1, 3, 2, 4)
-    x = x.reshape(-1, tile * n)
-    big = torch.iinfo(x.dtype).max
-    x = torch.sort(torch.where(x < 0, big, x), dim=1).values
-    distinct = ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] != big)).sum(1) + (x[:, 0] != big).long()
-    per_list = (x != big).sum(1).double() / tile
-    return float((distinct.double() / per_list.clamp(min=1)).mean())
-
-
 def timed(fn, device) -> float:
     """Median milliseconds (``do_bench``) on a GPU; one wall-clock call on the CPU."""
     import triton
@@ -150,6 +135,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import torch
 
+    from nsa.ops import distinct_blocks_per_list
     from nsa.ops.selected_attention import triton as after
 
     spec = importlib.util.spec_from_file_location("selection_before", args.before)
@@ -168,7 +154,7 @@ def main() -> int:
         for pattern in args.patterns.split(","):
             idx = selection(pattern, batch, seq_len, num_kv, args.local_every, args.local_noise, select_block,
                             select_count, device)
-            overlap = {f"distinct_per_list_tile{t}": distinct_per_list(idx, t) for t in (4, 16)}
+            overlap = {f"distinct_per_list_tile{t}": distinct_blocks_per_list(idx, t) for t in (4, 16)}
             for option in [*after._query_kernel.options, None]:
                 row = {"shape": shape, "pattern": pattern, "G": heads // num_kv, "dim": dim, **overlap,
                        **compare(modules, q, k, v, idx, do, select_block, device, option)}

@@ -24,21 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nsa.models.tasks import make_batch  # noqa: E402
 from nsa.models.train import TrainConfig, model_from_state  # noqa: E402
-
-
-def union_ratio(selected: torch.Tensor, tile: int, start: int) -> float:
-    """Mean over tiles of (distinct blocks in the tile) / (blocks per position); ``selected`` is
-    one layer's int64 ``[B, T, HK, n]`` selection (-1 padded)."""
-    ratios = []
-    batch, length, heads, _ = selected.shape
-    for b in range(batch):
-        for h in range(heads):
-            for t0 in range(start, length, tile):
-                blocks = selected[b, t0:t0 + tile, h].flatten()
-                blocks = blocks[blocks >= 0]
-                per_position = blocks.numel() / selected[b, t0:t0 + tile, h].shape[0]
-                ratios.append(blocks.unique().numel() / max(1.0, per_position))
-    return float(torch.tensor(ratios).mean())
+from nsa.ops import distinct_blocks_per_list  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +54,7 @@ def main() -> None:
           f"positions >= {args.from_position}, n = {nsa.select_count} blocks of {nsa.select_block}")
     for layer, info in enumerate(model.last_infos):
         for tile in (int(t) for t in args.tiles.split(",")):
-            ratio = union_ratio(info.selected_blocks, tile, args.from_position)
+            ratio = distinct_blocks_per_list(info.selected_blocks, tile, args.from_position)
             print(f"layer {layer}, tile of {tile:3d} positions: distinct blocks {ratio:.2f} x one "
                   f"position's; block loads {tile / ratio:.1f}x fewer, dot work {ratio:.2f}x per position")
 
