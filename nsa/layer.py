@@ -160,7 +160,7 @@ class NSAAttention(nn.Module):
         gates = torch.sigmoid(logits) if c.gate == "sigmoid" else torch.softmax(logits, dim=-1)
         return q, kv, gates
 
-    def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias of every projection of the layer's input as one linear map.
 
         Output columns: ``q`` (``HQ*Dk``), the keys of ``cmp, slc, win`` (``HK*Dk`` each), their
@@ -173,6 +173,8 @@ class NSAAttention(nn.Module):
         layers = [self.q_proj, *(self.k_proj[b] for b in BRANCHES), *(self.v_proj[b] for b in BRANCHES),
                   self.gate_proj]
         weight = torch.cat([layer.weight for layer in layers])
+        if all(layer.bias is None for layer in layers):
+            return weight, None  # no zero bias to build and add
         bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
                           for layer in layers])
         return weight, bias

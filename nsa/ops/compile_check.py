@@ -77,7 +77,7 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
 
     precision = "ieee" if dtype == "fp32" else "tf32"
     gp = cmp.pow2(group)
-    dka, dkb = cmp.head_dim_blocks(dk)
+    dka, dkb = split_dim(dk)
     blocks = {"BLOCK": 32, "STRIDE": 16}
     cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
                   "DVP": cmp.pow2(dv), "PRECISION": precision}
@@ -90,8 +90,7 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
     for config in scoring._prune_selection(scoring._SELECT_CONFIGS, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
-    sdk_a, sdk_b = split_dim(dk)
-    rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": sdk_a, "DK_B": sdk_b,
+    rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
     n_pad = 16
     union = sel.UNION_ENTRIES // n_pad  # the query kernel's position cap, as _query_pass sets it
@@ -149,14 +148,19 @@ def main() -> int:
         rows = audit(dims, groups, dtype=args.dtype, arch=args.arch, kernels=tuple(args.kernels.split(",")))
     except ValueError as exc:
         parser.error(str(exc))
+    report(rows, as_json=args.json)
+    return 0
+
+
+def report(rows: list[CompiledConfig], *, as_json: bool = False) -> None:
+    """Print ``rows``: an aligned line each, or one JSON object per line."""
     for row in rows:
-        if args.json:
+        if as_json:
             print(json.dumps(asdict(row)), flush=True)
         else:
             print(f"{row.kernel:18} {row.dk}/{row.dv} G={row.group:<2} {row.config:40} "
                   f"regs={row.registers:<3} spill={row.spill_bytes:<4} shared={row.shared_bytes:<6} "
                   f"async_copies={row.async_copies}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -357,3 +357,22 @@ def split_acc_dot(acc_a, acc_b, x, ya, yb, DB: tl.constexpr, PREC: tl.constexpr)
     if DB > 0:
         acc_b += tl.dot(x, yb, input_precision=PREC)
     return acc_a, acc_b
+
+
+@triton.jit
+def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2,
+                delta, do, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
+                DV_PAD: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile (positions ``kpos`` of one key/value head, ``allowed [M, N]``) for a query
+    program: the online-softmax update ``(m_i, l_i, acc)`` forward, or dq's ``(acc, acc_b)``
+    backward. Returns all four (the unused ones unchanged); the selection and window kernels'
+    query walks share it."""
+    ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
+    vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
+    sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
+    if BACKWARD:
+        p, ds = softmax_grad(sc, allowed, lse2, delta, do, vb, PREC, MASKED)
+        acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
+    else:
+        m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, MASKED)
+    return m_i, l_i, acc, acc_b

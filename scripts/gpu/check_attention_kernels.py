@@ -264,10 +264,11 @@ def main() -> int:
                         help="compile every config for sm_90 and print registers/spills/shared (no GPU)")
     args = parser.parse_args()
     if args.resources:
-        from nsa.ops.compile_check import main as compile_check
-        sys.argv = [sys.argv[0], "--head-dims", "128/128,192/128", "--groups", "16,4,1", "--kernels",
-                    "selected-fwd,selected-dq,selected-dkdv,window-fwd,window-dq,window-dkdv"]
-        return compile_check()
+        from nsa.ops.compile_check import audit, report
+        report(audit([(128, 128), (192, 128)], [16, 4, 1],
+                     kernels=("selected-fwd", "selected-dq", "selected-dkdv", "window-fwd", "window-dq",
+                              "window-dkdv")))
+        return 0
     if args.smoke:
         args.lengths, args.dims, args.heads, args.kv_heads = [100], "24/16", 8, 2
         args.select_block, args.select_count, args.window, args.samples = 16, 3, 40, 20

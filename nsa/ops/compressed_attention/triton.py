@@ -11,7 +11,8 @@ two (rows with ``r % GP >= G`` are padding and are masked). So each K/V tile is 
 the whole group, as in the paper's kernel, and a tile holds ``BLOCK_M // GP`` positions.
 
 Head dims: ``Dk`` is carried as two power-of-two column blocks (192 = 128 + 64, see
-:func:`head_dim_blocks`) so no ``q.k`` work is spent on padding; ``Dv`` is padded to a power of two.
+:func:`~nsa.ops.triton_common.split_dim`) so no ``q.k`` work is spent on padding; ``Dv`` is
+padded to a power of two.
 Backward: ``delta = rowsum(dO * O)``, then a dK/dV pass over key tiles (its query range cut into
 splits whose float32 partials are summed in a fixed order) and a dQ pass over query tiles; no
 atomics, so gradients are deterministic. 64-bit arithmetic is confined to scalar tile bases.
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import SizeTunedKernel, interpreting
+from nsa.ops.triton_common import SizeTunedKernel, dot_precision, interpreting, split_dim
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
@@ -39,23 +40,6 @@ LN2_JIT = tl.constexpr(0.6931471805599453)
 def pow2(n: int) -> int:
     """Smallest power of two ``>= max(n, 1)``."""
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
-def head_dim_blocks(dim: int) -> tuple[int, int]:
-    """A head dim as two power-of-two blocks ``(DA, DB)`` covering it, ``DB = 0`` when one suffices.
-
-    192 -> (128, 64), 128 -> (128, 0), 80 -> (64, 16), 24 -> (16, 16); blocks are >= 16 for ``tl.dot``.
-    """
-    if dim <= 16:
-        return 16, 0
-    first = 1 << (dim.bit_length() - 1)
-    rest = dim - first
-    return first, (max(16, pow2(rest)) if rest else 0)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full precision (``tf32`` would cost ~1e-3); 16-bit inputs ignore this."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def group_configs(tiles):
@@ -430,7 +414,7 @@ def _interpret_tiles(gp: int) -> dict:
 def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int,
                      stride: int) -> dict:
     group = q.shape[2] // k_cmp.shape[2]
-    dka, dkb = head_dim_blocks(q.shape[3])
+    dka, dkb = split_dim(q.shape[3])
     return {"G": group, "GP": pow2(group), "BLOCK": block, "STRIDE": stride, "DK": q.shape[3], "DV": v_cmp.shape[3],
                 "DKA": dka, "DKB": dkb, "DVP": max(16, pow2(v_cmp.shape[3])), "PRECISION": dot_precision(q.dtype)}
 

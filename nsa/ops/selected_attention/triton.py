@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
-                                   load_rows_split, row_layout, softmax_delta, softmax_finish,
-                                   softmax_grad, softmax_step, split_acc, split_acc_dot, split_dim,
-                                   split_scores, store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dot_precision, load_block,
+                                   load_rows, load_rows_split, row_layout, softmax_delta, softmax_finish,
+                                   softmax_grad, split_acc, split_acc_dot, split_dim, split_scores,
+                                   store_rows, store_rows_split)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
@@ -65,6 +65,8 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
     kk = tl.arange(0, BS)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if BACKWARD:
         do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
@@ -73,23 +75,17 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
         acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
     else:
         acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_b, do_t, lse2, delta_t = acc, acc, l_i, l_i  # the backward's operands, unused here
     if BT == 1:
         # One position: every row shares the list, -1 padding sits at its end.
         n_valid = tl.max(tl.sum((row_sel >= 0).to(tl.int32), axis=1), axis=0)
         for s in range(0, n_valid):
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
-            ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
-            vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
             allowed = kpos[None, :] <= row_pos[:, None]
-            if BACKWARD:
-                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-                acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
-            else:
-                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
+            m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
+                                               m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
+                                               DV_PAD, PREC, BACKWARD, True)
     else:
         # The union of the tile's lists, each block once, in the order the lists first name it.
         # The entries (position, slot) of the tile as one vector; an entry is new when no earlier
@@ -113,16 +109,11 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
         for s in range(0, tl.sum(new, axis=0)):
             blk = tl.sum(tl.where(walk_rank == s, entry_blk, 0), axis=0)
             kpos = blk * BS + kk
-            ka, kb = load_rows_split(k_base, kpos, kk * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
-            vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
             member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
             allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
-            if BACKWARD:
-                p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-                acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
-            else:
-                m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, True)
+            m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
+                                               m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
+                                               DV_PAD, PREC, BACKWARD, True)
     if BACKWARD:
         store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                          DK, DK_A, DK_B)

@@ -36,15 +36,13 @@ from nsa.ops.compressed_attention.triton import (
     LOG2E,
     LOG2E_JIT,
     dot_head_dim,
-    dot_precision,
-    head_dim_blocks,
     load_head_dim,
     pow2,
     tile_base,
     tile_rows,
     visible_count,
 )
-from nsa.ops.triton_common import SizeTunedKernel
+from nsa.ops.triton_common import SizeTunedKernel, dot_precision, split_dim
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -295,7 +293,7 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     q, k_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cmp))
     lse = lse.detach().float()
     group = num_heads // num_kv
-    dka, dkb = head_dim_blocks(head_dim)
+    dka, dkb = split_dim(head_dim)
     consts = {"G": group, "GP": pow2(group), "BLOCK": block, "STRIDE": stride, "SELECT_BLOCK": select_block,
                   "COUNT": select_count, "NP": pow2(select_count), "DK": head_dim, "DKA": dka, "DKB": dkb,
                   "PRECISION": dot_precision(q.dtype), "MAX_POSITIONS": MAX_POSITIONS}

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, dot_precision, load_block, load_rows,
-                                   load_rows_split, row_layout, softmax_delta, softmax_finish,
-                                   softmax_grad, softmax_step, split_acc, split_acc_dot, split_dim,
-                                   split_scores, store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dot_precision, load_block,
+                                   load_rows, load_rows_split, row_layout, softmax_delta, softmax_finish,
+                                   softmax_grad, split_acc, split_acc_dot, split_dim, split_scores,
+                                   store_rows, store_rows_split)
 
 
 @triton.jit
@@ -27,15 +27,10 @@ def _query_tiles(qa, qb, k_base, v_base, lo, hi, row_pos, T, W, skt, svt, qk_sca
                  BACKWARD: tl.constexpr, PREC: tl.constexpr):
     for k0 in range(lo, hi, BN):
         kpos = k0 + tl.arange(0, BN)
-        ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
-        vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
-        if BACKWARD:
-            p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
-            acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
-        else:
-            m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, MASKED)
+        m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i,
+                                           l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD,
+                                           PREC, BACKWARD, MASKED)
     return m_i, l_i, acc, acc_b
 
 
