@@ -4,6 +4,7 @@ summary (see docs/TRAINING.md)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -229,10 +230,13 @@ def _run(config, out_dir: str, *, replay_dir: str | None, resume: bool, leg_minu
             raise click.UsageError(str(exc)) from None
 
     table = Table(title="trainability")
-    for column in ("model", "backend", "steps", "train s", "initial loss", "final loss"):
+    for column in ("model", "backend", "steps", "train s", "ms per step (median, p90)", "initial loss",
+                   "final loss"):
         table.add_column(column)
     for name, info in summary["models"].items():
         table.add_row(name, info["backend"], str(info["steps"]), f"{info['train_seconds']:.0f}",
+                      # Summaries written before 2026-12-05 (a replayed run's) have no step times.
+                      f"{info.get('step_ms_median', math.nan):.1f}, {info.get('step_ms_p90', math.nan):.1f}",
                       f"{info['initial_loss']:.3f}", f"{info['final_loss']:.4f}")
     console.print(table)
     if summary["status"] == "paused":

@@ -49,6 +49,7 @@ from nsa.models.train import (
     run_training,
     set_learning_rate,
     set_nsa_pattern,
+    step_milliseconds,
     tiny_config,
     train_model,
     write_table,
@@ -522,6 +523,16 @@ def test_learning_rate_and_context_schedules():
         tiny_config(start_context=128)
 
 
+def test_step_milliseconds_from_elapsed_times():
+    # Steps of 100 ms, one holding a 900 ms evaluation, and a gap of two steps (rows not logged).
+    elapsed = {0: 0.0, 1: 0.1, 2: 0.2, 3: 1.2, 4: 1.3, 6: 1.5}
+    rows = [{"step": step, "elapsed_s": t} for step, t in elapsed.items()]
+    times = step_milliseconds(rows)
+    assert times["step_ms_median"] == pytest.approx(100.0)
+    assert times["step_ms_p90"] == pytest.approx(1000.0)
+    assert all(math.isnan(v) for v in step_milliseconds(rows[:1]).values())
+
+
 def test_log_table_round_trips(tmp_path):
     rows = [{"model": "nsa", "step": 0, "loss": 4.1, "lr": 1e-4, "grad_norm/mlp": 0.5, "gate_mean/cmp": 0.5,
              "skipped": False},
@@ -562,6 +573,12 @@ def test_cli_tiny_run_writes_every_output(tmp_path):
     assert summary["goals"]["nsa_min_needle_selected_longest"] == {"layer0": 1.0}  # depths 0, 100%: forced
     assert summary["config"]["hold_loss"] == 9.5
     log = read_table(out / "train_log.parquet")
+    for model in ("nsa", "dense"):  # step times from the log's elapsed_s, in the summary and the table
+        times = step_milliseconds([r for r in log if r["model"] == model])
+        info = summary["models"][model]
+        assert info["step_ms_median"] == times["step_ms_median"] > 0
+        assert info["step_ms_p90"] == times["step_ms_p90"] >= info["step_ms_median"]
+    assert "ms per step" in result.output
     assert len(log) == 48 and {r["model"] for r in log} == {"nsa", "dense"}
     nsa_rows = [r for r in log if r["model"] == "nsa"]
     assert nsa_rows[0]["gate_mean/slc"] == pytest.approx(0.5, abs=1e-3)

@@ -26,6 +26,7 @@ Every file is written to a temporary name and moved into place, so a killed run 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -957,6 +958,21 @@ def smoothed_final_loss(rows: list[dict[str, Any]], steps: int) -> float:
     return sum(tail) / len(tail) if tail else float("nan")
 
 
+def step_milliseconds(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Median and 90th percentile of the wall time per step between consecutive log rows, in ms.
+
+    From the rows' ``elapsed_s``; the few differences that hold a periodic evaluation fall above
+    the 90th percentile of any run longer than ten evaluation intervals. NaN with fewer than two
+    rows.
+    """
+    per_step = sorted(1000.0 * (later["elapsed_s"] - earlier["elapsed_s"]) / (later["step"] - earlier["step"])
+                      for earlier, later in itertools.pairwise(rows) if later["step"] > earlier["step"])
+    if not per_step:
+        return {"step_ms_median": float("nan"), "step_ms_p90": float("nan")}
+    return {"step_ms_median": per_step[len(per_step) // 2],
+            "step_ms_p90": per_step[min(len(per_step) - 1, int(0.9 * len(per_step)))]}
+
+
 def initial_loss(rows: list[dict[str, Any]]) -> float:
     """Mean training loss of the first 5 steps (before learning has moved much)."""
     head = [r["loss"] for r in rows[:5]]
@@ -1236,7 +1252,7 @@ def run_training(config: TrainConfig, out_dir: Path | str, *, report: Callable[[
         entry = {"steps": run.steps, "schedule_steps": run.schedule_steps, "train_seconds": run.train_seconds,
                  "backend": run.backend, "backend_fallback": run.backend_fallback,
                  "parameters": run.parameters, "initial_loss": initial_loss(run.rows),
-                 "final_loss": smoothed_final_loss(run.rows, run.steps)}
+                 "final_loss": smoothed_final_loss(run.rows, run.steps), **step_milliseconds(run.rows)}
         if run.paused:
             summary["models"][name] = {**entry, "paused": True}
             paused = True
