@@ -961,9 +961,9 @@ def smoothed_final_loss(rows: list[dict[str, Any]], steps: int) -> float:
 def step_milliseconds(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Median and 90th percentile of the wall time per step between consecutive log rows, in ms.
 
-    From the rows' ``elapsed_s``; the few differences that hold a periodic evaluation fall above
-    the 90th percentile of any run longer than ten evaluation intervals. NaN with fewer than two
-    rows.
+    From the rows' ``elapsed_s``; a difference that holds a periodic evaluation is one step in
+    ``eval_every`` (250 by default), so such steps move neither statistic while ``eval_every``
+    exceeds 10. NaN with fewer than two rows.
     """
     per_step = sorted(1000.0 * (later["elapsed_s"] - earlier["elapsed_s"]) / (later["step"] - earlier["step"])
                       for earlier, later in itertools.pairwise(rows) if later["step"] > earlier["step"])
