@@ -6,10 +6,11 @@
   the answer's token range stays at ``ln(num_values) / ln(vocab) ~ 0.8`` of the initial loss:
   passing takes real retrieval through the sparse attention. No step may have a NaN/inf loss or
   gradient. Retrieval accuracy after training is recorded.
-- ``full`` (one GPU, ~35 min, opt-in): the run of docs/TRAINING.md
+- ``full`` (one GPU, ~40 min, opt-in): the run of docs/TRAINING.md
   (:func:`nsa.models.train.gpu_config` at 8k context, gates frozen for half the schedule, then a
-  second stage from those weights with needles next to the queries in a tenth of the sequences),
-  NSA and the dense twin, with the issue's goals as bounds on the final models: NSA single-needle
+  second stage from those weights with needles next to the queries in a tenth of the sequences,
+  for what the first stage left of 20 minutes), NSA and the dense twin, with the issue's goals as
+  bounds: NSA's two stages train <= 20 minutes together; on the final models, NSA single-needle
   retrieval >= 99% at every depth at 64k (under the best of the RoPE methods evaluated: as
   trained, position interpolation, YaRN; each one's numbers recorded), NSA loss within 5% of
   dense at equal steps (or within 0.01 nats), no NaN/inf in either stage. A second full case
@@ -29,6 +30,11 @@ from nsa.models.train import GOAL_ACCURACY, GOAL_LOSS_RATIO, gpu_config, run_tra
 from verify.registry import Checks, SkipCase, suite
 
 CI_LOSS_RATIO = 0.7
+# Issue 6: "in at most 20 minutes of training" (NSA's, both stages together).
+GOAL_TRAINING_MINUTES = 20.0
+# A time budget ends training at the first step past it (~55 ms at 8k on an H200): the second
+# stage's budget keeps this much in hand so that the two stages' sum stays within the goal.
+BUDGET_MARGIN_S = 1.0
 # Triton vs reference on the layer's gradients, fp32 inputs: the kernels run fp32 dots in IEEE
 # precision (nsa.ops.triton_common.dot_precision); measured worst 1.9e-5 relative on an H200
 # (2026-11-29). 1e-2 of the largest gradient entry leaves room for other accumulation orders
@@ -42,18 +48,18 @@ def _cases(scale: str):
         # interpreter (seconds per step).
         yield "tiny-cpu-300steps", {"steps": 300, "seed": 0, "backend": "reference"}
         return
-    # Opt-in: a training run of about 35 minutes does not belong in every acceptance run (the
+    # Opt-in: a training run of about 40 minutes does not belong in every acceptance run (the
     # whole of `nsa verify --scale full` takes 6 on one H200); naming the suite runs it. The recipe
-    # that met the retrieval goal on an H200 (docs/TRAINING.md, "GPU runs 2026-11-29, seventh
-    # session"): 8k context, gates frozen for half the schedule, 16 minutes of NSA training; then a
-    # second stage of 3.5 minutes from those weights (both twins) in which a tenth of the sequences
-    # put the first asked needle right before the queries; evaluation with RoPE as trained,
-    # interpolated and YaRN. 19.5 minutes of NSA training in all (the issue allows 20).
+    # that met both goals on an H200 (docs/TRAINING.md, "GPU run 2026-12-05, twelfth session"):
+    # 8k context, gates frozen for half the schedule, 16 minutes of NSA training; then a second
+    # stage from those weights (both twins) in which a tenth of the sequences put the first asked
+    # needle right before the queries, for what the first stage left of the issue's 20 minutes
+    # (~4, 3,300-4,400 steps); evaluation with RoPE as trained, interpolated and YaRN.
     yield "h200-nsa-vs-dense-8k", {"needs_gpu": True, "context": 8192, "steps": 15000, "minutes": 16.0,
                                    "gate_freeze": 0.5, "eval_minutes": 2.0, "seed": 0,
-                                   "second_stage": {"minutes": 3.5, "steps": 6000, "lr": 3e-4,
-                                                    "adjacent_rate": 0.1, "seed": 1},
-                                   "opt_in": True, "expected_s": 2100}
+                                   "total_minutes": GOAL_TRAINING_MINUTES,
+                                   "second_stage": {"steps": 6000, "lr": 3e-4, "adjacent_rate": 0.1, "seed": 1},
+                                   "opt_in": True, "expected_s": 2400}
     yield "triton-grad-model-shapes", {"needs_gpu": True, "seq_len": 4096, "batch": 2, "seed": 0,
                                        "expected_s": 120}
 
@@ -88,13 +94,20 @@ def _check_full(params: dict[str, Any], checks: Checks) -> None:
     config = config.replace(model=config.model.replace(backend=params.get("backend", "auto")))
     out = Path(params.get("out_dir") or tempfile.mkdtemp(prefix="nsa-trainability-"))
     summary = _train_stage("stage1", config, out, checks)
+    nsa_seconds = summary["models"]["nsa"]["train_seconds"]
     if params.get("second_stage"):
         second = params["second_stage"]
+        left_s = params["total_minutes"] * 60 - nsa_seconds - BUDGET_MARGIN_S
+        if left_s <= 0:
+            raise ValueError(f"the first stage trained {nsa_seconds:.0f} s, leaving nothing of total_minutes="
+                             f"{params['total_minutes']:g} for the second: shorten 'minutes'")
         config = config.replace(
-            start_context=None, steps=second["steps"], minutes=second["minutes"], lr=second["lr"],
+            start_context=None, steps=second["steps"], minutes=left_s / 60, lr=second["lr"],
             gate_freeze=0.0, seed=second["seed"], init_weights=str(out / "stage1"),
             task=config.task.replace(adjacent_rate=second["adjacent_rate"]))
         summary = _train_stage("stage2", config, out, checks)
+        nsa_seconds += summary["models"]["nsa"]["train_seconds"]
+    checks.at_most("nsa_train_minutes_total", nsa_seconds / 60, params.get("total_minutes", params["minutes"]))
     # The goals on the last stage: the finished models, and the dense twin at NSA's steps.
     goals = summary["goals"]
     checks.backend = summary["models"]["nsa"]["backend"]
@@ -186,9 +199,10 @@ def _check_triton_grads(params: dict[str, Any], checks: Checks) -> None:
        "64k retrieval >= 99%, loss within 5% of dense, no NaN/inf, Triton grads = reference (full)",
        cases=_cases, timeout_s=900.0)
 def trainability(params: dict[str, Any], checks: Checks) -> None:
-    if "steps" in params:
-        _check_ci(params, checks)
-    elif "minutes" in params:
+    # The full case has steps too (its schedule's first guess): "minutes" tells it apart.
+    if "minutes" in params:
         _check_full(params, checks)
+    elif "steps" in params:
+        _check_ci(params, checks)
     else:
         _check_triton_grads(params, checks)

@@ -135,6 +135,23 @@ def test_trainability_retrieval_goal_reads_runs_without_methods():
     assert not checks.failures and checks.metrics["nsa_min_accuracy_64k"] == 1.0
 
 
+def test_trainability_dispatches_each_case_to_its_check(monkeypatch):
+    """The full case has ``steps`` too (its schedule's first guess): it must reach the GPU check,
+    not the CPU one."""
+    from suites import trainability
+
+    ran = []
+    for check in ("_check_ci", "_check_full", "_check_triton_grads"):
+        monkeypatch.setattr(trainability, check, lambda params, checks, check=check: ran.append(check))
+    routes = {}
+    for scale in ("ci", "full"):
+        for case in trainability.trainability.cases(scale):
+            trainability.trainability.check_fn(case.params, None)
+            routes[case.case_id] = ran.pop()
+    assert routes == {"tiny-cpu-300steps": "_check_ci", "h200-nsa-vs-dense-8k": "_check_full",
+                      "triton-grad-model-shapes": "_check_triton_grads"}
+
+
 def test_trainability_full_case_trains_two_stages_and_checks_the_last(tmp_path, monkeypatch):
     """The full case's flow on the CPU: a tiny stand-in for the GPU config, both twins, two stages;
     the second starts from the first's weights with adjacent needles, and the goals are read from it."""
@@ -150,15 +167,20 @@ def test_trainability_full_case_trains_two_stages_and_checks_the_last(tmp_path, 
     monkeypatch.setattr(trainability, "gpu_config", tiny_gpu_config)
     monkeypatch.setattr(trainability, "_require_cuda", lambda: None)
     params = {"context": 64, "steps": 6, "minutes": 5.0, "gate_freeze": 0.5, "eval_minutes": 5.0, "seed": 0,
-              "backend": "reference", "out_dir": str(tmp_path),
-              "second_stage": {"minutes": 5.0, "steps": 4, "lr": 1e-3, "adjacent_rate": 0.5, "seed": 1}}
+              "backend": "reference", "out_dir": str(tmp_path), "total_minutes": 9.0,
+              "second_stage": {"steps": 4, "lr": 1e-3, "adjacent_rate": 0.5, "seed": 1}}
     checks = Checks()
-    trainability._check_full(params, checks)
+    trainability.trainability.check_fn(params, checks)  # the suite's own dispatch picks the full check
     metrics = checks.metrics
     assert metrics["stage1_nsa_steps"] == metrics["stage1_dense_steps"] == 6
     assert metrics["stage2_nsa_steps"] == metrics["stage2_dense_steps"] == 4
     summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
     assert summary["config"]["init_weights"] == str(tmp_path / "stage1")
+    # The second stage gets what the first left of total_minutes, and the sum is a checked bound.
+    first_s = metrics["stage1_nsa_train_seconds"]
+    assert summary["config"]["minutes"] * 60 == pytest.approx(9.0 * 60 - first_s - trainability.BUDGET_MARGIN_S)
+    assert metrics["nsa_train_minutes_total"] == pytest.approx((first_s + metrics["stage2_nsa_train_seconds"]) / 60)
+    assert not any(f.startswith("nsa_train_minutes_total") for f in checks.failures)
     assert summary["config"]["task"]["adjacent_rate"] == 0.5 and summary["config"]["start_context"] is None
     # The goals come from the second stage; a 10-step model misses retrieval: a recorded failure.
     goals = summary["goals"]
