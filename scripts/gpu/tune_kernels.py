@@ -5,8 +5,8 @@
 Production autotune lists are kept short (every config is one more compile on first use); this
 script times a wider list per kernel so that the short lists hold the winners. For each kernel
 pass it pins one config (the autotuner then has nothing to choose), times the pass with
-``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ=64, HK=4, bf16, the
-paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
+``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ/HK from ``--heads``
+(default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
 production list (``*``). Compressed attention's dK/dV pass is timed with the query split that
 config would get (``_query_split`` with that key tile). Details go to ``$OUT/tune_kernels_<families>_<lengths>.json``. ``--smoke`` runs the plumbing on CPU under
 ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
@@ -40,8 +40,9 @@ from nsa.ops.window_attention import triton as win_triton  # noqa: E402
 BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
 
 def _tiles(configs) -> list[tuple]:
-    """``(BLOCK_M, BLOCK_N, warps, stages)`` of ``triton.Config`` objects."""
-    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+    """``(BLOCK_M, BLOCK_N, warps, stages[, maxnreg])`` of ``triton.Config`` objects."""
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *([c.maxnreg] if c.maxnreg else []))
+            for c in configs]
 
 
 # The production lists, read from the kernels' modules (before any pinning below changes them).
@@ -60,8 +61,13 @@ CANDIDATES = {
     "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
     "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2)],
     "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2)],
-    "select": [(128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (64, 128, 4, 2),
-               (32, 64, 4, 2), (128, 32, 8, 2)],
+    # A fifth entry caps registers per thread (Config.maxnreg): 143 registers x 256 threads
+    # leave one program per SM, and the kernel's steps are a serial chain (dot, exp, dot, merge,
+    # barrier) that only a second program can overlap. BLOCK_M sets the positions per tile
+    # (BLOCK_M // G), above MAX_POSITIONS too.
+    "select": [(128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (64, 64, 4, 2, 128), (64, 64, 4, 2, 168),
+               (256, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 2, 128), (32, 64, 8, 2), (16, 64, 4, 2),
+               (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 3)],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3)],
     "sel-dkdv": [(32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 2, 2)],
     "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2), (64, 4, 2, {"BN": 128}),
@@ -115,12 +121,13 @@ def timed(results, kernel, label, fn):
         print(f"  {kernel} {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
     results.append({"kernel": kernel, "config": label, "ms": ms})
     print(f"  {kernel:9} {label:28} {'-' if ms is None else f'{ms:8.3f}'} ms", flush=True)
+    return ms
 
 
-def sweep(seq_len, dk, dv, results, only):
+def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     torch.manual_seed(0)
     dev, dt = DEVICE, (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
-    hq, hk = 64, 4
+    group = hq // hk
     n_cmp = (seq_len - BLOCK) // STRIDE + 1
     q = torch.randn(1, seq_len, hq, dk, device=dev, dtype=dt)
     k = torch.randn(1, seq_len, hk, dk, device=dev, dtype=dt)
@@ -129,7 +136,8 @@ def sweep(seq_len, dk, dv, results, only):
     vc = torch.randn(1, n_cmp, hk, dv, device=dev, dtype=dt)
     do = torch.randn(1, seq_len, hq, dv, device=dev, dtype=dt)
     scale = dk ** -0.5
-    tag = f"T={seq_len} {dk}/{dv}"
+    # One token (the summary groups rows by the label's first two).
+    tag = f"T={seq_len} {dk}/{dv}" + ("" if (hq, hk) == (64, 4) else f":{hq}/{hk}")
 
     # Compressed attention.
     o, lse = cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale)
@@ -152,17 +160,25 @@ def sweep(seq_len, dk, dv, results, only):
                       lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
 
     # Block scoring + top-n.
-    for m, n, w, s in SELECT if "select" in only else []:
+    def select():
+        return select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
+                                                  select_count=COUNT)
+
+    chosen = select()  # the production lists' autotuned choice: every pinned config must agree
+    for m, n, w, s, *cap in SELECT if "select" in only else []:
         # One config: the autotuner skips its prune hook, so derive the tiles here.
-        tiles = select_triton.selection_tiles(m, n, group_pow2=hq // hk, max_positions=select_triton.MAX_POSITIONS,
-                                              block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-                                              count_pow2=COUNT)
-        with select_triton._select_tuned.only(triton.Config(tiles, num_warps=w, num_stages=s)):
-            timed(results, "select", f"{tag} {(m, n, w, s)}",
-                  lambda: select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE,
-                                                             select_block=SELECT_BLOCK, select_count=COUNT))
-    idx = select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-                                             select_count=COUNT).to(torch.int32).contiguous()
+        tiles = select_triton.selection_tiles(m, n, group_pow2=group, block=BLOCK, stride=STRIDE,
+                                              max_positions=max(select_triton.MAX_POSITIONS, m // group),
+                                              select_block=SELECT_BLOCK, count_pow2=COUNT)
+        label = f"{tag} {(m, n, w, s, *cap)}"
+        with select_triton._select_tuned.only(triton.Config(tiles, num_warps=w, num_stages=s,
+                                                            maxnreg=cap[0] if cap else None)):
+            if timed(results, "select", label, select) is not None:
+                # Rows whose chosen blocks differ (Eq. 9 sums in another order may flip a tie).
+                results[-1]["rows_differing"] = int((select() != chosen).any(-1).sum())
+                print(f"  {'':9} {label:28} rows differing from the autotuned choice: "
+                      f"{results[-1]['rows_differing']}", flush=True)
+    idx = chosen.to(torch.int32).contiguous()
 
     # Selection attention.
     so, slse = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
@@ -287,6 +303,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", default="65536,8192")
     parser.add_argument("--head-dims", default="128/128")
+    parser.add_argument("--heads", default="64/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--only", default="cmp,select,sel,win",
                         help="kernel families: cmp (compressed attention), select (scoring + top-n), "
                              "sel (selection attention), win (window), decode (the decode step, batch "
@@ -307,10 +324,13 @@ def main():
             if "decode" in args.only.split(","):
                 sweep_decode(seq_len, dk, dv, results)
             if set(args.only.split(",")) - {"decode"}:
-                sweep(seq_len, dk, dv, results, args.only.split(","))
+                for heads in args.heads.split(","):
+                    hq, hk = (int(x) for x in heads.split("/"))
+                    sweep(seq_len, dk, dv, results, args.only.split(","), hq, hk)
     if os.environ.get("OUT"):
         # Named by the run's families and lengths, so that several runs in one command all come back.
-        name = f"tune_kernels_{args.only.replace(',', '-')}_{args.seq_lens.replace(',', '-')}.json"
+        name = (f"tune_kernels_{args.only.replace(',', '-')}_{args.seq_lens.replace(',', '-')}"
+                f"_{args.heads.replace('/', 'x').replace(',', '-')}.json")
         Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=1))
     summary(results)
 

@@ -237,24 +237,34 @@ def _prune_selection(configs, named_args, **kwargs):
                                 max_positions=meta["MAX_POSITIONS"], block=meta["BLOCK"],
                                 stride=meta["STRIDE"], select_block=meta["SELECT_BLOCK"],
                                 count_pow2=meta["NP"])
-        ident = (tuple(sorted(tiles.items())), config.num_warps, config.num_stages)
+        ident = (tuple(sorted(tiles.items())), config.num_warps, config.num_stages, config.maxnreg)
         if ident not in seen:
             seen.add(ident)
-            kept.append(triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages))
+            kept.append(triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages,
+                                      maxnreg=config.maxnreg))
     return kept
 
 
 # NB_STEP/NBT are placeholders: _prune_selection derives them from BLOCK_N and the block sizes.
-_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s)
-                   for m, w, s in ((128, 8, 2), (64, 4, 2))]
+# maxnreg 128: a step is a serial chain (q.k dot, exp, Eq. 9 dots, merge, barrier) that only
+# another program on the SM can overlap; capped at 128 registers a 4-warp program fits four
+# times per SM instead of twice (184 registers), for at most 72 bytes of spills. Swept on an H100
+# at 64k (scripts/gpu/tune_kernels.py --only select, docs/PERFORMANCE.md, thirteenth session):
+# 64 rows, 4 warps, capped won at G = 16 (11.9 ms against 12.5 uncapped) and G = 4 (4.7 ms, where
+# 64 rows are 16 positions; the 8-position tiles the former cap allowed took 9.8).
+_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s,
+                                 maxnreg=cap)
+                   for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
 _select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})
 
 # Positions per tile, at most: bounds the block-level work per step ([positions, NBT] keys, the
 # [positions, 2*NP] top-k), which is spread thinly over the warps and costs instructions, not
-# registers. More positions would also mean more merges (any row gaining a block triggers one).
-MAX_POSITIONS = 8
+# registers. More positions also mean more merges (any row gaining a block triggers one), but
+# fewer steps: with 4 heads per group 16 positions (64 rows) took 5.5 ms at 64k against 9.8 for 8
+# and 6.3 for 32 (H100, thirteenth session).
+MAX_POSITIONS = 16
 # Interpreter tiles: short test sequences still cross several steps and query tiles.
 INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
 
