@@ -190,3 +190,27 @@ def test_distinct_blocks_per_list_against_a_loop_and_by_hand():
                     valid = blocks[blocks >= 0]
                     ratios.append(valid.unique().numel() / max(1.0, valid.numel() / tile))
         assert distinct_blocks_per_list(lists, tile, start) == pytest.approx(sum(ratios) / len(ratios))
+
+
+def test_register_caps_survive_pruning_and_compile_under_the_cap():
+    """The autotune list's register caps (``maxnreg``, for programs per SM) reach the launched
+    configs through the prune hook, and compiled for sm_90 the capped configs stay within them
+    (the audit compiles with each config's cap)."""
+    import json
+
+    from compiled_subprocess import run_compiled
+
+    consts = {"GP": 4, "MAX_POSITIONS": selection_triton.MAX_POSITIONS, "BLOCK": 32, "STRIDE": 16,
+              "SELECT_BLOCK": 64, "NP": 16}
+    kept = selection_triton._prune_selection(selection_triton._SELECT_CONFIGS, consts)
+    caps = sorted(c.maxnreg or 0 for c in selection_triton._SELECT_CONFIGS)
+    assert sorted(c.maxnreg or 0 for c in kept) == caps and max(caps) > 0, kept
+    code = ("import json\nfrom dataclasses import asdict\nfrom nsa.ops.compile_check import audit\n"
+            "for row in audit([(128, 128)], [16, 4], kernels=('selection-scoring',)):\n"
+            "    print(json.dumps(asdict(row)))\n")
+    rows = [json.loads(line) for line in run_compiled(code).splitlines()]
+    capped = [row for row in rows if " r" in row["config"]]
+    assert len(capped) == 2 * sum(1 for cap in caps if cap), rows
+    for row in capped:
+        cap = int(row["config"].rsplit(" r", 1)[1])
+        assert 0 < row["registers"] <= cap, row

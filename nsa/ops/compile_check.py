@@ -122,7 +122,7 @@ def audit(head_dims: list[tuple[int, int]], groups: list[int], *, dtype: str = "
                     continue
                 compiled = compile_as_launched(
                     fn, _signature(fn, constexprs, dtype), constexprs, arch=arch, num_warps=config.num_warps,
-                    num_stages=config.num_stages, aligned=_aligned)
+                    num_stages=config.num_stages, aligned=_aligned, maxnreg=config.maxnreg)
                 registers, spill = resource_usage(compiled) or (-1, -1)
                 rows.append(CompiledConfig(name, dk, dv, group, describe_config(config), config.num_warps,
                                            config.num_stages, registers, spill, compiled.metadata.shared,

@@ -26,9 +26,10 @@ def launch_signature(fn, constexprs: dict, pointers: dict[str, str], floats=froz
 
 
 def compile_as_launched(fn, signature: dict[str, str], constexprs: dict, *, arch: int, num_warps: int,
-                        num_stages: int, aligned: Callable[[str], bool]):
+                        num_stages: int, aligned: Callable[[str], bool], maxnreg: int | None = None):
     """``fn`` compiled for ``sm_<arch>`` with the specialisation a real launch gets: every pointer
     16-byte aligned, and the integer arguments ``aligned(name)`` picks (strides) divisible by 16.
+    ``maxnreg`` caps registers per thread as ``triton.Config(maxnreg=...)`` does.
 
     Without those hints Triton cannot prove the loads vectorisable, does not pipeline them, and
     the result shows spills the launched kernel does not have.
@@ -40,8 +41,10 @@ def compile_as_launched(fn, signature: dict[str, str], constexprs: dict, *, arch
     hints = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(fn.arg_names)
              if name not in constexprs and (signature[name].startswith("*") or aligned(name))}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=hints)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resource_usage(compiled) -> tuple[int, int] | None:

@@ -205,15 +205,16 @@ _query_kernel = GroupTunedKernel(
     _sel_query_kernel,
     # (rows, warps, stages): one position per program for G >= 16, position tiles below.
     # scripts/gpu/tune_kernels.py (H200, G=16): 2 warps beat 4 by 7% at 8k and 64k (fwd and dq).
-    # (32, 4, 2), added with the pipelined union walk (untimed): 2 positions at G = 16 share the
-    # forced blocks, 8 at G = 4; compiled for sm_90 it does not spill at Dk 32, 128 or 192.
-    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (32, 4, 2)],
+    # (16, 1, 2): 4 positions on one warp at G = 4, the fastest forward of the thirteenth
+    # session's sweep at 16/4 heads, 64k (13.5 ms against 14.6, H100).
+    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2)],
     key=["G", "DK", "DV", "BS", "BACKWARD"])
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
 # 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
-# 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps); (64, 8, 2)
-# holds them without spilling (untimed: autotuning decides).
-_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 1)],
+# 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
+# heads (thirteenth session, H100, 64k) a third stage won (4.1 ms against 4.5), and (64, 8, 2),
+# which holds the accumulators without spilling, took 8.0.
+_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1)],
                                 key=["G", "DK", "DV", "BS"])
 
 

@@ -93,22 +93,28 @@ RANK_SORT_MAX_WIDTH = tl.constexpr(64)
 # p <= 1 is scaled by 2^14 before its fp16 split: the hi part stays below fp16's max, and the
 # lo part stays above fp16's subnormals for every p that matters at float32 accuracy.
 FP16_SPLIT_SCALE = tl.constexpr(16384.0)
+FP16_SPLIT_LOG2 = tl.constexpr(14.0)
+
+
+@triton.jit
+def eq9_dot_scaled(x, w):
+    """``x @ w`` for ``x = p * 2^14`` (``p [M, N]`` float32 in ``[0, 1]``, ``w [N, K]`` float16
+    integers) to float32 accuracy.
+
+    Two fp16 ``tl.dot``s of ``x = hi + lo`` (``lo`` the fp16-rounded remainder, ``~2^-22`` of
+    ``x`` lost): an fp16 left operand comes from the accumulator layout without a shuffle, a
+    tf32 one does not, and ``w`` is exact in fp16.
+    """
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    acc = tl.dot(hi, w)
+    return tl.dot(lo, w, acc)
 
 
 @triton.jit
 def eq9_dot(p, w):
-    """``p @ w`` (``p [M, N]`` float32 in ``[0, 1]``, ``w [N, K]`` float16 integers) to float32 accuracy.
-
-    Two fp16 ``tl.dot``s of ``p * 2^14 = hi + lo`` (``lo`` the fp16-rounded remainder, ``~2^-22``
-    of ``p`` lost): an fp16 left operand comes from the accumulator layout without a shuffle,
-    a tf32 one does not, and ``w`` is exact in fp16.
-    """
-    x = p * FP16_SPLIT_SCALE
-    hi = x.to(tl.float16)
-    lo = (x - hi.to(tl.float32)).to(tl.float16)
-    acc = tl.dot(hi, w)
-    acc = tl.dot(lo, w, acc)
-    return acc * (1.0 / FP16_SPLIT_SCALE)
+    """``p @ w`` to float32 accuracy (``p`` float32 in ``[0, 1]``; see :func:`eq9_dot_scaled`)."""
+    return eq9_dot_scaled(p * FP16_SPLIT_SCALE, w) * (1.0 / FP16_SPLIT_SCALE)
 
 
 @triton.jit
@@ -144,8 +150,12 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
     q_rows = tile_base(Q, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
     qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
     lse_rows = tile_base(LSE, b, t0, h * G, stride_lb, stride_lt, stride_lh) + local_t * stride_lt + g * stride_lh
-    # Padding rows get lse = +inf, so their p is exactly 0 without a mask.
-    lse2 = tl.where(row_ok, tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT, float("inf"))
+    # Padding rows get lse = +inf, so their p is exactly 0 without a mask. Less 14: the exp2
+    # below yields p * 2^14, the input eq9_dot_scaled wants, and the block scores come out 2^14
+    # times Eq. 9's, which ranks them identically (a power of two: exact) for one multiply per
+    # score fewer.
+    lse2 = tl.load(lse_rows, mask=row_ok, other=0.0) * LOG2E_JIT - FP16_SPLIT_LOG2
+    lse2 = tl.where(row_ok, lse2, float("inf"))
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_vis = tl.max(vis)
     # Steps whose keys every row sees need no mask (all but the first and the last one or two).
@@ -177,13 +187,13 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
         ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
                                DK, DKA, DKB)
         s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - lse2[:, None])  # p_cmp * 2^14
         if (first_col < 0) | (first_col + BLOCK_N > min_vis):
             # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
             p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
         # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
         # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
-        head_scores = eq9_dot(p, w)
+        head_scores = eq9_dot_scaled(p, w)
         scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
         key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
         # Blocks a row gains this step are those beating its n-th best.
