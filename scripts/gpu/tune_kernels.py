@@ -6,10 +6,11 @@ Production autotune lists are kept short (every config is one more compile on fi
 script times a wider list per kernel so that the short lists hold the winners. For each kernel
 pass it pins one config (the autotuner then has nothing to choose), times the pass with
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ/HK from ``--heads``
-(default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time, marking the ones in the
-production list (``*``). Compressed attention's dK/dV pass is timed with the query split that
-config would get (``_query_split`` with that key tile). Details go to ``$OUT/tune_kernels_<families>_<lengths>.json``. ``--smoke`` runs the plumbing on CPU under
-``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
+(default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time,
+marking the ones in the production list (``*``). Compressed attention's dK/dV pass is timed with
+the query split that config would get (``_query_split`` with that key tile). Details go to
+``$OUT/tune_kernels_<families>_<lengths>_<heads>.json``. ``--smoke`` runs the plumbing on CPU
+under ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
 
 def _tiles(configs) -> list[tuple]:
     """``(BLOCK_M, BLOCK_N, warps, stages[, maxnreg])`` of ``triton.Config`` objects."""
-    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *([c.maxnreg] if c.maxnreg else []))
-            for c in configs]
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+             *([c.maxnreg] if c.maxnreg else [])) for c in configs]
 
 
 # The production lists, read from the kernels' modules (before any pinning below changes them).
@@ -161,14 +162,15 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
 
     # Block scoring + top-n.
     def select():
-        return select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-                                                  select_count=COUNT)
+        return select_triton.select_blocks_triton(q, kc, lse, block=BLOCK, stride=STRIDE,
+                                                  select_block=SELECT_BLOCK, select_count=COUNT)
 
     chosen = select()  # the production lists' autotuned choice: every pinned config must agree
     for m, n, w, s, *cap in SELECT if "select" in only else []:
         # One config: the autotuner skips its prune hook, so derive the tiles here.
-        tiles = select_triton.selection_tiles(m, n, group_pow2=group, block=BLOCK, stride=STRIDE,
-                                              max_positions=max(select_triton.MAX_POSITIONS, m // group),
+        positions = max(select_triton.MAX_POSITIONS, m // group)
+        tiles = select_triton.selection_tiles(m, n, group_pow2=triton.next_power_of_2(group),
+                                              max_positions=positions, block=BLOCK, stride=STRIDE,
                                               select_block=SELECT_BLOCK, count_pow2=COUNT)
         label = f"{tag} {(m, n, w, s, *cap)}"
         with select_triton._select_tuned.only(triton.Config(tiles, num_warps=w, num_stages=s,

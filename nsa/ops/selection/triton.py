@@ -262,8 +262,8 @@ def _prune_selection(configs, named_args, **kwargs):
 # at 64k (scripts/gpu/tune_kernels.py --only select, docs/PERFORMANCE.md, thirteenth session):
 # 64 rows, 4 warps, capped won at G = 16 (11.9 ms against 12.5 uncapped) and G = 4 (4.7 ms, where
 # 64 rows are 16 positions; the 8-position tiles the former cap allowed took 9.8).
-_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w, num_stages=s,
-                                 maxnreg=cap)
+_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w,
+                                 num_stages=s, maxnreg=cap)
                    for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
 _select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
