@@ -259,6 +259,25 @@ def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.
 
 
 @triton.jit
+def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`softmax_grad` with keys as rows, for dK/dV programs that own a key tile:
+    ``s_t = k @ q^T`` ([N, M], base 2) gives ``ds_t`` [N, M] and ``dv_acc + p_t @ do``.
+
+    Keys as the M of the dots (``dv += p_t @ do``, ``dk += ds_t @ q``) feed ``p_t`` and ``ds_t``
+    to the tensor cores straight from the accumulator layout, where ``tl.trans(p) @ do`` needs
+    a transpose through shared memory; and a key tile of 64 or more is the M Hopper's warp-group
+    MMA wants. (The dV update comes before ``dp_t``: compiled for sm_90 the other order spills
+    more in compressed attention's dK/dV.)
+    """
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(allowed_t, p_t, 0.0)
+    dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    return p_t * (dp_t - delta[None, :]), dv_acc
+
+
+@triton.jit
 def row_layout(t0, T, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Row r: head r % G of position t0 + r // G; rows past BT*G or past T are off."""
     r = tl.arange(0, BLOCK_M)

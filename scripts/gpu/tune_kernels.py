@@ -75,9 +75,10 @@ CANDIDATES = {
                   (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2)],
     # Key tiles of 128: the M of the dK/dV dots (Hopper's warp-group MMA wants M >= 64; the
     # compressed-attention dK/dV pass gained 1.8x from the same change).
-    "win-dkdv": [(16, 4, 2), (32, 4, 3), (32, 2, 2), (64, 4, 2), (64, 8, 2, {"BN": 128}),
-                 (64, 8, 3, {"BN": 128}), (32, 8, 2, {"BN": 128}), (128, 8, 2, {"BN": 128}),
-                 (32, 4, 2, {"BN": 128})],
+    # Keys as the M of the dots (KEYS_AS_M): unmeasured when added (thirteenth session).
+    "win-dkdv": [(16, 4, 2), (32, 4, 3), (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 2, {"KEYS_AS_M": True}),
+                 (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 2, {"KEYS_AS_M": True, "BN": 128}),
+                 (32, 8, 2, {"KEYS_AS_M": True, "BN": 128}), (128, 8, 2, {"BN": 128})],
 }
 
 

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dot_precision, load_block,
                                    load_rows, load_rows_split, row_layout, softmax_delta, softmax_finish,
-                                   softmax_grad, split_acc, split_acc_dot, split_dim, split_scores,
-                                   store_rows, store_rows_split)
+                                   softmax_grad, softmax_grad_keys, split_acc, split_acc_dot, split_dim,
+                                   split_scores, store_rows, store_rows_split)
 
 
 @triton.jit
@@ -97,7 +97,8 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
 def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
               sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dk_acc_b, dv_acc,
               G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-              DV_PAD: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+              DV_PAD: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+              KEYS_AS_M: tl.constexpr):
     for p0 in range(lo, hi, BT):
         row_pos = p0 + r // G
         row_ok = (r < BT * G) & (row_pos < T)
@@ -106,12 +107,20 @@ def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, h
         rows = row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
-        allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
-                   & row_ok[:, None])
-        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
-        dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
-        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, tl.trans(ds), qa, qb, DK_B, PREC)
+        if KEYS_AS_M:
+            # [keys, rows] tiles: p_t and ds_t enter their dots without a transpose.
+            s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
+            allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
+                         & row_ok[None, :])
+            ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED)
+        else:
+            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
+            allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
+                       & row_ok[:, None])
+            p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
+            dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
+            ds_t = tl.trans(ds)
+        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, ds_t, qa, qb, DK_B, PREC)
     return dk_acc, dk_acc_b, dv_acc
 
 
@@ -121,8 +130,9 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
                      T, W, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
-                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dk, dv of one key tile over the positions k0 .. k0 + BN - 2 + W that read it."""
+                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_AS_M: tl.constexpr):
+    """dk, dv of one key tile over the positions k0 .. k0 + BN - 2 + W that read it; with
+    ``KEYS_AS_M`` its dots take the key tile as M (see :func:`softmax_grad_keys`)."""
     k0 = tl.program_id(0) * BN
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -155,7 +165,7 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
         dk_acc, dk_acc_b, dv_acc = _kv_tiles(ka, kb, vb, kpos, tiles_lo, tiles_hi, q_base, do_base, lse_base,
                                              delta_base, head, r, T, W, sqt, sqh, sot, soh, slt, slh,
                                              qk_scale, dk_acc, dk_acc_b, dv_acc, G, DK, DV, DK_A, DK_B,
-                                             DV_PAD, BT, run != 1, PREC)
+                                             DV_PAD, BT, run != 1, PREC, KEYS_AS_M)
     kvalid = kpos < T
     # dk/dv are allocated like k/v (empty_like of contiguous tensors), so k's strides address dk.
     store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
@@ -173,8 +183,15 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # options 200-250 bytes; (32, 8, 2) none (untimed: autotuning decides).
 _query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3)],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
-_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 8, 2)],
-                                key=["G", "DK", "DV"], extra={"BN": 64})
+# dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form, 1.8x there):
+# compiled for sm_90 at Dk = Dv = 128, G = 16, the two below spill 48 and 72 bytes per thread
+# against the 1,080 of the first option (the least of nine keys-as-M tiles). Added on that
+# evidence alone, the thirteenth session's device time being spent: autotuning times them beside
+# the measured options, and scripts/gpu/tune_kernels.py --only win sweeps more of them.
+_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 8, 2),
+                                                   (64, 8, 2, {"KEYS_AS_M": True}),
+                                                   (32, 8, 3, {"KEYS_AS_M": True, "BN": 128})],
+                                key=["G", "DK", "DV"], extra={"BN": 64, "KEYS_AS_M": False})
 
 
 def _meta(q, k, v):
