@@ -278,6 +278,27 @@ def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.const
 
 
 @triton.jit
+def dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t, qk_scale, dk_acc, dk_acc_b, dv_acc,
+              DK_B: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, KEYS_AS_M: tl.constexpr):
+    """One query tile's share of a key tile's dK and dV (``[N, D]`` float32 accumulators).
+
+    Queries as rows (``allowed [M, N]``): the dots take ``tl.trans(p)`` and ``tl.trans(ds)``.
+    ``KEYS_AS_M`` (``allowed_t [N, M]``): :func:`softmax_grad_keys`, no transposes. Only the
+    mask of the chosen form is used (the other is compiled away).
+    """
+    if KEYS_AS_M:
+        s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
+        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED)
+    else:
+        s = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
+        p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
+        dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
+        ds_t = tl.trans(ds)
+    dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, ds_t, qa, qb, DK_B, PREC)
+    return dk_acc, dk_acc_b, dv_acc
+
+
+@triton.jit
 def row_layout(t0, T, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Row r: head r % G of position t0 + r // G; rows past BT*G or past T are off."""
     r = tl.arange(0, BLOCK_M)

@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dot_precision, load_block,
-                                   load_rows, load_rows_split, row_layout, softmax_delta, softmax_finish,
-                                   softmax_grad, split_acc, split_acc_dot, split_dim, split_scores,
-                                   store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dkdv_tile, dot_precision,
+                                   load_block, load_rows, load_rows_split, row_layout, softmax_delta,
+                                   softmax_finish, split_acc, split_dim, store_rows, store_rows_split)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
@@ -130,8 +129,9 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
                      T, NB, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
-                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Partial dk/dv of one key block over one chunk of the queries that selected it."""
+                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_AS_M: tl.constexpr):
+    """Partial dk/dv of one key block over one chunk of the queries that selected it (with
+    ``KEYS_AS_M`` the block is the M of the dots: :func:`nsa.ops.triton_common.dkdv_tile`)."""
     item = tl.program_id(0).to(tl.int64)
     group = tl.load(item_group + item)
     start = tl.load(item_start + item)
@@ -157,11 +157,10 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
-        sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         allowed = (kpos[None, :] <= row_pos[:, None]) & row_ok[:, None]
-        p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, True)
-        dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
-        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, tl.trans(ds), qa, qb, DK_B, PREC)
+        allowed_t = (kpos[:, None] <= row_pos[None, :]) & row_ok[None, :]
+        dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
+                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True, KEYS_AS_M)
     store_rows_split(dk_part + item * (BS * DK), dk_acc * scale, dk_acc_b * scale, kk, kk * 0, DK, 0,
                      kk < BS, DK, DK_A, DK_B)
     cv = tl.arange(0, DV_PAD)
@@ -214,8 +213,14 @@ _query_kernel = GroupTunedKernel(
 # 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
 # heads (thirteenth session, H100, 64k) a third stage won (4.1 ms against 4.5), and (64, 8, 2),
 # which holds the accumulators without spilling, took 8.0.
-_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1)],
-                                key=["G", "DK", "DV", "BS"])
+# Keys as the M of the dots (KEYS_AS_M; see the window kernel's dK/dV list): compiled for sm_90 at
+# Dk = Dv = 128, G = 16, (64, 4, 2) spills 88 bytes per thread in that form against 392, and
+# (64, 8, 2) none. Unmeasured when added (thirteenth session, no device time left): autotuning
+# times them beside the measured options.
+_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1),
+                                                   (64, 4, 2, {"KEYS_AS_M": True}),
+                                                   (64, 8, 2, {"KEYS_AS_M": True})],
+                                key=["G", "DK", "DV", "BS"], extra={"KEYS_AS_M": False})
 
 
 def _common(q, k, v, select_block):

@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dot_precision, load_block,
-                                   load_rows, load_rows_split, row_layout, softmax_delta, softmax_finish,
-                                   softmax_grad, softmax_grad_keys, split_acc, split_acc_dot, split_dim,
-                                   split_scores, store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dkdv_tile, dot_precision,
+                                   load_block, load_rows, load_rows_split, row_layout, softmax_delta,
+                                   softmax_finish, split_acc, split_dim, store_rows, store_rows_split)
 
 
 @triton.jit
@@ -107,20 +106,13 @@ def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, h
         rows = row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        if KEYS_AS_M:
-            # [keys, rows] tiles: p_t and ds_t enter their dots without a transpose.
-            s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
-            allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
-                         & row_ok[None, :])
-            ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED)
-        else:
-            sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
-            allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
-                       & row_ok[:, None])
-            p, ds = softmax_grad(sc, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
-            dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
-            ds_t = tl.trans(ds)
-        dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, ds_t, qa, qb, DK_B, PREC)
+        allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
+                   & row_ok[:, None])
+        allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
+                     & row_ok[None, :])
+        dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
+                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, MASKED,
+                                             KEYS_AS_M)
     return dk_acc, dk_acc_b, dv_acc
 
 
