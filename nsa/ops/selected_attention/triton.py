@@ -213,9 +213,10 @@ _query_kernel = GroupTunedKernel(
 # 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
 # heads (thirteenth session, H100, 64k) a third stage won (4.1 ms against 4.5), and (64, 8, 2),
 # which holds the accumulators without spilling, took 8.0.
-# Keys as the M of the dots (KEYS_AS_M; see the window kernel's dK/dV list): compiled for sm_90 at
-# Dk = Dv = 128, G = 16, (64, 4, 2) spills 88 bytes per thread in that form against 392, and
-# (64, 8, 2) none. Unmeasured when added (thirteenth session, no device time left): autotuning
+# Keys as the M of the dots (KEYS_AS_M; see the window kernel's dK/dV list): compiled for sm_90 by
+# Triton 3.6 at Dk = Dv = 128, G = 16, (64, 8, 2) in that form takes 181 registers and spills
+# nothing, (64, 4, 2) spills 136 bytes per thread against 48 in the other form (Triton 3.9: 88
+# against 392). Unmeasured when added (thirteenth session, no device time left): autotuning
 # times them beside the measured options.
 _dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1),
                                                    (64, 4, 2, {"KEYS_AS_M": True}),

@@ -258,7 +258,8 @@ def _prune_selection(configs, named_args, **kwargs):
 # NB_STEP/NBT are placeholders: _prune_selection derives them from BLOCK_N and the block sizes.
 # maxnreg 128: a step is a serial chain (q.k dot, exp, Eq. 9 dots, merge, barrier) that only
 # another program on the SM can overlap; capped at 128 registers a 4-warp program fits four
-# times per SM instead of twice (184 registers), for at most 72 bytes of spills. Swept on an H100
+# times per SM instead of twice or three times (183 registers at G = 4, 135 at G = 16, compiled by
+# Triton 3.6 for sm_90), spilling nothing at G = 16 and Dk = 128. Swept on an H100
 # at 64k (scripts/gpu/tune_kernels.py --only select, docs/PERFORMANCE.md, thirteenth session):
 # 64 rows, 4 warps, capped won at G = 16 (11.9 ms against 12.5 uncapped) and G = 4 (4.7 ms, where
 # 64 rows are 16 positions; the 8-position tiles the former cap allowed took 9.8).

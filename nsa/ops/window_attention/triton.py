@@ -176,10 +176,11 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 _query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3)],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
 # dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form, 1.8x there):
-# compiled for sm_90 at Dk = Dv = 128, G = 16, the two below spill 48 and 72 bytes per thread
-# against the 1,080 of the first option (the least of nine keys-as-M tiles). Added on that
-# evidence alone, the thirteenth session's device time being spent: autotuning times them beside
-# the measured options, and scripts/gpu/tune_kernels.py --only win sweeps more of them.
+# compiled for sm_90 by Triton 3.6 (the GPU image's) at Dk = Dv = 128, G = 16, the two below spill
+# 128 and 40 bytes per thread against the 512 of the first option (Triton 3.9: 48 and 72 against
+# 1,080; the least of nine keys-as-M tiles). Added on that evidence alone, the thirteenth
+# session's device time being spent: autotuning times them beside the measured options, and
+# scripts/gpu/tune_kernels.py --only win sweeps more of them.
 _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 8, 2),
                                                    (64, 8, 2, {"KEYS_AS_M": True}),
                                                    (32, 8, 3, {"KEYS_AS_M": True, "BN": 128})],
