@@ -79,7 +79,7 @@ def size_class(seq_len: int) -> int:
 def describe_config(config: triton.Config) -> str:
     """``BLOCK_M=256 BLOCK_N=64 w8 s2``: a config's constexprs, warps and stages (and ``r128``
     when it caps registers per thread at 128)."""
-    cap = [f"r{config.maxnreg}"] if getattr(config, "maxnreg", None) else []
+    cap = [f"r{config.maxnreg}"] if config.maxnreg else []
     return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}",
                      f"s{config.num_stages}", *cap])
 

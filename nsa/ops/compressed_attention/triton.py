@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import SizeTunedKernel, dot_precision, interpreting, softmax_grad_keys, split_dim
+from nsa.ops.triton_common import SizeTunedKernel, dkdv_tile, dot_precision, interpreting, split_dim
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
@@ -258,15 +258,10 @@ def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, D
     qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pid_m * (BLOCK_M // GP), h * G, g, local_t,
                                                row_ok, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
                                                stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP)
-    s_t = dot_head_dim(ka, kb, qa, qb, DKB, PRECISION) * qk_scale
     # Rows before the key's first reader have lse = -inf (exp2 -> inf); the mask drops them.
     allowed_t = cols[:, None] * STRIDE + BLOCK - 1 <= pos[None, :]
-    ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PRECISION, MASK)
-    ds_t = ds_t.to(qa.dtype)
-    dk_acc_a += tl.dot(ds_t, qa, input_precision=PRECISION)
-    if DKB > 0:
-        dk_acc_b += tl.dot(ds_t, qb, input_precision=PRECISION)
-    return dk_acc_a, dk_acc_b, dv_acc
+    return dkdv_tile(qa, qb, do, lse2, delta, ka, kb, v, allowed_t, allowed_t, qk_scale, dk_acc_a, dk_acc_b,
+                     dv_acc, DKB, PRECISION, MASK, True)
 
 
 @triton.jit
