@@ -145,9 +145,9 @@ def test_union_walk_pipelines_its_loads_on_sm90():
             "        print(json.dumps(asdict(row)))\n")
     rows = [json.loads(line) for line in run_compiled(code).splitlines()]
     walks = [row for row in rows if not row["config"].startswith("BT=1 ")]
-    # (32, 4): 4-position tiles on 1, 2 and 4 warps and 16-position ones; (128, 16): 4-position
-    # tiles; forward and dq each.
-    assert len(walks) == 10, rows
+    # (32, 4): 4-position tiles on 1, 2 (two and three stages) and 4 warps and 16-position ones;
+    # (128, 16): 4-position tiles; forward and dq each.
+    assert len(walks) == 12, rows
     assert all(row["async_copies"] > 0 for row in rows), rows
 
 

@@ -147,8 +147,10 @@ class GroupTunedKernel:
     Under the interpreter autotuning is bypassed: the first config's block sizes are passed.
     """
 
-    def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None):
+    def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None,
+                 **autotune_kwargs):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
+        self.autotune_kwargs = autotune_kwargs
         self._tuned: dict[tuple[int, int, int | None], object] = {}  # (G, size class, max_positions)
 
     def configs(self, group: int, max_positions: int | None = None) -> list[triton.Config]:
@@ -175,7 +177,8 @@ class GroupTunedKernel:
             return
         tune_key = (G, size_class(seq_len), max_positions)
         if tune_key not in self._tuned:
-            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions), key=self.key)(self.kernel)
+            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions), key=self.key,
+                                                    **self.autotune_kwargs)(self.kernel)
         self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
 
@@ -369,6 +372,18 @@ def store_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D:
     if DB > 0:
         cb = DA + tl.arange(0, DB)
         tl.store(rows + cb[None, :], xb.to(base.dtype.element_ty), mask=row_ok[:, None] & (cb[None, :] < D))
+
+
+@triton.jit
+def accumulate_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr,
+                          DA: tl.constexpr, DB: tl.constexpr):
+    """:func:`store_rows_split` of ``x`` plus what those rows already hold (added in float32,
+    rounded once): one branch's dq added to another's without a separate pass over memory."""
+    ya, yb = load_rows_split(base, row_pos, head, stride_t, stride_h, row_ok, D, DA, DB)
+    xa += ya.to(tl.float32)
+    if DB > 0:
+        xb += yb.to(tl.float32)
+    store_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D, DA, DB)
 
 
 @triton.jit

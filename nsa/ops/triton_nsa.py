@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from nsa.config import NSAConfig
-from nsa.ops.combine.triton import combine_branches_triton
-from nsa.ops.compressed_attention.triton import compressed_attention_triton
+from nsa.ops.combine.triton import combine_backward, combine_forward
+from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
 from nsa.ops.reads import branch_reads
-from nsa.ops.selected_attention.triton import selected_attention_triton
+from nsa.ops.selected_attention.triton import selected_attention_backward, selected_attention_forward
 from nsa.ops.selection.triton import select_blocks_triton
-from nsa.ops.window_attention.triton import window_attention_triton
+from nsa.ops.window_attention.triton import window_attention_backward, window_attention_forward
 
 
 def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
@@ -34,6 +34,46 @@ def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
     return {name: kernel.chosen(seq_len) for name, kernel in kernels.items()}
 
 
+class _NSATriton(torch.autograd.Function):
+    """The three branches and their gated sum as one autograd node, so that the backward can
+    share work between them: the combine kernel hands each branch its ``delta`` (no separate
+    pass over ``O`` and ``dO`` per branch), and the selection and window dq kernels add their
+    query gradient to compressed attention's in place (no ``[B, T, HQ, Dk]`` sums between
+    kernels). The kernels are the branch ops' own (each also has its autograd op, which the
+    tests compare with this one)."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config: NSAConfig, scale: float):
+        c = config
+        o_cmp, lse_cmp = compressed_attention_forward(q, k_cmp, v_cmp, c.compress_block, c.compress_stride,
+                                                      scale)
+        blocks = select_blocks_triton(q, k_cmp, lse_cmp, block=c.compress_block, stride=c.compress_stride,
+                                      select_block=c.select_block, select_count=c.select_count, scale=scale)
+        idx = blocks.to(torch.int32).contiguous()
+        o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale)
+        o_win, lse_win = window_attention_forward(q, k_win, v_win, c.window, scale)
+        out = combine_forward(o_cmp, o_slc, o_win, gates)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
+                              lse_cmp, lse_slc, lse_win)
+        ctx.config, ctx.scale = config, scale
+        ctx.mark_non_differentiable(blocks)
+        return out, blocks
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_blocks):
+        (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
+         lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
+        c, scale = ctx.config, ctx.scale
+        d_cmp, d_slc, d_win, d_gates, deltas = combine_backward(grad_out, o_cmp, o_slc, o_win, gates)
+        dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lse_cmp, d_cmp, deltas[0],
+                                                           c.compress_block, c.compress_stride, scale)
+        dq, dk_slc, dv_slc = selected_attention_backward(q, k_slc, v_slc, idx, lse_slc, d_slc, deltas[1],
+                                                         c.select_block, scale, dq=dq)
+        dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lse_win, d_win, deltas[2], c.window,
+                                                       scale, dq=dq)
+        return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None
+
+
 def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
                v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor,
                config: NSAConfig, *, scale: float | None = None, q_offset: int = 0,
@@ -43,13 +83,8 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
     if q_offset or win_offset:
         raise NotImplementedError("the Triton backend runs whole sequences (q_offset = 0); "
                                   "incremental decode uses the reference path")
-    c = config
-    o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, block=c.compress_block,
-                                             stride=c.compress_stride, scale=scale)
-    blocks = select_blocks_triton(q.detach(), k_cmp.detach(), lse.detach(), block=c.compress_block,
-                                  stride=c.compress_stride, select_block=c.select_block,
-                                  select_count=c.select_count, scale=scale)
-    o_slc, _ = selected_attention_triton(q, k_slc, v_slc, blocks, select_block=c.select_block, scale=scale)
-    o_win, _ = window_attention_triton(q, k_win, v_win, window=c.window, scale=scale)
-    out = combine_branches_triton(o_cmp, o_slc, o_win, gates)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Contiguous: q, the outputs and every dq pass share one set of strides.
+    tensors = (x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
+    out, blocks = _NSATriton.apply(*tensors, config, scale)
     return out, blocks, branch_reads(blocks, 0, config) if with_reads else None

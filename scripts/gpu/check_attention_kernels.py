@@ -168,14 +168,14 @@ def backward_pieces(kind, q, k, v, o, lse, do, idx, window, select_block, scale,
     delta = softmax_delta(o, do, None)
     pieces = {"delta_ms": bench(lambda: softmax_delta(o, do, None), rep, device)}
     if kind == "sel":
-        pieces["dq_ms"] = bench(lambda: sel_triton._query_pass(q, k, v, idx, scale, select_block, o=o, lse=lse,
+        pieces["dq_ms"] = bench(lambda: sel_triton._query_pass(q, k, v, idx, scale, select_block, lse=lse,
                                                                do=do, delta=delta), rep, device)
         pieces["invert_ms"] = bench(lambda: sel_triton.invert_selection(idx, q.shape[1], select_block,
                                                                         sel_triton.CHUNK), rep, device)
         pieces["dkdv_incl_invert_ms"] = bench(lambda: sel_triton._dkdv_pass(q, k, v, idx, do, lse, delta, scale,
                                                                             select_block), rep, device)
     else:
-        pieces["dq_ms"] = bench(lambda: win_triton._query_pass(q, k, v, window, scale, o=o, lse=lse, do=do,
+        pieces["dq_ms"] = bench(lambda: win_triton._query_pass(q, k, v, window, scale, lse=lse, do=do,
                                                                delta=delta), rep, device)
         pieces["dkdv_ms"] = bench(lambda: win_triton._dkdv_pass(q, k, v, do, lse, delta, window, scale),
                                   rep, device)

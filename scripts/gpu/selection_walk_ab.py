@@ -84,7 +84,7 @@ def passes(module, q, k, v, idx, do, select_block):
         return module._query_pass(q, k, v, idx, scale, select_block)
 
     def dq():
-        return module._query_pass(q, k, v, idx, scale, select_block, o=o, lse=lse, do=do, delta=delta)
+        return module._query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta)
     return forward, dq
 
 

@@ -143,24 +143,27 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     tag = f"T={seq_len} {dk}/{dv}" + ("" if (hq, hk) == (64, 4) else f":{hq}/{hk}")
 
     # Compressed attention.
-    o, lse = cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale)
+    o, lse = cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale)
+    cmp_delta = softmax_delta(o, do, None)
     for cfg in CMP_FWD if "cmp" in only else []:
         with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
             timed(results, "cmp-fwd", f"{tag} {cfg}",
-                  lambda: cmp_triton._forward(q, kc, vc, BLOCK, STRIDE, scale))
+                  lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale))
     original_split = cmp_triton._query_split
     with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*CMP_DQ[0])):
         for cfg in CMP_DKDV if "cmp" in only else []:
             cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
             with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*cfg)):
                 timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
-                      lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+                      lambda: cmp_triton.compressed_attention_backward(q, kc, vc, lse, do, cmp_delta, BLOCK,
+                                                                       STRIDE, scale))
     cmp_triton._query_split = original_split
     with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*CMP_DKDV[0])):
         for cfg in CMP_DQ if "cmp" in only else []:
             with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*cfg)):
                 timed(results, "cmp-bwd/dq", f"{tag} {cfg}",
-                      lambda: cmp_triton._backward(q, kc, vc, o, lse, do, BLOCK, STRIDE, scale))
+                      lambda: cmp_triton.compressed_attention_backward(q, kc, vc, lse, do, cmp_delta, BLOCK,
+                                                                       STRIDE, scale))
 
     # Block scoring + top-n.
     def select():
@@ -192,7 +195,7 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
             timed(results, "sel-fwd", f"{tag} {option}",
                   lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK))
             timed(results, "sel-dq", f"{tag} {option}",
-                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, o=so, lse=slse, do=do,
+                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do,
                                                  delta=delta))
     for option in SEL_DKDV if "sel" in only else []:
         with sel_triton._dkdv_kernel.only(option):
@@ -206,7 +209,7 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
         with win_triton._query_kernel.only(option):
             timed(results, "win-fwd", f"{tag} {option}", lambda: win_triton._query_pass(q, k, v, WINDOW, scale))
             timed(results, "win-dq", f"{tag} {option}",
-                  lambda: win_triton._query_pass(q, k, v, WINDOW, scale, o=wo, lse=wlse, do=do, delta=wdelta))
+                  lambda: win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do, delta=wdelta))
     for option in WIN_DKDV if "win" in only else []:
         with win_triton._dkdv_kernel.only(option):
             timed(results, "win-dkdv", f"{tag} {option}",

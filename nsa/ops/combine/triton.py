@@ -34,15 +34,19 @@ def _combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, n_rows, D: tl.constexpr
 
 
 @triton.jit
-def _branch_backward(grad, src, dst, gates, d_gates, rows, offs, mask, row_ok, BRANCH: tl.constexpr):
+def _branch_backward(grad, src, dst, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok,
+                     BRANCH: tl.constexpr):
     g = tl.load(gates + rows * 3 + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(dst + offs, (g[:, None] * grad).to(dst.dtype.element_ty), mask=mask)
+    d_branch = (g[:, None] * grad).to(dst.dtype.element_ty)
+    tl.store(dst + offs, d_branch, mask=mask)
     o = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(d_gates + rows * 3 + BRANCH, tl.sum(grad * o, axis=1).to(d_gates.dtype.element_ty), mask=row_ok)
+    # The branch's softmax term rowsum(dO_b * O_b), from dO_b as stored (what its kernels read).
+    tl.store(deltas + BRANCH * n_rows + rows, tl.sum(d_branch.to(tl.float32) * o, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, d_gates, n_rows,
+def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, d_gates, deltas, n_rows,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -50,40 +54,56 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, d_g
     mask = row_ok[:, None] & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
     grad = tl.load(do + offs, mask=mask, other=0.0).to(tl.float32)
-    _branch_backward(grad, o_cmp, d_cmp, gates, d_gates, rows, offs, mask, row_ok, BRANCH=0)
-    _branch_backward(grad, o_slc, d_slc, gates, d_gates, rows, offs, mask, row_ok, BRANCH=1)
-    _branch_backward(grad, o_win, d_win, gates, d_gates, rows, offs, mask, row_ok, BRANCH=2)
+    _branch_backward(grad, o_cmp, d_cmp, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=0)
+    _branch_backward(grad, o_slc, d_slc, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=1)
+    _branch_backward(grad, o_win, d_win, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=2)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1, x.shape[-1])
 
 
+def combine_forward(o_cmp, o_slc, o_win, gates) -> torch.Tensor:
+    """``out`` (no autograd) of ``[B, T, HQ, Dv]`` branch outputs and ``[B, T, HQ, 3]`` gates."""
+    shape = o_cmp.shape
+    o_cmp, o_slc, o_win, g = _rows(o_cmp), _rows(o_slc), _rows(o_win), _rows(gates)
+    out = torch.empty_like(o_cmp)
+    n_rows, dim = o_cmp.shape
+    _combine_fwd_kernel[(triton.cdiv(n_rows, ROWS_PER_PROGRAM),)](
+        o_cmp, o_slc, o_win, g, out, n_rows, D=dim, BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
+    return out.view(shape)
+
+
+def combine_backward(grad_out, o_cmp, o_slc, o_win, gates):
+    """Gradients of :func:`combine_forward` (no autograd), and each branch's softmax term.
+
+    Returns:
+        ``d_cmp, d_slc, d_win`` like the outputs (contiguous), ``d_gates`` like ``gates``, and
+        ``deltas`` float32 ``[3, B, T, HQ]``: ``rowsum(d_b * o_b)`` per branch, the ``delta``
+        the attention backward kernels need (:func:`nsa.ops.triton_common.softmax_delta`),
+        made here where ``d_b`` and ``o_b`` are already in registers.
+    """
+    shape, gate_shape = o_cmp.shape, gates.shape
+    o_cmp, o_slc, o_win, g, grad_out = (_rows(x) for x in (o_cmp, o_slc, o_win, gates, grad_out))
+    d_cmp, d_slc, d_win = (torch.empty_like(o_cmp) for _ in range(3))
+    d_gates = torch.empty_like(g)
+    n_rows, dim = o_cmp.shape
+    deltas = torch.empty(3, *shape[:-1], dtype=torch.float32, device=o_cmp.device)
+    _combine_bwd_kernel[(triton.cdiv(n_rows, ROWS_PER_PROGRAM),)](
+        grad_out, o_cmp, o_slc, o_win, g, d_cmp, d_slc, d_win, d_gates, deltas, n_rows, D=dim,
+        BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
+    return d_cmp.view(shape), d_slc.view(shape), d_win.view(shape), d_gates.view(gate_shape), deltas
+
+
 class _CombineBranches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o_cmp, o_slc, o_win, gates):
-        ctx.out_shape, ctx.gate_shape = o_cmp.shape, gates.shape
-        o_cmp, o_slc, o_win, g = _rows(o_cmp), _rows(o_slc), _rows(o_win), _rows(gates)
-        out = torch.empty_like(o_cmp)
-        n_rows, dim = o_cmp.shape
-        grid = (triton.cdiv(n_rows, ROWS_PER_PROGRAM),)
-        _combine_fwd_kernel[grid](o_cmp, o_slc, o_win, g, out, n_rows, D=dim,
-                                  BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
-        ctx.save_for_backward(o_cmp, o_slc, o_win, g)
-        return out.view(ctx.out_shape)
+        ctx.save_for_backward(o_cmp, o_slc, o_win, gates)
+        return combine_forward(o_cmp, o_slc, o_win, gates)
 
     @staticmethod
     def backward(ctx, grad_out):
-        o_cmp, o_slc, o_win, g = ctx.saved_tensors
-        grad_out = _rows(grad_out)
-        d_cmp, d_slc, d_win = (torch.empty_like(o_cmp) for _ in range(3))
-        d_gates = torch.empty_like(g)
-        n_rows, dim = o_cmp.shape
-        grid = (triton.cdiv(n_rows, ROWS_PER_PROGRAM),)
-        _combine_bwd_kernel[grid](grad_out, o_cmp, o_slc, o_win, g, d_cmp, d_slc, d_win, d_gates, n_rows,
-                                  D=dim, BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
-        shape = ctx.out_shape
-        return d_cmp.view(shape), d_slc.view(shape), d_win.view(shape), d_gates.view(ctx.gate_shape)
+        return combine_backward(grad_out, *ctx.saved_tensors)[:4]
 
 
 def combine_branches_triton(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor,

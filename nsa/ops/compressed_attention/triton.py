@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import SizeTunedKernel, dkdv_tile, dot_precision, interpreting, split_dim
+from nsa.ops.triton_common import (SizeTunedKernel, dkdv_tile, dot_precision, interpreting, softmax_delta,
+                                   split_dim)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
@@ -212,20 +213,6 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
 _FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
 _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})
-
-
-@triton.jit
-def _delta_kernel(O, DO, DELTA, rows, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``delta = rowsum(dO * O)`` over contiguous ``[rows, DV]`` (FlashAttention-2's preprocess)."""
-    first = tl.program_id(0).to(tl.int64) * BLOCK_R
-    local = tl.arange(0, BLOCK_R)
-    d = tl.arange(0, DVP)
-    row_ok = first + local < rows
-    mask = row_ok[:, None] & (d < DV)[None, :]
-    offsets = local[:, None] * DV + d[None, :]
-    o = tl.load(O + first * DV + offsets, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + first * DV + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + first + local, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
@@ -415,7 +402,8 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _forward(q, k_cmp, v_cmp, block, stride, scale):
+def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale: float):
+    """``o, lse`` (no autograd): the forward kernel alone; ``lse`` contiguous."""
     batch, seq_len, num_heads, _ = q.shape
     num_kv = k_cmp.shape[2]
     o = q.new_empty(batch, seq_len, num_heads, v_cmp.shape[3])
@@ -454,26 +442,20 @@ def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device
     return triton.cdiv(seq_len, splits)
 
 
-def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
+def compressed_attention_backward(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int, scale: float):
+    """``dq, dk_cmp, dv_cmp`` (no autograd) from ``do`` and ``delta`` (:func:`softmax_delta`'s,
+    float32 ``[B, T, HQ]``); ``do`` and ``lse`` contiguous, ``dq`` strided like ``q``."""
     batch, seq_len, num_heads, _ = q.shape
     num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
-    # The dq kernel writes through q's strides, whatever they are.
-    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).zero_()
-    dk = torch.zeros_like(k_cmp)
-    dv = torch.zeros_like(v_cmp)
+    # The dq kernel writes every row of q's shape through q's strides, whatever they are.
+    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     if seq_len == 0 or batch == 0 or num_cmp == 0:
-        return dq, dk, dv
-    do = do.contiguous()
-    o = o.contiguous()
+        return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    dk = torch.empty_like(k_cmp)
+    dv = torch.empty_like(v_cmp)
     consts = _shape_constants(q, k_cmp, v_cmp, block, stride)
     gp = consts["GP"]
-    rows = batch * seq_len * num_heads
-    delta = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
-    block_r = 32
-    _delta_kernel[(triton.cdiv(rows, block_r),)](o, do, delta, rows, DV=consts["DV"], DVP=consts["DVP"],
-                                                BLOCK_R=block_r)
-    # do/o/lse/delta share one set of row strides: make lse contiguous like delta.
-    lse = lse.contiguous()
+    # do/lse/delta share one set of row strides (contiguous).
     common = (*_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(do), *_strides3(delta),
               scale * LOG2E, scale)
     split_len = _query_split(seq_len, num_cmp, batch * num_kv, q.device)
@@ -498,7 +480,7 @@ def _backward(q, k_cmp, v_cmp, o, lse, do, block, stride, scale):
 class _CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block, stride, scale):
-        o, lse = _forward(q, k_cmp, v_cmp, block, stride, scale)
+        o, lse = compressed_attention_forward(q, k_cmp, v_cmp, block, stride, scale)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
         ctx.config = (block, stride, scale)
         ctx.mark_non_differentiable(lse)
@@ -507,7 +489,9 @@ class _CompressedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k_cmp, v_cmp, o, lse, do, *ctx.config)
+        do = do.contiguous()
+        dq, dk, dv = compressed_attention_backward(q, k_cmp, v_cmp, lse, do, softmax_delta(o, do, None),
+                                                   *ctx.config)
         return dq, dk, dv, None, None, None
 
 

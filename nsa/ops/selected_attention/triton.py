@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dkdv_tile, dot_precision,
-                                   load_block, load_rows, load_rows_split, row_layout, softmax_delta,
-                                   softmax_finish, split_acc, split_dim, store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, accumulate_rows_split, attend_keys, dkdv_tile,
+                                   dot_precision, load_block, load_rows, load_rows_split, row_layout,
+                                   softmax_delta, softmax_finish, split_acc, split_dim, store_rows,
+                                   store_rows_split)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
@@ -43,7 +44,8 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
                       N_PAD: tl.constexpr,
-                      BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+                      BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
 
     ``o``/``do``/``dq`` share the strides ``sob, sot, soh`` (dq uses ``q``'s shape; see the
@@ -113,7 +115,10 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
             m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
                                                m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
                                                DV_PAD, PREC, BACKWARD, True)
-    if BACKWARD:
+    if BACKWARD and DQ_ADD:
+        accumulate_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                              DK, DK_A, DK_B)
+    elif BACKWARD:
         store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                          DK, DK_A, DK_B)
     else:
@@ -206,21 +211,20 @@ _query_kernel = GroupTunedKernel(
     # scripts/gpu/tune_kernels.py (H200, G=16): 2 warps beat 4 by 7% at 8k and 64k (fwd and dq).
     # (16, 1, 2): 4 positions on one warp at G = 4, the fastest forward of the thirteenth
     # session's sweep at 16/4 heads, 64k (13.5 ms against 14.6, H100).
-    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2)],
-    key=["G", "DK", "DV", "BS", "BACKWARD"])
+    # (16, 2, 3): the fastest dq at 16/4 (fourteenth session, H100, 64k: 13.8 ms against 14.4).
+    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)],
+    # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after
+    # each timed launch.
+    key=["G", "DK", "DV", "BS", "BACKWARD"], restore_value=["dq"])
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
 # 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
 # 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
 # heads (thirteenth session, H100, 64k) a third stage won (4.1 ms against 4.5), and (64, 8, 2),
 # which holds the accumulators without spilling, took 8.0.
-# Keys as the M of the dots (KEYS_AS_M; see the window kernel's dK/dV list): compiled for sm_90 by
-# Triton 3.6 at Dk = Dv = 128, G = 16, (64, 8, 2) in that form takes 181 registers and spills
-# nothing, (64, 4, 2) spills 136 bytes per thread against 48 in the other form (Triton 3.9: 88
-# against 392). Unmeasured when added (thirteenth session, no device time left): autotuning
-# times them beside the measured options.
-_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1),
-                                                   (64, 4, 2, {"KEYS_AS_M": True}),
-                                                   (64, 8, 2, {"KEYS_AS_M": True})],
+# Keys as the M of the dots (KEYS_AS_M; see the window kernel's dK/dV list) never won here:
+# H100, fourteenth session, 64k, 64/4 heads 13.83 ms at best against 13.45 (16/4: 4.47 against
+# 4.13), so no option of the list uses it (tune_kernels.py still sweeps it).
+_dkdv_kernel = GroupTunedKernel(_sel_dkdv_kernel, [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 1)],
                                 key=["G", "DK", "DV", "BS"], extra={"KEYS_AS_M": False})
 
 
@@ -233,19 +237,19 @@ def _common(q, k, v, select_block):
                 DV_PAD=triton.next_power_of_2(dv), BS=select_block, PREC=dot_precision(q.dtype))
 
 
-def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None, delta=None):
-    """Forward when ``do is None`` (returns o, lse), else dq."""
+def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=None, dq=None):
+    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _common(q, k, v, select_block)
     backward = do is not None
+    dq_add = dq is not None
     if backward:
-        dq = torch.empty_like(q)
-        rows, row_stats = do, lse
+        dq = dq if dq_add else torch.empty_like(q)
+        o = do  # unused by the dq pass; do's strides are the output's
     else:
         o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
-        rows, row_stats = o, lse
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
 
@@ -254,8 +258,9 @@ def _query_pass(q, k, v, idx, scale, select_block, *, o=None, lse=None, do=None,
 
     _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
-                  *rows.stride()[:3], *row_stats.stride(),
-                  seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, seq_len=seq_len,
+                  *o.stride()[:3], *lse.stride(),
+                  seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
+                  seq_len=seq_len,
                   max_positions=max(1, UNION_ENTRIES // n_pad), **meta)
     return dq if backward else (o, lse)
 
@@ -325,7 +330,7 @@ def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block):
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, select_block, scale):
-        o, lse = _query_pass(q, k, v, idx, scale, select_block)
+        o, lse = selected_attention_forward(q, k, v, idx, select_block, scale)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.select_block, ctx.scale = select_block, scale
         return o, lse
@@ -334,10 +339,23 @@ class _SelectedAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, idx, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        delta = softmax_delta(o, do, dlse)
-        dq = _query_pass(q, k, v, idx, ctx.scale, ctx.select_block, o=o, lse=lse, do=do, delta=delta)
-        dk, dv = _dkdv_pass(q, k, v, idx, do, lse, delta, ctx.scale, ctx.select_block)
+        dq, dk, dv = selected_attention_backward(q, k, v, idx, lse, do, softmax_delta(o, do, dlse),
+                                                 ctx.select_block, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def selected_attention_forward(q, k, v, idx, select_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``o, lse`` of contiguous ``q, k, v`` and int32 ``idx`` (no autograd): the forward kernel alone."""
+    return _query_pass(q, k, v, idx, scale, select_block)
+
+
+def selected_attention_backward(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None):
+    """``dq, dk, dv`` (no autograd) from contiguous ``q, k, v``, int32 ``idx``, ``do`` (strided like
+    the output), ``lse`` and ``delta`` float32 ``[B, T, HQ]`` (:func:`softmax_delta`'s). With ``dq``
+    given the query gradient is added to it in place (a float32 sum rounded once) and returned."""
+    dq = _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
+    dk, dv = _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
+    return dq, dk, dv
 
 
 def selected_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,

@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, attend_keys, dkdv_tile, dot_precision,
-                                   load_block, load_rows, load_rows_split, row_layout, softmax_delta,
-                                   softmax_finish, split_acc, split_dim, store_rows, store_rows_split)
+from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, accumulate_rows_split, attend_keys, dkdv_tile,
+                                   dot_precision, load_block, load_rows, load_rows_split, row_layout,
+                                   softmax_delta, softmax_finish, split_acc, split_dim, store_rows,
+                                   store_rows_split)
 
 
 @triton.jit
@@ -39,7 +40,8 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
                       T, W, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
-                      BACKWARD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+                      BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -83,7 +85,10 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
         m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, tiles_lo, tiles_hi, row_pos, T, W, skt,
                                             svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
                                             DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC)
-    if BACKWARD:
+    if BACKWARD and DQ_ADD:
+        accumulate_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                              DK, DK_A, DK_B)
+    elif BACKWARD:
         store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                          DK, DK_A, DK_B)
     else:
@@ -171,19 +176,19 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # (rows, warps, stages[, constexprs]); the first of each list won scripts/gpu/tune_kernels.py
 # (H200, G=16, 64k: dK/dV 7.7 ms with 64 rows x 64 keys against 9.7 with 32 x 64 and 12.3 with
 # the first choice; 128-key tiles, which helped compressed attention's dK/dV, were 11-19 ms here).
-# Compiled for sm_90 at Dk = Dv = 128 that dK/dV winner spills ~1 KiB per thread, the 32-row
-# options 200-250 bytes; (32, 8, 2) none (untimed: autotuning decides).
-_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3)],
-                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64})
-# dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form, 1.8x there):
-# compiled for sm_90 by Triton 3.6 (the GPU image's) at Dk = Dv = 128, G = 16, the two below spill
-# 128 and 40 bytes per thread against the 512 of the first option (Triton 3.9: 48 and 72 against
-# 1,080; the least of nine keys-as-M tiles). Added on that evidence alone, the thirteenth
-# session's device time being spent: autotuning times them beside the measured options, and
-# scripts/gpu/tune_kernels.py --only win sweeps more of them.
-_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 8, 2),
-                                                   (64, 8, 2, {"KEYS_AS_M": True}),
-                                                   (32, 8, 3, {"KEYS_AS_M": True, "BN": 128})],
+# (64, 4, 3) with 32-key steps: the fastest forward at 16/4 heads and dq at 64/4 (H100, 64k,
+# fourteenth session: 0.92 against 1.00 ms, 4.26 against 4.35).
+# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
+# timed launch.
+_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
+                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64}, restore_value=["dq"])
+# dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form): measured
+# on an H100 (fourteenth session, tune_kernels.py --only win at 8k and 64k, 64/4 and 16/4 heads),
+# 32 rows x 128 keys on 8 warps, 3 stages won at 64/4 (64k 7.17 ms against 8.14 for the best of
+# the former list; 8k 0.90 against 1.04), 64 x 64 on 4 warps at 16/4 (1.70 against 2.14; 0.22
+# against 0.29). The two non-keys-as-M options stay for the head dims not swept (192/128).
+_dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(32, 8, 3, {"KEYS_AS_M": True, "BN": 128}),
+                                                   (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 3), (64, 4, 2)],
                                 key=["G", "DK", "DV"], extra={"BN": 64, "KEYS_AS_M": False})
 
 
@@ -195,25 +200,26 @@ def _meta(q, k, v):
                 DV_PAD=triton.next_power_of_2(dv), PREC=dot_precision(q.dtype))
 
 
-def _query_pass(q, k, v, window, scale, *, o=None, lse=None, do=None, delta=None):
-    """Forward when ``do is None`` (returns o, lse), else dq."""
+def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=None):
+    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _meta(q, k, v)
     backward = do is not None
+    dq_add = dq is not None
     if backward:
-        dq = torch.empty_like(q)
+        dq = dq if dq_add else torch.empty_like(q)
+        o = do  # unused by the dq pass; do's strides are the output's
     else:
         o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
-    rows = do if backward else o
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
 
     _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *q.stride()[:3], *k.stride()[:3],
-                  *v.stride()[:3], *rows.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                  scale, BACKWARD=backward, seq_len=seq_len, **meta)
+                  *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
+                  scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len, **meta)
     return dq if backward else (o, lse)
 
 
@@ -234,7 +240,7 @@ def _dkdv_pass(q, k, v, do, lse, delta, window, scale):
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, scale):
-        o, lse = _query_pass(q, k, v, window, scale)
+        o, lse = window_attention_forward(q, k, v, window, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window, ctx.scale = window, scale
         return o, lse
@@ -243,10 +249,23 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        delta = softmax_delta(o, do, dlse)
-        dq = _query_pass(q, k, v, ctx.window, ctx.scale, o=o, lse=lse, do=do, delta=delta)
-        dk, dv = _dkdv_pass(q, k, v, do, lse, delta, ctx.window, ctx.scale)
+        dq, dk, dv = window_attention_backward(q, k, v, lse, do, softmax_delta(o, do, dlse), ctx.window,
+                                               ctx.scale)
         return dq, dk, dv, None, None
+
+
+def window_attention_forward(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``o, lse`` of contiguous ``q, k, v`` (no autograd): the forward kernel alone."""
+    return _query_pass(q, k, v, window, scale)
+
+
+def window_attention_backward(q, k, v, lse, do, delta, window: int, scale: float, dq=None):
+    """``dq, dk, dv`` (no autograd) from contiguous ``q, k, v``, ``do`` (strided like the output),
+    ``lse`` and ``delta`` float32 ``[B, T, HQ]`` (:func:`softmax_delta`'s). With ``dq`` given the
+    query gradient is added to it in place (a float32 sum rounded once) and returned."""
+    dq = _query_pass(q, k, v, window, scale, lse=lse, do=do, delta=delta, dq=dq)
+    dk, dv = _dkdv_pass(q, k, v, do, lse, delta, window, scale)
+    return dq, dk, dv
 
 
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,

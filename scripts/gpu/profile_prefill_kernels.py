@@ -1,0 +1,67 @@
+"""Device time of every CUDA kernel in one NSA forward + backward (Triton backend, GPU only).
+
+    python3 scripts/gpu/profile_prefill_kernels.py [--seq-lens 65536] [--heads 64/4,16/4]
+        [--head-dims 128/128] [--out FILE]
+
+``nsa bench``'s breakdown times each branch alone; this runs the whole op (``nsa_attention``,
+B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
+torch profiler and lists each kernel's mean device time per forward + backward, slowest first,
+so that a backward's two passes (dQ and dK/dV) and the glue between kernels show separately.
+``--out`` writes the table as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nsa.bench.decode import kernel_times_us  # noqa: E402
+from nsa.bench.prefill import bench_config, nsa_inputs  # noqa: E402
+from nsa.functional import nsa_attention  # noqa: E402
+
+
+def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int, num_kv_heads: int) -> dict[str, float]:
+    config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
+    x = nsa_inputs(config, seq_len)
+    grad = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
+
+    def forward_backward():
+        out = nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend="triton")
+        torch.autograd.grad(out, list(x.values()), grad)
+
+    return kernel_times_us(forward_backward, repeats=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="65536")
+    parser.add_argument("--heads", default="64/4,16/4", help="comma list of query heads / key-value heads")
+    parser.add_argument("--head-dims", default="128/128")
+    parser.add_argument("--out", type=Path, help="write the tables as JSON here")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    tables = {}
+    for dims in args.head_dims.split(","):
+        dk, dv = (int(d) for d in dims.split("/"))
+        for seq_len in (int(t) for t in args.seq_lens.split(",")):
+            for heads in args.heads.split(","):
+                hq, hk = (int(h) for h in heads.split("/"))
+                times = profile(seq_len, dk, dv, hq, hk)
+                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv}"
+                tables[label] = times
+                total = sum(times.values())
+                print(f"\n{label}: {total / 1000:.2f} ms of kernels per forward + backward")
+                for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                    print(f"  {us / 1000:8.3f} ms {100 * us / total:5.1f}%  {name[:100]}")
+    if args.out:
+        args.out.write_text(json.dumps(tables, indent=1))
+
+
+if __name__ == "__main__":
+    main()
