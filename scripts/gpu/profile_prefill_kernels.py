@@ -7,7 +7,10 @@
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
 torch profiler and lists each kernel's mean device time per forward + backward, slowest first,
 so that a backward's two passes (dQ and dK/dV) and the glue between kernels show separately.
-``--out`` writes the table as JSON.
+Before that it times the forward and the backward (``nsa bench``'s medians) with the selection
+branch beside the others on a second stream and without (``CONCURRENT_BRANCHES``), in one
+process: the kernel list cannot show what running side by side saves. ``--out`` writes
+everything as JSON.
 """
 
 from __future__ import annotations
@@ -21,21 +24,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.bench.decode import kernel_times_us  # noqa: E402
-from nsa.bench.prefill import bench_config, nsa_inputs  # noqa: E402
-from nsa.functional import nsa_attention  # noqa: E402
+from nsa.bench.decode import kernel_times_us
+from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
+from nsa.functional import nsa_attention
+from nsa.ops import triton_nsa
 
 
-def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int, num_kv_heads: int) -> dict[str, float]:
+def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
+            num_kv_heads: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Kernel times (us per forward + backward) and ``{mode_fwd|bwd: ms}`` for both stream modes."""
     config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(config, seq_len)
     grad = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
 
-    def forward_backward():
-        out = nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend="triton")
-        torch.autograd.grad(out, list(x.values()), grad)
+    def forward():
+        return nsa_attention(x["q"], x["k"], x["v"], x["gates"], config, backend="triton")
 
-    return kernel_times_us(forward_backward, repeats=5)
+    def forward_backward():
+        torch.autograd.grad(forward(), list(x.values()), grad)
+
+    timings = {}
+    for concurrent in (True, False, True):  # the first round also autotunes
+        triton_nsa.CONCURRENT_BRANCHES = concurrent
+        fwd, bwd, _, _ = _time_fwd_bwd(forward, list(x.values()))
+        mode = "concurrent" if concurrent else "serial"
+        timings[f"{mode}_fwd_ms"], timings[f"{mode}_bwd_ms"] = fwd, bwd
+    return kernel_times_us(forward_backward, repeats=5), timings
 
 
 def main() -> None:
@@ -52,11 +66,12 @@ def main() -> None:
         for seq_len in (int(t) for t in args.seq_lens.split(",")):
             for heads in args.heads.split(","):
                 hq, hk = (int(h) for h in heads.split("/"))
-                times = profile(seq_len, dk, dv, hq, hk)
+                times, timings = profile(seq_len, dk, dv, hq, hk)
                 label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv}"
-                tables[label] = times
+                tables[label] = {"kernels_us": times, "timings_ms": timings}
                 total = sum(times.values())
-                print(f"\n{label}: {total / 1000:.2f} ms of kernels per forward + backward")
+                print(f"\n{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)
+                print(f"{total / 1000:.2f} ms of kernels per forward + backward")
                 for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
                     print(f"  {us / 1000:8.3f} ms {100 * us / total:5.1f}%  {name[:100]}")
     if args.out:

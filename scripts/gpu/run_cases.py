@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from verify.runner import plan_cases  # noqa: E402
+from verify.runner import plan_cases
 
 
 def main() -> int:

@@ -23,10 +23,24 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, accumulate_rows_split, attend_keys, dkdv_tile,
-                                   dot_precision, load_block, load_rows, load_rows_split, row_layout,
-                                   softmax_delta, softmax_finish, split_acc, split_dim, store_rows,
-                                   store_rows_split)
+from nsa.ops.triton_common import (
+    LOG2E,
+    GroupTunedKernel,
+    accumulate_rows_split,
+    attend_keys,
+    dkdv_tile,
+    dot_precision,
+    load_block,
+    load_rows,
+    load_rows_split,
+    row_layout,
+    softmax_delta,
+    softmax_finish,
+    split_acc,
+    split_dim,
+    store_rows,
+    store_rows_split,
+)
 
 # Query positions per dk/dv program: bounds the work of the block every query selects.
 CHUNK = 1024
@@ -353,9 +367,19 @@ def selected_attention_backward(q, k, v, idx, lse, do, delta, select_block: int,
     """``dq, dk, dv`` (no autograd) from contiguous ``q, k, v``, int32 ``idx``, ``do`` (strided like
     the output), ``lse`` and ``delta`` float32 ``[B, T, HQ]`` (:func:`softmax_delta`'s). With ``dq``
     given the query gradient is added to it in place (a float32 sum rounded once) and returned."""
-    dq = _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
-    dk, dv = _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
+    dq = selected_attention_dq(q, k, v, idx, lse, do, delta, select_block, scale, dq=dq)
+    dk, dv = selected_attention_dkdv(q, k, v, idx, lse, do, delta, select_block, scale)
     return dq, dk, dv
+
+
+def selected_attention_dq(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None):
+    """The dq pass of :func:`selected_attention_backward` alone (same arguments)."""
+    return _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
+
+
+def selected_attention_dkdv(q, k, v, idx, lse, do, delta, select_block: int, scale: float):
+    """The dK/dV pass of :func:`selected_attention_backward` alone: ``dk, dv``."""
+    return _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
 
 
 def selected_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,

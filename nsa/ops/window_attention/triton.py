@@ -14,10 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.triton_common import (LOG2E, GroupTunedKernel, accumulate_rows_split, attend_keys, dkdv_tile,
-                                   dot_precision, load_block, load_rows, load_rows_split, row_layout,
-                                   softmax_delta, softmax_finish, split_acc, split_dim, store_rows,
-                                   store_rows_split)
+from nsa.ops.triton_common import (
+    LOG2E,
+    GroupTunedKernel,
+    accumulate_rows_split,
+    attend_keys,
+    dkdv_tile,
+    dot_precision,
+    load_block,
+    load_rows,
+    load_rows_split,
+    row_layout,
+    softmax_delta,
+    softmax_finish,
+    split_acc,
+    split_dim,
+    store_rows,
+    store_rows_split,
+)
 
 
 @triton.jit
