@@ -7,10 +7,8 @@
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
 torch profiler and lists each kernel's mean device time per forward + backward, slowest first,
 so that a backward's two passes (dQ and dK/dV) and the glue between kernels show separately.
-Before that it times the forward and the backward (``nsa bench``'s medians) with the selection
-branch beside the others on a second stream and without (``CONCURRENT_BRANCHES``), in one
-process: the kernel list cannot show what running side by side saves. ``--out`` writes
-everything as JSON.
+Before that it times the forward and the backward (``nsa bench``'s medians, which also include
+what is not a kernel: launches, allocations). ``--out`` writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -27,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nsa.bench.decode import kernel_times_us
 from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
 from nsa.functional import nsa_attention
-from nsa.ops import triton_nsa
 
 
 def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
             num_kv_heads: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Kernel times (us per forward + backward) and ``{mode_fwd|bwd: ms}`` for both stream modes."""
+    """Kernel times (us per forward + backward) and ``{"fwd_ms", "bwd_ms"}``."""
     config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(config, seq_len)
     grad = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
@@ -43,13 +40,8 @@ def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
     def forward_backward():
         torch.autograd.grad(forward(), list(x.values()), grad)
 
-    timings = {}
-    for concurrent in (True, False, True):  # the first round also autotunes
-        triton_nsa.CONCURRENT_BRANCHES = concurrent
-        fwd, bwd, _, _ = _time_fwd_bwd(forward, list(x.values()))
-        mode = "concurrent" if concurrent else "serial"
-        timings[f"{mode}_fwd_ms"], timings[f"{mode}_bwd_ms"] = fwd, bwd
-    return kernel_times_us(forward_backward, repeats=5), timings
+    fwd, bwd, _, _ = _time_fwd_bwd(forward, list(x.values()))
+    return kernel_times_us(forward_backward, repeats=5), {"fwd_ms": fwd, "bwd_ms": bwd}
 
 
 def main() -> None:
