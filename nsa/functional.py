@@ -9,7 +9,7 @@ import torch
 
 from nsa.backends import resolve_backend, run_backend
 from nsa.config import NSAConfig, num_compressed
-from nsa.ops.compression import compress_mean
+from nsa.ops.compression import compress_mean_strided
 
 BRANCHES = ("cmp", "slc", "win")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,8 +173,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
 
 def _mean_pooled(k: torch.Tensor, v: torch.Tensor, config: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The default compressed tokens (``phi = "mean"``) of ``k`` and ``v``."""
-    return (compress_mean(k, config.compress_block, config.compress_stride),
-            compress_mean(v, config.compress_block, config.compress_stride))
+    return (compress_mean_strided(k, config.compress_block, config.compress_stride),
+            compress_mean_strided(v, config.compress_block, config.compress_stride))
 
 
 def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_win, cu_seqlens, scale,
