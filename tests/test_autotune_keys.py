@@ -22,6 +22,7 @@ class _FakeAutotune:
     def __call__(self, configs, key, **kwargs):
         def wrap(kernel):
             tuner = _FakeTuner(self, list(configs), key)
+            tuner.kwargs = kwargs
             self.made.append(tuner)
             return tuner
         return wrap
@@ -70,6 +71,19 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
     assert all(kwargs["G"] in (4, 16) and "seq_len" not in kwargs for _, kwargs in fake_autotune.launches)
     with pytest.raises(TypeError, match="seq_len"):
         tuned(lambda cfg: (1,), "arg", G=16)
+
+
+def test_dq_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_autotune):
+    """Selection's and window's dq passes add to the dq already there (DQ_ADD): autotuning times
+    each config by launching it, so dq must be restored between launches or the sums pile up."""
+    from nsa.ops.selected_attention import triton as selected
+    from nsa.ops.window_attention import triton as window
+
+    for tuned in (selected._query_kernel, window._query_kernel):
+        assert "dq" in tuned.kernel.arg_names
+        with tuned.only(tuned.options[0]):  # fresh autotuners, restored afterwards
+            tuned(lambda cfg: (1,), G=4, seq_len=8192)
+        assert fake_autotune.made[-1].kwargs.get("restore_value") == ["dq"]
 
 
 def test_max_positions_rounds_position_tiles_down_to_a_capped_power_of_two(fake_autotune):

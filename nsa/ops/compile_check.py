@@ -94,12 +94,14 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
     n_pad = 16
     union = sel.UNION_ENTRIES // n_pad  # the query kernel's position cap, as _query_pass sets it
+    # The dq passes as the Triton backend launches them: adding to compressed attention's dq.
+    forward, dq_pass = {"BACKWARD": False, "DQ_ADD": False}, {"BACKWARD": True, "DQ_ADD": True}
     for name, tuned, extra, max_positions in (
-            ("selected-fwd", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": False}, union),
-            ("selected-dq", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, "BACKWARD": True}, union),
+            ("selected-fwd", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, **forward}, union),
+            ("selected-dq", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, **dq_pass}, union),
             ("selected-dkdv", sel._dkdv_kernel, {"BS": 64}, None),
-            ("window-fwd", win._query_kernel, {"BACKWARD": False}, None),
-            ("window-dq", win._query_kernel, {"BACKWARD": True}, None),
+            ("window-fwd", win._query_kernel, forward, None),
+            ("window-dq", win._query_kernel, dq_pass, None),
             ("window-dkdv", win._dkdv_kernel, {}, None)):
         for config in tuned.configs(group, max_positions):
             yield name, tuned.kernel, {**rows_consts, **extra, **config.kwargs}, config

@@ -14,10 +14,23 @@ import tempfile
 from collections.abc import Callable
 
 
+def _constexpr_names(fn) -> list[str]:
+    """``fn``'s parameters annotated ``tl.constexpr`` (a JIT function, or its interpreted form)."""
+    import inspect
+
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [p.name for p in params if "constexpr" in str(p.annotation)]
+
+
 def launch_signature(fn, constexprs: dict, pointers: dict[str, str], floats=frozenset()) -> dict[str, str]:
     """Triton signature of ``fn``'s arguments: ``constexpr`` for the keys of ``constexprs``, the
     pointer type ``pointers`` gives by name (``"*bf16"``), ``fp32`` for ``floats``, ``i32`` for
     the rest (sizes and strides)."""
+    # A constexpr left out would compile as an i32 argument: a kernel the launches never run.
+    missing = [name for name in _constexpr_names(fn) if name not in constexprs]
+    if missing:
+        raise ValueError(f"launch_signature: {fn.__name__} needs values for its constexprs {missing}")
+
     def kind(name: str) -> str:
         if name in constexprs:
             return "constexpr"
