@@ -8,14 +8,16 @@ from nsa.ops.compression import compress_mean, compress_mean_backward, compress_
 
 
 def _covering_blocks_oracle(grad, seq_len, block, stride):
-    """Position ``t`` gets ``grad[i] / block`` of every block ``i`` with ``i*stride <= t < i*stride + block``."""
+    """Position ``t`` gets ``grad[i] / block`` of every block ``i`` covering it
+    (``i*stride <= t < i*stride + block``)."""
     out = torch.zeros(grad.shape[0], seq_len, *grad.shape[2:], dtype=grad.dtype)
     for i in range(grad.shape[1]):
         out[:, i * stride:i * stride + block] += grad[:, i:i + 1] / block
     return out
 
 
-@pytest.mark.parametrize("seq_len,block,stride", [(70, 8, 4), (64, 32, 16), (37, 12, 4), (50, 6, 6), (5, 8, 4)])
+@pytest.mark.parametrize("seq_len,block,stride",
+                         [(70, 8, 4), (64, 32, 16), (37, 12, 4), (50, 6, 6), (5, 8, 4)])
 def test_backward_equals_autograd_and_oracle(seq_len, block, stride):
     gen = torch.Generator().manual_seed(seq_len + block)
     x = torch.randn(2, seq_len, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -28,7 +30,8 @@ def test_backward_equals_autograd_and_oracle(seq_len, block, stride):
     else:  # no complete block: the naive op's output is a constant
         want = torch.zeros_like(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, _covering_blocks_oracle(grad, seq_len, block, stride), rtol=1e-12, atol=1e-12)
+    oracle = _covering_blocks_oracle(grad, seq_len, block, stride)
+    torch.testing.assert_close(got, oracle, rtol=1e-12, atol=1e-12)
     assert got.shape == x.shape
 
 

@@ -18,7 +18,8 @@ from nsa.ops.window_attention.triton import window_attention_triton
 
 def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig):
     """The same function from the branch ops, each its own autograd node (summed dq by autograd)."""
-    o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, block=c.compress_block, stride=c.compress_stride)
+    o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, block=c.compress_block,
+                                             stride=c.compress_stride)
     blocks = select_blocks_triton(q, k_cmp, lse, block=c.compress_block, stride=c.compress_stride,
                                   select_block=c.select_block, select_count=c.select_count)
     o_slc, _ = selected_attention_triton(q, k_slc, v_slc, blocks, select_block=c.select_block)
@@ -28,8 +29,8 @@ def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig
 
 @pytest.mark.parametrize("seq_len,heads,kv_heads,dims", [(72, 4, 2, (16, 16)), (50, 3, 1, (32, 16))])
 def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims):
-    c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1], compress_block=8,
-                  compress_stride=4, select_block=16, select_count=3, window=20, phi="mean")
+    c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
+                  compress_block=8, compress_stride=4, select_block=16, select_count=3, window=20, phi="mean")
     gen = torch.Generator().manual_seed(seq_len + heads)
 
     def rand(*shape):

@@ -375,14 +375,15 @@ def store_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D:
 
 
 @triton.jit
-def accumulate_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr,
-                          DA: tl.constexpr, DB: tl.constexpr):
-    """:func:`store_rows_split` of ``x`` plus what those rows already hold (added in float32,
-    rounded once): one branch's dq added to another's without a separate pass over memory."""
-    ya, yb = load_rows_split(base, row_pos, head, stride_t, stride_h, row_ok, D, DA, DB)
-    xa += ya.to(tl.float32)
-    if DB > 0:
-        xb += yb.to(tl.float32)
+def store_or_add_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D: tl.constexpr,
+                            DA: tl.constexpr, DB: tl.constexpr, ADD: tl.constexpr):
+    """:func:`store_rows_split`, or with ``ADD`` of ``x`` plus what those rows already hold (added
+    in float32, rounded once): one branch's dq added to another's without a pass over memory."""
+    if ADD:
+        ya, yb = load_rows_split(base, row_pos, head, stride_t, stride_h, row_ok, D, DA, DB)
+        xa += ya.to(tl.float32)
+        if DB > 0:
+            xb += yb.to(tl.float32)
     store_rows_split(base, xa, xb, row_pos, head, stride_t, stride_h, row_ok, D, DA, DB)
 
 

@@ -33,7 +33,8 @@ def main() -> int:
         result = suite.run(case)
         rows.append({"case": case.name, **dataclasses.asdict(result)})
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
-        print(f"{result.status:5} {case.name} ({result.duration_s:.1f} s): {metrics} {result.message}", flush=True)
+        print(f"{result.status:5} {case.name} ({result.duration_s:.1f} s): {metrics} {result.message}",
+              flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0 if all(row["status"] == "pass" for row in rows) else 1

@@ -70,7 +70,8 @@ def combine_forward(o_cmp, o_slc, o_win, gates) -> torch.Tensor:
     out = torch.empty_like(o_cmp)
     n_rows, dim = o_cmp.shape
     _combine_fwd_kernel[(triton.cdiv(n_rows, ROWS_PER_PROGRAM),)](
-        o_cmp, o_slc, o_win, g, out, n_rows, D=dim, BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
+        o_cmp, o_slc, o_win, g, out, n_rows, D=dim, BLOCK_D=triton.next_power_of_2(dim),
+        ROWS=ROWS_PER_PROGRAM)
     return out.view(shape)
 
 

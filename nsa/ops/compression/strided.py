@@ -15,6 +15,11 @@ import torch
 from nsa.ops.compression.naive import compress_mean
 
 
+def _require_stride_divides(block: int, stride: int, caller: str) -> None:
+    if block % stride:
+        raise ValueError(f"{caller}: stride={stride} must divide block={block}")
+
+
 def compress_mean_backward(grad: torch.Tensor, shape: torch.Size, block: int, stride: int) -> torch.Tensor:
     """Gradient of :func:`compress_mean` w.r.t. its input.
 
@@ -27,8 +32,7 @@ def compress_mean_backward(grad: torch.Tensor, shape: torch.Size, block: int, st
         ``[B, T, H, D]`` in ``grad.dtype``: position ``t`` gets ``sum(grad[i]) / l`` over the blocks
         ``i`` that cover it (0 past the last block).
     """
-    if block % stride:
-        raise ValueError(f"compress_mean_backward: stride={stride} must divide block={block}")
+    _require_stride_divides(block, stride, "compress_mean_backward")
     batch, seq_len, heads, dim = shape
     count = grad.shape[1]
     dx = grad.new_zeros(batch, seq_len, heads, dim)
@@ -57,6 +61,5 @@ class _CompressMean(torch.autograd.Function):
 def compress_mean_strided(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     """:func:`compress_mean` (``[B, T, H, D] -> [B, num_cmp(T), H, D]``, same dtype, ``d | l``)
     with :func:`compress_mean_backward` as its backward."""
-    if block % stride:
-        raise ValueError(f"compress_mean_strided: stride={stride} must divide block={block}")
+    _require_stride_divides(block, stride, "compress_mean_strided")
     return _CompressMean.apply(x, block, stride)

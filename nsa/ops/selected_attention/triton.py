@@ -26,7 +26,6 @@ import triton.language as tl
 from nsa.ops.triton_common import (
     LOG2E,
     GroupTunedKernel,
-    accumulate_rows_split,
     attend_keys,
     dkdv_tile,
     dot_precision,
@@ -38,6 +37,7 @@ from nsa.ops.triton_common import (
     softmax_finish,
     split_acc,
     split_dim,
+    store_or_add_rows_split,
     store_rows,
     store_rows_split,
 )
@@ -129,12 +129,9 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
             m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
                                                m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
                                                DV_PAD, PREC, BACKWARD, True)
-    if BACKWARD and DQ_ADD:
-        accumulate_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
-                              DK, DK_A, DK_B)
-    elif BACKWARD:
-        store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
-                         DK, DK_A, DK_B)
+    if BACKWARD:
+        store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                                DK, DK_A, DK_B, DQ_ADD)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
@@ -358,7 +355,8 @@ class _SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def selected_attention_forward(q, k, v, idx, select_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def selected_attention_forward(q, k, v, idx, select_block: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``o, lse`` of contiguous ``q, k, v`` and int32 ``idx`` (no autograd): the forward kernel alone."""
     return _query_pass(q, k, v, idx, scale, select_block)
 

@@ -17,7 +17,6 @@ import triton.language as tl
 from nsa.ops.triton_common import (
     LOG2E,
     GroupTunedKernel,
-    accumulate_rows_split,
     attend_keys,
     dkdv_tile,
     dot_precision,
@@ -29,6 +28,7 @@ from nsa.ops.triton_common import (
     softmax_finish,
     split_acc,
     split_dim,
+    store_or_add_rows_split,
     store_rows,
     store_rows_split,
 )
@@ -99,12 +99,9 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
         m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, tiles_lo, tiles_hi, row_pos, T, W, skt,
                                             svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
                                             DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC)
-    if BACKWARD and DQ_ADD:
-        accumulate_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
-                              DK, DK_A, DK_B)
-    elif BACKWARD:
-        store_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
-                         DK, DK_A, DK_B)
+    if BACKWARD:
+        store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
+                                DK, DK_A, DK_B, DQ_ADD)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
@@ -194,7 +191,8 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # fourteenth session: 0.92 against 1.00 ms, 4.26 against 4.35).
 # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
 # timed launch.
-_query_kernel = GroupTunedKernel(_win_query_kernel, [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
+_query_kernel = GroupTunedKernel(_win_query_kernel,
+                                 [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64}, restore_value=["dq"])
 # dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form): measured
 # on an H100 (fourteenth session, tune_kernels.py --only win at 8k and 64k, 64/4 and 16/4 heads),
