@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from verify.runner import plan_cases
+from verify.runner import RunnerError, plan_cases
 
 
 def main() -> int:
@@ -28,8 +28,13 @@ def main() -> int:
     parser.add_argument("--scale", default="full", choices=("ci", "full"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    try:
+        plan = plan_cases(args.suites, args.scale, "triton", args.case)
+    except RunnerError as exc:
+        print(f"run_cases.py: {exc}", file=sys.stderr)
+        return 2
     rows = []
-    for suite, case in plan_cases(args.suites, args.scale, "triton", args.case):
+    for suite, case in plan:
         result = suite.run(case)
         rows.append({"case": case.name, **dataclasses.asdict(result)})
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
