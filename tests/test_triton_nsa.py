@@ -1,12 +1,14 @@
 """The Triton backend's single autograd node (interpreter on CPU): its shared backward (deltas from
-the combine kernel, dq summed in place) against the branch ops' own autograd and the float64
-reference."""
+the combine kernel, the gate folded into each branch's lse so that no branch gradient is stored,
+dq summed in place) against the branch ops' own autograd and the float64 reference."""
+
+import math
 
 import pytest
 import torch
 
 from nsa import NSAConfig
-from nsa.ops.combine.triton import combine_backward, combine_branches_triton
+from nsa.ops.combine.triton import combine_backward, combine_branches_triton, gate_folded_lse
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
 from nsa.ops.compression import compress_mean
 from nsa.ops.reference import nsa_reference
@@ -27,8 +29,10 @@ def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig
     return combine_branches_triton(o_cmp, o_slc, o_win, gates), blocks
 
 
-@pytest.mark.parametrize("seq_len,heads,kv_heads,dims", [(72, 4, 2, (16, 16)), (50, 3, 1, (32, 16))])
-def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims):
+# Gates >= 0 (with exact zeros) take the gate-in-lse path; gates of either sign the stored dO_b one.
+@pytest.mark.parametrize("seq_len,heads,kv_heads,dims,signed_gates",
+                         [(72, 4, 2, (16, 16), False), (50, 3, 1, (32, 16), True)])
+def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims, signed_gates):
     c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
                   compress_block=8, compress_stride=4, select_block=16, select_count=3, window=20, phi="mean")
     gen = torch.Generator().manual_seed(seq_len + heads)
@@ -40,7 +44,13 @@ def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads
     # Separate key/value tensors per branch, so that each branch's gradient lands in its own.
     kv = [rand(1, seq_len, kv_heads, d) for _ in range(3) for d in dims]
     k_cmp, v_cmp = (compress_mean(x, c.compress_block, c.compress_stride) for x in kv[:2])
-    inputs = [q, k_cmp, v_cmp, *kv[2:], torch.rand(1, seq_len, heads, 3, generator=gen)]
+    if signed_gates:
+        gates = torch.randn(1, seq_len, heads, 3, generator=gen)
+    else:
+        gates = torch.rand(1, seq_len, heads, 3, generator=gen)
+        gates[torch.rand(gates.shape, generator=gen) < 0.2] = 0.0
+    assert bool((gates < 0).any()) == signed_gates and bool((gates == 0).any()) != signed_gates
+    inputs = [q, k_cmp, v_cmp, *kv[2:], gates]
     grad_out = rand(1, seq_len, heads, dims[1])
 
     leaves = [x.clone().requires_grad_() for x in inputs]
@@ -70,8 +80,24 @@ def test_combine_backward_deltas_are_each_branch_rowsum():
     outs = [torch.randn(2, 9, 3, 24, generator=gen) for _ in range(3)]
     gates = torch.rand(2, 9, 3, 3, generator=gen)
     grad = torch.randn(2, 9, 3, 24, generator=gen)
-    *d_outs, _, deltas = combine_backward(grad, *outs, gates)
+    *d_outs, d_gates, deltas = combine_backward(grad, *outs, gates)
     assert deltas.shape == (3, 2, 9, 3) and deltas.dtype == torch.float32
+    *none, d_gates_folded, deltas_folded = combine_backward(grad, *outs, gates, branch_grads=False)
+    assert none == [None, None, None]
+    torch.testing.assert_close(d_gates_folded, d_gates, rtol=0, atol=0)
     for branch, (d_out, o) in enumerate(zip(d_outs, outs)):
-        torch.testing.assert_close(d_out, gates[..., branch:branch + 1] * grad)
-        torch.testing.assert_close(deltas[branch], (gates[..., branch:branch + 1] * grad * o).sum(-1))
+        gate = gates[..., branch:branch + 1]
+        torch.testing.assert_close(d_out, gate * grad)
+        torch.testing.assert_close(d_gates[..., branch], (grad * o).sum(-1))
+        # Stored dO_b: rowsum(dO_b * o_b); read ungated with the gate in the lse: rowsum(dO * o_b).
+        torch.testing.assert_close(deltas[branch], (gate * grad * o).sum(-1))
+        torch.testing.assert_close(deltas_folded[branch], (grad * o).sum(-1))
+
+
+def test_gate_folded_lse():
+    lse = torch.tensor([[0.5, -1.0, float("-inf"), 2.0]])
+    gate = torch.tensor([[0.25, 1.0, 0.5, 0.0]], dtype=torch.bfloat16)
+    got = gate_folded_lse(lse, gate)
+    want = torch.tensor([[0.5 - math.log(0.25), -1.0, float("-inf"), float("inf")]])
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, want)

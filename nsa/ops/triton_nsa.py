@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nsa.config import NSAConfig
-from nsa.ops.combine.triton import combine_backward, combine_forward
+from nsa.ops.combine.triton import combine_backward, combine_forward, gate_folded_lse
 from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
 from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention.triton import selected_attention_backward, selected_attention_forward
@@ -34,13 +34,38 @@ def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
     return {name: kernel.chosen(seq_len) for name, kernel in kernels.items()}
 
 
+class _NegativeGates:
+    """Whether any gate is negative, found in the forward and read in the backward without
+    stalling: the flag is copied to pinned host memory behind the forward's kernels, and by the
+    time autograd reaches this node's backward those have long finished (later layers' backward
+    kernels run first), so the wait is for an event already passed."""
+
+    def __init__(self, gates: torch.Tensor):
+        flag = (gates < 0).any()
+        self._ready = None
+        if flag.is_cuda:
+            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._flag.copy_(flag, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._flag = flag
+
+    def any(self) -> bool:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return bool(self._flag)
+
+
 class _NSATriton(torch.autograd.Function):
     """The three branches and their gated sum as one autograd node, so that the backward can
     share work between them: the combine kernel hands each branch its ``delta`` (no separate
-    pass over ``O`` and ``dO`` per branch), and the selection and window dq kernels add their
-    query gradient to compressed attention's in place (no ``[B, T, HQ, Dk]`` sums between
-    kernels). The kernels are the branch ops' own (each also has its autograd op, which the
-    tests compare with this one)."""
+    pass over ``O`` and ``dO`` per branch); with gates >= 0 (the spec's sigmoid gates) every
+    branch reads the gated sum's ``dO`` with its gate folded into its lse (no ``g_b * dO``
+    stored per branch); and the selection and window dq kernels add their query gradient to
+    compressed attention's in place (no ``[B, T, HQ, Dk]`` sums between kernels). The kernels
+    are the branch ops' own (each also has its autograd op, which the tests compare with this
+    one). Gate columns: (cmp, slc, win), as :func:`combine_forward` reads them."""
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config: NSAConfig, scale: float):
@@ -56,6 +81,7 @@ class _NSATriton(torch.autograd.Function):
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win)
         ctx.config, ctx.scale = config, scale
+        ctx.negative_gates = _NegativeGates(gates) if any(ctx.needs_input_grad) else None
         ctx.mark_non_differentiable(blocks)
         return out, blocks
 
@@ -64,20 +90,30 @@ class _NSATriton(torch.autograd.Function):
         (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
          lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
         c, scale = ctx.config, ctx.scale
-        d_cmp, d_slc, d_win, d_gates, deltas = combine_backward(grad_out, o_cmp, o_slc, o_win, gates)
-        # Each branch's output gradient ([B, T, HQ, Dv]) goes once its passes ran. One node keeps
-        # its saved tensors (the branch outputs) to its end, where autograd freed each branch op's
-        # after it: without these the selection dK/dV partials came on top of all of them (the
-        # peak was 8% above the branch ops' at every size, fourteenth session, measured before
-        # these two lines).
-        dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lse_cmp, d_cmp, deltas[0],
-                                                           c.compress_block, c.compress_stride, scale)
-        del d_cmp
-        dq, dk_slc, dv_slc = selected_attention_backward(q, k_slc, v_slc, idx, lse_slc, d_slc, deltas[1],
-                                                         c.select_block, scale, dq=dq)
-        del d_slc
-        dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lse_win, d_win, deltas[2], c.window,
-                                                       scale, dq=dq)
+        outputs, lses = (o_cmp, o_slc, o_win), (lse_cmp, lse_slc, lse_win)
+        if ctx.negative_gates.any():
+            # dO_b = g_b * dO stored per branch (3 x [B, T, HQ, Dv]), as the branch ops' backward.
+            *branch_do, d_gates, deltas = combine_backward(grad_out, *outputs, gates)
+        else:
+            # Each branch reads the gated sum's dO itself, its gate folded into its lse: no
+            # [B, T, HQ, Dv] gradient per branch is written or held (gate_folded_lse).
+            grad_out = grad_out.contiguous()
+            _, _, _, d_gates, deltas = combine_backward(grad_out, *outputs, gates, branch_grads=False)
+            branch_do = [grad_out] * 3
+            lses = tuple(gate_folded_lse(lse, gates[..., i]) for i, lse in enumerate(lses))
+        # Each branch's output gradient goes once its passes ran. One node keeps its saved tensors
+        # (the branch outputs) to its end, where autograd freed each branch op's after it: without
+        # this the selection dK/dV partials came on top of all of them (the peak was 8% above the
+        # branch ops' at every size, fourteenth session, measured with the stored dO_b always).
+        dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lses[0], branch_do[0],
+                                                           deltas[0], c.compress_block, c.compress_stride,
+                                                           scale)
+        branch_do[0] = None
+        dq, dk_slc, dv_slc = selected_attention_backward(q, k_slc, v_slc, idx, lses[1], branch_do[1],
+                                                         deltas[1], c.select_block, scale, dq=dq)
+        branch_do[1] = None
+        dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
+                                                       c.window, scale, dq=dq)
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None
 
 

@@ -35,28 +35,37 @@ def _combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, n_rows, D: tl.constexpr
 
 @triton.jit
 def _branch_backward(grad, src, dst, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok,
-                     BRANCH: tl.constexpr):
-    g = tl.load(gates + rows * 3 + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
-    d_branch = (g[:, None] * grad).to(dst.dtype.element_ty)
-    tl.store(dst + offs, d_branch, mask=mask)
+                     BRANCH: tl.constexpr, BRANCH_GRADS: tl.constexpr):
     o = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(d_gates + rows * 3 + BRANCH, tl.sum(grad * o, axis=1).to(d_gates.dtype.element_ty), mask=row_ok)
-    # The branch's softmax term rowsum(dO_b * O_b), from dO_b as stored (what its kernels read).
-    tl.store(deltas + BRANCH * n_rows + rows, tl.sum(d_branch.to(tl.float32) * o, axis=1), mask=row_ok)
+    d_gate = tl.sum(grad * o, axis=1)
+    tl.store(d_gates + rows * 3 + BRANCH, d_gate.to(d_gates.dtype.element_ty), mask=row_ok)
+    if BRANCH_GRADS:
+        g = tl.load(gates + rows * 3 + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
+        d_branch = (g[:, None] * grad).to(dst.dtype.element_ty)
+        tl.store(dst + offs, d_branch, mask=mask)
+        # The branch's softmax term rowsum(dO_b * O_b), from dO_b as stored (what its kernels read).
+        tl.store(deltas + BRANCH * n_rows + rows, tl.sum(d_branch.to(tl.float32) * o, axis=1), mask=row_ok)
+    else:
+        # Kernels that read the ungated dO (gate folded into lse) take rowsum(dO * O_b).
+        tl.store(deltas + BRANCH * n_rows + rows, d_gate, mask=row_ok)
 
 
 @triton.jit
 def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, d_gates, deltas, n_rows,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                        BRANCH_GRADS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
     grad = tl.load(do + offs, mask=mask, other=0.0).to(tl.float32)
-    _branch_backward(grad, o_cmp, d_cmp, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=0)
-    _branch_backward(grad, o_slc, d_slc, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=1)
-    _branch_backward(grad, o_win, d_win, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=2)
+    _branch_backward(grad, o_cmp, d_cmp, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=0,
+                     BRANCH_GRADS=BRANCH_GRADS)
+    _branch_backward(grad, o_slc, d_slc, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=1,
+                     BRANCH_GRADS=BRANCH_GRADS)
+    _branch_backward(grad, o_win, d_win, gates, d_gates, deltas, rows, n_rows, offs, mask, row_ok, BRANCH=2,
+                     BRANCH_GRADS=BRANCH_GRADS)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -75,25 +84,43 @@ def combine_forward(o_cmp, o_slc, o_win, gates) -> torch.Tensor:
     return out.view(shape)
 
 
-def combine_backward(grad_out, o_cmp, o_slc, o_win, gates):
+def combine_backward(grad_out, o_cmp, o_slc, o_win, gates, branch_grads: bool = True):
     """Gradients of :func:`combine_forward` (no autograd), and each branch's softmax term.
 
     Returns:
-        ``d_cmp, d_slc, d_win`` like the outputs (contiguous), ``d_gates`` like ``gates``, and
-        ``deltas`` float32 ``[3, B, T, HQ]``: ``rowsum(d_b * o_b)`` per branch, the ``delta``
-        the attention backward kernels need (:func:`nsa.ops.triton_common.softmax_delta`),
-        made here where ``d_b`` and ``o_b`` are already in registers.
+        ``d_cmp, d_slc, d_win`` like the outputs (contiguous; ``None`` without ``branch_grads``),
+        ``d_gates`` like ``gates``, and ``deltas`` float32 ``[3, B, T, HQ]``, the ``delta`` the
+        attention backward kernels need (:func:`nsa.ops.triton_common.softmax_delta`), made here
+        where the rows are already in registers: ``rowsum(d_b * o_b)`` with ``branch_grads``,
+        else ``rowsum(grad_out * o_b)`` (``d_gates`` before rounding), for kernels that read
+        ``grad_out`` itself with the gate folded into their lse (:func:`gate_folded_lse`).
     """
     shape, gate_shape = o_cmp.shape, gates.shape
     o_cmp, o_slc, o_win, g, grad_out = (_rows(x) for x in (o_cmp, o_slc, o_win, gates, grad_out))
-    d_cmp, d_slc, d_win = (torch.empty_like(o_cmp) for _ in range(3))
+    # Not written without branch_grads (o_cmp only fills the kernel's argument).
+    d_cmp, d_slc, d_win = (torch.empty_like(o_cmp) if branch_grads else o_cmp for _ in range(3))
     d_gates = torch.empty_like(g)
     n_rows, dim = o_cmp.shape
     deltas = torch.empty(3, *shape[:-1], dtype=torch.float32, device=o_cmp.device)
     _combine_bwd_kernel[(triton.cdiv(n_rows, ROWS_PER_PROGRAM),)](
         grad_out, o_cmp, o_slc, o_win, g, d_cmp, d_slc, d_win, d_gates, deltas, n_rows, D=dim,
-        BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM)
-    return d_cmp.view(shape), d_slc.view(shape), d_win.view(shape), d_gates.view(gate_shape), deltas
+        BLOCK_D=triton.next_power_of_2(dim), ROWS=ROWS_PER_PROGRAM, BRANCH_GRADS=branch_grads)
+    branch = (d_cmp.view(shape), d_slc.view(shape), d_win.view(shape)) if branch_grads else (None, None, None)
+    return *branch, d_gates.view(gate_shape), deltas
+
+
+def gate_folded_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``lse - ln(gate)``, float32 contiguous, ``+inf`` where ``gate == 0``; for ``gate >= 0``.
+
+    An attention backward given the gated sum's ``dO``, this lse and ``rowsum(dO * o)`` as delta
+    computes the branch's gradients for ``dO_b = gate * dO`` exactly: its recomputed
+    probabilities come out as ``gate * p`` (``exp(s - lse + ln gate)``), and ``ds = gate * p *
+    (dO v - rowsum(dO o))`` is the gated ``ds``; rows with a zero gate (``+inf``) contribute
+    nothing, as the kernels already treat such rows. Negative gates have no logarithm: callers
+    take the stored ``dO_b`` path for them (:class:`nsa.ops.triton_nsa` checks).
+    """
+    g = gate.float()
+    return torch.where(g > 0, lse - torch.log(g), torch.full_like(lse, float("inf"))).contiguous()
 
 
 class _CombineBranches(torch.autograd.Function):
