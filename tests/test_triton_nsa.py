@@ -101,3 +101,10 @@ def test_gate_folded_lse():
     want = torch.tensor([[0.5 - math.log(0.25), -1.0, float("-inf"), float("inf")]])
     assert got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got, want)
+
+
+def test_negative_gates_flag_picks_the_stored_path_only_when_needed():
+    from nsa.ops.triton_nsa import _NegativeGates
+
+    assert _NegativeGates(torch.tensor([[0.0, 0.5, 1.0]])).any() is False
+    assert _NegativeGates(torch.tensor([[0.2, -1e-6, 1.0]])).any() is True

@@ -38,20 +38,22 @@ class _NegativeGates:
     """Whether any gate is negative, found in the forward and read in the backward without
     stalling: the flag is copied to pinned host memory behind the forward's kernels, and by the
     time autograd reaches this node's backward those have long finished (later layers' backward
-    kernels run first), so the wait is for an event already passed."""
+    kernels run first), so the wait is for an event already passed. Under CUDA graph capture
+    (no host waits allowed) the answer is "maybe", which takes the path that is right for all."""
 
     def __init__(self, gates: torch.Tensor):
-        flag = (gates < 0).any()
-        self._ready = None
-        if flag.is_cuda:
+        self._flag, self._ready = None, None
+        if not gates.is_cuda:
+            self._flag = (gates < 0).any()
+        elif not torch.cuda.is_current_stream_capturing():
             self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._flag.copy_(flag, non_blocking=True)
+            self._flag.copy_((gates < 0).any(), non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
-        else:
-            self._flag = flag
 
     def any(self) -> bool:
+        if self._flag is None or (self._ready is not None and torch.cuda.is_current_stream_capturing()):
+            return True
         if self._ready is not None:
             self._ready.synchronize()
         return bool(self._flag)
