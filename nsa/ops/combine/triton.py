@@ -117,7 +117,7 @@ def gate_folded_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     probabilities come out as ``gate * p`` (``exp(s - lse + ln gate)``), and ``ds = gate * p *
     (dO v - rowsum(dO o))`` is the gated ``ds``; rows with a zero gate (``+inf``) contribute
     nothing, as the kernels already treat such rows. Negative gates have no logarithm: callers
-    take the stored ``dO_b`` path for them (:class:`nsa.ops.triton_nsa` checks).
+    take the stored ``dO_b`` path for them (:mod:`nsa.ops.triton_nsa` checks).
     """
     g = gate.float()
     return torch.where(g > 0, lse - torch.log(g), torch.full_like(lse, float("inf"))).contiguous()
