@@ -8,7 +8,8 @@ B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotune
 torch profiler and lists each kernel's mean device time per forward + backward, slowest first,
 so that a backward's two passes (dQ and dK/dV) and the glue between kernels show separately.
 Before that it times the forward and the backward (``nsa bench``'s medians, which also include
-what is not a kernel: launches, allocations). ``--out`` writes everything as JSON.
+what is not a kernel: launches, allocations) and takes the peak memory of one forward +
+backward as ``nsa bench`` does. ``--out`` writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nsa.functional import nsa_attention
 
 def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
             num_kv_heads: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Kernel times (us per forward + backward) and ``{"fwd_ms", "bwd_ms"}``."""
+    """Kernel times (us per forward + backward) and ``{"fwd_ms", "bwd_ms", "peak_gib"}``."""
     config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(config, seq_len)
     grad = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
@@ -40,8 +41,8 @@ def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
     def forward_backward():
         torch.autograd.grad(forward(), list(x.values()), grad)
 
-    fwd, bwd, _, _ = _time_fwd_bwd(forward, list(x.values()))
-    return kernel_times_us(forward_backward, repeats=5), {"fwd_ms": fwd, "bwd_ms": bwd}
+    fwd, bwd, _, peak = _time_fwd_bwd(forward, list(x.values()))
+    return kernel_times_us(forward_backward, repeats=5), {"fwd_ms": fwd, "bwd_ms": bwd, "peak_gib": peak}
 
 
 def main() -> None:
