@@ -76,7 +76,8 @@ CANDIDATES = {
                   (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2)],
     # Key tiles of 128: the M of the dK/dV dots (Hopper's warp-group MMA wants M >= 64; the
     # compressed-attention dK/dV pass gained 1.8x from the same change).
-    # Keys as the M of the dots (KEYS_AS_M): unmeasured when added (thirteenth session).
+    # Keys as the M of the dots (KEYS_AS_M): two of them lead the production list since the
+    # fourteenth session's sweep (docs/PERFORMANCE.md); these are the others.
     "win-dkdv": [(16, 4, 2), (32, 4, 3), (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 2, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 2, {"KEYS_AS_M": True, "BN": 128}),
                  (32, 8, 2, {"KEYS_AS_M": True, "BN": 128}), (128, 8, 2, {"BN": 128})],
