@@ -1,7 +1,7 @@
 """Device time of every CUDA kernel in one NSA forward + backward (Triton backend, GPU only).
 
     python3 scripts/gpu/profile_prefill_kernels.py [--seq-lens 65536] [--heads 64/4,16/4]
-        [--head-dims 128/128] [--out FILE]
+        [--head-dims 128/128] [--gate-paths lse,stored] [--out FILE]
 
 ``nsa bench``'s breakdown times each branch alone; this runs the whole op (``nsa_attention``,
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
@@ -10,6 +10,11 @@ so that a backward's two passes (dQ and dK/dV) and the glue between kernels show
 Before that it times the forward and the backward (``nsa bench``'s medians, which also include
 what is not a kernel: launches, allocations) and takes the peak memory of one forward +
 backward as ``nsa bench`` does. ``--out`` writes everything as JSON.
+
+``--gate-paths`` picks the backward's gate handling (``nsa.ops.triton_nsa``): ``lse`` (the
+random gates are >= 0, so each branch reads the gated sum's dO with its gate folded into its
+lse) and/or ``stored`` (one gate made negative, which takes the path that stores ``g_b * dO``
+per branch), both in one process for an A/B.
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
 from nsa.functional import nsa_attention
 
 
+GATE_PATHS = ("lse", "stored")
+
+
 def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
-            num_kv_heads: int) -> tuple[dict[str, float], dict[str, float]]:
+            num_kv_heads: int, gate_path: str = "lse") -> tuple[dict[str, float], dict[str, float]]:
     """Kernel times (us per forward + backward) and ``{"fwd_ms", "bwd_ms", "peak_gib"}``."""
     config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
     x = nsa_inputs(config, seq_len)
+    if gate_path == "stored":
+        with torch.no_grad():
+            x["gates"][0, 0, 0, 0] = -0.5  # one negative gate: no logarithm, g_b * dO stored
     grad = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
 
     def forward():
@@ -50,17 +61,23 @@ def main() -> None:
     parser.add_argument("--seq-lens", default="65536")
     parser.add_argument("--heads", default="64/4,16/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--head-dims", default="128/128")
+    parser.add_argument("--gate-paths", default="lse",
+                        help="comma list of the backward's gate paths to profile: lse, stored")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
+    gate_paths = args.gate_paths.split(",")
+    unknown = sorted(set(gate_paths) - set(GATE_PATHS))
+    if unknown:
+        parser.error(f"--gate-paths: unknown {unknown}; accepted: {', '.join(GATE_PATHS)}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     tables = {}
     for dims in args.head_dims.split(","):
         dk, dv = (int(d) for d in dims.split("/"))
         for seq_len in (int(t) for t in args.seq_lens.split(",")):
-            for heads in args.heads.split(","):
+            for heads, gate_path in ((h, g) for h in args.heads.split(",") for g in gate_paths):
                 hq, hk = (int(h) for h in heads.split("/"))
-                times, timings = profile(seq_len, dk, dv, hq, hk)
-                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv}"
+                times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
+                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path}"
                 tables[label] = {"kernels_us": times, "timings_ms": timings}
                 total = sum(times.values())
                 print(f"\n{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)
