@@ -9,10 +9,15 @@ from __future__ import annotations
 import torch
 
 from nsa.config import NSAConfig
+from nsa.ops import streams
 from nsa.ops.combine.triton import combine_backward, combine_forward, gate_folded_lse
 from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
 from nsa.ops.reads import branch_reads
-from nsa.ops.selected_attention.triton import selected_attention_backward, selected_attention_forward
+from nsa.ops.selected_attention.triton import (
+    selected_attention_backward_dkdv,
+    selected_attention_backward_dq,
+    selected_attention_forward,
+)
 from nsa.ops.selection.triton import select_blocks_triton
 from nsa.ops.window_attention.triton import window_attention_backward, window_attention_forward
 
@@ -107,15 +112,25 @@ class _NSATriton(torch.autograd.Function):
         # (the branch outputs) to its end, where autograd freed each branch op's after it: without
         # this the selection dK/dV partials came on top of all of them (the peak was 8% above the
         # branch ops' at every size, fourteenth session, measured with the stored dO_b always).
+        # Selection's dK/dV (bound by its q/dO gathers from HBM) runs on a side stream beside
+        # compressed attention's backward (bound by its products), launched first: measured on an
+        # H100 at 64/4 heads, 64k (scripts/gpu/overlap_ab.py, fifteenth session), the pair took 42.6 ms
+        # against 46.7 one after the other. It writes no dq, so the dq passes keep their order.
+        side = streams.fork(q.device)
+        with streams.on(side):
+            dk_slc, dv_slc = selected_attention_backward_dkdv(q, k_slc, v_slc, idx, lses[1], branch_do[1],
+                                                              deltas[1], c.select_block, scale)
         dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lses[0], branch_do[0],
                                                            deltas[0], c.compress_block, c.compress_stride,
                                                            scale)
         branch_do[0] = None
-        dq, dk_slc, dv_slc = selected_attention_backward(q, k_slc, v_slc, idx, lses[1], branch_do[1],
-                                                         deltas[1], c.select_block, scale, dq=dq)
-        branch_do[1] = None
+        dq = selected_attention_backward_dq(q, k_slc, v_slc, idx, lses[1], branch_do[1], deltas[1],
+                                            c.select_block, scale, dq=dq)
         dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
                                                        c.window, scale, dq=dq)
+        # Selection's inputs (branch_do[1], lses[1], deltas) live until here, after the join, so
+        # the allocator cannot hand their memory to the current stream while the side one reads them.
+        streams.join(side, q.device)
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None
 
 

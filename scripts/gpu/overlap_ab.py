@@ -33,11 +33,11 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nsa.ops.compressed_attention import triton as cmp_triton  # noqa: E402
-from nsa.ops.selected_attention import triton as sel_triton  # noqa: E402
-from nsa.ops.selection.triton import select_blocks_triton  # noqa: E402
-from nsa.ops.triton_common import softmax_delta  # noqa: E402
-from nsa.ops.window_attention import triton as win_triton  # noqa: E402
+from nsa.ops.compressed_attention import triton as cmp_triton
+from nsa.ops.selected_attention import triton as sel_triton
+from nsa.ops.selection.triton import select_blocks_triton
+from nsa.ops.triton_common import softmax_delta
+from nsa.ops.window_attention import triton as win_triton
 
 BLOCK, STRIDE, SELECT_BLOCK, COUNT, WINDOW = 32, 16, 64, 16, 512
 SMOKE = "--smoke" in sys.argv

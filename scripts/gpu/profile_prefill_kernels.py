@@ -32,7 +32,6 @@ from nsa.bench.decode import kernel_times_us
 from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
 from nsa.functional import nsa_attention
 
-
 GATE_PATHS = ("lse", "stored")
 
 

@@ -33,7 +33,6 @@ loaded, summed over splits: counted from the ranges used, not from the formula.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from nsa.config import NSAConfig
+from nsa.ops import streams
 from nsa.ops.decode.naive import BRANCH_NAMES, check_decode_inputs
 from nsa.ops.selection.triton import eq9_dot
 from nsa.ops.triton_common import interpreting
@@ -545,26 +545,6 @@ def splits_pow2(splits: int) -> int:
     return max(16, pow2(splits))
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _fork(device: torch.device) -> torch.cuda.Stream | None:
-    """The device's side stream, made to wait for the work queued so far on the current stream
-    (``None`` on CPU tensors, i.e. under the interpreter: launches there are sequential)."""
-    if device.type != "cuda":
-        return None
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    return side
-
-
-def _on(side: torch.cuda.Stream | None):
-    """Launches inside go to ``side`` (nothing changes for ``None``)."""
-    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -643,11 +623,11 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     else:
         # The fork point decides what the window runs beside: the compressed pass, or what follows it.
         if plan.window_overlap == "compressed":
-            side = _fork(q.device)
+            side = streams.fork(q.device)
         _range_kernel[(rows, plan.cmp_splits)](*range_args, 0, **range_meta)
         if plan.window_overlap == "scoring":
-            side = _fork(q.device)
-        with _on(side):
+            side = streams.fork(q.device)
+        with streams.on(side):
             _range_kernel[(rows, plan.win_splits)](*range_args, plan.cmp_splits, **range_meta)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
     if plan.fused:
@@ -673,10 +653,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
-    if side is not None:
-        # Every buffer the window wrote is ready, and the allocator may reuse them once the current
-        # stream is done (a CUDA graph capture joins the forked stream here too).
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    # Every buffer the window wrote is ready (a CUDA graph capture joins the forked stream here too).
+    streams.join(side, q.device)
     _combine_kernel[(rows * group,)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,

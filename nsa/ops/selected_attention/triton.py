@@ -365,9 +365,20 @@ def selected_attention_backward(q, k, v, idx, lse, do, delta, select_block: int,
     """``dq, dk, dv`` (no autograd) from contiguous ``q, k, v``, int32 ``idx``, ``do`` (strided like
     the output), ``lse`` and ``delta`` float32 ``[B, T, HQ]`` (:func:`softmax_delta`'s). With ``dq``
     given the query gradient is added to it in place (a float32 sum rounded once) and returned."""
-    dq = _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
-    dk, dv = _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
+    dq = selected_attention_backward_dq(q, k, v, idx, lse, do, delta, select_block, scale, dq=dq)
+    dk, dv = selected_attention_backward_dkdv(q, k, v, idx, lse, do, delta, select_block, scale)
     return dq, dk, dv
+
+
+def selected_attention_backward_dq(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None):
+    """The ``dq`` of :func:`selected_attention_backward` alone (its query pass)."""
+    return _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
+
+
+def selected_attention_backward_dkdv(q, k, v, idx, lse, do, delta, select_block: int, scale: float):
+    """The ``dk, dv`` of :func:`selected_attention_backward` alone (the selections inverted, then
+    one pass per key block): reads no ``dq``, so it may run beside another branch's backward."""
+    return _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
 
 
 def selected_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
