@@ -14,6 +14,7 @@ from nsa.ops.combine.triton import combine_backward, combine_forward, gate_folde
 from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
 from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention.triton import (
+    invert_selection,
     selected_attention_backward_dkdv,
     selected_attention_backward_dq,
     selected_attention_forward,
@@ -113,13 +114,16 @@ class _NSATriton(torch.autograd.Function):
         # this the selection dK/dV partials came on top of all of them (the peak was 8% above the
         # branch ops' at every size, fourteenth session, measured with the stored dO_b always).
         # Selection's dK/dV (bound by its q/dO gathers from HBM) runs on a side stream beside
-        # compressed attention's backward (bound by its products), launched first: measured on an
-        # H100 at 64/4 heads, 64k (scripts/gpu/overlap_ab.py, fifteenth session), the pair took 42.6 ms
-        # against 46.7 one after the other. It writes no dq, so the dq passes keep their order.
+        # compressed attention's backward (bound by its products), its kernel launched first: on an
+        # H100 at 64/4 heads, 64k (scripts/gpu/overlap_ab.py, fifteenth session) the pair took 42.6
+        # ms so and 47.0 the other way round, against 46.7 one after the other. Hence the selections
+        # are inverted (a sort and a few small kernels) before the fork, on the current stream. The
+        # pass writes no dq, so the dq passes keep their order.
+        inverted = invert_selection(idx, q.shape[1], c.select_block)
         side = streams.fork(q.device)
         with streams.on(side):
             dk_slc, dv_slc = selected_attention_backward_dkdv(q, k_slc, v_slc, idx, lses[1], branch_do[1],
-                                                              deltas[1], c.select_block, scale)
+                                                              deltas[1], c.select_block, scale, inverted)
         dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lses[0], branch_do[0],
                                                            deltas[0], c.compress_block, c.compress_stride,
                                                            scale)
@@ -128,7 +132,7 @@ class _NSATriton(torch.autograd.Function):
                                             c.select_block, scale, dq=dq)
         dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
                                                        c.window, scale, dq=dq)
-        # Selection's inputs (branch_do[1], lses[1], deltas) live until here, after the join, so
+        # Selection's inputs (branch_do[1], lses[1], deltas, inverted) live until here, after the join, so
         # the allocator cannot hand their memory to the current stream while the side one reads them.
         streams.join(side, q.device)
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None

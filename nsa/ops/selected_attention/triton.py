@@ -317,11 +317,11 @@ def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: 
             items_per_group.to(i32))
 
 
-def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block):
+def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block, inverted=None):
     batch, seq_len, _, _ = q.shape
     meta = _common(q, k, v, select_block)
-    qpos, item_group, item_start, item_len, group_first, group_items = invert_selection(
-        idx, seq_len, select_block, CHUNK)
+    inverted = invert_selection(idx, seq_len, select_block, CHUNK) if inverted is None else inverted
+    qpos, item_group, item_start, item_len, group_first, group_items = inverted
     items = item_group.numel()
     dk_part = torch.empty(items, select_block, meta["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(items, select_block, meta["DV"], dtype=torch.float32, device=q.device)
@@ -375,10 +375,12 @@ def selected_attention_backward_dq(q, k, v, idx, lse, do, delta, select_block: i
     return _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
 
 
-def selected_attention_backward_dkdv(q, k, v, idx, lse, do, delta, select_block: int, scale: float):
+def selected_attention_backward_dkdv(q, k, v, idx, lse, do, delta, select_block: int, scale: float,
+                                     inverted=None):
     """The ``dk, dv`` of :func:`selected_attention_backward` alone (the selections inverted, then
-    one pass per key block): reads no ``dq``, so it may run beside another branch's backward."""
-    return _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block)
+    one pass per key block): reads no ``dq``, so it may run beside another branch's backward.
+    ``inverted``: :func:`invert_selection` of ``idx`` when the caller already ran it."""
+    return _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block, inverted)
 
 
 def selected_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
