@@ -88,6 +88,32 @@ def test_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("seq_len,group", [(45, 2), (61, 8), (6, 2)], ids=["T45-G2", "T61-G8", "T6-no-key"])
+def test_dq_adds_in_place_to_a_given_gradient(seq_len, group):
+    """``dq=``: the pass adds its query gradient to another branch's (the Triton backend's order of
+    dq passes is free then): the same tensor comes back, holding the sum."""
+    from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
+    from nsa.ops.triton_common import softmax_delta
+
+    gen = torch.Generator().manual_seed(seq_len + group)
+    block, stride, num_kv = 8, 4, 2
+    q = torch.randn(1, num_kv * group, seq_len, 16, generator=gen).transpose(1, 2)  # strided like a view
+    k = torch.randn(1, num_compressed(seq_len, block, stride), num_kv, 16, generator=gen)
+    v = torch.randn(1, k.shape[1], num_kv, 16, generator=gen)
+    do = torch.randn(1, seq_len, num_kv * group, 16, generator=gen)
+    o, lse = compressed_attention_forward(q, k, v, block, stride, 0.25)
+    delta = softmax_delta(o, do, None)
+    dq_alone, dk_alone, dv_alone = compressed_attention_backward(q, k, v, lse, do, delta, block, stride, 0.25)
+    held = torch.empty_strided(q.shape, q.stride()).copy_(torch.randn(q.shape, generator=gen))
+    expected = held + dq_alone
+    dq, dk, dv = compressed_attention_backward(q, k, v, lse, do, delta, block, stride, 0.25, dq=held)
+    assert dq is held
+    torch.testing.assert_close(dq, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dk, dk_alone) and torch.equal(dv, dv_alone)
+    with pytest.raises(ValueError, match="dq: strides"):
+        compressed_attention_backward(q, k, v, lse, do, delta, block, stride, 0.25, dq=torch.zeros(q.shape))
+
+
 def _production_tiles():
     from nsa.ops.compressed_attention import triton as cmp_triton
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nsa import NSAConfig
+from nsa.ops import triton_nsa
 from nsa.ops.combine.triton import combine_backward, combine_branches_triton, gate_folded_lse
 from nsa.ops.compressed_attention.triton import compressed_attention_triton
 from nsa.ops.compression import compress_mean
@@ -30,9 +31,14 @@ def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig
 
 
 # Gates >= 0 (with exact zeros) take the gate-in-lse path; gates of either sign the stored dO_b one.
+# Every backward schedule (on CPU the side stream's passes run in line, in the schedule's order,
+# which decides the order of the dq adds).
+@pytest.mark.parametrize("schedule", triton_nsa.BACKWARD_SCHEDULES)
 @pytest.mark.parametrize("seq_len,heads,kv_heads,dims,signed_gates",
                          [(72, 4, 2, (16, 16), False), (50, 3, 1, (32, 16), True)])
-def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims, signed_gates):
+def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims, signed_gates, schedule,
+                                                        monkeypatch):
+    monkeypatch.setattr(triton_nsa, "BACKWARD_SCHEDULE", schedule)
     c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
                   compress_block=8, compress_stride=4, select_block=16, select_count=3, window=20, phi="mean")
     gen = torch.Generator().manual_seed(seq_len + heads)
@@ -108,3 +114,9 @@ def test_negative_gates_flag_picks_the_stored_path_only_when_needed():
 
     assert _NegativeGates(torch.tensor([[0.0, 0.5, 1.0]])).any() is False
     assert _NegativeGates(torch.tensor([[0.2, -1e-6, 1.0]])).any() is True
+
+
+def test_unknown_backward_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule: 'both-beside' is not one of"):
+        triton_nsa.branch_backward(*[None] * 11, NSAConfig(num_heads=2, num_kv_heads=1, head_dim=16), 1.0,
+                                   schedule="both-beside")

@@ -34,7 +34,8 @@ class BenchRow:
     fwdbwd_ms: float | None = None
     peak_mem_gib: float | None = None
     note: str = ""
-    # NSA rows: the autotuned tile config of each kernel at this length ("kernel: config; ...").
+    # NSA rows: the backward's schedule and the autotuned tile config of each kernel at this length
+    # ("backward schedule: name; kernel: config; ...").
     tiles: str = ""
     # Achieved TFLOP/s on the algorithmic FLOPs of what the row computes (see attention_flops);
     # None where the time or the count is missing.
@@ -207,9 +208,11 @@ def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton
     branches = nsa_flops(info.reads, config).values()
     set_tflops(row, sum(f for f, _ in branches), sum(b for _, b in branches))
     if backend == "triton":
-        from nsa.ops.triton_nsa import autotuned_tiles
+        from nsa.ops import triton_nsa
 
-        row.tiles = "; ".join(f"{name}: {' | '.join(chosen)}" for name, chosen in autotuned_tiles(seq_len).items())
+        # Which passes shared the GPU in the backward, then each kernel's tile config.
+        row.tiles = "; ".join([f"backward schedule: {triton_nsa.BACKWARD_SCHEDULE}"] + [
+            f"{name}: {' | '.join(chosen)}" for name, chosen in triton_nsa.autotuned_tiles(seq_len).items()])
     return row
 
 

@@ -81,11 +81,13 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     blocks = {"BLOCK": 32, "STRIDE": 16}
     cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
                   "DVP": cmp.pow2(dv), "PRECISION": precision}
-    for name, kernel, configs in (("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS),
-                                  ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS),
-                                  ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS)):
+    # The compressed dq pass as the Triton backend launches it: the first dq, written (DQ_ADD off).
+    for name, kernel, configs, extra in (("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS, {}),
+                                         ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS, {}),
+                                         ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS,
+                                          {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
-            yield name, kernel, {**cmp_consts, **config.kwargs}, config
+            yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
     for config in scoring._prune_selection(scoring._SELECT_CONFIGS, select_consts):

@@ -40,3 +40,14 @@ def join(side: torch.cuda.Stream | None, device: torch.device) -> None:
     """The current stream waits for everything queued so far on ``side``."""
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
+
+
+def record(side: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event at the end of the work queued so far on ``side`` (``None`` without a side stream)."""
+    return side.record_event() if side is not None else None
+
+
+def wait(event: torch.cuda.Event | None, device: torch.device) -> None:
+    """The current stream waits for ``event`` (nothing for ``None``)."""
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)

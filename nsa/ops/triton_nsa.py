@@ -11,7 +11,11 @@ import torch
 from nsa.config import NSAConfig
 from nsa.ops import streams
 from nsa.ops.combine.triton import combine_backward, combine_forward, gate_folded_lse
-from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
+from nsa.ops.compressed_attention.triton import (
+    compressed_attention_backward_dkdv,
+    compressed_attention_backward_dq,
+    compressed_attention_forward,
+)
 from nsa.ops.reads import branch_reads
 from nsa.ops.selected_attention.triton import (
     invert_selection,
@@ -109,33 +113,64 @@ class _NSATriton(torch.autograd.Function):
             _, _, _, d_gates, deltas = combine_backward(grad_out, *outputs, gates, branch_grads=False)
             branch_do = [grad_out] * 3
             lses = tuple(gate_folded_lse(lse, gates[..., i]) for i, lse in enumerate(lses))
-        # Each branch's output gradient goes once its passes ran. One node keeps its saved tensors
-        # (the branch outputs) to its end, where autograd freed each branch op's after it: without
-        # this the selection dK/dV partials came on top of all of them (the peak was 8% above the
-        # branch ops' at every size, fourteenth session, measured with the stored dO_b always).
-        # Selection's dK/dV (bound by its q/dO gathers from HBM) runs on a side stream beside
-        # compressed attention's backward (bound by its products), its kernel launched first: on an
-        # H100 at 64/4 heads, 64k (scripts/gpu/overlap_ab.py, fifteenth session) the pair took 42.6
-        # ms so and 47.0 the other way round, against 46.7 one after the other. Hence the selections
-        # are inverted (a sort and a few small kernels) before the fork, on the current stream. The
-        # pass writes no dq, so the dq passes keep their order.
-        inverted = invert_selection(idx, q.shape[1], c.select_block)
-        side = streams.fork(q.device)
-        with streams.on(side):
-            dk_slc, dv_slc = selected_attention_backward_dkdv(q, k_slc, v_slc, idx, lses[1], branch_do[1],
-                                                              deltas[1], c.select_block, scale, inverted)
-        dq, dk_cmp, dv_cmp = compressed_attention_backward(q, k_cmp, v_cmp, lses[0], branch_do[0],
-                                                           deltas[0], c.compress_block, c.compress_stride,
-                                                           scale)
-        branch_do[0] = None
-        dq = selected_attention_backward_dq(q, k_slc, v_slc, idx, lses[1], branch_do[1], deltas[1],
-                                            c.select_block, scale, dq=dq)
-        dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
-                                                       c.window, scale, dq=dq)
-        # Selection's inputs (branch_do[1], lses[1], deltas, inverted) live until here, after the join, so
-        # the allocator cannot hand their memory to the current stream while the side one reads them.
-        streams.join(side, q.device)
+        dq, (dk_cmp, dv_cmp), (dk_slc, dv_slc), (dk_win, dv_win) = branch_backward(
+            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas, c, scale)
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None
+
+
+# How the branches' backward passes share the GPU (branch_backward). Selection's passes are bound
+# by their gathers (dq: K/V from L2; dK/dV: q/dO from HBM), compressed attention's by its
+# products, so one of each may run at once on a side stream (nsa.ops.streams). Measured on an H100
+# at 64/4 heads, 64k (scripts/gpu/overlap_ab.py, fifteenth session): compressed attention's
+# backward beside selection's dK/dV 42.6 ms with the dK/dV kernel launched first, 47.0 the other
+# way round, against 46.7 one after the other (the first kernel to start holds the SMs: the
+# compressed kernels take every register of theirs); the whole backward 77.40 -> 74.10 ms.
+#   "one-stream": every pass on the current stream.
+#   "selection-dkdv-beside" (the default): selection's dK/dV on the side stream, first.
+#   "selection-beside": selection's dq (written first) then its dK/dV on the side stream, beside
+#       compressed attention's dK/dV; compressed attention's dq then adds to selection's. The pair
+#       measured -2.7 ms (compressed backward beside selection's dq), the schedule not yet.
+BACKWARD_SCHEDULES = ("one-stream", "selection-dkdv-beside", "selection-beside")
+BACKWARD_SCHEDULE = "selection-dkdv-beside"
+
+
+def branch_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas,
+                    config: NSAConfig, scale: float, schedule: str | None = None):
+    """``dq`` and each branch's ``(dk, dv)`` (cmp, slc, win) from each branch's lse, output gradient
+    and delta (``branch_do`` is a list; its entries are dropped once read, so that a stored
+    per-branch gradient goes early). ``schedule``: one of :data:`BACKWARD_SCHEDULES`
+    (default :data:`BACKWARD_SCHEDULE`)."""
+    schedule = BACKWARD_SCHEDULE if schedule is None else schedule
+    if schedule not in BACKWARD_SCHEDULES:
+        raise ValueError(f"schedule: {schedule!r} is not one of {BACKWARD_SCHEDULES}")
+    c = config
+    cmp_args = (q, k_cmp, v_cmp, lses[0], branch_do[0], deltas[0], c.compress_block, c.compress_stride, scale)
+    sel_args = (q, k_slc, v_slc, idx, lses[1], branch_do[1], deltas[1], c.select_block, scale)
+    # Inverted (a sort and a few small kernels) on the current stream, before the fork, so that
+    # the side stream's first launch is an attention kernel, ahead of compressed attention's.
+    inverted = invert_selection(idx, q.shape[1], c.select_block)
+    side = None if schedule == "one-stream" else streams.fork(q.device)
+    if schedule == "selection-beside":
+        with streams.on(side):
+            dq = selected_attention_backward_dq(*sel_args)
+            selection_dq_done = streams.record(side)
+            dk_slc, dv_slc = selected_attention_backward_dkdv(*sel_args, inverted)
+        dk_cmp, dv_cmp = compressed_attention_backward_dkdv(*cmp_args)
+        streams.wait(selection_dq_done, q.device)
+        dq = compressed_attention_backward_dq(*cmp_args, dq=dq)
+    else:
+        with streams.on(side):
+            dk_slc, dv_slc = selected_attention_backward_dkdv(*sel_args, inverted)
+        dk_cmp, dv_cmp = compressed_attention_backward_dkdv(*cmp_args)
+        dq = compressed_attention_backward_dq(*cmp_args)
+        dq = selected_attention_backward_dq(*sel_args, dq=dq)
+    cmp_args, branch_do[0] = None, None
+    dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
+                                                   c.window, scale, dq=dq)
+    # Selection's inputs (sel_args, inverted) live until here, after the join, so that the
+    # allocator cannot hand their memory to the current stream while the side one reads them.
+    streams.join(side, q.device)
+    return dq, (dk_cmp, dv_cmp), (dk_slc, dv_slc), (dk_win, dv_win)
 
 
 def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,

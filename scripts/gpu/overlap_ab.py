@@ -1,6 +1,7 @@
 """Can a memory-bound pass run beside a compute-bound one? Two CUDA streams against one (GPU only).
 
-    python3 scripts/gpu/overlap_ab.py [--seq-len 65536] [--heads 64/4,16/4] [--out FILE]
+    python3 scripts/gpu/overlap_ab.py [--seq-len 65536] [--heads 64/4,16/4] [--parts pairs,schedules]
+        [--out FILE]
 
 Selection attention's query passes (forward and dq) are bound by their K/V gathers from L2
 (their time does not change with the query heads per key/value head, at ~8 TB/s of gathered
@@ -12,15 +13,19 @@ NSA's dependencies allow to run together (``PAIRS``): each pass alone, the two b
 stream, and the two launched on two streams in either order (``triton.testing.do_bench``
 medians, random data, B = 1, bf16, the paper's blocks, the production autotune lists, also with
 the compute pass pinned to its options one at a time, since fewer registers per program may leave
-room beside it). ``--smoke`` runs the plumbing on CPU under ``TRITON_INTERPRET=1`` at T = 256
-(one stream: no times that mean anything).
+room beside it). Then (``schedules``) the three branches' whole backward as the Triton backend
+runs it (``nsa.ops.triton_nsa.branch_backward``) under each of its ``BACKWARD_SCHEDULES``. ``--smoke``
+runs the plumbing on CPU under ``TRITON_INTERPRET=1`` at T = 256 (one stream: no times that mean
+anything).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,6 +38,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from nsa.config import NSAConfig
+from nsa.ops import triton_nsa
 from nsa.ops.compressed_attention import triton as cmp_triton
 from nsa.ops.selected_attention import triton as sel_triton
 from nsa.ops.selection.triton import select_blocks_triton
@@ -74,7 +81,14 @@ def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict
     sdelta = softmax_delta(so, do, None)
     wo, wlse = win_triton._query_pass(q, k, v, WINDOW, scale)
     wdelta = softmax_delta(wo, do, None)
+    config = NSAConfig(num_heads=hq, num_kv_heads=hk, head_dim=dk, v_head_dim=dv, compress_block=BLOCK,
+                       compress_stride=STRIDE, select_block=SELECT_BLOCK, select_count=COUNT, window=WINDOW)
+
+    def branch_backward(schedule):
+        return triton_nsa.branch_backward(q, kc, vc, k, v, k, v, idx, (clse, slse, wlse), [do] * 3,
+                                          (cdelta, sdelta, wdelta), config, scale, schedule=schedule)
     return {
+        **{f"backward:{name}": functools.partial(branch_backward, name) for name in triton_nsa.BACKWARD_SCHEDULES},
         "win-fwd": lambda: win_triton._query_pass(q, k, v, WINDOW, scale),
         "win-dkdv": lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale),
         "cmp-bwd": lambda: cmp_triton.compressed_attention_backward(q, kc, vc, clse, do, cdelta, BLOCK, STRIDE,
@@ -84,6 +98,17 @@ def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict
                                                  delta=sdelta),
         "sel-dkdv": lambda: sel_triton._dkdv_pass(q, k, v, idx, do, slse, sdelta, scale, SELECT_BLOCK),
     }
+
+
+def gradient_difference(want, got) -> float:
+    """Largest ``max|got - want| / max|want|`` over the gradients of two ``branch_backward`` results
+    ``(dq, (dk, dv) per branch)``; NaN if either holds one."""
+    def tensors(result):
+        dq, *pairs = result
+        return [dq, *(t for pair in pairs for t in pair)]
+    diffs = [((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item()
+             for w, g in zip(tensors(want), tensors(got))]
+    return float("nan") if any(math.isnan(d) for d in diffs) else max(diffs)
 
 
 def bench_ms(fn) -> float:
@@ -126,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--heads", default="64/4,16/4", help="comma list of query heads / key-value heads")
+    parser.add_argument("--parts", default="pairs,schedules", help="comma list: pairs, schedules")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check under the interpreter")
     args = parser.parse_args()
@@ -134,7 +160,16 @@ def main() -> None:
     for heads in args.heads.split(","):
         hq, hk = (int(h) for h in heads.split("/"))
         fns = passes(seq_len, hq, hk)
-        for compute, memory, pinned in PAIRS:
+        for schedule in triton_nsa.BACKWARD_SCHEDULES if "schedules" in args.parts else []:
+            # Every schedule computes the same gradients (up to the order of the dq adds): a race
+            # between the streams would show here.
+            diff = gradient_difference(fns["backward:one-stream"](), fns[f"backward:{schedule}"]())
+            ms = bench_ms(fns[f"backward:{schedule}"])
+            rows.append({"heads": heads, "T": seq_len, "schedule": schedule, "backward_ms": ms,
+                         "max_rel_diff_vs_one_stream": diff})
+            print(f"{heads} branch backward, schedule {schedule:24} {ms:8.2f} ms  "
+                  f"max rel. difference to one-stream {diff:.2e}", flush=True)
+        for compute, memory, pinned in PAIRS if "pairs" in args.parts else []:
             options = [None] + (list(pinned.options) if pinned is not None else [])
             for option in options[:2] if args.smoke else options:
                 pin = pinned.only(option) if option is not None else contextlib.nullcontext()

@@ -1,7 +1,8 @@
 """Device time of every CUDA kernel in one NSA forward + backward (Triton backend, GPU only).
 
     python3 scripts/gpu/profile_prefill_kernels.py [--seq-lens 65536] [--heads 64/4,16/4]
-        [--head-dims 128/128] [--gate-paths lse,stored] [--side-stream on,off] [--out FILE]
+        [--head-dims 128/128] [--gate-paths lse,stored]
+        [--schedules one-stream,selection-dkdv-beside,selection-beside] [--out FILE]
 
 ``nsa bench``'s breakdown times each branch alone; this runs the whole op (``nsa_attention``,
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
@@ -14,8 +15,8 @@ backward as ``nsa bench`` does. ``--out`` writes everything as JSON.
 ``--gate-paths`` picks the backward's gate handling (``nsa.ops.triton_nsa``): ``lse`` (the
 random gates are >= 0, so each branch reads the gated sum's dO with its gate folded into its
 lse) and/or ``stored`` (one gate made negative, which takes the path that stores ``g_b * dO``
-per branch), both in one process for an A/B. ``--side-stream off`` runs the backward's side-stream
-work (selection's dK/dV, ``nsa.ops.streams``) on the current stream instead, for the same A/B.
+per branch), both in one process for an A/B. ``--schedules`` runs the backward under each of
+``nsa.ops.triton_nsa.BACKWARD_SCHEDULES`` (which passes share the GPU on a side stream), likewise.
 """
 
 from __future__ import annotations
@@ -33,22 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nsa.bench.decode import kernel_times_us
 from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
 from nsa.functional import nsa_attention
-from nsa.ops import streams
+from nsa.ops import triton_nsa
 
 GATE_PATHS = ("lse", "stored")
-SIDE_STREAM = ("on", "off")
 
 
 @contextlib.contextmanager
-def side_stream(mode: str):
-    """``off``: no side stream (``streams.fork`` answers ``None``, as on CPU), for the A/B."""
-    fork = streams.fork
-    if mode == "off":
-        streams.fork = lambda device: None
+def backward_schedule(name: str):
+    """The Triton backend's backward runs under schedule ``name`` inside the block."""
+    default = triton_nsa.BACKWARD_SCHEDULE
+    triton_nsa.BACKWARD_SCHEDULE = name
     try:
         yield
     finally:
-        streams.fork = fork
+        triton_nsa.BACKWARD_SCHEDULE = default
 
 
 def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
@@ -78,13 +77,13 @@ def main() -> None:
     parser.add_argument("--head-dims", default="128/128")
     parser.add_argument("--gate-paths", default="lse",
                         help="comma list of the backward's gate paths to profile: lse, stored")
-    parser.add_argument("--side-stream", default="on",
-                        help="comma list: on (as the backend runs), off (all on one stream)")
+    parser.add_argument("--schedules", default=triton_nsa.BACKWARD_SCHEDULE,
+                        help="comma list of backward schedules: " + ", ".join(triton_nsa.BACKWARD_SCHEDULES))
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
-    gate_paths, side_modes = args.gate_paths.split(","), args.side_stream.split(",")
+    gate_paths, schedules = args.gate_paths.split(","), args.schedules.split(",")
     for option, given, accepted in (("--gate-paths", gate_paths, GATE_PATHS),
-                                    ("--side-stream", side_modes, SIDE_STREAM)):
+                                    ("--schedules", schedules, triton_nsa.BACKWARD_SCHEDULES)):
         unknown = sorted(set(given) - set(accepted))
         if unknown:
             parser.error(f"{option}: unknown {unknown}; accepted: {', '.join(accepted)}")
@@ -93,12 +92,12 @@ def main() -> None:
     for dims in args.head_dims.split(","):
         dk, dv = (int(d) for d in dims.split("/"))
         for seq_len in (int(t) for t in args.seq_lens.split(",")):
-            runs = ((h, g, m) for h in args.heads.split(",") for g in gate_paths for m in side_modes)
-            for heads, gate_path, side_mode in runs:
+            runs = ((h, g, m) for h in args.heads.split(",") for g in gate_paths for m in schedules)
+            for heads, gate_path, schedule in runs:
                 hq, hk = (int(h) for h in heads.split("/"))
-                with side_stream(side_mode):
+                with backward_schedule(schedule):
                     times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
-                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} side-stream={side_mode}"
+                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule}"
                 tables[label] = {"kernels_us": times, "timings_ms": timings}
                 total = sum(times.values())
                 print(f"\n{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)

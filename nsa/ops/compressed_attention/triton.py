@@ -338,7 +338,10 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
                        stride_lb, stride_lt, stride_lh, qk_scale, scale,
                        G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PRECISION: tl.constexpr, DQ_ADD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """dq of a tile of query rows (written, or with ``DQ_ADD`` added to what ``DQ`` holds: another
+    branch's dq, one float32 sum rounded once)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HK
@@ -367,8 +370,13 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
                                       PRECISION)
     # DQ is allocated like Q, so Q's strides address it.
     dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    store_head_dim(dq_rows, row_ok, (dq_acc_a * scale).to(DQ.dtype.element_ty),
-                   (dq_acc_b * scale).to(DQ.dtype.element_ty), DK, DKA, DKB)
+    dq_a, dq_b = dq_acc_a * scale, dq_acc_b * scale
+    if DQ_ADD:
+        held_a, held_b = load_head_dim(dq_rows, row_ok, DK, DKA, DKB)
+        dq_a += held_a.to(tl.float32)
+        if DKB > 0:
+            dq_b += held_b.to(tl.float32)
+    store_head_dim(dq_rows, row_ok, dq_a.to(DQ.dtype.element_ty), dq_b.to(DQ.dtype.element_ty), DK, DKA, DKB)
 
 
 # dK/dV: the key tile is the M of its four dots, so it must be wide enough for Hopper's
@@ -384,8 +392,11 @@ _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), 
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})
+# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
+# timed launch.
 _cmp_bwd_dq_tuned = SizeTunedKernel(_cmp_bwd_dq_kernel, _DQ_CONFIGS, key=_TUNE_KEY,
-                                    prune_configs_by={"early_config_prune": prune_group_rows})
+                                    prune_configs_by={"early_config_prune": prune_group_rows},
+                                    restore_value=["DQ"])
 
 # Interpreter tiles: small enough that the tests' short sequences cross several key and query
 # tiles (masked and unmasked loops both run), large enough to keep numpy busy.
@@ -448,39 +459,71 @@ def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device
     return triton.cdiv(seq_len, splits)
 
 
-def compressed_attention_backward(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int, scale: float):
+def compressed_attention_backward(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int, scale: float,
+                                  dq=None):
     """``dq, dk_cmp, dv_cmp`` (no autograd) from ``do`` and ``delta`` (:func:`softmax_delta`'s,
-    float32 ``[B, T, HQ]``); ``do`` and ``lse`` contiguous, ``dq`` strided like ``q``."""
-    batch, seq_len, num_heads, _ = q.shape
-    num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
-    # The dq kernel writes every row of q's shape through q's strides, whatever they are.
-    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
-    if seq_len == 0 or batch == 0 or num_cmp == 0:
-        return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
-    dk = torch.empty_like(k_cmp)
-    dv = torch.empty_like(v_cmp)
-    consts = _shape_constants(q, k_cmp, v_cmp, block, stride)
-    gp = consts["GP"]
+    float32 ``[B, T, HQ]``); ``do`` and ``lse`` contiguous, ``dq`` strided like ``q``. With ``dq``
+    given (strided like ``q``) the query gradient is added to it in place (a float32 sum rounded
+    once) and returned."""
+    dk, dv = compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block, stride, scale)
+    dq = compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block, stride, scale, dq=dq)
+    return dq, dk, dv
+
+
+def _common_args(q, k_cmp, v_cmp, do, delta, block: int, stride: int, scale: float):
+    """The constexprs and the stride/scale arguments both backward kernels take."""
     # do/lse/delta share one set of row strides (contiguous).
-    common = (*_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(do), *_strides3(delta),
-              scale * LOG2E, scale)
+    return (_shape_constants(q, k_cmp, v_cmp, block, stride),
+            (*_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(do), *_strides3(delta),
+             scale * LOG2E, scale))
+
+
+def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int,
+                                       scale: float):
+    """The ``dk_cmp, dv_cmp`` of :func:`compressed_attention_backward` alone (its key pass)."""
+    batch, seq_len, _, _ = q.shape
+    num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
+    if seq_len == 0 or batch == 0 or num_cmp == 0:
+        return torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
     split_len = _query_split(seq_len, num_cmp, batch * num_kv, q.device)
     splits = triton.cdiv(seq_len, split_len)
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
     dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, seq_len, num_cmp, num_kv, split_len, *common)
+
     def dkdv_grid(meta):
         return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
 
-    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(gp))
+    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]))
+    dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))
+    return dk, dv
+
+
+def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int, scale: float,
+                                     dq=None):
+    """The ``dq`` of :func:`compressed_attention_backward` alone (its query pass); with ``dq``
+    given, added to it in place."""
+    batch, seq_len, _, _ = q.shape
+    num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
+    dq_add = dq is not None
+    if dq_add and dq.stride() != q.stride():
+        raise ValueError(f"dq: strides {dq.stride()} differ from q's {q.stride()}; the kernel addresses both alike")
+    # The dq kernel writes every row of q's shape through q's strides, whatever they are.
+    dq = dq if dq_add else torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    if seq_len == 0 or batch == 0 or num_cmp == 0:
+        return dq if dq_add else dq.zero_()
+    consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
+    gp = consts["GP"]
     dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
+
     def dq_grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, consts, _interpret_tiles(gp))
-    return dq, dk, dv
+    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp))
+    return dq
 
 
 class _CompressedAttention(torch.autograd.Function):
