@@ -54,11 +54,16 @@ DEVICE = "cpu" if SMOKE else "cuda"
 # pairs NSA's dependencies allow beside each other. The window's passes depend on nothing but the
 # combine's deltas; selection's dK/dV writes no dq, so it may run beside compressed attention's
 # backward; selection's dq adds into compressed attention's, so only the window's dK/dV (which
-# writes no dq) may run beside it. The last pair would need compressed attention's dq kernel to add
-# into selection's (no such mode yet): it says what that is worth.
+# writes no dq) may run beside it. The next pair needs compressed attention's dq to add into
+# selection's: the backward schedule "selection-beside" (nsa.ops.triton_nsa) runs it.
 PAIRS = [("win-fwd", "sel-fwd", win_triton._query_kernel), ("win-dkdv", "sel-dq", win_triton._dkdv_kernel),
          ("cmp-bwd", "sel-dkdv", None), ("win-dkdv", "sel-dkdv", win_triton._dkdv_kernel),
-         ("cmp-bwd", "sel-dq", None)]
+         ("cmp-bwd", "sel-dq", None),
+         # The forward's: selection attention needs the scoring's blocks, which need compressed
+         # attention's lse, so these pairs run together only with the sequence cut into position
+         # chunks (chunk c + 1's compressed attention or scoring beside chunk c's selection, not
+         # written): they say what that pipeline is worth.
+         ("cmp-fwd", "sel-fwd", None), ("scoring", "sel-fwd", None)]
 
 
 def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict:
@@ -93,6 +98,9 @@ def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict
         "win-dkdv": lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale),
         "cmp-bwd": lambda: cmp_triton.compressed_attention_backward(q, kc, vc, clse, do, cdelta, BLOCK, STRIDE,
                                                                     scale),
+        "cmp-fwd": lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale),
+        "scoring": lambda: select_blocks_triton(q, kc, clse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
+                                                select_count=COUNT, scale=scale),
         "sel-fwd": lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK),
         "sel-dq": lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do,
                                                  delta=sdelta),
