@@ -12,8 +12,9 @@ from nsa.ops.triton_nsa import BACKWARD_SCHEDULES
 def test_schedules_run_and_agree(tmp_path):
     out = tmp_path / "overlap.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "overlap_ab.py"
-    done = subprocess.run([sys.executable, "-W", "ignore", str(script), "--smoke", "--heads", "8/2", "--parts",
-                           "schedules", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    command = [sys.executable, "-W", "ignore", str(script), "--smoke", "--heads", "8/2", "--parts", "schedules",
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["schedule"] for r in rows] == list(BACKWARD_SCHEDULES)

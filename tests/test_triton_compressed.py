@@ -92,7 +92,10 @@ def test_backward_is_deterministic():
 def test_dq_adds_in_place_to_a_given_gradient(seq_len, group):
     """``dq=``: the pass adds its query gradient to another branch's (the Triton backend's order of
     dq passes is free then): the same tensor comes back, holding the sum."""
-    from nsa.ops.compressed_attention.triton import compressed_attention_backward, compressed_attention_forward
+    from nsa.ops.compressed_attention.triton import (
+        compressed_attention_backward,
+        compressed_attention_forward,
+    )
     from nsa.ops.triton_common import softmax_delta
 
     gen = torch.Generator().manual_seed(seq_len + group)

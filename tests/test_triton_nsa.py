@@ -36,8 +36,8 @@ def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig
 @pytest.mark.parametrize("schedule", triton_nsa.BACKWARD_SCHEDULES)
 @pytest.mark.parametrize("seq_len,heads,kv_heads,dims,signed_gates",
                          [(72, 4, 2, (16, 16), False), (50, 3, 1, (32, 16), True)])
-def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims, signed_gates, schedule,
-                                                        monkeypatch):
+def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads, dims, signed_gates,
+                                                        schedule, monkeypatch):
     monkeypatch.setattr(triton_nsa, "BACKWARD_SCHEDULE", schedule)
     c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
                   compress_block=8, compress_stride=4, select_block=16, select_count=3, window=20, phi="mean")

@@ -75,7 +75,8 @@ def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict
     def rand(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=dt)
 
-    q, k, v, do = rand(1, seq_len, hq, dk), rand(1, seq_len, hk, dk), rand(1, seq_len, hk, dv), rand(1, seq_len, hq, dv)
+    q, do = rand(1, seq_len, hq, dk), rand(1, seq_len, hq, dv)
+    k, v = rand(1, seq_len, hk, dk), rand(1, seq_len, hk, dv)
     kc, vc = rand(1, n_cmp, hk, dk), rand(1, n_cmp, hk, dv)
     scale = dk ** -0.5
     co, clse = cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale)
@@ -92,15 +93,17 @@ def passes(seq_len: int, hq: int, hk: int, dk: int = 128, dv: int = 128) -> dict
     def branch_backward(schedule):
         return triton_nsa.branch_backward(q, kc, vc, k, v, k, v, idx, (clse, slse, wlse), [do] * 3,
                                           (cdelta, sdelta, wdelta), config, scale, schedule=schedule)
+    schedules = {f"backward:{name}": functools.partial(branch_backward, name)
+                 for name in triton_nsa.BACKWARD_SCHEDULES}
     return {
-        **{f"backward:{name}": functools.partial(branch_backward, name) for name in triton_nsa.BACKWARD_SCHEDULES},
+        **schedules,
         "win-fwd": lambda: win_triton._query_pass(q, k, v, WINDOW, scale),
         "win-dkdv": lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale),
-        "cmp-bwd": lambda: cmp_triton.compressed_attention_backward(q, kc, vc, clse, do, cdelta, BLOCK, STRIDE,
-                                                                    scale),
+        "cmp-bwd": lambda: cmp_triton.compressed_attention_backward(q, kc, vc, clse, do, cdelta, BLOCK,
+                                                                    STRIDE, scale),
         "cmp-fwd": lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale),
-        "scoring": lambda: select_blocks_triton(q, kc, clse, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-                                                select_count=COUNT, scale=scale),
+        "scoring": lambda: select_blocks_triton(q, kc, clse, block=BLOCK, stride=STRIDE,
+                                                select_block=SELECT_BLOCK, select_count=COUNT, scale=scale),
         "sel-fwd": lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK),
         "sel-dq": lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do,
                                                  delta=sdelta),

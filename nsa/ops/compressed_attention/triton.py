@@ -510,7 +510,8 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
     num_kv, num_cmp = k_cmp.shape[2], k_cmp.shape[1]
     dq_add = dq is not None
     if dq_add and dq.stride() != q.stride():
-        raise ValueError(f"dq: strides {dq.stride()} differ from q's {q.stride()}; the kernel addresses both alike")
+        raise ValueError(f"dq: strides {dq.stride()} differ from q's {q.stride()}; the kernel addresses "
+                         "both alike")
     # The dq kernel writes every row of q's shape through q's strides, whatever they are.
     dq = dq if dq_add else torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     if seq_len == 0 or batch == 0 or num_cmp == 0:
