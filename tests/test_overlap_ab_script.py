@@ -2,19 +2,13 @@
 and every schedule's gradients equal to the one-stream schedule's."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from nsa.ops.triton_nsa import BACKWARD_SCHEDULES
 
 
-def test_schedules_run_and_agree(tmp_path):
+def test_schedules_run_and_agree(tmp_path, run_gpu_script):
     out = tmp_path / "overlap.json"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "overlap_ab.py"
-    command = [sys.executable, "-W", "ignore", str(script), "--smoke", "--heads", "8/2", "--parts", "schedules",
-               "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    done = run_gpu_script("overlap_ab.py", "--smoke", "--heads", "8/2", "--parts", "schedules", "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["schedule"] for r in rows] == list(BACKWARD_SCHEDULES)

@@ -2,21 +2,11 @@
 is reported and written as JSON with exit 0; a pattern that matches nothing is an error."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "run_cases.py"
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), *args], capture_output=True,
-                          text=True, timeout=600, check=False)
-
-
-def test_runs_a_ci_case_and_writes_json(tmp_path):
+def test_runs_a_ci_case_and_writes_json(tmp_path, run_gpu_script):
     out = tmp_path / "cases.json"
-    done = _run("parity", "--scale", "ci", "--case", "parity::T67-*", "--out", str(out))
+    done = run_gpu_script("run_cases.py", "parity", "--scale", "ci", "--case", "parity::T67-*", "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["case"] for r in rows] == ["parity::T67-G2-d32x16"] and rows[0]["status"] == "pass"
@@ -24,7 +14,7 @@ def test_runs_a_ci_case_and_writes_json(tmp_path):
     assert done.stdout.startswith("pass  parity::T67-G2-d32x16")
 
 
-def test_a_pattern_matching_no_case_is_an_error():
-    done = _run("parity", "--scale", "ci", "--case", "parity::nothing-*")
+def test_a_pattern_matching_no_case_is_an_error(run_gpu_script):
+    done = run_gpu_script("run_cases.py", "parity", "--scale", "ci", "--case", "parity::nothing-*")
     assert done.returncode == 2 and "matches no ci-scale case" in done.stderr
     assert "Traceback" not in done.stderr

@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
@@ -151,13 +148,11 @@ def test_union_walk_pipelines_its_loads_on_sm90():
     assert all(row["async_copies"] > 0 for row in rows), rows
 
 
-def test_walk_ab_script_runs_on_cpu(tmp_path):
+def test_walk_ab_script_runs_on_cpu(tmp_path, run_gpu_script):
     """The GPU A/B of the union walk (scripts/gpu/selection_walk_ab.py) in its CPU smoke mode,
     with this module as its own "before": every option agrees bit for bit and the JSON is whole."""
     out = tmp_path / "ab.json"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "selection_walk_ab.py"
-    done = subprocess.run([sys.executable, "-W", "ignore", str(script), triton_selected.__file__, "--smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    done = run_gpu_script("selection_walk_ab.py", triton_selected.__file__, "--smoke", "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     options = len(triton_selected._query_kernel.options) + 1

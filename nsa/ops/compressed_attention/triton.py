@@ -368,7 +368,8 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
         dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis,
                                       stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True,
                                       PRECISION)
-    # DQ is allocated like Q, so Q's strides address it.
+    # DQ is allocated like Q, so Q's strides address it. (Not triton_common's store_or_add_rows_split,
+    # whose int64 address per row raised this kernel's spills, sm_90: 64 -> 80 bytes at 128/128.)
     dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
     dq_a, dq_b = dq_acc_a * scale, dq_acc_b * scale
     if DQ_ADD:
