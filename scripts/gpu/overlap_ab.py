@@ -1,7 +1,7 @@
 """Can a memory-bound pass run beside a compute-bound one? Two CUDA streams against one (GPU only).
 
     python3 scripts/gpu/overlap_ab.py [--seq-len 65536] [--heads 64/4,16/4] [--parts pairs,schedules]
-        [--out FILE]
+        [--pairs 'cmp-fwd|sel-fwd,...'] [--no-pinned] [--out FILE]
 
 Selection attention's query passes (forward and dq) are bound by their K/V gathers from L2
 (their time does not change with the query heads per key/value head, at ~8 TB/s of gathered
@@ -163,9 +163,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--heads", default="64/4,16/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--parts", default="pairs,schedules", help="comma list: pairs, schedules")
+    parser.add_argument("--pairs", help="comma list of 'compute|memory' pairs of PAIRS to time (default all)")
+    parser.add_argument("--no-pinned", action="store_true",
+                        help="time each pair with the autotuned options only, not each pinned option too")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check under the interpreter")
     args = parser.parse_args()
+    known = {f"{compute}|{memory}": (compute, memory, pinned) for compute, memory, pinned in PAIRS}
+    wanted = [p.strip() for p in args.pairs.split(",")] if args.pairs else list(known)
+    unknown = [p for p in wanted if p not in known]
+    if unknown:
+        parser.error(f"--pairs: unknown pair(s) {unknown}; known: {', '.join(known)}")
+    pairs = [known[p] for p in wanted] if "pairs" in args.parts else []
     seq_len = 256 if args.smoke else args.seq_len
     rows = []
     for heads in args.heads.split(","):
@@ -180,8 +189,8 @@ def main() -> None:
                          "max_rel_diff_vs_one_stream": diff})
             print(f"{heads} branch backward, schedule {schedule:24} {ms:8.2f} ms  "
                   f"max rel. difference to one-stream {diff:.2e}", flush=True)
-        for compute, memory, pinned in PAIRS if "pairs" in args.parts else []:
-            options = [None] + (list(pinned.options) if pinned is not None else [])
+        for compute, memory, pinned in pairs:
+            options = [None] + (list(pinned.options) if pinned is not None and not args.no_pinned else [])
             for option in options[:2] if args.smoke else options:
                 pin = pinned.only(option) if option is not None else contextlib.nullcontext()
                 with pin:
