@@ -141,10 +141,11 @@ def test_union_walk_pipelines_its_loads_on_sm90():
             "    for row in audit(dims, [group], kernels=('selected-fwd', 'selected-dq')):\n"
             "        print(json.dumps(asdict(row)))\n")
     rows = [json.loads(line) for line in run_compiled(code).splitlines()]
-    walks = [row for row in rows if not row["config"].startswith("BT=1 ")]
+    walks = [row for row in rows if not row["config"].startswith("BT=1 ") and "TMA=False" in row["config"]]
     # (32, 4): 4-position tiles on 1, 2 (two and three stages) and 4 warps and 16-position ones;
-    # (128, 16): 4-position tiles; forward and dq each.
+    # (128, 16): 4-position tiles; forward and dq each. The TMA walks' copies count too.
     assert len(walks) == 12, rows
+    assert any("TMA=True" in row["config"] for row in rows), rows
     assert all(row["async_copies"] > 0 for row in rows), rows
 
 
@@ -171,3 +172,42 @@ def test_sequences_shorter_than_a_position_tile(group, seq_len):
     o_ref, lse_ref = selected_attention(q.double(), k.double(), v.double(), idx, select_block=SELECT_BLOCK)
     torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse.double(), lse_ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option", triton_selected.TMA_OPTIONS, ids=lambda o: option_id((o,)))
+@pytest.mark.parametrize("group,dk,dv", [(16, 32, 16), (4, 48, 32), (1, 32, 16)])
+def test_tma_loads_match_naive(option, group, dk, dv, monkeypatch):
+    """The walks with key/value blocks loaded through tensor descriptors (interpreted), at
+    G = 16, 4 and 1, a split head dim (48 = 32 + 16, like 192 = 128 + 64), two sequences (a box
+    past one sequence's end reads zeros, not the next sequence) and a last block cut short."""
+    monkeypatch.setattr(triton_selected, "CHUNK", 32)
+    gen = torch.Generator().manual_seed(group + dk)
+    batch, seq_len, num_kv, n = 2, 70, 2, 3
+    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
+    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
+    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
+    idx = random_selection(batch, seq_len, num_kv, n, generator=gen)
+    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, lse = fn(*leaves, idx, select_block=SELECT_BLOCK)
+        (o * do.to(dtype)).sum().backward()
+        return [o, lse, leaves[0].grad]
+
+    assert triton_selected._block_descriptors(k, v, triton_selected._common(q, k, v, SELECT_BLOCK)) is not None
+    with triton_selected._query_kernel.only(option):
+        got_all = run(selected_attention_triton, torch.float32)
+    for name, got, want in zip(("o", "lse", "dq"), got_all, run(selected_attention, torch.float64)):
+        assert not torch.isnan(got).any(), name  # lse is -inf where a query reads no key
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_unaligned_tensors_take_the_pointer_loads():
+    """A stride that is not a multiple of 16 bytes cannot be a tensor descriptor's: no descriptor,
+    so the launcher uses the pointer-only options (same result)."""
+    k = torch.randn(1, 20, 1, 6)  # 24-byte rows
+    v = torch.randn(1, 20, 1, 8)
+    meta = triton_selected._common(torch.randn(1, 20, 2, 6), k, v, SELECT_BLOCK)
+    assert triton_selected._block_descriptors(k, v, meta) is None
+    assert triton_selected._block_descriptors(k[..., :4].contiguous(), v, meta) is not None

@@ -64,6 +64,13 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
 
     pointers = {**{n: f"*{dtype}" for n in DATA_POINTERS}, **{n: "*fp32" for n in FP32_POINTERS},
                 **{n: "*i32" for n in INT32_POINTERS}, **{n: "*i64" for n in INT64_POINTERS}}
+    # Selection's query kernel: tensor descriptors of [1, BS, 1, cols] boxes with TMA, else
+    # unused (the launcher passes the tensors in their place).
+    if "TMA" in constexprs:
+        cols = {"k_desc_a": constexprs["DK_A"], "k_desc_b": max(constexprs["DK_B"], 16),
+                "v_desc": constexprs["DV_PAD"]}
+        pointers.update({name: (f"tensordesc<{dtype}[1,{constexprs['BS']},1,{width}]>" if constexprs["TMA"]
+                                else f"*{dtype}") for name, width in cols.items()})
     return launch_signature(fn, constexprs, pointers, FLOATS)
 
 
@@ -72,7 +79,7 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     from nsa.ops.compressed_attention import triton as cmp
     from nsa.ops.selected_attention import triton as sel
     from nsa.ops.selection import triton as scoring
-    from nsa.ops.triton_common import split_dim
+    from nsa.ops.triton_common import GroupTunedKernel, split_dim
     from nsa.ops.window_attention import triton as win
 
     precision = "ieee" if dtype == "fp32" else "tf32"
@@ -105,7 +112,10 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
             ("window-fwd", win._query_kernel, forward, None),
             ("window-dq", win._query_kernel, dq_pass, None),
             ("window-dkdv", win._dkdv_kernel, {}, None)):
-        for config in tuned.configs(group, max_positions):
+        configs = tuned.configs(group, max_positions)
+        if tuned is sel._query_kernel:  # and the walks with TMA loads, which tune_kernels.py sweeps
+            configs += GroupTunedKernel(tuned.kernel, sel.TMA_OPTIONS, tuned.key).configs(group, max_positions)
+        for config in configs:
             yield name, tuned.kernel, {**rows_consts, **extra, **config.kwargs}, config
 
 

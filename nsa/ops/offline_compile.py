@@ -75,9 +75,11 @@ def resource_usage(compiled) -> tuple[int, int] | None:
 
 
 def async_copies(compiled) -> int:
-    """Asynchronous global-to-shared copies in a compiled kernel's TTGIR: how Triton's software
-    pipeliner keeps a loop's loads in flight; a loop that loads and has none waits for each."""
-    return compiled.asm["ttgir"].count("async_copy_global_to_local")
+    """Asynchronous global-to-shared copies (``cp.async`` or TMA) in a compiled kernel's TTGIR: how
+    Triton's software pipeliner keeps a loop's loads in flight; a loop that loads and has none
+    waits for each."""
+    ttgir = compiled.asm["ttgir"]
+    return ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local")
 
 
 def run_compiling(code: str, timeout: float = 1200) -> str:

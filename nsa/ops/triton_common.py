@@ -427,6 +427,14 @@ def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_
     query walks share it."""
     ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
     vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
+    return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B, PREC,
+                       BACKWARD, MASKED)
+
+
+@triton.jit
+def attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B: tl.constexpr,
+                PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`attend_keys` on a key tile already loaded (``ka, kb`` its column tiles, ``vb``)."""
     sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
     if BACKWARD:
         p, ds = softmax_grad(sc, allowed, lse2, delta, do, vb, PREC, MASKED)

@@ -126,12 +126,15 @@ class _NSATriton(torch.autograd.Function):
 # way round, against 46.7 one after the other (the first kernel to start holds the SMs: the
 # compressed kernels take every register of theirs); the whole backward 77.40 -> 74.10 ms.
 #   "one-stream": every pass on the current stream.
-#   "selection-dkdv-beside" (the default): selection's dK/dV on the side stream, first.
-#   "selection-beside": selection's dq (written first) then its dK/dV on the side stream, beside
-#       compressed attention's dK/dV; compressed attention's dq then adds to selection's. The pair
-#       measured -2.7 ms (compressed backward beside selection's dq), the schedule not yet.
+#   "selection-dkdv-beside": selection's dK/dV on the side stream, first.
+#   "selection-beside" (the default): selection's dq (written first) then its dK/dV on the side
+#       stream, beside compressed attention's dK/dV; compressed attention's dq then adds to
+#       selection's. The three branches' backward in one process (overlap_ab.py --parts schedules,
+#       H200, sixteenth session): 64/4 heads 74.15 / 72.42 / 71.17 ms in the order above, 16/4
+#       28.29 / 28.20 / 27.79; peak 4.71 GiB against 4.34 (64/4; selection's dq is held from the
+#       start of the backward).
 BACKWARD_SCHEDULES = ("one-stream", "selection-dkdv-beside", "selection-beside")
-BACKWARD_SCHEDULE = "selection-dkdv-beside"
+BACKWARD_SCHEDULE = "selection-beside"
 
 
 def branch_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas,

@@ -69,7 +69,7 @@ CANDIDATES = {
     "select": [(64, 64, 4, 1, 96), (64, 64, 4, 1, 128), (64, 64, 4, 2, 96), (64, 64, 4, 3, 128),
                (64, 128, 4, 2, 128), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128), (64, 32, 4, 2, 128),
                (32, 64, 4, 2, 128), (256, 64, 8, 2, 128)],
-    "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3)],
+    "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3), *sel_triton.TMA_OPTIONS],
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],
     "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2), (64, 4, 2, {"BN": 128}),
@@ -191,13 +191,23 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     # Selection attention.
     so, slse = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
     delta = softmax_delta(so, do, None)
-    for option in SEL_QUERY if "sel" in only else []:
+    sel_dq = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta)
+    for option in SEL_QUERY if "sel" in only or "sel-query" in only else []:
         with sel_triton._query_kernel.only(option):
-            timed(results, "sel-fwd", f"{tag} {option}",
-                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK))
-            timed(results, "sel-dq", f"{tag} {option}",
-                  lambda: sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do,
-                                                 delta=delta))
+            def forward():
+                return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
+
+            def dq_pass():
+                return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta)
+            for kernel, fn, want in (("sel-fwd", forward, so), ("sel-dq", dq_pass, sel_dq)):
+                if timed(results, kernel, f"{tag} {option}", fn) is not None:
+                    # Every option computes the same function: its largest difference to the autotuned
+                    # choice's result (bf16 rounding of a different summation order at most).
+                    got = fn()
+                    got = got[0] if isinstance(got, tuple) else got
+                    results[-1]["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+                    print(f"  {'':9} {'':28} max abs difference to the autotuned choice "
+                          f"{results[-1]['max_abs_diff']:.2e}", flush=True)
     for option in SEL_DKDV if "sel" in only else []:
         with sel_triton._dkdv_kernel.only(option):
             timed(results, "sel-dkdv", f"{tag} {option}",
@@ -314,8 +324,8 @@ def main():
     parser.add_argument("--heads", default="64/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--only", default="cmp,select,sel,win",
                         help="kernel families: cmp (compressed attention), select (scoring + top-n), "
-                             "sel (selection attention), win (window), decode (the decode step, batch "
-                             "1 and 32, context = each --seq-lens value)")
+                             "sel (selection attention), sel-query (its forward and dq only), win (window), "
+                             "decode (the decode step, batch 1 and 32, context = each --seq-lens value)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")
     args = parser.parse_args()
     if args.smoke:

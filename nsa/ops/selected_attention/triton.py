@@ -22,13 +22,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.ops.triton_common import (
     LOG2E,
     GroupTunedKernel,
     attend_keys,
+    attend_tile,
     dkdv_tile,
     dot_precision,
+    interpreting,
     load_block,
     load_rows,
     load_rows_split,
@@ -51,7 +54,31 @@ UNION_ENTRIES = 256
 
 
 @triton.jit
-def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
+def _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b, v_desc, b32, h, T, skt, svt,
+                  qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK: tl.constexpr, DV: tl.constexpr,
+                  DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
+                  PREC: tl.constexpr, BACKWARD: tl.constexpr, TMA: tl.constexpr):
+    """:func:`attend_keys` over selection block ``blk`` (positions ``kpos``), its keys and values
+    loaded by pointers or, with ``TMA``, by the tensor-memory accelerator: one bulk copy per tile
+    issued by one thread instead of every thread's address arithmetic and 16-byte copies (the
+    query passes are bound by these gathers). Rows past ``T`` are zero either way."""
+    if TMA:
+        row0 = blk * BS
+        ka = tl.reshape(k_desc_a.load([b32, row0, h, 0]), [BS, DK_A])
+        if DK_B > 0:
+            kb = tl.reshape(k_desc_b.load([b32, row0, h, DK_A]), [BS, DK_B])
+        else:
+            kb = ka
+        vb = tl.reshape(v_desc.load([b32, row0, h, 0]), [BS, DV_PAD])
+        return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
+                           PREC, BACKWARD, True)
+    else:
+        return attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
+                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, True)
+
+
+@triton.jit
+def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sib, sit, sih,
                       sob, sot, soh, slb, slt, slh,
                       T, NSEL, qk_scale, scale,
@@ -59,15 +86,17 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
                       N_PAD: tl.constexpr,
                       BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, TMA: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
 
     ``o``/``do``/``dq`` share the strides ``sob, sot, soh`` (dq uses ``q``'s shape; see the
-    launcher), ``lse``/``delta`` share ``slb, slt, slh``.
+    launcher), ``lse``/``delta`` share ``slb, slt, slh``. With ``TMA`` the key/value blocks come
+    through the tensor descriptors ``k_desc_a, k_desc_b, v_desc`` (:func:`_block_descriptors`).
     """
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HK).to(tl.int64)
+    b32 = pid_bh // HK
+    b = b32.to(tl.int64)
     h = pid_bh % HK
     t0 = pid_t * BT
     r, row_pos, row_ok = row_layout(t0, T, G, BT, BLOCK_M)
@@ -98,9 +127,10 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
             allowed = kpos[None, :] <= row_pos[:, None]
-            m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
-                                               m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
-                                               DV_PAD, PREC, BACKWARD, True)
+            m_i, l_i, acc, acc_b = _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b,
+                                                 v_desc, b32, h, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
+                                                 lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC,
+                                                 BACKWARD, TMA)
     else:
         # The union of the tile's lists, each block once, in the order the lists first name it.
         # The entries (position, slot) of the tile as one vector; an entry is new when no earlier
@@ -126,9 +156,10 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq,
             kpos = blk * BS + kk
             member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
             allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
-            m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale,
-                                               m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B,
-                                               DV_PAD, PREC, BACKWARD, True)
+            m_i, l_i, acc, acc_b = _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b,
+                                                 v_desc, b32, h, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
+                                                 lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC,
+                                                 BACKWARD, TMA)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -216,17 +247,39 @@ def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
              mask=ok[:, None] & (cv[None, :] < DV))
 
 
-_query_kernel = GroupTunedKernel(
-    _sel_query_kernel,
-    # (rows, warps, stages): one position per program for G >= 16, position tiles below.
-    # scripts/gpu/tune_kernels.py (H200, G=16): 2 warps beat 4 by 7% at 8k and 64k (fwd and dq).
-    # (16, 1, 2): 4 positions on one warp at G = 4, the fastest forward of the thirteenth
-    # session's sweep at 16/4 heads, 64k (13.5 ms against 14.6, H100).
-    # (16, 2, 3): the fastest dq at 16/4 (fourteenth session, H100, 64k: 13.8 ms against 14.4).
-    [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)],
-    # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after
-    # each timed launch.
-    key=["G", "DK", "DV", "BS", "BACKWARD"], restore_value=["dq"])
+# (rows, warps, stages): one position per program for G >= 16, position tiles below.
+# scripts/gpu/tune_kernels.py (H200, G=16): 2 warps beat 4 by 7% at 8k and 64k (fwd and dq).
+# (16, 1, 2): 4 positions on one warp at G = 4, the fastest forward of the thirteenth
+# session's sweep at 16/4 heads, 64k (13.5 ms against 14.6, H100).
+# (16, 2, 3): the fastest dq at 16/4 (fourteenth session, H100, 64k: 13.8 ms against 14.4).
+_POINTER_OPTIONS = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)]
+# The same walks with the blocks loaded by the tensor-memory accelerator (TMA): not yet measured,
+# so only scripts/gpu/tune_kernels.py sweeps them.
+TMA_OPTIONS = [(16, 2, 2, {"TMA": True}), (16, 2, 3, {"TMA": True}), (16, 1, 2, {"TMA": True}),
+               (16, 4, 3, {"TMA": True}), (16, 2, 4, {"TMA": True})]
+# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
+# timed launch.
+_QUERY_TUNING = dict(key=["G", "DK", "DV", "BS", "BACKWARD"], restore_value=["dq"], extra={"TMA": False})
+_query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, **_QUERY_TUNING)
+# Where no tensor descriptor can be made (see _block_descriptors): the pointer options only.
+_query_kernel_pointers = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, **_QUERY_TUNING)
+
+
+def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict):
+    """Tensor descriptors of ``[1, BS, 1, cols]`` boxes of ``k`` (its two column tiles) and ``v``
+    (``[B, T, HK, D]``), zero outside the tensor; ``None`` where the TMA cannot serve them: a GPU
+    before sm_90, or a base or stride not 16-byte aligned."""
+    if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return None
+    for x in (k, v):
+        if (x.stride(-1) != 1 or x.data_ptr() % 16
+                or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
+            return None
+    bs, dk_a, dk_b = meta["BS"], meta["DK_A"], meta["DK_B"]
+
+    def box(x, cols):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, bs, 1, cols])
+    return box(k, dk_a), box(k, max(dk_b, 16)), box(v, meta["DV_PAD"])
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
 # 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
 # 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
@@ -263,11 +316,14 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
         do, delta, dq = o, lse, q  # unused in the forward
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
+    descriptors = _block_descriptors(k, v, meta)
+    kernel = _query_kernel if descriptors is not None else _query_kernel_pointers
+    descriptors = (k, k, v) if descriptors is None else descriptors  # placeholders: TMA is off
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
 
-    _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq,
+    kernel(grid, q, k, v, idx, o, lse, do, delta, dq, *descriptors,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *o.stride()[:3], *lse.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
