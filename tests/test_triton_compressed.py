@@ -124,13 +124,16 @@ def _production_tiles():
     return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs})
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("tiles", _production_tiles(), ids=lambda t: f"M{t[0]}-N{t[1]}")
-def test_production_tiles_match_reference(tiles, monkeypatch):
+def test_production_tiles_match_reference(tiles, tma, monkeypatch):
     """The interpreter normally runs small tiles; here every kernel runs one of the GPU autotune
-    lists' tiles (N = 149 compressed tokens: a 128-key tile is followed by a mostly-masked one)."""
+    lists' tiles (N = 149 compressed tokens: a 128-key tile is followed by a mostly-masked one,
+    whose TMA box reaches past the last token), its key/value tiles loaded by pointers or, in
+    the forward and dq kernels, through tensor descriptors."""
     from nsa.ops.compressed_attention import triton as cmp_triton
 
-    monkeypatch.setattr(cmp_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
+    monkeypatch.setattr(cmp_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "TMA": tma})
     gen = torch.Generator().manual_seed(tiles[0] * 1000 + tiles[1])
     seq_len, block, stride, num_kv, group, dk, dv = 600, 8, 4, 1, 4, 48, 32
     num_cmp = num_compressed(seq_len, block, stride)

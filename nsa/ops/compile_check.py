@@ -64,13 +64,17 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
 
     pointers = {**{n: f"*{dtype}" for n in DATA_POINTERS}, **{n: "*fp32" for n in FP32_POINTERS},
                 **{n: "*i32" for n in INT32_POINTERS}, **{n: "*i64" for n in INT64_POINTERS}}
-    # Selection's query kernel: tensor descriptors of [1, BS, 1, cols] boxes with TMA, else
-    # unused (the launcher passes the tensors in their place).
+    # Key/value tensor descriptors of [1, rows, 1, cols] boxes with TMA, else unused (the
+    # launchers pass the tensors in their place): selection's query kernel, compressed attention's
+    # forward and dq.
     if "TMA" in constexprs:
-        cols = {"k_desc_a": constexprs["DK_A"], "k_desc_b": max(constexprs["DK_B"], 16),
-                "v_desc": constexprs["DV_PAD"]}
-        pointers.update({name: (f"tensordesc<{dtype}[1,{constexprs['BS']},1,{width}]>" if constexprs["TMA"]
-                                else f"*{dtype}") for name, width in cols.items()})
+        c = constexprs
+        boxes = ({"k_desc_a": (c["BS"], c["DK_A"]), "k_desc_b": (c["BS"], max(c["DK_B"], 16)),
+                  "v_desc": (c["BS"], c["DV_PAD"])} if "BS" in c else
+                 {"K_DESC_A": (c["BLOCK_N"], c["DKA"]), "K_DESC_B": (c["BLOCK_N"], max(c["DKB"], 16)),
+                  "V_DESC": (c["BLOCK_N"], c["DVP"])})
+        pointers.update({name: (f"tensordesc<{dtype}[1,{rows},1,{cols}]>" if c["TMA"] else f"*{dtype}")
+                         for name, (rows, cols) in boxes.items()})
     return launch_signature(fn, constexprs, pointers, FLOATS)
 
 
@@ -89,10 +93,12 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
                   "DVP": cmp.pow2(dv), "PRECISION": precision}
     # The compressed dq pass as the Triton backend launches it: the first dq, written (DQ_ADD off).
-    for name, kernel, configs, extra in (("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS, {}),
-                                         ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS, {}),
-                                         ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS,
-                                          {"DQ_ADD": False})):
+    # And the forward's and dq's TMA tiles, which tune_kernels.py sweeps.
+    for name, kernel, configs, extra in (
+            ("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS + cmp.group_configs(cmp.FWD_TMA_TILES), {}),
+            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS, {}),
+            ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS + cmp.group_configs(cmp.DQ_TMA_TILES),
+             {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,

@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Triton decides interpret-or-compile when a kernel is defined, i.e. when the kernel modules are
 # imported; launchers follow that decision, not a later change of the variable.
@@ -26,6 +27,34 @@ def interpreting() -> bool:
     return INTERPRET
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int):
+    """Tensor descriptors of ``[1, rows, 1, cols]`` boxes of ``k`` (its two column tiles
+    ``k_cols``; a second of 0 gets an unused 16-wide box) and ``v``, both ``[B, T, H, D]``, for
+    key/value tiles loaded by the tensor-memory accelerator (TMA): one bulk copy issued by one
+    thread instead of every thread's address arithmetic, zero outside the tensor. ``None`` where
+    the TMA cannot serve them: a GPU before sm_90, an empty tensor, or a base or stride not
+    16-byte aligned (the caller then launches its pointer-load configs)."""
+    if not INTERPRET and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return None
+    for x in (k, v):
+        if (x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16
+                or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
+            return None
+
+    def box(x, cols):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, cols])
+    return box(k, k_cols[0]), box(k, max(k_cols[1], 16)), box(v, v_cols)
+
+
+def set_kv_tile_rows(nargs: dict, names=("K_DESC_A", "K_DESC_B", "V_DESC"), rows: str = "BLOCK_N") -> None:
+    """Autotune ``pre_hook``: the descriptors ``names`` get the config's key tile (``rows``) as their
+    boxes' rows, since one host descriptor serves every config (placeholders are left alone)."""
+    for name in names:
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, nargs[rows], 1, desc.block_shape[3]]
 
 
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

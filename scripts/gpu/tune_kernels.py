@@ -59,9 +59,9 @@ PRODUCTION = {
 # Candidates timed beside them (the lists of the 2026-11-29 sweep, whose winners now lead the
 # production lists).
 CANDIDATES = {
-    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), *cmp_triton.FWD_TMA_TILES],
     "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2)],
-    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2)],
+    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), *cmp_triton.DQ_TMA_TILES],
     # A fifth entry caps registers per thread (Config.maxnreg): 143 registers x 256 threads
     # leave one program per SM, and the kernel's steps are a serial chain (dot, exp, dot, merge,
     # barrier) that only a second program can overlap. BLOCK_M sets the positions per tile
@@ -113,8 +113,10 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def cmp_config(m, n, w, s):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+def cmp_config(*tile, tma: bool = True):
+    """The autotune config of a ``(BLOCK_M, BLOCK_N, warps, stages[, constexprs])`` tile (``tma``:
+    a forward or dq kernel, which takes the ``TMA`` constexpr)."""
+    return cmp_triton.group_configs([tile], tma=tma)[0]
 
 
 def timed(results, kernel, label, fn):
@@ -126,6 +128,18 @@ def timed(results, kernel, label, fn):
     results.append({"kernel": kernel, "config": label, "ms": ms})
     print(f"  {kernel:9} {label:28} {'-' if ms is None else f'{ms:8.3f}'} ms", flush=True)
     return ms
+
+
+def timed_and_compared(results, kernel, label, fn, want):
+    """:func:`timed`, then the largest difference of ``fn``'s result (its first tensor) to ``want``,
+    the autotuned choice's: every option computes the same function, so this is bf16 rounding of
+    another summation order at most."""
+    if timed(results, kernel, label, fn) is not None:
+        got = fn()
+        got = got[0] if isinstance(got, tuple) else got
+        results[-1]["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+        print(f"  {'':9} {'':28} max abs difference to the autotuned choice {results[-1]['max_abs_diff']:.2e}",
+              flush=True)
 
 
 def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
@@ -146,25 +160,27 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     # Compressed attention.
     o, lse = cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale)
     cmp_delta = softmax_delta(o, do, None)
-    for cfg in CMP_FWD if "cmp" in only else []:
+    for cfg in CMP_FWD if "cmp" in only or "cmp-query" in only else []:
         with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
-            timed(results, "cmp-fwd", f"{tag} {cfg}",
-                  lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale))
+            timed_and_compared(results, "cmp-fwd", f"{tag} {cfg}",
+                               lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale), o)
     original_split = cmp_triton._query_split
     with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*CMP_DQ[0])):
         for cfg in CMP_DKDV if "cmp" in only else []:
             cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
-            with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*cfg)):
+            with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*cfg, tma=False)):
                 timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
                       lambda: cmp_triton.compressed_attention_backward(q, kc, vc, lse, do, cmp_delta, BLOCK,
                                                                        STRIDE, scale))
     cmp_triton._query_split = original_split
-    with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*CMP_DKDV[0])):
-        for cfg in CMP_DQ if "cmp" in only else []:
+    with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*CMP_DKDV[0], tma=False)):
+        cmp_dq = cmp_triton.compressed_attention_backward_dq(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
+        for cfg in CMP_DQ if "cmp" in only or "cmp-query" in only else []:
             with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*cfg)):
-                timed(results, "cmp-bwd/dq", f"{tag} {cfg}",
-                      lambda: cmp_triton.compressed_attention_backward(q, kc, vc, lse, do, cmp_delta, BLOCK,
-                                                                       STRIDE, scale))
+                # The dq pass alone (the dK/dV pass is the same in every row).
+                timed_and_compared(results, "cmp-dq", f"{tag} {cfg}",
+                                   lambda: cmp_triton.compressed_attention_backward_dq(
+                                       q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dq)
 
     # Block scoring + top-n.
     def select():
@@ -199,15 +215,8 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
 
             def dq_pass():
                 return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta)
-            for kernel, fn, want in (("sel-fwd", forward, so), ("sel-dq", dq_pass, sel_dq)):
-                if timed(results, kernel, f"{tag} {option}", fn) is not None:
-                    # Every option computes the same function: its largest difference to the autotuned
-                    # choice's result (bf16 rounding of a different summation order at most).
-                    got = fn()
-                    got = got[0] if isinstance(got, tuple) else got
-                    results[-1]["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
-                    print(f"  {'':9} {'':28} max abs difference to the autotuned choice "
-                          f"{results[-1]['max_abs_diff']:.2e}", flush=True)
+            timed_and_compared(results, "sel-fwd", f"{tag} {option}", forward, so)
+            timed_and_compared(results, "sel-dq", f"{tag} {option}", dq_pass, sel_dq)
     for option in SEL_DKDV if "sel" in only else []:
         with sel_triton._dkdv_kernel.only(option):
             timed(results, "sel-dkdv", f"{tag} {option}",
@@ -323,7 +332,8 @@ def main():
     parser.add_argument("--head-dims", default="128/128")
     parser.add_argument("--heads", default="64/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--only", default="cmp,select,sel,win",
-                        help="kernel families: cmp (compressed attention), select (scoring + top-n), "
+                        help="kernel families: cmp (compressed attention), cmp-query (its forward and dq "
+                             "only), select (scoring + top-n), "
                              "sel (selection attention), sel-query (its forward and dq only), win (window), "
                              "decode (the decode step, batch 1 and 32, context = each --seq-lens value)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")

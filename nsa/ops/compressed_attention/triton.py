@@ -33,6 +33,8 @@ from nsa.ops.triton_common import (
     dkdv_tile,
     dot_precision,
     interpreting,
+    kv_tile_descriptors,
+    set_kv_tile_rows,
     softmax_delta,
     split_dim,
 )
@@ -49,9 +51,15 @@ def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def group_configs(tiles):
-    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+def group_configs(tiles, tma: bool = True):
+    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, constexprs])`` tuples.
+
+    With ``tma`` (the forward and dq kernels, which take key/value tensor descriptors) ``TMA`` is
+    off unless a tuple turns it on, and the ``pre_hook`` sizes the descriptors to ``BLOCK_N``."""
+    def config(m, n, w, s, other):
+        kwargs = {"BLOCK_M": m, "BLOCK_N": n, **({"TMA": False} if tma else {}), **other}
+        return triton.Config(kwargs, num_warps=w, num_stages=s, pre_hook=set_kv_tile_rows if tma else None)
+    return [config(m, n, w, s, other[0] if other else {}) for m, n, w, s, *other in tiles]
 
 
 def prune_group_rows(configs, named_args, **kwargs):
@@ -63,7 +71,7 @@ def prune_group_rows(configs, named_args, **kwargs):
     if not kept:  # very large groups: one position per tile
         base = configs[0]
         kept = [triton.Config({**base.kwargs, "BLOCK_M": gp}, num_warps=base.num_warps,
-                              num_stages=base.num_stages)]
+                              num_stages=base.num_stages, pre_hook=base.pre_hook)]
     return kept
 
 
@@ -127,10 +135,23 @@ def dot_head_dim(xa, xb, ya, yb, DB: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK: tl.constexpr, DV: tl.constexpr,
+def _load_kv_tile(k_base, v_base, descs, start, vis, stride_kn, stride_vn, DK: tl.constexpr, DV: tl.constexpr,
                   DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK: tl.constexpr):
-    """Compressed keys (two head-dim blocks) and values ``start .. start + BLOCK_N`` of one kv head."""
+                  MASK: tl.constexpr, TMA: tl.constexpr):
+    """Compressed keys (two head-dim blocks) and values ``start .. start + BLOCK_N`` of one kv head.
+
+    With ``TMA``, ``descs = (k_desc_a, k_desc_b, v_desc, b, h)`` (:func:`kv_tile_descriptors`):
+    tokens past the visible ones are then loaded too, finite, for the caller's mask to drop (its
+    ``p`` is 0 there), and zeros past the last compressed token."""
+    if TMA:
+        k_desc_a, k_desc_b, v_desc, b, h = descs
+        ka = tl.reshape(k_desc_a.load([b, start, h, 0]), [BLOCK_N, DKA])
+        if DKB > 0:
+            kb = tl.reshape(k_desc_b.load([b, start, h, DKA]), [BLOCK_N, DKB])
+        else:
+            kb = ka
+        v = tl.reshape(v_desc.load([b, start, h, 0]), [BLOCK_N, DVP])
+        return ka, kb, v
     local = tl.arange(0, BLOCK_N)
     dv = tl.arange(0, DVP)
     # Only tiles past the fully-visible prefix can run past the last compressed token.
@@ -145,12 +166,12 @@ def _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK: tl.const
 
 
 @triton.jit
-def _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn, qk_scale,
+def _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn, stride_vn, qk_scale,
               DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    ka, kb, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
-                              BLOCK_N, MASK)
+    ka, kb, v = _load_kv_tile(k_base, v_base, descs, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
+                              BLOCK_N, MASK, TMA)
     s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
     if MASK:
         s = tl.where(cols[None, :] < vis[:, None], s, float("-inf"))
@@ -168,13 +189,13 @@ def _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stri
 
 
 @triton.jit
-def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
+def _cmp_fwd_kernel(Q, K, V, O, LSE, K_DESC_A, K_DESC_B, V_DESC, T, HK,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                     stride_lb, stride_lt, stride_lh, qk_scale,
                     G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     # Later tiles see more keys; launching them first evens out the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -195,12 +216,13 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, T, HK,
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    descs = (K_DESC_A, K_DESC_B, V_DESC, b, h)
     for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False, PRECISION, TMA)
     for start in range(n_full, n_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn, stride_vn,
+                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True, PRECISION, TMA)
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2_JIT, float("-inf"))
@@ -314,12 +336,13 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SP
 
 
 @triton.jit
-def _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis, stride_kn, stride_vn,
-             qk_scale, DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
-             DVP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs, start, vis, stride_kn,
+             stride_vn, qk_scale, DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
+             DVP: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+             TMA: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
-    ka, kb, v = _load_kv_tile(k_base, v_base, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
-                              BLOCK_N, MASK)
+    ka, kb, v = _load_kv_tile(k_base, v_base, descs, start, vis, stride_kn, stride_vn, DK, DV, DKA, DKB, DVP,
+                              BLOCK_N, MASK, TMA)
     p = tl.exp2(dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(cols[None, :] < vis[:, None], p, 0.0)
@@ -332,14 +355,14 @@ def _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start,
 
 
 @triton.jit
-def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
+def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, T, HK,
                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                        stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                        stride_lb, stride_lt, stride_lh, qk_scale, scale,
                        G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
                        PRECISION: tl.constexpr, DQ_ADD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """dq of a tile of query rows (written, or with ``DQ_ADD`` added to what ``DQ`` holds: another
     branch's dq, one float32 sum rounded once)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -360,14 +383,15 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
     dq_acc_a = tl.zeros([BLOCK_M, DKA], dtype=tl.float32)
     # Unused (and compiled away) when DKB == 0.
     dq_acc_b = tl.zeros([BLOCK_M, DKB if DKB > 0 else 16], dtype=tl.float32)
+    descs = (K_DESC_A, K_DESC_B, V_DESC, b, h)
     for start in range(0, n_full, BLOCK_N):
-        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis,
-                                      stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False,
-                                      PRECISION)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs, start,
+                                      vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False,
+                                      PRECISION, TMA)
     for start in range(n_full, n_end, BLOCK_N):
-        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, start, vis,
-                                      stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True,
-                                      PRECISION)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs, start,
+                                      vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True,
+                                      PRECISION, TMA)
     # DQ is allocated like Q, so Q's strides address it. (Not triton_common's store_or_add_rows_split,
     # whose int64 address per row raised this kernel's spills, sm_90: 64 -> 80 bytes at 128/128.)
     dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
@@ -388,8 +412,12 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, HK,
 DKDV_KEY_TILE = 128
 # The float32 fallback's narrower key tile only leaves the query split sized for 128-key tiles
 # (fewer programs than intended), never a wrong result.
-_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)])
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)], tma=False)
 _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
+# The forward's and dq's best tiles with their key/value tiles loaded by the TMA: not yet
+# measured, so only scripts/gpu/tune_kernels.py sweeps them.
+FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
+DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}), (64, 64, 4, 2, {"TMA": True})]
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})
@@ -401,11 +429,21 @@ _cmp_bwd_dq_tuned = SizeTunedKernel(_cmp_bwd_dq_kernel, _DQ_CONFIGS, key=_TUNE_K
 
 # Interpreter tiles: small enough that the tests' short sequences cross several key and query
 # tiles (masked and unmasked loops both run), large enough to keep numpy busy.
-INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 16}
+INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": False}
 
 
-def _interpret_tiles(gp: int) -> dict:
-    return {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
+def _interpret_tiles(gp: int, tma: bool = True) -> dict:
+    tiles = {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
+    return tiles if tma else {k: v for k, v in tiles.items() if k != "TMA"}
+
+
+def _kv_descriptors(k_cmp: torch.Tensor, v_cmp: torch.Tensor, consts: dict) -> tuple:
+    """The forward and dq kernels' key/value tensor descriptors (:func:`kv_tile_descriptors`; their
+    rows set per config by ``set_kv_tile_rows``, under the interpreter here), or the tensors in
+    their place where there can be none (then only configs without ``TMA`` may run)."""
+    descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
+                                consts["DVP"])
+    return (k_cmp, k_cmp, v_cmp) if descs is None else descs
 
 
 def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int,
@@ -434,8 +472,8 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
     def grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    args = (q, k_cmp, v_cmp, o, lse, seq_len, num_kv, *_strides3(q), *_strides3(k_cmp), *_strides3(v_cmp),
-            *_strides3(o), *_strides3(lse), scale * LOG2E)
+    args = (q, k_cmp, v_cmp, o, lse, *_kv_descriptors(k_cmp, v_cmp, consts), seq_len, num_kv, *_strides3(q),
+            *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(o), *_strides3(lse), scale * LOG2E)
     _cmp_fwd_tuned.launch(seq_len, grid, args, consts, _interpret_tiles(gp))
     return o, lse
 
@@ -496,7 +534,7 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     def dkdv_grid(meta):
         return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
 
-    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]))
+    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"], tma=False))
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))
@@ -519,7 +557,8 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
         return dq if dq_add else dq.zero_()
     consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
     gp = consts["GP"]
-    dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, seq_len, num_kv, *common)
+    dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, *_kv_descriptors(k_cmp, v_cmp, consts), seq_len, num_kv,
+               *common)
 
     def dq_grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.ops.triton_common import (
     LOG2E,
@@ -31,7 +30,7 @@ from nsa.ops.triton_common import (
     attend_tile,
     dkdv_tile,
     dot_precision,
-    interpreting,
+    kv_tile_descriptors,
     load_block,
     load_rows,
     load_rows_split,
@@ -266,20 +265,10 @@ _query_kernel_pointers = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, *
 
 
 def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict):
-    """Tensor descriptors of ``[1, BS, 1, cols]`` boxes of ``k`` (its two column tiles) and ``v``
-    (``[B, T, HK, D]``), zero outside the tensor; ``None`` where the TMA cannot serve them: a GPU
-    before sm_90, or a base or stride not 16-byte aligned."""
-    if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
-        return None
-    for x in (k, v):
-        if (x.stride(-1) != 1 or x.data_ptr() % 16
-                or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
-            return None
-    bs, dk_a, dk_b = meta["BS"], meta["DK_A"], meta["DK_B"]
+    """:func:`kv_tile_descriptors` of one selection block (``BS`` rows) of ``k`` and ``v``."""
+    return kv_tile_descriptors(k, v, meta["BS"], (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"])
 
-    def box(x, cols):
-        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, bs, 1, cols])
-    return box(k, dk_a), box(k, max(dk_b, 16)), box(v, meta["DV_PAD"])
+
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
 # 64k (12.4 ms against 17.6 for the former choice at 64k, H200). Compiled for sm_90 at Dk = Dv =
 # 128 it spills 392 bytes per thread (two [64, 128] float32 accumulators on 4 warps). At 16/4
