@@ -69,11 +69,19 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     # forward and dq.
     if "TMA" in constexprs:
         c = constexprs
-        boxes = ({"k_desc_a": (c["BS"], c["DK_A"]), "k_desc_b": (c["BS"], max(c["DK_B"], 16)),
-                  "v_desc": (c["BS"], c["DV_PAD"])} if "BS" in c else
-                 {"K_DESC_A": (c["BLOCK_N"], c["DKA"]), "K_DESC_B": (c["BLOCK_N"], max(c["DKB"], 16)),
-                  "V_DESC": (c["BLOCK_N"], c["DVP"])})
-        pointers.update({name: (f"tensordesc<{dtype}[1,{rows},1,{cols}]>" if c["TMA"] else f"*{dtype}")
+        if "BS" in c:
+            boxes = {"k_desc_a": (f"1,{c['BS']},1", c["DK_A"]), "k_desc_b": (f"1,{c['BS']},1", max(c["DK_B"], 16)),
+                     "v_desc": (f"1,{c['BS']},1", c["DV_PAD"])}
+        elif "SELECT_BLOCK" in c:  # the scoring kernel: compressed keys only
+            rows = f"1,{c['BLOCK_N']},1"
+            boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16))}
+        elif "Q_DESC_A" in fn.arg_names:  # compressed attention's dK/dV: query tiles
+            rows = f"1,{c['BLOCK_M'] // c['GP']},{c['GP']}"
+            boxes = {"Q_DESC_A": (rows, c["DKA"]), "Q_DESC_B": (rows, max(c["DKB"], 16)), "DO_DESC": (rows, c["DVP"])}
+        else:
+            rows = f"1,{c['BLOCK_N']},1"
+            boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16)), "V_DESC": (rows, c["DVP"])}
+        pointers.update({name: (f"tensordesc<{dtype}[{rows},{cols}]>" if c["TMA"] else f"*{dtype}")
                          for name, (rows, cols) in boxes.items()})
     return launch_signature(fn, constexprs, pointers, FLOATS)
 
@@ -96,14 +104,15 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     # And the forward's and dq's TMA tiles, which tune_kernels.py sweeps.
     for name, kernel, configs, extra in (
             ("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS + cmp.group_configs(cmp.FWD_TMA_TILES), {}),
-            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS, {}),
+            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel,
+             cmp._DKDV_CONFIGS + cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows), {}),
             ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS + cmp.group_configs(cmp.DQ_TMA_TILES),
              {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
-    for config in scoring._prune_selection(scoring._SELECT_CONFIGS, select_consts):
+    for config in scoring._prune_selection(scoring._SELECT_CONFIGS + scoring.SELECT_TMA_CONFIGS, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
@@ -119,8 +128,9 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
             ("window-dq", win._query_kernel, dq_pass, None),
             ("window-dkdv", win._dkdv_kernel, {}, None)):
         configs = tuned.configs(group, max_positions)
-        if tuned is sel._query_kernel:  # and the walks with TMA loads, which tune_kernels.py sweeps
-            configs += GroupTunedKernel(tuned.kernel, sel.TMA_OPTIONS, tuned.key).configs(group, max_positions)
+        if tuned is sel._query_kernel:  # and the other walks with TMA loads, which tune_kernels.py sweeps
+            swept = [option for option in sel.TMA_OPTIONS if option not in tuned.options]
+            configs += GroupTunedKernel(tuned.kernel, swept, tuned.key).configs(group, max_positions)
         for config in configs:
             yield name, tuned.kernel, {**rows_consts, **extra, **config.kwargs}, config
 

@@ -29,23 +29,27 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int):
-    """Tensor descriptors of ``[1, rows, 1, cols]`` boxes of ``k`` (its two column tiles
-    ``k_cols``; a second of 0 gets an unused 16-wide box) and ``v``, both ``[B, T, H, D]``, for
-    key/value tiles loaded by the tensor-memory accelerator (TMA): one bulk copy issued by one
-    thread instead of every thread's address arithmetic, zero outside the tensor. ``None`` where
-    the TMA cannot serve them: a GPU before sm_90, an empty tensor, or a base or stride not
-    16-byte aligned (the caller then launches its pointer-load configs)."""
-    if not INTERPRET and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: list[int]):
+    """Tensor descriptors of ``[*box, cols[i]]`` boxes of ``tensors[sources[i]]``, for tiles loaded
+    by the tensor-memory accelerator (TMA): one bulk copy issued by one thread instead of every
+    thread's address arithmetic, zero outside the tensor. ``None`` where the TMA cannot serve
+    them: a GPU before sm_90, an empty tensor, or a base or stride not 16-byte aligned (the
+    caller then launches its pointer-load configs)."""
+    first = tensors[0]
+    if not INTERPRET and not (first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9):
         return None
-    for x in (k, v):
+    for x in tensors:
         if (x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16
                 or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
             return None
+    return tuple(TensorDescriptor(tensors[i], list(tensors[i].shape), list(tensors[i].stride()), [*box, width])
+                 for i, width in zip(sources, cols))
 
-    def box(x, cols):
-        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, cols])
-    return box(k, k_cols[0]), box(k, max(k_cols[1], 16)), box(v, v_cols)
+
+def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int):
+    """:func:`tile_descriptors` of ``[1, rows, 1, cols]`` key/value tiles of ``k`` (its two column
+    tiles ``k_cols``; a second of 0 gets an unused 16-wide box) and ``v``, both ``[B, T, H, D]``."""
+    return tile_descriptors((k, v), [1, rows, 1], [k_cols[0], max(k_cols[1], 16), v_cols], [0, 0, 1])
 
 
 def set_kv_tile_rows(nargs: dict, names=("K_DESC_A", "K_DESC_B", "V_DESC"), rows: str = "BLOCK_N") -> None:

@@ -60,7 +60,8 @@ PRODUCTION = {
 # production lists).
 CANDIDATES = {
     "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), *cmp_triton.FWD_TMA_TILES],
-    "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2)],
+    "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2),
+                 *cmp_triton.DKDV_TMA_TILES],
     "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), *cmp_triton.DQ_TMA_TILES],
     # A fifth entry caps registers per thread (Config.maxnreg): 143 registers x 256 threads
     # leave one program per SM, and the kernel's steps are a serial chain (dot, exp, dot, merge,
@@ -68,7 +69,10 @@ CANDIDATES = {
     # (BLOCK_M // G), above MAX_POSITIONS too.
     "select": [(64, 64, 4, 1, 96), (64, 64, 4, 1, 128), (64, 64, 4, 2, 96), (64, 64, 4, 3, 128),
                (64, 128, 4, 2, 128), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128), (64, 32, 4, 2, 128),
-               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128)],
+               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128),
+               # Compressed keys loaded by the TMA (each config as select_triton.SELECT_TMA_CONFIGS).
+               *[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, {"TMA": True})
+                 for c in select_triton.SELECT_TMA_CONFIGS]],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3), *sel_triton.TMA_OPTIONS],
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],
@@ -113,10 +117,14 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def cmp_config(*tile, tma: bool = True):
-    """The autotune config of a ``(BLOCK_M, BLOCK_N, warps, stages[, constexprs])`` tile (``tma``:
-    a forward or dq kernel, which takes the ``TMA`` constexpr)."""
-    return cmp_triton.group_configs([tile], tma=tma)[0]
+def cmp_config(*tile, pre_hook=cmp_triton.set_kv_tile_rows):
+    """The autotune config of a ``(BLOCK_M, BLOCK_N, warps, stages[, constexprs])`` tile of a
+    compressed-attention kernel (``pre_hook``: its descriptors' sizing, as in its production list)."""
+    return cmp_triton.group_configs([tile], pre_hook=pre_hook)[0]
+
+
+def dkdv_config(*tile):
+    return cmp_config(*tile, pre_hook=cmp_triton.set_query_tile_rows)
 
 
 def timed(results, kernel, label, fn):
@@ -165,15 +173,16 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
             timed_and_compared(results, "cmp-fwd", f"{tag} {cfg}",
                                lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale), o)
     original_split = cmp_triton._query_split
-    with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*CMP_DQ[0])):
-        for cfg in CMP_DKDV if "cmp" in only else []:
-            cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
-            with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*cfg, tma=False)):
-                timed(results, "cmp-bwd/dkdv", f"{tag} {cfg}",
-                      lambda: cmp_triton.compressed_attention_backward(q, kc, vc, lse, do, cmp_delta, BLOCK,
-                                                                       STRIDE, scale))
+    cmp_dk = cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
+    for cfg in CMP_DKDV if "cmp" in only or "cmp-dkdv" in only else []:
+        cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
+        with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*cfg)):
+            # The dK/dV pass alone (its dk compared).
+            timed_and_compared(results, "cmp-dkdv", f"{tag} {cfg}",
+                               lambda: cmp_triton.compressed_attention_backward_dkdv(
+                                   q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
     cmp_triton._query_split = original_split
-    with cmp_triton._cmp_bwd_dkdv_tuned.only(cmp_config(*CMP_DKDV[0], tma=False)):
+    with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*CMP_DKDV[0])):
         cmp_dq = cmp_triton.compressed_attention_backward_dq(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
         for cfg in CMP_DQ if "cmp" in only or "cmp-query" in only else []:
             with cmp_triton._cmp_bwd_dq_tuned.only(cmp_config(*cfg)):
@@ -188,15 +197,19 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
                                                   select_block=SELECT_BLOCK, select_count=COUNT)
 
     chosen = select()  # the production lists' autotuned choice: every pinned config must agree
-    for m, n, w, s, *cap in SELECT if "select" in only else []:
-        # One config: the autotuner skips its prune hook, so derive the tiles here.
+    for m, n, w, s, *rest in SELECT if "select" in only else []:
+        # One config: the autotuner skips its prune hook, so derive the tiles here. ``rest``: a
+        # register cap (int) and/or constexprs (dict: TMA).
+        cap = next((x for x in rest if isinstance(x, int)), None)
+        extra = next((x for x in rest if isinstance(x, dict)), {})
         positions = max(select_triton.MAX_POSITIONS, m // group)
         tiles = select_triton.selection_tiles(m, n, group_pow2=triton.next_power_of_2(group),
                                               max_positions=positions, block=BLOCK, stride=STRIDE,
                                               select_block=SELECT_BLOCK, count_pow2=COUNT)
-        label = f"{tag} {(m, n, w, s, *cap)}"
-        with select_triton._select_tuned.only(triton.Config(tiles, num_warps=w, num_stages=s,
-                                                            maxnreg=cap[0] if cap else None)):
+        label = f"{tag} {(m, n, w, s, *rest)}"
+        with select_triton._select_tuned.only(triton.Config({**tiles, "TMA": False, **extra}, num_warps=w,
+                                                            num_stages=s, maxnreg=cap,
+                                                            pre_hook=select_triton.set_key_tile_rows)):
             if timed(results, "select", label, select) is not None:
                 # Rows whose chosen blocks differ (Eq. 9 sums in another order may flip a tie).
                 results[-1]["rows_differing"] = int((select() != chosen).any(-1).sum())
@@ -314,8 +327,7 @@ def summary(results):
         if not rows:
             continue
         best = min(rows, key=lambda r: r["ms"])
-        family = kernel.split("/")[0] if kernel.startswith("cmp-bwd") else kernel
-        prod_key = {"cmp-bwd/dkdv": "cmp-dkdv", "cmp-bwd/dq": "cmp-dq"}.get(kernel, family)
+        prod_key = kernel
         if prod_key == "decode":
             prod = rows[:1]  # the first variant is the default plan
         else:
@@ -333,7 +345,7 @@ def main():
     parser.add_argument("--heads", default="64/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--only", default="cmp,select,sel,win",
                         help="kernel families: cmp (compressed attention), cmp-query (its forward and dq "
-                             "only), select (scoring + top-n), "
+                             "only), cmp-dkdv (its dK/dV pass only), select (scoring + top-n), "
                              "sel (selection attention), sel-query (its forward and dq only), win (window), "
                              "decode (the decode step, batch 1 and 32, context = each --seq-lens value)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")

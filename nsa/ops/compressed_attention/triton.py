@@ -27,6 +27,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.ops.triton_common import (
     SizeTunedKernel,
@@ -35,6 +36,7 @@ from nsa.ops.triton_common import (
     interpreting,
     kv_tile_descriptors,
     set_kv_tile_rows,
+    tile_descriptors,
     softmax_delta,
     split_dim,
 )
@@ -51,15 +53,24 @@ def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def group_configs(tiles, tma: bool = True):
-    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, constexprs])`` tuples.
-
-    With ``tma`` (the forward and dq kernels, which take key/value tensor descriptors) ``TMA`` is
-    off unless a tuple turns it on, and the ``pre_hook`` sizes the descriptors to ``BLOCK_N``."""
+def group_configs(tiles, pre_hook=set_kv_tile_rows):
+    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, constexprs])`` tuples;
+    ``TMA`` is off unless a tuple turns it on. ``pre_hook`` sizes the kernel's tensor descriptors
+    to the config's tiles (the forward's and dq's key/value tiles by default, the dK/dV pass's
+    query tiles with :func:`set_query_tile_rows`); ``None`` for a kernel without ``TMA``."""
     def config(m, n, w, s, other):
-        kwargs = {"BLOCK_M": m, "BLOCK_N": n, **({"TMA": False} if tma else {}), **other}
-        return triton.Config(kwargs, num_warps=w, num_stages=s, pre_hook=set_kv_tile_rows if tma else None)
+        kwargs = {"BLOCK_M": m, "BLOCK_N": n, **({"TMA": False} if pre_hook else {}), **other}
+        return triton.Config(kwargs, num_warps=w, num_stages=s, pre_hook=pre_hook)
     return [config(m, n, w, s, other[0] if other else {}) for m, n, w, s, *other in tiles]
+
+
+def set_query_tile_rows(nargs: dict) -> None:
+    """Autotune ``pre_hook`` of the dK/dV pass: its q and dO descriptors' boxes get the config's
+    ``BLOCK_M // GP`` positions (placeholders are left alone)."""
+    for name in ("Q_DESC_A", "Q_DESC_B", "DO_DESC"):
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, nargs["BLOCK_M"] // nargs["GP"], *desc.block_shape[2:]]
 
 
 def prune_group_rows(configs, named_args, **kwargs):
@@ -244,17 +255,31 @@ _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", 
 
 
 @triton.jit
-def _load_query_tile(Q, DO, LSE, DELTA, b, t0, h0, g, local_t, row_ok, stride_qb, stride_qt, stride_qh,
+def _load_query_tile(Q, DO, LSE, DELTA, descs, b, t0, h0, g, local_t, row_ok, stride_qb, stride_qt, stride_qh,
                      stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
                      DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
-                     DVP: tl.constexpr):
+                     DVP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     TMA: tl.constexpr):
     """q (two head-dim blocks), dO, lse*log2(e) and delta of a query tile; padding rows load zeros,
-    so they add nothing."""
-    dv = tl.arange(0, DVP)
-    q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
-    qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
-    do_rows = tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
-    do = tl.load(do_rows[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    so they add nothing.
+
+    With ``TMA`` and ``G == GP`` (a tile's rows are then whole ``[positions, G]`` boxes of ``q``
+    and ``dO``), q and dO come through ``descs = (q_desc_a, q_desc_b, do_desc)``
+    (:func:`query_tile_descriptors`), zero past ``T``; lse and delta by pointers."""
+    if TMA and G == GP:
+        q_desc_a, q_desc_b, do_desc = descs
+        qa = tl.reshape(q_desc_a.load([b, t0, h0, 0]), [BLOCK_M, DKA])
+        if DKB > 0:
+            qb = tl.reshape(q_desc_b.load([b, t0, h0, DKA]), [BLOCK_M, DKB])
+        else:
+            qb = qa
+        do = tl.reshape(do_desc.load([b, t0, h0, 0]), [BLOCK_M, DVP])
+    else:
+        dv = tl.arange(0, DVP)
+        q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+        qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
+        do_rows = tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
+        do = tl.load(do_rows[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     row_off = local_t * stride_lt + g * stride_lh
     lse2 = tl.load(tile_base(LSE, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off,
                    mask=row_ok, other=0.0) * LOG2E_JIT
@@ -263,16 +288,17 @@ def _load_query_tile(Q, DO, LSE, DELTA, b, t0, h0, g, local_t, row_ok, stride_qb
 
 
 @triton.jit
-def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, descs, T, b, h,
                stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
                stride_lb, stride_lt, stride_lh, qk_scale,
                G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, DVP: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, pid_m * (BLOCK_M // GP), h * G, g, local_t,
-                                               row_ok, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP)
+    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, descs, b, pid_m * (BLOCK_M // GP), h * G, g,
+                                               local_t, row_ok, stride_qb, stride_qt, stride_qh, stride_ob,
+                                               stride_ot, stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA,
+                                               DKB, DVP, G, GP, BLOCK_M, TMA)
     # Rows before the key's first reader have lse = -inf (exp2 -> inf); the mask drops them.
     allowed_t = cols[:, None] * STRIDE + BLOCK - 1 <= pos[None, :]
     return dkdv_tile(qa, qb, do, lse2, delta, ka, kb, v, allowed_t, allowed_t, qk_scale, dk_acc_a, dk_acc_b,
@@ -280,14 +306,15 @@ def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, D
 
 
 @triton.jit
-def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SPLIT_LEN,
+def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_DESC_B, DO_DESC, T, N, HK,
+                         SPLIT_LEN,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                          stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                          stride_lb, stride_lt, stride_lh, qk_scale, scale,
                          G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
                          DVP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     # Program (key tile, b*HK + h, split) sums over the query tiles whose first position falls in
     # [split*SPLIT_LEN, (split+1)*SPLIT_LEN); the host adds the splits' float32 partials in order.
     pid_n = tl.program_id(0)
@@ -317,16 +344,17 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, T, N, HK, SP
     m_full = tl.minimum(tl.cdiv(last_col * STRIDE + BLOCK - 1, BLOCK_T), m_end)
     split_start = tl.cdiv(pid_s * SPLIT_LEN, BLOCK_T)
     split_end = tl.cdiv((pid_s + 1) * SPLIT_LEN, BLOCK_T)
+    descs = (Q_DESC_A, Q_DESC_B, DO_DESC)
     for pid_m in range(tl.maximum(m_start, split_start), tl.minimum(m_full, split_end)):
         dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
-            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, descs, T, b, h,
             stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
-            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, True, PRECISION)
+            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, True, PRECISION, TMA)
     for pid_m in range(tl.maximum(m_full, split_start), tl.minimum(m_end, split_end)):
         dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
-            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, T, b, h,
+            ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, descs, T, b, h,
             stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
-            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, False, PRECISION)
+            qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, False, PRECISION, TMA)
     # Partials are contiguous float32 [splits, B*HK, N, D]; programs without work store zeros.
     heads = tl.num_programs(1)
     dk_part = tile_base(DK_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DK, N * DK, DK) + local * DK
@@ -372,9 +400,11 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, 
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     t0 = pid_m * BLOCK_T
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
-    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, b, t0, h * G, g, local_t, row_ok,
+    # Loaded once per program: by pointers (TMA here is the key/value tiles').
+    qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, None, b, t0, h * G, g, local_t, row_ok,
                                                stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP)
+                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP,
+                                               G, GP, BLOCK_M, False)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
     n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
@@ -412,11 +442,14 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, 
 DKDV_KEY_TILE = 128
 # The float32 fallback's narrower key tile only leaves the query split sized for 128-key tiles
 # (fewer programs than intended), never a wrong result.
-_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)], tma=False)
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)],
+                              pre_hook=set_query_tile_rows)
 _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
 # The forward's and dq's best tiles with their key/value tiles loaded by the TMA: not yet
 # measured, so only scripts/gpu/tune_kernels.py sweeps them.
 FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
+DKDV_TMA_TILES = [(64, DKDV_KEY_TILE, 8, 3, {"TMA": True}), (32, DKDV_KEY_TILE, 8, 3, {"TMA": True}),
+                  (64, DKDV_KEY_TILE, 8, 2, {"TMA": True})]
 DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}), (64, 64, 4, 2, {"TMA": True})]
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
@@ -432,9 +465,18 @@ _cmp_bwd_dq_tuned = SizeTunedKernel(_cmp_bwd_dq_kernel, _DQ_CONFIGS, key=_TUNE_K
 INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": False}
 
 
-def _interpret_tiles(gp: int, tma: bool = True) -> dict:
-    tiles = {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
-    return tiles if tma else {k: v for k, v in tiles.items() if k != "TMA"}
+def _interpret_tiles(gp: int) -> dict:
+    return {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
+
+
+def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple:
+    """The dK/dV pass's q and dO tensor descriptors (``[1, positions, GP, cols]`` boxes; positions
+    set per config by :func:`set_query_tile_rows`, under the interpreter here), or the tensors in
+    their place where there can be none."""
+    gp = consts["GP"]
+    descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
+                             [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1])
+    return (q, q, do) if descs is None else descs
 
 
 def _kv_descriptors(k_cmp: torch.Tensor, v_cmp: torch.Tensor, consts: dict) -> tuple:
@@ -529,12 +571,13 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     splits = triton.cdiv(seq_len, split_len)
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
-    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, seq_len, num_cmp, num_kv, split_len, *common)
+    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *_query_descriptors(q, do, consts), seq_len,
+                 num_cmp, num_kv, split_len, *common)
 
     def dkdv_grid(meta):
         return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
 
-    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"], tma=False))
+    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]))
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))

@@ -252,14 +252,18 @@ def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
 # session's sweep at 16/4 heads, 64k (13.5 ms against 14.6, H100).
 # (16, 2, 3): the fastest dq at 16/4 (fourteenth session, H100, 64k: 13.8 ms against 14.4).
 _POINTER_OPTIONS = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)]
-# The same walks with the blocks loaded by the tensor-memory accelerator (TMA): not yet measured,
-# so only scripts/gpu/tune_kernels.py sweeps them.
+# The walks with the blocks loaded by the tensor-memory accelerator (TMA), which tune_kernels.py
+# sweeps. H100, 64k, sixteenth session (--only sel-query): at 64/4 heads the forward 16.25 ms on
+# (16, 1, 2) against 16.79 for the best pointer option, dq 16.48 on (16, 2, 3) against 17.22; at
+# 16/4 13.11 against 13.61 and 13.24 against 13.98. Those two and the runner-up (16, 4, 3) are in
+# the autotune list; (16, 1, 2)'s dq took 26.6 ms (autotuning keeps it for the forward only).
 TMA_OPTIONS = [(16, 2, 2, {"TMA": True}), (16, 2, 3, {"TMA": True}), (16, 1, 2, {"TMA": True}),
                (16, 4, 3, {"TMA": True}), (16, 2, 4, {"TMA": True})]
+_TMA_PRODUCTION = [TMA_OPTIONS[1], TMA_OPTIONS[2], TMA_OPTIONS[3]]
 # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
 # timed launch.
 _QUERY_TUNING = dict(key=["G", "DK", "DV", "BS", "BACKWARD"], restore_value=["dq"], extra={"TMA": False})
-_query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, **_QUERY_TUNING)
+_query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION, **_QUERY_TUNING)
 # Where no tensor descriptor can be made (see _block_descriptors): the pointer options only.
 _query_kernel_pointers = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, **_QUERY_TUNING)
 

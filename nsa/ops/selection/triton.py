@@ -42,7 +42,7 @@ from nsa.ops.compressed_attention.triton import (
     tile_rows,
     visible_count,
 )
-from nsa.ops.triton_common import SizeTunedKernel, dot_precision, split_dim
+from nsa.ops.triton_common import SizeTunedKernel, dot_precision, set_kv_tile_rows, split_dim, tile_descriptors
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index
@@ -130,14 +130,15 @@ def _merge_top(top, key, NP: tl.constexpr, NBT: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(Q, K, LSE, OUT, T, HK,
+def _select_kernel(Q, K, LSE, OUT, K_DESC_A, K_DESC_B, T, HK,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_lb, stride_lt, stride_lh, stride_out_b, stride_out_t, stride_out_h, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                    SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr, NP: tl.constexpr,
                    DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
                    MAX_POSITIONS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr,
+                   TMA: tl.constexpr):
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -184,8 +185,17 @@ def _select_kernel(Q, K, LSE, OUT, T, HK,
         first_col = A * j0 - (B - 1)
         cols = first_col + local_n
         col_ok = (cols >= 0) & (cols < n_vis)
-        ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
-                               DK, DKA, DKB)
+        if TMA:
+            # Zero before the first and past the last compressed token; the visible ones' mask
+            # below drops the rest.
+            ka = tl.reshape(K_DESC_A.load([b, first_col, h, 0]), [BLOCK_N, DKA])
+            if DKB > 0:
+                kb = tl.reshape(K_DESC_B.load([b, first_col, h, DKA]), [BLOCK_N, DKB])
+            else:
+                kb = ka
+        else:
+            ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
+                                   DK, DKA, DKB)
         s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # p_cmp * 2^14
         if (first_col < 0) | (first_col + BLOCK_N > min_vis):
@@ -247,11 +257,13 @@ def _prune_selection(configs, named_args, **kwargs):
                                 max_positions=meta["MAX_POSITIONS"], block=meta["BLOCK"],
                                 stride=meta["STRIDE"], select_block=meta["SELECT_BLOCK"],
                                 count_pow2=meta["NP"])
-        ident = (tuple(sorted(tiles.items())), config.num_warps, config.num_stages, config.maxnreg)
+        ident = (tuple(sorted(tiles.items())), config.kwargs.get("TMA", False), config.num_warps,
+                 config.num_stages, config.maxnreg)
         if ident not in seen:
             seen.add(ident)
-            kept.append(triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages,
-                                      maxnreg=config.maxnreg))
+            kept.append(triton.Config({**tiles, "TMA": config.kwargs.get("TMA", False)},
+                                      num_warps=config.num_warps, num_stages=config.num_stages,
+                                      maxnreg=config.maxnreg, pre_hook=set_key_tile_rows))
     return kept
 
 
@@ -266,6 +278,17 @@ def _prune_selection(configs, named_args, **kwargs):
 _SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w,
                                  num_stages=s, maxnreg=cap)
                    for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
+# The same with the compressed keys loaded by the TMA, which tune_kernels.py sweeps (--only select).
+SELECT_TMA_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0, "TMA": True}, num_warps=w,
+                                    num_stages=s, maxnreg=cap)
+                      for m, w, s, cap in ((64, 4, 2, 128), (64, 4, 3, 128), (128, 8, 2, 128))]
+
+
+def set_key_tile_rows(nargs: dict) -> None:
+    """Autotune ``pre_hook``: the compressed keys' descriptors get the config's ``BLOCK_N`` rows."""
+    set_kv_tile_rows(nargs, names=("K_DESC_A", "K_DESC_B"))
+
+
 _select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})
@@ -277,7 +300,7 @@ _select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
 # and 6.3 for 32 (H100, thirteenth session).
 MAX_POSITIONS = 16
 # Interpreter tiles: short test sequences still cross several steps and query tiles.
-INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
+INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "TMA": False}
 
 
 def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, block: int, stride: int,
@@ -323,11 +346,12 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     def grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    args = (q, k_cmp, lse, out, seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
+    descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
+    args = (q, k_cmp, lse, out, *((k_cmp, k_cmp) if descs is None else descs), seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
     interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
                                       max_positions=MAX_POSITIONS, block=block, stride=stride,
                                       select_block=select_block, count_pow2=consts["NP"])
-    _select_tuned.launch(seq_len, grid, args, consts, interpret_tiles)
+    _select_tuned.launch(seq_len, grid, args, consts, {**interpret_tiles, "TMA": INTERPRET_TILES.get("TMA", False)})
     return out
