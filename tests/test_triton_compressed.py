@@ -152,3 +152,19 @@ def test_production_tiles_match_reference(tiles, tma, monkeypatch):
                        run(compressed_attention_triton, torch.float32))
     for name, g, n, r in zip(("o", "dq", "dk", "dv"), got, naive, ref):
         _assert_close_to_float64(name, g, n, r)
+
+
+def test_tma_loads_off_leaves_the_pointer_configs(monkeypatch):
+    """``TMA_LOADS = False`` (or tensors the TMA cannot read) yields no descriptors, and the
+    autotuner then gets the pointer-load configs only, while the full list holds both kinds."""
+    from nsa.ops import triton_common
+    from nsa.ops.compressed_attention import triton as cmp_triton
+
+    k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+    assert triton_common.kv_tile_descriptors(k, v, 16, (16, 0), 16) is not None
+    monkeypatch.setattr(triton_common, "TMA_LOADS", False)
+    assert triton_common.kv_tile_descriptors(k, v, 16, (16, 0), 16) is None
+    for tuned in (cmp_triton._cmp_fwd_tuned, cmp_triton._cmp_bwd_dkdv_tuned, cmp_triton._cmp_bwd_dq_tuned):
+        kinds = {bool(c.kwargs.get("TMA")) for c in tuned.configs}
+        assert kinds == {False, True}
+        assert not any(c.kwargs.get("TMA") for c in tuned.at(65536, tma=False).configs)

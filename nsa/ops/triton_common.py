@@ -29,13 +29,21 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+# Whether the kernels that can load tiles by the TMA do (where the GPU and the tensors allow it):
+# False makes every launch use its pointer-load configs, for A/B timing
+# (scripts/gpu/profile_prefill_kernels.py --tma-loads) or to rule the TMA path out.
+TMA_LOADS = True
+
+
 def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: list[int]):
     """Tensor descriptors of ``[*box, cols[i]]`` boxes of ``tensors[sources[i]]``, for tiles loaded
     by the tensor-memory accelerator (TMA): one bulk copy issued by one thread instead of every
     thread's address arithmetic, zero outside the tensor. ``None`` where the TMA cannot serve
-    them: a GPU before sm_90, an empty tensor, or a base or stride not 16-byte aligned (the
-    caller then launches its pointer-load configs)."""
+    them: :data:`TMA_LOADS` off, a GPU before sm_90, an empty tensor, or a base or stride not
+    16-byte aligned (the caller then launches its pointer-load configs)."""
     first = tensors[0]
+    if not TMA_LOADS:
+        return None
     if not INTERPRET and not (first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9):
         return None
     for x in tensors:
@@ -142,35 +150,41 @@ class SizeTunedKernel:
 
     def __init__(self, kernel, configs: list[triton.Config], key: list[str], **autotune_kwargs):
         self.kernel, self.configs, self.key, self.autotune_kwargs = kernel, configs, key, autotune_kwargs
-        self._tuned: dict[int, object] = {}
+        self._tuned: dict[tuple[int, bool], object] = {}  # (size class, TMA configs allowed)
 
-    def at(self, seq_len: int):
-        size = size_class(seq_len)
-        if size not in self._tuned:
-            self._tuned[size] = triton.autotune(self.configs, key=self.key, **self.autotune_kwargs)(self.kernel)
-        return self._tuned[size]
+    def at(self, seq_len: int, tma: bool = True):
+        """The autotuner of ``seq_len``'s size class; without ``tma`` (no tensor descriptors could
+        be made) over the configs that load by pointers only."""
+        key = (size_class(seq_len), tma)
+        if key not in self._tuned:
+            configs = self.configs if tma else [c for c in self.configs if not c.kwargs.get("TMA")]
+            self._tuned[key] = triton.autotune(configs, key=self.key, **self.autotune_kwargs)(self.kernel)
+        return self._tuned[key]
 
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class (empty before any launch
         there, and under the interpreter)."""
-        return _chosen([t for size, t in self._tuned.items() if size == size_class(seq_len)])
+        return _chosen([t for (size, _), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, config: triton.Config):
         """Within the ``with`` block, ``config`` is the whole list (autotuning has nothing to
         choose); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "configs", [config])
 
-    def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict) -> None:
+    def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict, tma: bool = False) -> None:
         """Launch the autotuner of ``seq_len``'s size class or, under the interpreter (which
         bypasses autotuning), the kernel with ``interpret_config``'s tiles.
 
-        ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs.
+        ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs;
+        ``tma``: ``args`` hold tensor descriptors, so configs with ``TMA`` may run.
         """
         if INTERPRET:
             meta = {**fixed, **interpret_config}
+            if "TMA" in meta:
+                meta["TMA"] = meta["TMA"] and tma
             self.kernel[grid(meta)](*args, **meta)
         else:
-            self.at(seq_len)[grid](*args, **fixed)
+            self.at(seq_len, tma)[grid](*args, **fixed)
 
 
 class GroupTunedKernel:

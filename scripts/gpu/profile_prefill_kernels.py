@@ -2,7 +2,7 @@
 
     python3 scripts/gpu/profile_prefill_kernels.py [--seq-lens 65536] [--heads 64/4,16/4]
         [--head-dims 128/128] [--gate-paths lse,stored]
-        [--schedules one-stream,selection-dkdv-beside,selection-beside] [--out FILE]
+        [--schedules one-stream,selection-dkdv-beside,selection-beside] [--tma-loads on,off] [--out FILE]
 
 ``nsa bench``'s breakdown times each branch alone; this runs the whole op (``nsa_attention``,
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
@@ -17,6 +17,8 @@ random gates are >= 0, so each branch reads the gated sum's dO with its gate fol
 lse) and/or ``stored`` (one gate made negative, which takes the path that stores ``g_b * dO``
 per branch), both in one process for an A/B. ``--schedules`` runs the backward under each of
 ``nsa.ops.triton_nsa.BACKWARD_SCHEDULES`` (which passes share the GPU on a side stream), likewise.
+``--tma-loads off`` runs with ``nsa.ops.triton_common.TMA_LOADS`` off: every kernel on its
+pointer-load configs (autotuned apart from the TMA ones), likewise.
 """
 
 from __future__ import annotations
@@ -34,9 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nsa.bench.decode import kernel_times_us
 from nsa.bench.prefill import _time_fwd_bwd, bench_config, nsa_inputs
 from nsa.functional import nsa_attention
-from nsa.ops import triton_nsa
+from nsa.ops import triton_common, triton_nsa
 
 GATE_PATHS = ("lse", "stored")
+TMA_LOADS = {"on": True, "off": False}
+
+
+@contextlib.contextmanager
+def tma_loads(on: bool):
+    """``nsa.ops.triton_common.TMA_LOADS`` is ``on`` inside the block."""
+    default = triton_common.TMA_LOADS
+    triton_common.TMA_LOADS = on
+    try:
+        yield
+    finally:
+        triton_common.TMA_LOADS = default
 
 
 @contextlib.contextmanager
@@ -79,11 +93,13 @@ def main() -> None:
                         help="comma list of the backward's gate paths to profile: lse, stored")
     parser.add_argument("--schedules", default=triton_nsa.BACKWARD_SCHEDULE,
                         help="comma list of backward schedules: " + ", ".join(triton_nsa.BACKWARD_SCHEDULES))
+    parser.add_argument("--tma-loads", default="on", help="comma list: on, off (TMA tile loads, see above)")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
-    gate_paths, schedules = args.gate_paths.split(","), args.schedules.split(",")
+    gate_paths, schedules, tma = args.gate_paths.split(","), args.schedules.split(","), args.tma_loads.split(",")
     for option, given, accepted in (("--gate-paths", gate_paths, GATE_PATHS),
-                                    ("--schedules", schedules, triton_nsa.BACKWARD_SCHEDULES)):
+                                    ("--schedules", schedules, triton_nsa.BACKWARD_SCHEDULES),
+                                    ("--tma-loads", tma, tuple(TMA_LOADS))):
         unknown = sorted(set(given) - set(accepted))
         if unknown:
             parser.error(f"{option}: unknown {unknown}; accepted: {', '.join(accepted)}")
@@ -92,12 +108,13 @@ def main() -> None:
     for dims in args.head_dims.split(","):
         dk, dv = (int(d) for d in dims.split("/"))
         for seq_len in (int(t) for t in args.seq_lens.split(",")):
-            runs = ((h, g, m) for h in args.heads.split(",") for g in gate_paths for m in schedules)
-            for heads, gate_path, schedule in runs:
+            runs = ((h, g, m, t) for h in args.heads.split(",") for g in gate_paths for m in schedules for t in tma)
+            for heads, gate_path, schedule, loads in runs:
                 hq, hk = (int(h) for h in heads.split("/"))
-                with backward_schedule(schedule):
+                with backward_schedule(schedule), tma_loads(TMA_LOADS[loads]):
                     times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
-                label = f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule}"
+                label = (f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule} "
+                         f"tma={loads}")
                 tables[label] = {"kernels_us": times, "timings_ms": timings}
                 total = sum(times.values())
                 print(f"\n{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)

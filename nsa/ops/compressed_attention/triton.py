@@ -249,7 +249,12 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, K_DESC_A, K_DESC_B, V_DESC, T, HK,
 # that fits Hopper's 227 KiB of shared memory in float32 at Dk=192 (compiled for sm_90: 144, 84
 # and 128 KiB). The fast tiles barely fit float32 at Dk=128 (forward 225 KiB, dK/dV 209 KiB at
 # best) and not at Dk=192, and a list with no config that fits would fail instead of running slowly.
-_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
+# The lists end with the best tiles again with their key/value tiles (query tiles in dK/dV)
+# loaded by the tensor-memory accelerator (TMA): fewer registers (compiled for sm_90 at 128/128,
+# the forward's 128 x 64 tile 210 -> 145, dq's 218 -> 180) and no per-thread address arithmetic.
+# Autotuning picks between both kinds; where no descriptor can be made, the pointer ones run.
+FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
+_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), *FWD_TMA_TILES])
 _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})
 
@@ -442,15 +447,12 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, 
 DKDV_KEY_TILE = 128
 # The float32 fallback's narrower key tile only leaves the query split sized for 128-key tiles
 # (fewer programs than intended), never a wrong result.
-_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)],
-                              pre_hook=set_query_tile_rows)
-_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
-# The forward's and dq's best tiles with their key/value tiles loaded by the TMA: not yet
-# measured, so only scripts/gpu/tune_kernels.py sweeps them.
-FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
 DKDV_TMA_TILES = [(64, DKDV_KEY_TILE, 8, 3, {"TMA": True}), (32, DKDV_KEY_TILE, 8, 3, {"TMA": True}),
                   (64, DKDV_KEY_TILE, 8, 2, {"TMA": True})]
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2),
+                               *DKDV_TMA_TILES], pre_hook=set_query_tile_rows)
 DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}), (64, 64, 4, 2, {"TMA": True})]
+_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2), *DQ_TMA_TILES])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})
@@ -469,23 +471,23 @@ def _interpret_tiles(gp: int) -> dict:
     return {**INTERPRET_TILES, "BLOCK_M": max(INTERPRET_TILES["BLOCK_M"], gp)}
 
 
-def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple:
+def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple[tuple, bool]:
     """The dK/dV pass's q and dO tensor descriptors (``[1, positions, GP, cols]`` boxes; positions
-    set per config by :func:`set_query_tile_rows`, under the interpreter here), or the tensors in
-    their place where there can be none."""
+    set per config by :func:`set_query_tile_rows`, under the interpreter here) and ``True``, or
+    the tensors in their place and ``False`` where there can be none."""
     gp = consts["GP"]
     descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
                              [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1])
-    return (q, q, do) if descs is None else descs
+    return ((q, q, do), False) if descs is None else (descs, True)
 
 
-def _kv_descriptors(k_cmp: torch.Tensor, v_cmp: torch.Tensor, consts: dict) -> tuple:
+def _kv_descriptors(k_cmp: torch.Tensor, v_cmp: torch.Tensor, consts: dict) -> tuple[tuple, bool]:
     """The forward and dq kernels' key/value tensor descriptors (:func:`kv_tile_descriptors`; their
-    rows set per config by ``set_kv_tile_rows``, under the interpreter here), or the tensors in
-    their place where there can be none (then only configs without ``TMA`` may run)."""
+    rows set per config by ``set_kv_tile_rows``, under the interpreter here) and ``True``, or the
+    tensors in their place and ``False`` where there can be none."""
     descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
                                 consts["DVP"])
-    return (k_cmp, k_cmp, v_cmp) if descs is None else descs
+    return ((k_cmp, k_cmp, v_cmp), False) if descs is None else (descs, True)
 
 
 def _shape_constants(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int,
@@ -514,9 +516,10 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
     def grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    args = (q, k_cmp, v_cmp, o, lse, *_kv_descriptors(k_cmp, v_cmp, consts), seq_len, num_kv, *_strides3(q),
+    descs, tma = _kv_descriptors(k_cmp, v_cmp, consts)
+    args = (q, k_cmp, v_cmp, o, lse, *descs, seq_len, num_kv, *_strides3(q),
             *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(o), *_strides3(lse), scale * LOG2E)
-    _cmp_fwd_tuned.launch(seq_len, grid, args, consts, _interpret_tiles(gp))
+    _cmp_fwd_tuned.launch(seq_len, grid, args, consts, _interpret_tiles(gp), tma)
     return o, lse
 
 
@@ -571,13 +574,14 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     splits = triton.cdiv(seq_len, split_len)
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
-    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *_query_descriptors(q, do, consts), seq_len,
-                 num_cmp, num_kv, split_len, *common)
+    descs, tma = _query_descriptors(q, do, consts)
+    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *descs, seq_len, num_cmp, num_kv, split_len,
+                 *common)
 
     def dkdv_grid(meta):
         return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
 
-    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]))
+    _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]), tma)
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     dk.copy_(dk_part.sum(0).transpose(1, 2))
     dv.copy_(dv_part.sum(0).transpose(1, 2))
@@ -600,13 +604,13 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
         return dq if dq_add else dq.zero_()
     consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
     gp = consts["GP"]
-    dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, *_kv_descriptors(k_cmp, v_cmp, consts), seq_len, num_kv,
-               *common)
+    descs, tma = _kv_descriptors(k_cmp, v_cmp, consts)
+    dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, *descs, seq_len, num_kv, *common)
 
     def dq_grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp))
+    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp), tma)
     return dq
 
 

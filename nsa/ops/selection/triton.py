@@ -278,7 +278,9 @@ def _prune_selection(configs, named_args, **kwargs):
 _SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w,
                                  num_stages=s, maxnreg=cap)
                    for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
-# The same with the compressed keys loaded by the TMA, which tune_kernels.py sweeps (--only select).
+# The same with the compressed keys loaded by the TMA (fewer registers under the cap; the first
+# step's box starts before key 0 and reads zeros there). Autotuning picks between both kinds;
+# where no descriptor can be made, the pointer ones run.
 SELECT_TMA_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0, "TMA": True}, num_warps=w,
                                     num_stages=s, maxnreg=cap)
                       for m, w, s, cap in ((64, 4, 2, 128), (64, 4, 3, 128), (128, 8, 2, 128))]
@@ -289,7 +291,7 @@ def set_key_tile_rows(nargs: dict) -> None:
     set_kv_tile_rows(nargs, names=("K_DESC_A", "K_DESC_B"))
 
 
-_select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
+_select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS + SELECT_TMA_CONFIGS,
                                 key=["G", "DK", "BLOCK", "STRIDE", "SELECT_BLOCK", "COUNT", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_selection})
 
@@ -347,11 +349,13 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
     descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
-    args = (q, k_cmp, lse, out, *((k_cmp, k_cmp) if descs is None else descs), seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
+    tma = descs is not None
+    args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
     interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
                                       max_positions=MAX_POSITIONS, block=block, stride=stride,
                                       select_block=select_block, count_pow2=consts["NP"])
-    _select_tuned.launch(seq_len, grid, args, consts, {**interpret_tiles, "TMA": INTERPRET_TILES.get("TMA", False)})
+    _select_tuned.launch(seq_len, grid, args, consts, {**interpret_tiles, "TMA": INTERPRET_TILES.get("TMA", False)},
+                         tma)
     return out
