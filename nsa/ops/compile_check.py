@@ -101,15 +101,18 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
                   "DVP": cmp.pow2(dv), "PRECISION": precision}
     # The compressed dq pass as the Triton backend launches it: the first dq, written (DQ_ADD off).
-    for name, kernel, configs, extra in (("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS, {}),
-                                         ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, cmp._DKDV_CONFIGS, {}),
-                                         ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS,
-                                          {"DQ_ADD": False})):
+    for name, kernel, configs, extra in (
+            ("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS + cmp.group_configs(cmp.FWD_TMA_TILES), {}),
+            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel,
+             cmp._DKDV_CONFIGS + cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows), {}),
+            ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS + cmp.group_configs(cmp.DQ_TMA_TILES),
+             {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
-    for config in scoring._prune_selection(scoring._select_tuned.configs, select_consts):
+    # Each list's TMA configs too (tune_kernels.py sweeps them).
+    for config in scoring._prune_selection(scoring._SELECT_CONFIGS + scoring.SELECT_TMA_CONFIGS, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}

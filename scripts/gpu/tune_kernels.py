@@ -60,16 +60,20 @@ PRODUCTION = {
 # Candidates timed beside them (the lists of the 2026-11-29 sweep, whose winners now lead the
 # production lists).
 CANDIDATES = {
-    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-    "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2)],
-    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2)],
+    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), *cmp_triton.FWD_TMA_TILES],
+    "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2),
+                 *cmp_triton.DKDV_TMA_TILES],
+    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), *cmp_triton.DQ_TMA_TILES],
     # A fifth entry caps registers per thread (Config.maxnreg): 143 registers x 256 threads
     # leave one program per SM, and the kernel's steps are a serial chain (dot, exp, dot, merge,
     # barrier) that only a second program can overlap. BLOCK_M sets the positions per tile
     # (BLOCK_M // G), above MAX_POSITIONS too.
     "select": [(64, 64, 4, 1, 96), (64, 64, 4, 1, 128), (64, 64, 4, 2, 96), (64, 64, 4, 3, 128),
                (64, 128, 4, 2, 128), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128), (64, 32, 4, 2, 128),
-               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128)],
+               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128),
+               # Compressed keys loaded by the TMA (select_triton.SELECT_TMA_CONFIGS).
+               *[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, {"TMA": True})
+                 for c in select_triton.SELECT_TMA_CONFIGS]],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3), *sel_triton.TMA_OPTIONS],
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],

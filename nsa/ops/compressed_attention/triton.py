@@ -249,12 +249,15 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, K_DESC_A, K_DESC_B, V_DESC, T, HK,
 # that fits Hopper's 227 KiB of shared memory in float32 at Dk=192 (compiled for sm_90: 144, 84
 # and 128 KiB). The fast tiles barely fit float32 at Dk=128 (forward 225 KiB, dK/dV 209 KiB at
 # best) and not at Dk=192, and a list with no config that fits would fail instead of running slowly.
-# The lists end with the best tiles again with their key/value tiles (query tiles in dK/dV)
-# loaded by the tensor-memory accelerator (TMA): fewer registers (compiled for sm_90 at 128/128,
-# the forward's 128 x 64 tile 210 -> 145, dq's 218 -> 180) and no per-thread address arithmetic.
-# Autotuning picks between both kinds; where no descriptor can be made, the pointer ones run.
+_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
+# The best tiles again with their key/value tiles (query tiles in dK/dV) loaded by the
+# tensor-memory accelerator (TMA): fewer registers (compiled for sm_90 at 128/128, the forward's
+# 128 x 64 tile 210 -> 145, dq's 218 -> 180) and no per-thread address arithmetic. Tested under
+# the interpreter and compiled for sm_90, not yet timed on a GPU (the device was not lent after
+# they were written): scripts/gpu/tune_kernels.py sweeps them; an autotune list takes them once
+# measured (the launchers already pass descriptors, and run pointer configs only where none can
+# be made).
 FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
-_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), *FWD_TMA_TILES])
 _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})
 
@@ -449,10 +452,10 @@ DKDV_KEY_TILE = 128
 # (fewer programs than intended), never a wrong result.
 DKDV_TMA_TILES = [(64, DKDV_KEY_TILE, 8, 3, {"TMA": True}), (32, DKDV_KEY_TILE, 8, 3, {"TMA": True}),
                   (64, DKDV_KEY_TILE, 8, 2, {"TMA": True})]
-_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2),
-                               *DKDV_TMA_TILES], pre_hook=set_query_tile_rows)
+_DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)],
+                              pre_hook=set_query_tile_rows)
 DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}), (64, 64, 4, 2, {"TMA": True})]
-_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2), *DQ_TMA_TILES])
+_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})
