@@ -152,14 +152,18 @@ def test_eq9_weights_beyond_float16_integers_are_rejected():
                              select_block=4096, select_count=2)
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("tma,merge_steps", [(False, 1), (True, 1), (False, 2), (True, 4)],
+                         ids=["pointers", "tma", "merge2", "tma-merge4"])
 @pytest.mark.parametrize("tiles", sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
                                           for c in selection_triton._SELECT_CONFIGS}), ids=lambda t: f"M{t[0]}-N{t[1]}")
-def test_production_tiles_select_like_the_reference(tiles, tma, monkeypatch):
+def test_production_tiles_select_like_the_reference(tiles, tma, merge_steps, monkeypatch):
     """The interpreter normally runs small tiles; here the GPU autotune list's tiles, with the
     paper's ratios l'/d = 4 and l/d = 2 (15 blocks a 64-key step) and G = 4, the compressed keys
-    loaded by pointers or through tensor descriptors (the first step's box starts before key 0)."""
-    monkeypatch.setattr(selection_triton, "INTERPRET_TILES", {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "TMA": tma})
+    loaded by pointers or through tensor descriptors (the first step's box starts before key 0),
+    merging each step's blocks into the top-n or 2 or 4 steps' at once (steps past a tile's last
+    block included)."""
+    monkeypatch.setattr(selection_triton, "INTERPRET_TILES",
+                        {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "TMA": tma, "MERGE_STEPS": merge_steps})
     check_random_selection(torch.Generator().manual_seed(sum(tiles)), batch=1, seq_len=400, num_kv=1, group=4,
                            dk=16, block=8, stride=4, select_block=16, count=6)
 
@@ -211,7 +215,7 @@ def test_register_caps_survive_pruning_and_compile_under_the_cap():
             "for row in audit([(128, 128)], [16, 4], kernels=('selection-scoring',)):\n"
             "    print(json.dumps(asdict(row)))\n")
     rows = [json.loads(line) for line in run_compiled(code).splitlines()]
-    capped = [row for row in rows if " r" in row["config"] and "TMA=True" not in row["config"]]
+    capped = [row for row in rows if " r" in row["config"] and "TMA=False MERGE_STEPS=1 " in row["config"]]
     assert len(capped) == 2 * sum(1 for cap in caps if cap), rows
     for row in capped:
         cap = int(row["config"].rsplit(" r", 1)[1])

@@ -111,8 +111,8 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
-    # Each list's TMA configs too (tune_kernels.py sweeps them).
-    for config in scoring._prune_selection(scoring._SELECT_CONFIGS + scoring.SELECT_TMA_CONFIGS, select_consts):
+    # And the sweep's candidates (tune_kernels.py).
+    for config in scoring._prune_selection(scoring._SELECT_CONFIGS + scoring.SELECT_CANDIDATES, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}

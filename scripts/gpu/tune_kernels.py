@@ -71,9 +71,10 @@ CANDIDATES = {
     "select": [(64, 64, 4, 1, 96), (64, 64, 4, 1, 128), (64, 64, 4, 2, 96), (64, 64, 4, 3, 128),
                (64, 128, 4, 2, 128), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128), (64, 32, 4, 2, 128),
                (32, 64, 4, 2, 128), (256, 64, 8, 2, 128),
-               # Compressed keys loaded by the TMA (select_triton.SELECT_TMA_CONFIGS).
-               *[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, {"TMA": True})
-                 for c in select_triton.SELECT_TMA_CONFIGS]],
+               # TMA loads and merges of several steps (select_triton.SELECT_CANDIDATES).
+               *[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *([c.maxnreg] if c.maxnreg else []),
+                  {k: c.kwargs[k] for k in ("TMA", "MERGE_STEPS") if k in c.kwargs})
+                 for c in select_triton.SELECT_CANDIDATES]],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3), *sel_triton.TMA_OPTIONS],
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],
@@ -208,7 +209,8 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
                                               max_positions=positions, block=BLOCK, stride=STRIDE,
                                               select_block=SELECT_BLOCK, count_pow2=COUNT)
         label = f"{tag} {(m, n, w, s, *rest)}"
-        with select_triton._select_tuned.only(triton.Config({**tiles, "TMA": False, **extra}, num_warps=w,
+        with select_triton._select_tuned.only(triton.Config({**tiles, "TMA": False, "MERGE_STEPS": 1, **extra},
+                                                            num_warps=w,
                                                             num_stages=s, maxnreg=cap,
                                                             pre_hook=select_triton.set_key_tile_rows)):
             if timed(results, "select", label, select) is not None:

@@ -14,7 +14,9 @@ into a running top-n kept in registers.
 The merge is built for few block-level instructions per step (the selection kernel used to
 spend ~3x the compressed attention's time there): a step's blocks that beat a row's n-th best
 enter by one replace-the-minimum pass each (late in a sequence most steps gain none or one), and
-steps where some row gains more than ``MAX_INSERTS`` merge by a bitonic ``tl.topk``.
+steps where some row gains more than ``MAX_INSERTS`` merge by a bitonic ``tl.topk``. With
+``MERGE_STEPS`` of 2 or 4 (a sweep candidate, not yet timed) that many steps' blocks merge at
+once, for fewer of the merge's serial reductions per block.
 
 Eq. 9 windows overlap: block ``j`` reads compressed tokens ``a*j-(b-1) .. a*j+a-1`` (``a = l'/d``,
 ``b = l/d``), so consecutive steps share ``b-1`` keys; a step starts its key tile at
@@ -130,6 +132,69 @@ def _merge_top(top, key, NP: tl.constexpr, NBT: tl.constexpr):
 
 
 @triton.jit
+def _joined(a, b):
+    """``[R, W]`` and ``[R, W]`` as one ``[R, 2W]`` (columns interleaved: a top-n ignores order)."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
+
+
+@triton.jit
+def _step_keys(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
+               DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr, TMA: tl.constexpr,
+               GUARD: tl.constexpr):
+    """Ranking keys ``[BLOCK_T, NBT]`` of the step's blocks ``j0 .. j0 + NB_STEP``: its compressed
+    keys loaded, ``p_cmp`` recomputed, Eq. 9 and Eq. 10. With ``GUARD`` the step may lie past the
+    tile's last block (all ``NO_BLOCK`` then, no work); without, the loop bound rules that out and
+    no branch surrounds the loads (Triton pipelines a loop's loads only outside branches).
+    ``step`` holds the program's loop invariants (see the kernel)."""
+    last_block = step[-1]
+    if GUARD:
+        if j0 <= last_block:
+            key = _step_keys_of(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA)
+        else:
+            key = tl.full([BLOCK_T, NBT], NO_BLOCK.value, tl.int64)
+    else:
+        key = _step_keys_of(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA)
+    return key
+
+
+@triton.jit
+def _step_keys_of(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
+                  DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr, TMA: tl.constexpr):
+    """:func:`_step_keys` of a step at or before the tile's last block."""
+    qa, qb, k_base, k_desc_a, k_desc_b, b, h, stride_kn, qk_scale, lse2, vis, n_vis, min_vis, w, cur, in_step, \
+        t_ok, _ = step
+    local_k = tl.arange(0, NBT)[None, :]
+    local_n = tl.arange(0, BLOCK_N)
+    first_col = A * j0 - (B - 1)
+    cols = first_col + local_n
+    col_ok = (cols >= 0) & (cols < n_vis)
+    if TMA:
+        # Zero before the first and past the last compressed token; the visible ones' mask
+        # below drops the rest.
+        ka = tl.reshape(k_desc_a.load([b, first_col, h, 0]), [BLOCK_N, DKA])
+        if DKB > 0:
+            kb = tl.reshape(k_desc_b.load([b, first_col, h, DKA]), [BLOCK_N, DKB])
+        else:
+            kb = ka
+    else:
+        ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
+                               DK, DKA, DKB)
+    s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])  # p_cmp * 2^14
+    if (first_col < 0) | (first_col + BLOCK_N > min_vis):
+        # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
+        p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
+    # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
+    # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
+    head_scores = eq9_dot_scaled(p, w)
+    scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
+    key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
+    return key
+
+
+@triton.jit
 def _select_kernel(Q, K, LSE, OUT, K_DESC_A, K_DESC_B, T, HK,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_lb, stride_lt, stride_lh, stride_out_b, stride_out_t, stride_out_h, qk_scale,
@@ -138,7 +203,7 @@ def _select_kernel(Q, K, LSE, OUT, K_DESC_A, K_DESC_B, T, HK,
                    DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
                    MAX_POSITIONS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr,
-                   TMA: tl.constexpr):
+                   TMA: tl.constexpr, MERGE_STEPS: tl.constexpr):
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
     BLOCK_T: tl.constexpr = BLOCK_M // GP
@@ -174,42 +239,32 @@ def _select_kernel(Q, K, LSE, OUT, K_DESC_A, K_DESC_B, T, HK,
     # Exact in float16: w <= min(a, b) <= 2048 (checked by the wrapper).
     w = tl.where(local_k < NB_STEP, tl.maximum(w, 0), 0).to(tl.float16)
     in_step = local_k < NB_STEP
+    tl.static_assert((MERGE_STEPS == 1) | (MERGE_STEPS == 2) | (MERGE_STEPS == 4))
     col_np = tl.arange(0, NP)[None, :]
     # Running top-n as an unordered set of distinct keys (empty slots -1 - slot) and its minimum.
     col64 = col_np.to(tl.int64)
     top = tl.broadcast_to(tl.where(col_np < COUNT, -1 - col64, UNUSED_SLOT.value - col64), [BLOCK_T, NP])
     nth_best = tl.min(top, axis=1)
     k_base = tile_base(K, b, 0, h, stride_kb, 0, stride_kh)
-    local_n = tl.arange(0, BLOCK_N)
-    for j0 in range(0, last_block + 1, NB_STEP):
-        first_col = A * j0 - (B - 1)
-        cols = first_col + local_n
-        col_ok = (cols >= 0) & (cols < n_vis)
-        if TMA:
-            # Zero before the first and past the last compressed token; the visible ones' mask
-            # below drops the rest.
-            ka = tl.reshape(K_DESC_A.load([b, first_col, h, 0]), [BLOCK_N, DKA])
-            if DKB > 0:
-                kb = tl.reshape(K_DESC_B.load([b, first_col, h, DKA]), [BLOCK_N, DKB])
-            else:
-                kb = ka
-        else:
-            ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
-                                   DK, DKA, DKB)
-        s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])  # p_cmp * 2^14
-        if (first_col < 0) | (first_col + BLOCK_N > min_vis):
-            # Rows that see nothing have lse = -inf (exp2 -> inf); where() drops them with the rest.
-            p = tl.where((cols[None, :] < vis[:, None]) & col_ok[None, :], p, 0.0)
-        # Eq. 9 per head on the tensor cores (it is linear, so it commutes with the group sum),
-        # then Eq. 10 over NBT block columns instead of BLOCK_N key columns.
-        head_scores = eq9_dot_scaled(p, w)
-        scores = tl.sum(tl.reshape(head_scores, [BLOCK_T, GP, NBT]), axis=1)
-        key = _block_keys(scores, j0 + local_k, cur, in_step, t_ok)
+    step = (qa, qb, k_base, K_DESC_A, K_DESC_B, b, h, stride_kn, qk_scale, lse2, vis, n_vis, min_vis, w, cur,
+            in_step, t_ok, last_block)
+    # MERGE_STEPS steps' keys merge into the top-n at once: fewer of the merge's serial
+    # reductions per block, for up to MERGE_STEPS - 1 steps past the last one (no work: NO_BLOCK).
+    for j0 in range(0, last_block + 1, NB_STEP * MERGE_STEPS):
+        key = _step_keys(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA, False)
+        if MERGE_STEPS >= 2:
+            key = _joined(key, _step_keys(j0 + NB_STEP, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION,
+                                          BLOCK_N, NB_STEP, NBT, TMA, True))
+        if MERGE_STEPS == 4:
+            later = _joined(_step_keys(j0 + 2 * NB_STEP, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION,
+                                       BLOCK_N, NB_STEP, NBT, TMA, True),
+                            _step_keys(j0 + 3 * NB_STEP, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION,
+                                       BLOCK_N, NB_STEP, NBT, TMA, True))
+            key = _joined(key, later)
         # Blocks a row gains this step are those beating its n-th best.
         gains = tl.max(tl.sum((key > nth_best[:, None]).to(tl.int32), axis=1))
         if gains > MAX_INSERTS:
-            top = _merge_top(top, key, NP, NBT)
+            top = _merge_top(top, key, NP, NBT * MERGE_STEPS)
             nth_best = tl.min(top, axis=1)
         else:
             # Each pass moves every row's best remaining block into its top-n if it beats the
@@ -257,11 +312,12 @@ def _prune_selection(configs, named_args, **kwargs):
                                 max_positions=meta["MAX_POSITIONS"], block=meta["BLOCK"],
                                 stride=meta["STRIDE"], select_block=meta["SELECT_BLOCK"],
                                 count_pow2=meta["NP"])
-        ident = (tuple(sorted(tiles.items())), config.kwargs.get("TMA", False), config.num_warps,
-                 config.num_stages, config.maxnreg)
+        ident = (tuple(sorted(tiles.items())), config.kwargs.get("TMA", False), config.kwargs.get("MERGE_STEPS", 1),
+                 config.num_warps, config.num_stages, config.maxnreg)
         if ident not in seen:
             seen.add(ident)
-            kept.append(triton.Config({**tiles, "TMA": config.kwargs.get("TMA", False)},
+            kept.append(triton.Config({**tiles, "TMA": config.kwargs.get("TMA", False),
+                                       "MERGE_STEPS": config.kwargs.get("MERGE_STEPS", 1)},
                                       num_warps=config.num_warps, num_stages=config.num_stages,
                                       maxnreg=config.maxnreg, pre_hook=set_key_tile_rows))
     return kept
@@ -278,13 +334,22 @@ def _prune_selection(configs, named_args, **kwargs):
 _SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w,
                                  num_stages=s, maxnreg=cap)
                    for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
-# The same with the compressed keys loaded by the TMA (the first step's box starts before key 0
-# and reads zeros there). Tested under the interpreter and compiled for sm_90, not yet timed:
-# scripts/gpu/tune_kernels.py sweeps them (--only select); the launcher already passes
-# descriptors, and runs pointer configs only where none can be made.
-SELECT_TMA_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0, "TMA": True}, num_warps=w,
-                                    num_stages=s, maxnreg=cap)
-                      for m, w, s, cap in ((64, 4, 2, 128), (64, 4, 3, 128), (128, 8, 2, 128))]
+# Candidates that scripts/gpu/tune_kernels.py sweeps (--only select), not yet timed on a GPU
+# (written when none was lent; tested under the interpreter and compiled for sm_90): the compressed
+# keys loaded by the TMA (the first step's box starts before key 0 and reads zeros there; the
+# launcher already passes descriptors, and runs pointer configs only where none can be made),
+# and 2 or 4 steps' blocks merged into the top-n at once (MERGE_STEPS).
+def _candidate(m, w, s, cap, **constexprs):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0, **constexprs}, num_warps=w,
+                         num_stages=s, maxnreg=cap)
+
+
+# Compiled for sm_90 (Triton 3.6, 128/128): under the 128-register cap the merges spill (2 steps
+# 104-224 bytes, 4 steps 328-552, 4 with TMA 40-272), hence uncapped variants too.
+SELECT_CANDIDATES = [_candidate(64, 4, 2, 128, TMA=True), _candidate(64, 4, 3, 128, TMA=True),
+                     _candidate(128, 8, 2, 128, TMA=True), _candidate(64, 4, 2, 128, MERGE_STEPS=2),
+                     _candidate(64, 4, 2, None, MERGE_STEPS=2), _candidate(64, 4, 2, 128, TMA=True, MERGE_STEPS=4),
+                     _candidate(64, 4, 2, None, TMA=True, MERGE_STEPS=4)]
 
 
 def set_key_tile_rows(nargs: dict) -> None:
@@ -303,7 +368,7 @@ _select_tuned = SizeTunedKernel(_select_kernel, _SELECT_CONFIGS,
 # and 6.3 for 32 (H100, thirteenth session).
 MAX_POSITIONS = 16
 # Interpreter tiles: short test sequences still cross several steps and query tiles.
-INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "TMA": False}
+INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 32, "TMA": False, "MERGE_STEPS": 1}
 
 
 def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, block: int, stride: int,
@@ -357,6 +422,6 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
                                       max_positions=MAX_POSITIONS, block=block, stride=stride,
                                       select_block=select_block, count_pow2=consts["NP"])
-    _select_tuned.launch(seq_len, grid, args, consts, {**interpret_tiles, "TMA": INTERPRET_TILES.get("TMA", False)},
-                         tma)
+    interpret_tiles.update(TMA=INTERPRET_TILES.get("TMA", False), MERGE_STEPS=INTERPRET_TILES.get("MERGE_STEPS", 1))
+    _select_tuned.launch(seq_len, grid, args, consts, interpret_tiles, tma)
     return out
