@@ -200,7 +200,7 @@ def test_tma_loads_match_naive(option, group, dk, dv, monkeypatch):
         got_all = run(selected_attention_triton, torch.float32)
     for name, got, want in zip(("o", "lse", "dq"), got_all, run(selected_attention, torch.float64)):
         assert not torch.isnan(got).any(), name  # lse is -inf where a query reads no key
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_unaligned_tensors_take_the_pointer_loads():

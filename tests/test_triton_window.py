@@ -71,3 +71,30 @@ def test_every_production_tile_matches_naive(options):
         got_all = run(window_attention_triton, torch.float32)
     for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(window_attention, torch.float64)):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("option", triton_window.TMA_OPTIONS, ids=lambda o: option_id((o,)))
+@pytest.mark.parametrize("group,dk", [(16, 32), (4, 48)])
+def test_tma_loads_match_naive(option, group, dk):
+    """The query walks with key/value tiles loaded through tensor descriptors (interpreted; the
+    pre_hook sizes them to the option's key tile): two sequences (a tile past one sequence's end
+    reads zeros, not the next), a split head dim (48 = 32 + 16) and a window over several tiles."""
+    gen = torch.Generator().manual_seed(group + dk)
+    batch, seq_len, num_kv, dv, window = 2, 150, 2, 16, 70
+    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
+    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
+    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
+    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, lse = fn(*leaves, window=window)
+        (o * do.to(dtype)).sum().backward()
+        return [o, lse, leaves[0].grad]
+
+    with triton_window._query_kernel.only(option):
+        got_all = run(window_attention_triton, torch.float32)
+    for name, got, want in zip(("o", "lse", "dq"), got_all, run(window_attention, torch.float64)):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

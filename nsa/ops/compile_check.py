@@ -2,7 +2,7 @@
 the compiler made of it: registers, spill bytes, shared memory and asynchronous copies.
 
     python -m nsa.ops.compile_check [--head-dims 128/128,192/128] [--groups 16,4] [--dtype bf16]
-        [--arch 90] [--json]
+        [--arch 90] [--json] [--candidates]
 
 The interpreter, which runs the kernels in CI, cannot see how a kernel compiles; these numbers
 are the evidence a CPU machine can give of a fast path's health on the GPU: a loop whose loads
@@ -69,25 +69,26 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     # forward and dq.
     if "TMA" in constexprs:
         c = constexprs
-        if "BS" in c:
-            boxes = {"k_desc_a": (f"1,{c['BS']},1", c["DK_A"]), "k_desc_b": (f"1,{c['BS']},1", max(c["DK_B"], 16)),
-                     "v_desc": (f"1,{c['BS']},1", c["DV_PAD"])}
-        elif "SELECT_BLOCK" in c:  # the scoring kernel: compressed keys only
-            rows = f"1,{c['BLOCK_N']},1"
-            boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16))}
+        if "k_desc_a" in fn.arg_names:  # selection's and the window's query walks: key/value tiles
+            rows = f"1,{c['BS'] if 'BS' in c else c['BN']},1"
+            boxes = {"k_desc_a": (rows, c["DK_A"]), "k_desc_b": (rows, max(c["DK_B"], 16)), "v_desc": (rows, c["DV_PAD"])}
         elif "Q_DESC_A" in fn.arg_names:  # compressed attention's dK/dV: query tiles
             rows = f"1,{c['BLOCK_M'] // c['GP']},{c['GP']}"
             boxes = {"Q_DESC_A": (rows, c["DKA"]), "Q_DESC_B": (rows, max(c["DKB"], 16)), "DO_DESC": (rows, c["DVP"])}
-        else:
+        else:  # compressed attention's forward and dq (keys and values), the scoring (keys)
             rows = f"1,{c['BLOCK_N']},1"
-            boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16)), "V_DESC": (rows, c["DVP"])}
+            boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16))}
+            if "V_DESC" in fn.arg_names:
+                boxes["V_DESC"] = (rows, c["DVP"])
         pointers.update({name: (f"tensordesc<{dtype}[{rows},{cols}]>" if c["TMA"] else f"*{dtype}")
                          for name, (rows, cols) in boxes.items()})
     return launch_signature(fn, constexprs, pointers, FLOATS)
 
 
-def _builds(dk: int, dv: int, group: int, dtype: str):
-    """``(kernel name, jit function, constexprs, triton.Config)`` for every production config."""
+def _builds(dk: int, dv: int, group: int, dtype: str, candidates: bool = False):
+    """``(kernel name, jit function, constexprs, triton.Config)`` for every production config,
+    and with ``candidates`` for every one ``scripts/gpu/tune_kernels.py`` sweeps beside them (TMA
+    loads, the scoring's merges of several steps)."""
     from nsa.ops.compressed_attention import triton as cmp
     from nsa.ops.selected_attention import triton as sel
     from nsa.ops.selection import triton as scoring
@@ -100,19 +101,22 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
     blocks = {"BLOCK": 32, "STRIDE": 16}
     cmp_consts = {"G": group, "GP": gp, **blocks, "DK": dk, "DV": dv, "DKA": dka, "DKB": dkb,
                   "DVP": cmp.pow2(dv), "PRECISION": precision}
+    def swept(production: list, candidates_of_list: list) -> list:
+        return production + ([c for c in candidates_of_list if c not in production] if candidates else [])
+
     # The compressed dq pass as the Triton backend launches it: the first dq, written (DQ_ADD off).
     for name, kernel, configs, extra in (
-            ("compressed-fwd", cmp._cmp_fwd_kernel, cmp._FWD_CONFIGS + cmp.group_configs(cmp.FWD_TMA_TILES), {}),
+            ("compressed-fwd", cmp._cmp_fwd_kernel, swept(cmp._FWD_CONFIGS, cmp.group_configs(cmp.FWD_TMA_TILES)),
+             {}),
             ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel,
-             cmp._DKDV_CONFIGS + cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows), {}),
-            ("compressed-dq", cmp._cmp_bwd_dq_kernel, cmp._DQ_CONFIGS + cmp.group_configs(cmp.DQ_TMA_TILES),
+             swept(cmp._DKDV_CONFIGS, cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows)), {}),
+            ("compressed-dq", cmp._cmp_bwd_dq_kernel, swept(cmp._DQ_CONFIGS, cmp.group_configs(cmp.DQ_TMA_TILES)),
              {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
-    # And the sweep's candidates (tune_kernels.py).
-    for config in scoring._prune_selection(scoring._SELECT_CONFIGS + scoring.SELECT_CANDIDATES, select_consts):
+    for config in scoring._prune_selection(swept(scoring._SELECT_CONFIGS, scoring.SELECT_CANDIDATES), select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
@@ -127,17 +131,16 @@ def _builds(dk: int, dv: int, group: int, dtype: str):
             ("window-fwd", win._query_kernel, forward, None),
             ("window-dq", win._query_kernel, dq_pass, None),
             ("window-dkdv", win._dkdv_kernel, {}, None)):
-        configs = tuned.configs(group, max_positions)
-        if tuned is sel._query_kernel:  # and the other walks with TMA loads, which tune_kernels.py sweeps
-            swept = [option for option in sel.TMA_OPTIONS if option not in tuned.options]
-            configs += GroupTunedKernel(tuned.kernel, swept, tuned.key).configs(group, max_positions)
-        for config in configs:
+        options = swept(tuned.options, {sel._query_kernel: sel.TMA_OPTIONS,
+                                        win._query_kernel: win.TMA_OPTIONS}.get(tuned, []))
+        for config in GroupTunedKernel(tuned.kernel, options, tuned.key, tuned.extra).configs(group, max_positions):
             yield name, tuned.kernel, {**rows_consts, **extra, **config.kwargs}, config
 
 
 def audit(head_dims: list[tuple[int, int]], groups: list[int], *, dtype: str = "bf16", arch: int = 90,
-          kernels: tuple[str, ...] = KERNELS) -> list[CompiledConfig]:
-    """Every config of ``kernels`` compiled for ``sm_<arch>`` at each head dim pair and group size."""
+          kernels: tuple[str, ...] = KERNELS, candidates: bool = False) -> list[CompiledConfig]:
+    """Every config of ``kernels`` compiled for ``sm_<arch>`` at each head dim pair and group size
+    (with ``candidates`` also those the tile sweep times beside the autotune lists)."""
     from nsa.ops.offline_compile import async_copies, compile_as_launched, resource_usage
     from nsa.ops.triton_common import describe_config
 
@@ -147,7 +150,7 @@ def audit(head_dims: list[tuple[int, int]], groups: list[int], *, dtype: str = "
     rows = []
     for dk, dv in head_dims:
         for group in groups:
-            for name, fn, constexprs, config in _builds(dk, dv, group, dtype):
+            for name, fn, constexprs, config in _builds(dk, dv, group, dtype, candidates):
                 if name not in kernels:
                     continue
                 compiled = compile_as_launched(
@@ -168,6 +171,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also the configs scripts/gpu/tune_kernels.py sweeps beside the autotune lists")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the kernels must be compiled kernels", file=sys.stderr)
@@ -175,7 +180,8 @@ def main() -> int:
     dims = [tuple(int(x) for x in pair.split("/")) for pair in args.head_dims.split(",")]
     groups = [int(g) for g in args.groups.split(",")]
     try:
-        rows = audit(dims, groups, dtype=args.dtype, arch=args.arch, kernels=tuple(args.kernels.split(",")))
+        rows = audit(dims, groups, dtype=args.dtype, arch=args.arch, kernels=tuple(args.kernels.split(",")),
+                     candidates=args.candidates)
     except ValueError as exc:
         parser.error(str(exc))
     report(rows, as_json=args.json)

@@ -191,40 +191,49 @@ class GroupTunedKernel:
     """A ``@triton.jit`` kernel autotuned per group size ``G`` (the configs depend on it) and
     :func:`size_class` of the sequence length (``seq_len``, given at each call).
 
-    Under the interpreter autotuning is bypassed: the first config's block sizes are passed.
+    Options may turn on a ``TMA`` constexpr (tiles loaded through tensor descriptors); a launch
+    without descriptors (``tma=False``) tunes over the others only. ``pre_hook`` (a Triton config
+    pre-hook) sizes such descriptors to each config's tiles. Under the interpreter autotuning is
+    bypassed: the first allowed config's block sizes are passed (after its ``pre_hook``).
     """
 
     def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None,
-                 **autotune_kwargs):
+                 pre_hook=None, **autotune_kwargs):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
-        self.autotune_kwargs = autotune_kwargs
-        self._tuned: dict[tuple[int, int, int | None], object] = {}  # (G, size class, max_positions)
+        self.pre_hook, self.autotune_kwargs = pre_hook, autotune_kwargs
+        # (G, size class, max_positions, TMA configs allowed)
+        self._tuned: dict[tuple[int, int, int | None, bool], object] = {}
 
-    def configs(self, group: int, max_positions: int | None = None) -> list[triton.Config]:
+    def configs(self, group: int, max_positions: int | None = None, tma: bool = True) -> list[triton.Config]:
         configs = row_tile_configs(group, self.options, max_positions)
         for c in configs:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
-        return configs
+            c.pre_hook = self.pre_hook
+        return configs if tma else [c for c in configs if not c.kwargs.get("TMA")]
 
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class, every group size (empty
         before any launch there, and under the interpreter)."""
-        return _chosen([t for (_, size, _), t in self._tuned.items() if size == size_class(seq_len)])
+        return _chosen([t for (_, size, _, _), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, option: tuple):
         """Within the ``with`` block, ``option`` is the whole list (autotuning has nothing to
         choose, the interpreter runs it); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "options", [option])
 
-    def __call__(self, grid, *args, G: int, seq_len: int, max_positions: int | None = None, **kwargs):
-        """Launch on ``grid``; ``max_positions`` caps ``BT`` (see :func:`row_tile_configs`)."""
+    def __call__(self, grid, *args, G: int, seq_len: int, max_positions: int | None = None, tma: bool = False,
+                 **kwargs):
+        """Launch on ``grid``; ``max_positions`` caps ``BT`` (see :func:`row_tile_configs`); ``tma``:
+        ``args`` hold tensor descriptors, so options with ``TMA`` may run."""
         if INTERPRET:
-            config = self.configs(G, max_positions)[0]
+            config = self.configs(G, max_positions, tma)[0]
+            if config.pre_hook is not None:
+                config.pre_hook({**dict(zip(self.kernel.arg_names, args)), **kwargs, **config.kwargs, "G": G})
             self.kernel[grid(config.kwargs)](*args, G=G, **kwargs, **config.kwargs)
             return
-        tune_key = (G, size_class(seq_len), max_positions)
+        tune_key = (G, size_class(seq_len), max_positions, tma)
         if tune_key not in self._tuned:
-            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions), key=self.key,
+            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions, tma), key=self.key,
                                                     **self.autotune_kwargs)(self.kernel)
         self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
@@ -476,6 +485,30 @@ def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_
     vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
     return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B, PREC,
                        BACKWARD, MASKED)
+
+
+@triton.jit
+def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt, qk_scale, m_i, l_i, acc,
+                   acc_b, lse2, delta, do, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
+                   DK_B: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr,
+                   BACKWARD: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """:func:`attend_keys` over the ``ROWS`` keys from ``row0`` (positions ``kpos``), loaded by
+    pointers or, with ``TMA``, through ``descs = (k_desc_a, k_desc_b, v_desc, b, h)``
+    (:func:`kv_tile_descriptors`): one bulk copy per tile issued by one thread instead of every
+    thread's address arithmetic and 16-byte copies. Rows past ``T`` are zero either way."""
+    if TMA:
+        k_desc_a, k_desc_b, v_desc, b, h = descs
+        ka = tl.reshape(k_desc_a.load([b, row0, h, 0]), [ROWS, DK_A])
+        if DK_B > 0:
+            kb = tl.reshape(k_desc_b.load([b, row0, h, DK_A]), [ROWS, DK_B])
+        else:
+            kb = ka
+        vb = tl.reshape(v_desc.load([b, row0, h, 0]), [ROWS, DV_PAD])
+        return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
+                           PREC, BACKWARD, MASKED)
+    else:
+        return attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
+                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, MASKED)
 
 
 @triton.jit

@@ -8,7 +8,10 @@ pass it pins one config (the autotuner then has nothing to choose), times the pa
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ/HK from ``--heads``
 (default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time,
 marking the ones in the production list (``*``). Compressed attention's dK/dV pass is timed with
-the query split that config would get (``_query_split`` with that key tile). Details go to
+the query split that config would get (``_query_split`` with that key tile). The candidates
+include each kernel's tile loads through tensor descriptors (``TMA``) and the scoring's merges
+of several steps (``MERGE_STEPS``); every timed option's output (the forward's and dq's, dk of
+dK/dV) is compared with the autotuned choice's, and the top-n lists with its. Details go to
 ``$OUT/tune_kernels_<families>_<lengths>_<heads>.json``. ``--smoke`` runs the plumbing on CPU
 under ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
 """
@@ -79,7 +82,7 @@ CANDIDATES = {
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],
     "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2), (64, 4, 2, {"BN": 128}),
-                  (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2)],
+                  (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2), *win_triton.TMA_OPTIONS],
     # Key tiles of 128: the M of the dK/dV dots (Hopper's warp-group MMA wants M >= 64; the
     # compressed-attention dK/dV pass gained 1.8x from the same change).
     # Keys as the M of the dots (KEYS_AS_M): two of them lead the production list since the
@@ -241,11 +244,14 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     # Sliding window.
     wo, wlse = win_triton._query_pass(q, k, v, WINDOW, scale)
     wdelta = softmax_delta(wo, do, None)
-    for option in WIN_QUERY if "win" in only else []:
+    win_dq = win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do, delta=wdelta)
+    for option in WIN_QUERY if "win" in only or "win-query" in only else []:
         with win_triton._query_kernel.only(option):
-            timed(results, "win-fwd", f"{tag} {option}", lambda: win_triton._query_pass(q, k, v, WINDOW, scale))
-            timed(results, "win-dq", f"{tag} {option}",
-                  lambda: win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do, delta=wdelta))
+            timed_and_compared(results, "win-fwd", f"{tag} {option}",
+                               lambda: win_triton._query_pass(q, k, v, WINDOW, scale), wo)
+            timed_and_compared(results, "win-dq", f"{tag} {option}",
+                               lambda: win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do,
+                                                              delta=wdelta), win_dq)
     for option in WIN_DKDV if "win" in only else []:
         with win_triton._dkdv_kernel.only(option):
             timed(results, "win-dkdv", f"{tag} {option}",
@@ -348,9 +354,10 @@ def main():
     parser.add_argument("--heads", default="64/4", help="comma list of query heads / key-value heads")
     parser.add_argument("--only", default="cmp,select,sel,win",
                         help="kernel families: cmp (compressed attention), cmp-query (its forward and dq "
-                             "only), cmp-dkdv (its dK/dV pass only), select (scoring + top-n), "
-                             "sel (selection attention), sel-query (its forward and dq only), win (window), "
-                             "decode (the decode step, batch 1 and 32, context = each --seq-lens value)")
+                             "only), cmp-dkdv (its dK/dV pass only), select (scoring + top-n), sel (selection "
+                             "attention), sel-query (its forward and dq only), win (window), win-query (its "
+                             "forward and dq only), decode (the decode step, batch 1 and 32, context = each "
+                             "--seq-lens value)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")
     args = parser.parse_args()
     if args.smoke:

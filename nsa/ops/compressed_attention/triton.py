@@ -36,9 +36,9 @@ from nsa.ops.triton_common import (
     interpreting,
     kv_tile_descriptors,
     set_kv_tile_rows,
-    tile_descriptors,
     softmax_delta,
     split_dim,
+    tile_descriptors,
 )
 
 LOG2E = 1.4426950408889634

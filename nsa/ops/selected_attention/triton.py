@@ -26,8 +26,7 @@ import triton.language as tl
 from nsa.ops.triton_common import (
     LOG2E,
     GroupTunedKernel,
-    attend_keys,
-    attend_tile,
+    attend_keys_at,
     dkdv_tile,
     dot_precision,
     kv_tile_descriptors,
@@ -50,30 +49,6 @@ CHUNK = 1024
 # them as one vector and compares it with each earlier position's list (compiled for sm_90, 1,024
 # entries spilled; 256 did not).
 UNION_ENTRIES = 256
-
-
-@triton.jit
-def _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b, v_desc, b32, h, T, skt, svt,
-                  qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK: tl.constexpr, DV: tl.constexpr,
-                  DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
-                  PREC: tl.constexpr, BACKWARD: tl.constexpr, TMA: tl.constexpr):
-    """:func:`attend_keys` over selection block ``blk`` (positions ``kpos``), its keys and values
-    loaded by pointers or, with ``TMA``, by the tensor-memory accelerator: one bulk copy per tile
-    issued by one thread instead of every thread's address arithmetic and 16-byte copies (the
-    query passes are bound by these gathers). Rows past ``T`` are zero either way."""
-    if TMA:
-        row0 = blk * BS
-        ka = tl.reshape(k_desc_a.load([b32, row0, h, 0]), [BS, DK_A])
-        if DK_B > 0:
-            kb = tl.reshape(k_desc_b.load([b32, row0, h, DK_A]), [BS, DK_B])
-        else:
-            kb = ka
-        vb = tl.reshape(v_desc.load([b32, row0, h, 0]), [BS, DV_PAD])
-        return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
-                           PREC, BACKWARD, True)
-    else:
-        return attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
-                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, True)
 
 
 @triton.jit
@@ -107,6 +82,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
                       mask=row_ok[:, None] & (slot[None, :] < NSEL), other=-1)
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
+    descs = (k_desc_a, k_desc_b, v_desc, b32, h)
     kk = tl.arange(0, BS)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,10 +102,9 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
             allowed = kpos[None, :] <= row_pos[:, None]
-            m_i, l_i, acc, acc_b = _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b,
-                                                 v_desc, b32, h, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
-                                                 lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC,
-                                                 BACKWARD, TMA)
+            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt,
+                                                  svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
+                                                  DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True, TMA)
     else:
         # The union of the tile's lists, each block once, in the order the lists first name it.
         # The entries (position, slot) of the tile as one vector; an entry is new when no earlier
@@ -155,10 +130,9 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
             kpos = blk * BS + kk
             member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
             allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
-            m_i, l_i, acc, acc_b = _attend_block(blk, kpos, allowed, qa, qb, k_base, v_base, k_desc_a, k_desc_b,
-                                                 v_desc, b32, h, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
-                                                 lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC,
-                                                 BACKWARD, TMA)
+            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt,
+                                                  svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
+                                                  DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True, TMA)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -261,11 +235,10 @@ TMA_OPTIONS = [(16, 2, 2, {"TMA": True}), (16, 2, 3, {"TMA": True}), (16, 1, 2, 
                (16, 4, 3, {"TMA": True}), (16, 2, 4, {"TMA": True})]
 _TMA_PRODUCTION = [TMA_OPTIONS[1], TMA_OPTIONS[2], TMA_OPTIONS[3]]
 # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
-# timed launch.
-_QUERY_TUNING = dict(key=["G", "DK", "DV", "BS", "BACKWARD"], restore_value=["dq"], extra={"TMA": False})
-_query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION, **_QUERY_TUNING)
-# Where no tensor descriptor can be made (see _block_descriptors): the pointer options only.
-_query_kernel_pointers = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS, **_QUERY_TUNING)
+# timed launch. Where no tensor descriptor can be made (see _block_descriptors) the pointer
+# options run.
+_query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION,
+                                 key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False}, restore_value=["dq"])
 
 
 def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict):
@@ -310,18 +283,17 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
     descriptors = _block_descriptors(k, v, meta)
-    kernel = _query_kernel if descriptors is not None else _query_kernel_pointers
-    descriptors = (k, k, v) if descriptors is None else descriptors  # placeholders: TMA is off
+    tma = descriptors is not None
+    descriptors = descriptors if tma else (k, k, v)  # placeholders: the TMA options do not run
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
 
-    kernel(grid, q, k, v, idx, o, lse, do, delta, dq, *descriptors,
+    _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq, *descriptors,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *o.stride()[:3], *lse.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
-                  seq_len=seq_len,
-                  max_positions=max(1, UNION_ENTRIES // n_pad), **meta)
+                  seq_len=seq_len, max_positions=max(1, UNION_ENTRIES // n_pad), tma=tma, **meta)
     return dq if backward else (o, lse)
 
 

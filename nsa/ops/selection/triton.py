@@ -44,7 +44,13 @@ from nsa.ops.compressed_attention.triton import (
     tile_rows,
     visible_count,
 )
-from nsa.ops.triton_common import SizeTunedKernel, dot_precision, set_kv_tile_rows, split_dim, tile_descriptors
+from nsa.ops.triton_common import (
+    SizeTunedKernel,
+    dot_precision,
+    set_kv_tile_rows,
+    split_dim,
+    tile_descriptors,
+)
 
 INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf, shifted above the index

@@ -10,6 +10,8 @@ results are deterministic.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -17,13 +19,15 @@ import triton.language as tl
 from nsa.ops.triton_common import (
     LOG2E,
     GroupTunedKernel,
-    attend_keys,
+    attend_keys_at,
     dkdv_tile,
     dot_precision,
+    kv_tile_descriptors,
     load_block,
     load_rows,
     load_rows_split,
     row_layout,
+    set_kv_tile_rows,
     softmax_delta,
     softmax_finish,
     split_acc,
@@ -35,30 +39,32 @@ from nsa.ops.triton_common import (
 
 
 @triton.jit
-def _query_tiles(qa, qb, k_base, v_base, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
+def _query_tiles(qa, qb, k_base, v_base, descs, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
                  acc_b, lse2, delta_t, do_t, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
                  DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
-                 BACKWARD: tl.constexpr, PREC: tl.constexpr):
+                 BACKWARD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     for k0 in range(lo, hi, BN):
         kpos = k0 + tl.arange(0, BN)
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
-        m_i, l_i, acc, acc_b = attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i,
-                                           l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD,
-                                           PREC, BACKWARD, MASKED)
+        m_i, l_i, acc, acc_b = attend_keys_at(k0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt,
+                                              qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A,
+                                              DK_B, DV_PAD, BN, PREC, BACKWARD, MASKED, TMA)
     return m_i, l_i, acc, acc_b
 
 
 @triton.jit
-def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
+def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                       T, W, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
                       BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band."""
+                      BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+    """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band (with ``TMA``
+    loaded through the tensor descriptors ``k_desc_a, k_desc_b, v_desc``)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    descs = (k_desc_a, k_desc_b, v_desc, pid_bh // HK, pid_bh % HK)
     b = (pid_bh // HK).to(tl.int64)
     h = pid_bh % HK
     t0 = pid_t * BT
@@ -96,9 +102,9 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq,
             tiles_lo, tiles_hi = full_lo, full_hi
         else:
             tiles_lo, tiles_hi = full_hi, end
-        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, tiles_lo, tiles_hi, row_pos, T, W, skt,
-                                            svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
-                                            DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC)
+        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, tiles_lo, tiles_hi, row_pos, T, W,
+                                            skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
+                                            DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC, TMA)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -191,9 +197,17 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # fourteenth session: 0.92 against 1.00 ms, 4.26 against 4.35).
 # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
 # timed launch.
+# Where tensor descriptors can be made, the launcher passes them (rows sized to each config's BN
+# by the pre_hook): TMA_OPTIONS, the same walks with the key/value tiles loaded by the TMA, are
+# tune_kernels.py candidates, not yet timed (written when no GPU was lent).
 _query_kernel = GroupTunedKernel(_win_query_kernel,
                                  [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
-                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64}, restore_value=["dq"])
+                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64, "TMA": False},
+                                 pre_hook=functools.partial(set_kv_tile_rows, names=("k_desc_a", "k_desc_b", "v_desc"),
+                                                            rows="BN"),
+                                 restore_value=["dq"])
+TMA_OPTIONS = [(64, 4, 2, {"TMA": True}), (128, 8, 2, {"TMA": True}), (128, 8, 3, {"TMA": True}),
+               (64, 4, 3, {"BN": 32, "TMA": True})]
 # dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form): measured
 # on an H100 (fourteenth session, tune_kernels.py --only win at 8k and 64k, 64/4 and 16/4 heads),
 # 32 rows x 128 keys on 8 warps, 3 stages won at 64/4 (64k 7.17 ms against 8.14 for the best of
@@ -232,9 +246,11 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
 
-    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *q.stride()[:3], *k.stride()[:3],
+    # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
+    descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"])
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *(descs or (k, k, v)), *q.stride()[:3], *k.stride()[:3],
                   *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                  scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len, **meta)
+                  scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len, tma=descs is not None, **meta)
     return dq if backward else (o, lse)
 
 
