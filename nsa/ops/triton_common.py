@@ -488,6 +488,25 @@ def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_
 
 
 @triton.jit
+def load_box(desc, b, row0, h, ROWS: tl.constexpr, COLS: tl.constexpr, col0=0):
+    """``[ROWS, COLS]``: the box of tensor descriptor ``desc`` (over a ``[B, T, H, D]`` tensor) at
+    ``(b, row0, h, col0)``, flattened; zero where it leaves the tensor."""
+    return tl.reshape(desc.load([b, row0, h, col0]), [ROWS, COLS])
+
+
+@triton.jit
+def load_box_split(desc_a, desc_b, b, row0, h, ROWS: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """:func:`load_box` of the column tiles ``[0, DA)`` and ``[DA, DA + DB)`` (the TMA form of
+    :func:`load_rows_split`; with ``DB == 0`` the second is the first again, never used)."""
+    xa = load_box(desc_a, b, row0, h, ROWS, DA)
+    if DB > 0:
+        xb = load_box(desc_b, b, row0, h, ROWS, DB, DA)
+    else:
+        xb = xa
+    return xa, xb
+
+
+@triton.jit
 def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt, qk_scale, m_i, l_i, acc,
                    acc_b, lse2, delta, do, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
                    DK_B: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr,
@@ -498,12 +517,8 @@ def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, s
     thread's address arithmetic and 16-byte copies. Rows past ``T`` are zero either way."""
     if TMA:
         k_desc_a, k_desc_b, v_desc, b, h = descs
-        ka = tl.reshape(k_desc_a.load([b, row0, h, 0]), [ROWS, DK_A])
-        if DK_B > 0:
-            kb = tl.reshape(k_desc_b.load([b, row0, h, DK_A]), [ROWS, DK_B])
-        else:
-            kb = ka
-        vb = tl.reshape(v_desc.load([b, row0, h, 0]), [ROWS, DV_PAD])
+        ka, kb = load_box_split(k_desc_a, k_desc_b, b, row0, h, ROWS, DK_A, DK_B)
+        vb = load_box(v_desc, b, row0, h, ROWS, DV_PAD)
         return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
                            PREC, BACKWARD, MASKED)
     else:

@@ -35,6 +35,8 @@ from nsa.ops.triton_common import (
     dot_precision,
     interpreting,
     kv_tile_descriptors,
+    load_box,
+    load_box_split,
     set_kv_tile_rows,
     softmax_delta,
     split_dim,
@@ -156,13 +158,8 @@ def _load_kv_tile(k_base, v_base, descs, start, vis, stride_kn, stride_vn, DK: t
     ``p`` is 0 there), and zeros past the last compressed token."""
     if TMA:
         k_desc_a, k_desc_b, v_desc, b, h = descs
-        ka = tl.reshape(k_desc_a.load([b, start, h, 0]), [BLOCK_N, DKA])
-        if DKB > 0:
-            kb = tl.reshape(k_desc_b.load([b, start, h, DKA]), [BLOCK_N, DKB])
-        else:
-            kb = ka
-        v = tl.reshape(v_desc.load([b, start, h, 0]), [BLOCK_N, DVP])
-        return ka, kb, v
+        ka, kb = load_box_split(k_desc_a, k_desc_b, b, start, h, BLOCK_N, DKA, DKB)
+        return ka, kb, load_box(v_desc, b, start, h, BLOCK_N, DVP)
     local = tl.arange(0, BLOCK_N)
     dv = tl.arange(0, DVP)
     # Only tiles past the fully-visible prefix can run past the last compressed token.
@@ -276,12 +273,8 @@ def _load_query_tile(Q, DO, LSE, DELTA, descs, b, t0, h0, g, local_t, row_ok, st
     (:func:`query_tile_descriptors`), zero past ``T``; lse and delta by pointers."""
     if TMA and G == GP:
         q_desc_a, q_desc_b, do_desc = descs
-        qa = tl.reshape(q_desc_a.load([b, t0, h0, 0]), [BLOCK_M, DKA])
-        if DKB > 0:
-            qb = tl.reshape(q_desc_b.load([b, t0, h0, DKA]), [BLOCK_M, DKB])
-        else:
-            qb = qa
-        do = tl.reshape(do_desc.load([b, t0, h0, 0]), [BLOCK_M, DVP])
+        qa, qb = load_box_split(q_desc_a, q_desc_b, b, t0, h0, BLOCK_M, DKA, DKB)
+        do = load_box(do_desc, b, t0, h0, BLOCK_M, DVP)
     else:
         dv = tl.arange(0, DVP)
         q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh

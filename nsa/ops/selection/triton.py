@@ -47,6 +47,7 @@ from nsa.ops.compressed_attention.triton import (
 from nsa.ops.triton_common import (
     SizeTunedKernel,
     dot_precision,
+    load_box_split,
     set_kv_tile_rows,
     split_dim,
     tile_descriptors,
@@ -179,11 +180,7 @@ def _step_keys_of(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.conste
     if TMA:
         # Zero before the first and past the last compressed token; the visible ones' mask
         # below drops the rest.
-        ka = tl.reshape(k_desc_a.load([b, first_col, h, 0]), [BLOCK_N, DKA])
-        if DKB > 0:
-            kb = tl.reshape(k_desc_b.load([b, first_col, h, DKA]), [BLOCK_N, DKB])
-        else:
-            kb = ka
+        ka, kb = load_box_split(k_desc_a, k_desc_b, b, first_col, h, BLOCK_N, DKA, DKB)
     else:
         ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
                                DK, DKA, DKB)
