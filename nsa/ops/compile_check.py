@@ -71,10 +71,12 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
         c = constexprs
         if "k_desc_a" in fn.arg_names:  # selection's and the window's query walks: key/value tiles
             rows = f"1,{c['BS'] if 'BS' in c else c['BN']},1"
-            boxes = {"k_desc_a": (rows, c["DK_A"]), "k_desc_b": (rows, max(c["DK_B"], 16)), "v_desc": (rows, c["DV_PAD"])}
+            boxes = {"k_desc_a": (rows, c["DK_A"]), "k_desc_b": (rows, max(c["DK_B"], 16)),
+                     "v_desc": (rows, c["DV_PAD"])}
         elif "Q_DESC_A" in fn.arg_names:  # compressed attention's dK/dV: query tiles
             rows = f"1,{c['BLOCK_M'] // c['GP']},{c['GP']}"
-            boxes = {"Q_DESC_A": (rows, c["DKA"]), "Q_DESC_B": (rows, max(c["DKB"], 16)), "DO_DESC": (rows, c["DVP"])}
+            boxes = {"Q_DESC_A": (rows, c["DKA"]), "Q_DESC_B": (rows, max(c["DKB"], 16)),
+                     "DO_DESC": (rows, c["DVP"])}
         else:  # compressed attention's forward and dq (keys and values), the scoring (keys)
             rows = f"1,{c['BLOCK_N']},1"
             boxes = {"K_DESC_A": (rows, c["DKA"]), "K_DESC_B": (rows, max(c["DKB"], 16))}
@@ -105,18 +107,19 @@ def _builds(dk: int, dv: int, group: int, dtype: str, candidates: bool = False):
         return production + ([c for c in candidates_of_list if c not in production] if candidates else [])
 
     # The compressed dq pass as the Triton backend launches it: the first dq, written (DQ_ADD off).
+    dkdv_tma = cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows)
     for name, kernel, configs, extra in (
-            ("compressed-fwd", cmp._cmp_fwd_kernel, swept(cmp._FWD_CONFIGS, cmp.group_configs(cmp.FWD_TMA_TILES)),
-             {}),
-            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel,
-             swept(cmp._DKDV_CONFIGS, cmp.group_configs(cmp.DKDV_TMA_TILES, pre_hook=cmp.set_query_tile_rows)), {}),
-            ("compressed-dq", cmp._cmp_bwd_dq_kernel, swept(cmp._DQ_CONFIGS, cmp.group_configs(cmp.DQ_TMA_TILES)),
-             {"DQ_ADD": False})):
+            ("compressed-fwd", cmp._cmp_fwd_kernel,
+             swept(cmp._FWD_CONFIGS, cmp.group_configs(cmp.FWD_TMA_TILES)), {}),
+            ("compressed-dkdv", cmp._cmp_bwd_dkdv_kernel, swept(cmp._DKDV_CONFIGS, dkdv_tma), {}),
+            ("compressed-dq", cmp._cmp_bwd_dq_kernel,
+             swept(cmp._DQ_CONFIGS, cmp.group_configs(cmp.DQ_TMA_TILES)), {"DQ_ADD": False})):
         for config in cmp.prune_group_rows(configs, cmp_consts):
             yield name, kernel, {**cmp_consts, **extra, **config.kwargs}, config
     select_consts = {"G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64, "COUNT": 16, "NP": 16, "DK": dk,
                      "DKA": dka, "DKB": dkb, "PRECISION": precision, "MAX_POSITIONS": scoring.MAX_POSITIONS}
-    for config in scoring._prune_selection(swept(scoring._SELECT_CONFIGS, scoring.SELECT_CANDIDATES), select_consts):
+    select_configs = swept(scoring._SELECT_CONFIGS, scoring.SELECT_CANDIDATES)
+    for config in scoring._prune_selection(select_configs, select_consts):
         yield "selection-scoring", scoring._select_kernel, {**select_consts, **config.kwargs}, config
     rows_consts = {"HK": 4, "G": group, "DK": dk, "DV": dv, "DK_A": dka, "DK_B": dkb,
                    "DV_PAD": cmp.pow2(dv), "PREC": precision}
@@ -133,7 +136,8 @@ def _builds(dk: int, dv: int, group: int, dtype: str, candidates: bool = False):
             ("window-dkdv", win._dkdv_kernel, {}, None)):
         options = swept(tuned.options, {sel._query_kernel: sel.TMA_OPTIONS,
                                         win._query_kernel: win.TMA_OPTIONS}.get(tuned, []))
-        for config in GroupTunedKernel(tuned.kernel, options, tuned.key, tuned.extra).configs(group, max_positions):
+        listed = GroupTunedKernel(tuned.kernel, options, tuned.key, tuned.extra)
+        for config in listed.configs(group, max_positions):
             yield name, tuned.kernel, {**rows_consts, **extra, **config.kwargs}, config
 
 

@@ -50,8 +50,8 @@ def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: l
         if (x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16
                 or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
             return None
-    return tuple(TensorDescriptor(tensors[i], list(tensors[i].shape), list(tensors[i].stride()), [*box, width])
-                 for i, width in zip(sources, cols))
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [*box, width])
+                 for x, width in zip((tensors[i] for i in sources), cols))
 
 
 def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int):
@@ -171,7 +171,8 @@ class SizeTunedKernel:
         choose); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "configs", [config])
 
-    def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict, tma: bool = False) -> None:
+    def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict,
+               tma: bool = False) -> None:
         """Launch the autotuner of ``seq_len``'s size class or, under the interpreter (which
         bypasses autotuning), the kernel with ``interpret_config``'s tiles.
 
@@ -483,8 +484,8 @@ def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_
     query walks share it."""
     ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
     vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
-    return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B, PREC,
-                       BACKWARD, MASKED)
+    return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
+                       PREC, BACKWARD, MASKED)
 
 
 @triton.jit
@@ -527,8 +528,8 @@ def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, s
 
 
 @triton.jit
-def attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B: tl.constexpr,
-                PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
+def attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do,
+                DK_B: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
     """:func:`attend_keys` on a key tile already loaded (``ka, kb`` its column tiles, ``vb``)."""
     sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
     if BACKWARD:

@@ -226,11 +226,11 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, K_DESC_A, K_DESC_B, V_DESC, T, HK,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     descs = (K_DESC_A, K_DESC_B, V_DESC, b, h)
     for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False, PRECISION, TMA)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn,
+                                  stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False, PRECISION, TMA)
     for start in range(n_full, n_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn, stride_vn,
-                                  qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True, PRECISION, TMA)
+        acc, m_i, l_i = _fwd_step(qa, qb, acc, m_i, l_i, k_base, v_base, descs, start, vis, stride_kn,
+                                  stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True, PRECISION, TMA)
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2_JIT, float("-inf"))
@@ -254,7 +254,8 @@ _FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)
 # they were written): scripts/gpu/tune_kernels.py sweeps them; an autotune list takes them once
 # measured (the launchers already pass descriptors, and run pointer configs only where none can
 # be made).
-FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}), (128, 64, 8, 3, {"TMA": True})]
+FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}),
+                 (128, 64, 8, 3, {"TMA": True})]
 _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})
 
@@ -277,9 +278,11 @@ def _load_query_tile(Q, DO, LSE, DELTA, descs, b, t0, h0, g, local_t, row_ok, st
         do = load_box(do_desc, b, t0, h0, BLOCK_M, DVP)
     else:
         dv = tl.arange(0, DVP)
-        q_rows = tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
+        q_rows = (tile_base(Q, b, t0, h0, stride_qb, stride_qt, stride_qh) + local_t * stride_qt
+                  + g * stride_qh)
         qa, qb = load_head_dim(q_rows, row_ok, DK, DKA, DKB)
-        do_rows = tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot + g * stride_oh
+        do_rows = (tile_base(DO, b, t0, h0, stride_ob, stride_ot, stride_oh) + local_t * stride_ot
+                   + g * stride_oh)
         do = tl.load(do_rows[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     row_off = local_t * stride_lt + g * stride_lh
     lse2 = tl.load(tile_base(LSE, b, t0, h0, stride_lb, stride_lt, stride_lh) + row_off,
@@ -298,8 +301,8 @@ def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, D
     pos, g, row_ok, local_t = tile_rows(pid_m, T, G, GP, BLOCK_M)
     qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, descs, b, pid_m * (BLOCK_M // GP), h * G, g,
                                                local_t, row_ok, stride_qb, stride_qt, stride_qh, stride_ob,
-                                               stride_ot, stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA,
-                                               DKB, DVP, G, GP, BLOCK_M, TMA)
+                                               stride_ot, stride_oh, stride_lb, stride_lt, stride_lh, DK, DV,
+                                               DKA, DKB, DVP, G, GP, BLOCK_M, TMA)
     # Rows before the key's first reader have lse = -inf (exp2 -> inf); the mask drops them.
     allowed_t = cols[:, None] * STRIDE + BLOCK - 1 <= pos[None, :]
     return dkdv_tile(qa, qb, do, lse2, delta, ka, kb, v, allowed_t, allowed_t, qk_scale, dk_acc_a, dk_acc_b,
@@ -404,8 +407,8 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, 
     # Loaded once per program: by pointers (TMA here is the key/value tiles').
     qa, qb, do, lse2, delta = _load_query_tile(Q, DO, LSE, DELTA, None, b, t0, h * G, g, local_t, row_ok,
                                                stride_qb, stride_qt, stride_qh, stride_ob, stride_ot,
-                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB, DVP,
-                                               G, GP, BLOCK_M, False)
+                                               stride_oh, stride_lb, stride_lt, stride_lh, DK, DV, DKA, DKB,
+                                               DVP, G, GP, BLOCK_M, False)
     vis = tl.where(row_ok, visible_count(pos, BLOCK, STRIDE), 0)
     n_full = (visible_count(t0, BLOCK, STRIDE) // BLOCK_N) * BLOCK_N
     n_end = visible_count(tl.minimum(t0 + BLOCK_T, T) - 1, BLOCK, STRIDE)
@@ -416,13 +419,13 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC_A, K_DESC_B, V_DESC, 
     dq_acc_b = tl.zeros([BLOCK_M, DKB if DKB > 0 else 16], dtype=tl.float32)
     descs = (K_DESC_A, K_DESC_B, V_DESC, b, h)
     for start in range(0, n_full, BLOCK_N):
-        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs, start,
-                                      vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, False,
-                                      PRECISION, TMA)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs,
+                                      start, vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP,
+                                      BLOCK_N, False, PRECISION, TMA)
     for start in range(n_full, n_end, BLOCK_N):
-        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs, start,
-                                      vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP, BLOCK_N, True,
-                                      PRECISION, TMA)
+        dq_acc_a, dq_acc_b = _dq_step(qa, qb, do, lse2, delta, dq_acc_a, dq_acc_b, k_base, v_base, descs,
+                                      start, vis, stride_kn, stride_vn, qk_scale, DK, DV, DKA, DKB, DVP,
+                                      BLOCK_N, True, PRECISION, TMA)
     # DQ is allocated like Q, so Q's strides address it. (Not triton_common's store_or_add_rows_split,
     # whose int64 address per row raised this kernel's spills, sm_90: 64 -> 80 bytes at 128/128.)
     dq_rows = tile_base(DQ, b, t0, h * G, stride_qb, stride_qt, stride_qh) + local_t * stride_qt + g * stride_qh
@@ -447,7 +450,8 @@ DKDV_TMA_TILES = [(64, DKDV_KEY_TILE, 8, 3, {"TMA": True}), (32, DKDV_KEY_TILE, 
                   (64, DKDV_KEY_TILE, 8, 2, {"TMA": True})]
 _DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8, 3), (32, 32, 4, 2)],
                               pre_hook=set_query_tile_rows)
-DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}), (64, 64, 4, 2, {"TMA": True})]
+DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}),
+                (64, 64, 4, 2, {"TMA": True})]
 _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
@@ -571,8 +575,8 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
     descs, tma = _query_descriptors(q, do, consts)
-    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *descs, seq_len, num_cmp, num_kv, split_len,
-                 *common)
+    dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *descs, seq_len, num_cmp, num_kv,
+                 split_len, *common)
 
     def dkdv_grid(meta):
         return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
@@ -606,7 +610,8 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
     def dq_grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp), tma)
+    _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp),
+                             tma)
     return dq
 
 

@@ -102,9 +102,10 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
             allowed = kpos[None, :] <= row_pos[:, None]
-            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt,
-                                                  svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
-                                                  DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True, TMA)
+            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T,
+                                                  skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t,
+                                                  do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True,
+                                                  TMA)
     else:
         # The union of the tile's lists, each block once, in the order the lists first name it.
         # The entries (position, slot) of the tile as one vector; an entry is new when no earlier
@@ -130,9 +131,10 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
             kpos = blk * BS + kk
             member = tl.sum((row_sel == blk).to(tl.int32), axis=1) > 0
             allowed = (kpos[None, :] <= row_pos[:, None]) & member[:, None]
-            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt,
-                                                  svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
-                                                  DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True, TMA)
+            m_i, l_i, acc, acc_b = attend_keys_at(blk * BS, kpos, allowed, qa, qb, k_base, v_base, descs, T,
+                                                  skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t,
+                                                  do_t, DK, DV, DK_A, DK_B, DV_PAD, BS, PREC, BACKWARD, True,
+                                                  TMA)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -238,7 +240,8 @@ _TMA_PRODUCTION = [TMA_OPTIONS[1], TMA_OPTIONS[2], TMA_OPTIONS[3]]
 # timed launch. Where no tensor descriptor can be made (see _block_descriptors) the pointer
 # options run.
 _query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION,
-                                 key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False}, restore_value=["dq"])
+                                 key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False},
+                                 restore_value=["dq"])
 
 
 def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict):

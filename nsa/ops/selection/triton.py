@@ -157,7 +157,8 @@ def _step_keys(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.constexpr
     last_block = step[-1]
     if GUARD:
         if j0 <= last_block:
-            key = _step_keys_of(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA)
+            key = _step_keys_of(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT,
+                                TMA)
         else:
             key = tl.full([BLOCK_T, NBT], NO_BLOCK.value, tl.int64)
     else:
@@ -170,8 +171,8 @@ def _step_keys_of(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.conste
                   DK: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr, TMA: tl.constexpr):
     """:func:`_step_keys` of a step at or before the tile's last block."""
-    qa, qb, k_base, k_desc_a, k_desc_b, b, h, stride_kn, qk_scale, lse2, vis, n_vis, min_vis, w, cur, in_step, \
-        t_ok, _ = step
+    qa, qb, k_base, k_desc_a, k_desc_b, b, h, stride_kn, qk_scale, lse2, vis, n_vis, min_vis, w, cur, \
+        in_step, t_ok, _ = step
     local_k = tl.arange(0, NBT)[None, :]
     local_n = tl.arange(0, BLOCK_N)
     first_col = A * j0 - (B - 1)
@@ -182,8 +183,8 @@ def _step_keys_of(j0, step, A: tl.constexpr, B: tl.constexpr, BLOCK_T: tl.conste
         # below drops the rest.
         ka, kb = load_box_split(k_desc_a, k_desc_b, b, first_col, h, BLOCK_N, DKA, DKB)
     else:
-        ka, kb = load_head_dim(k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn, col_ok,
-                               DK, DKA, DKB)
+        key_rows = k_base + tl.cast(first_col, tl.int64) * stride_kn + local_n * stride_kn
+        ka, kb = load_head_dim(key_rows, col_ok, DK, DKA, DKB)
     s = dot_head_dim(qa, qb, ka, kb, DKB, PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])  # p_cmp * 2^14
     if (first_col < 0) | (first_col + BLOCK_N > min_vis):
@@ -254,7 +255,8 @@ def _select_kernel(Q, K, LSE, OUT, K_DESC_A, K_DESC_B, T, HK,
     # MERGE_STEPS steps' keys merge into the top-n at once: fewer of the merge's serial
     # reductions per block, for up to MERGE_STEPS - 1 steps past the last one (no work: NO_BLOCK).
     for j0 in range(0, last_block + 1, NB_STEP * MERGE_STEPS):
-        key = _step_keys(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA, False)
+        key = _step_keys(j0, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION, BLOCK_N, NB_STEP, NBT, TMA,
+                         False)
         if MERGE_STEPS >= 2:
             key = _joined(key, _step_keys(j0 + NB_STEP, step, A, B, BLOCK_T, GP, DK, DKA, DKB, PRECISION,
                                           BLOCK_N, NB_STEP, NBT, TMA, True))
@@ -315,8 +317,8 @@ def _prune_selection(configs, named_args, **kwargs):
                                 max_positions=meta["MAX_POSITIONS"], block=meta["BLOCK"],
                                 stride=meta["STRIDE"], select_block=meta["SELECT_BLOCK"],
                                 count_pow2=meta["NP"])
-        ident = (tuple(sorted(tiles.items())), config.kwargs.get("TMA", False), config.kwargs.get("MERGE_STEPS", 1),
-                 config.num_warps, config.num_stages, config.maxnreg)
+        ident = (tuple(sorted(tiles.items())), config.kwargs.get("TMA", False),
+                 config.kwargs.get("MERGE_STEPS", 1), config.num_warps, config.num_stages, config.maxnreg)
         if ident not in seen:
             seen.add(ident)
             kept.append(triton.Config({**tiles, "TMA": config.kwargs.get("TMA", False),
@@ -351,7 +353,8 @@ def _candidate(m, w, s, cap, **constexprs):
 # 104-224 bytes, 4 steps 328-552, 4 with TMA 40-272), hence uncapped variants too.
 SELECT_CANDIDATES = [_candidate(64, 4, 2, 128, TMA=True), _candidate(64, 4, 3, 128, TMA=True),
                      _candidate(128, 8, 2, 128, TMA=True), _candidate(64, 4, 2, 128, MERGE_STEPS=2),
-                     _candidate(64, 4, 2, None, MERGE_STEPS=2), _candidate(64, 4, 2, 128, TMA=True, MERGE_STEPS=4),
+                     _candidate(64, 4, 2, None, MERGE_STEPS=2),
+                     _candidate(64, 4, 2, 128, TMA=True, MERGE_STEPS=4),
                      _candidate(64, 4, 2, None, TMA=True, MERGE_STEPS=4)]
 
 
@@ -419,12 +422,14 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
 
     descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
     tma = descs is not None
-    args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv, q.stride(0), q.stride(1), q.stride(2),
+    args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv,
+            q.stride(0), q.stride(1), q.stride(2),
             k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
     interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
                                       max_positions=MAX_POSITIONS, block=block, stride=stride,
                                       select_block=select_block, count_pow2=consts["NP"])
-    interpret_tiles.update(TMA=INTERPRET_TILES.get("TMA", False), MERGE_STEPS=INTERPRET_TILES.get("MERGE_STEPS", 1))
+    interpret_tiles.update(TMA=INTERPRET_TILES.get("TMA", False),
+                           MERGE_STEPS=INTERPRET_TILES.get("MERGE_STEPS", 1))
     _select_tuned.launch(seq_len, grid, args, consts, interpret_tiles, tma)
     return out

@@ -47,8 +47,8 @@ def _query_tiles(qa, qb, k_base, v_base, descs, lo, hi, row_pos, T, W, skt, svt,
         kpos = k0 + tl.arange(0, BN)
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
         m_i, l_i, acc, acc_b = attend_keys_at(k0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt,
-                                              qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV, DK_A,
-                                              DK_B, DV_PAD, BN, PREC, BACKWARD, MASKED, TMA)
+                                              qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
+                                              DK_A, DK_B, DV_PAD, BN, PREC, BACKWARD, MASKED, TMA)
     return m_i, l_i, acc, acc_b
 
 
@@ -203,8 +203,8 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 _query_kernel = GroupTunedKernel(_win_query_kernel,
                                  [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64, "TMA": False},
-                                 pre_hook=functools.partial(set_kv_tile_rows, names=("k_desc_a", "k_desc_b", "v_desc"),
-                                                            rows="BN"),
+                                 pre_hook=functools.partial(set_kv_tile_rows, rows="BN",
+                                                            names=("k_desc_a", "k_desc_b", "v_desc")),
                                  restore_value=["dq"])
 TMA_OPTIONS = [(64, 4, 2, {"TMA": True}), (128, 8, 2, {"TMA": True}), (128, 8, 3, {"TMA": True}),
                (64, 4, 3, {"BN": 32, "TMA": True})]
@@ -248,9 +248,10 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
 
     # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
     descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"])
-    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *(descs or (k, k, v)), *q.stride()[:3], *k.stride()[:3],
-                  *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                  scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len, tma=descs is not None, **meta)
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *(descs or (k, k, v)), *q.stride()[:3],
+                  *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window,
+                  scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len,
+                  tma=descs is not None, **meta)
     return dq if backward else (o, lse)
 
 
