@@ -104,16 +104,11 @@ def test_invert_selection_lists_every_query_once_per_block():
 
 
 
-@pytest.mark.parametrize("group", [16, 4, 1])
-@pytest.mark.parametrize("options", option_pairs(triton_selected._query_kernel, triton_selected._dkdv_kernel),
-                         ids=option_id)
-def test_every_production_tile_matches_naive(options, group, monkeypatch):
-    """The interpreter runs each list's first option; here each option of the GPU lists runs, at
-    G = 16 (one position per 16 rows, or 4-position tiles walking the union of their blocks),
-    G = 4 (4- and 16-position tiles) and G = 1 (16- and 64-position tiles)."""
-    monkeypatch.setattr(triton_selected, "CHUNK", 32)
-    gen = torch.Generator().manual_seed(5)
-    batch, seq_len, num_kv, dk, dv, n = 1, 70, 1, 32, 16, 3
+def check_pinned_against_naive(kernels, options, *, group, dk=32, dv=16, batch=1, num_kv=1, seed=5):
+    """Outputs (o, lse) and every gradient of the Triton op with ``kernels`` pinned to ``options``
+    equal the float64 naive op's, on random inputs and selections (T = 70: a last block cut short)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len, n = 70, 3
     q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
     k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
     v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
@@ -122,14 +117,40 @@ def test_every_production_tile_matches_naive(options, group, monkeypatch):
 
     def run(fn, dtype):
         leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
-        o, _ = fn(*leaves, idx, select_block=SELECT_BLOCK)
+        o, lse = fn(*leaves, idx, select_block=SELECT_BLOCK)
         (o * do.to(dtype)).sum().backward()
-        return [o] + [x.grad for x in leaves]
+        return [o, lse] + [x.grad for x in leaves]
 
-    with pinned((triton_selected._query_kernel, triton_selected._dkdv_kernel), options):
+    with pinned(kernels, options):
         got_all = run(selected_attention_triton, torch.float32)
-    for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(selected_attention, torch.float64)):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), got_all, run(selected_attention, torch.float64)):
+        assert not torch.isnan(got).any(), name  # lse is -inf where a query reads no key
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("group", [16, 4, 1])
+@pytest.mark.parametrize("options", option_pairs(triton_selected._query_kernel, triton_selected._dkdv_kernel),
+                         ids=option_id)
+def test_every_production_tile_matches_naive(options, group, monkeypatch):
+    """The interpreter runs each list's first option; here each option of the GPU lists runs, at
+    G = 16 (one position per 16 rows, or 4-position tiles walking the union of their blocks),
+    G = 4 (4- and 16-position tiles) and G = 1 (16- and 64-position tiles)."""
+    monkeypatch.setattr(triton_selected, "CHUNK", 32)
+    check_pinned_against_naive((triton_selected._query_kernel, triton_selected._dkdv_kernel), options, group=group)
+
+
+@pytest.mark.parametrize("option", triton_selected.TMA_OPTIONS, ids=lambda o: option_id((o,)))
+@pytest.mark.parametrize("group,dk,dv", [(16, 32, 16), (4, 48, 32), (1, 32, 16)])
+def test_tma_loads_match_naive(option, group, dk, dv, monkeypatch):
+    """The walks with key/value blocks loaded through tensor descriptors (interpreted), at
+    G = 16, 4 and 1, a split head dim (48 = 32 + 16, like 192 = 128 + 64) and two sequences of
+    two key/value heads (a box past one sequence's end reads zeros, not the next sequence)."""
+    monkeypatch.setattr(triton_selected, "CHUNK", 32)
+    k, v = torch.randn(2, 70, 2, dk), torch.randn(2, 70, 2, dv)
+    assert triton_selected._block_descriptors(k, v, triton_selected._common(k, k, v, SELECT_BLOCK)) is not None
+    check_pinned_against_naive((triton_selected._query_kernel,), (option,), group=group, dk=dk, dv=dv, batch=2,
+                               num_kv=2, seed=group + dk)
 
 
 def test_union_walk_pipelines_its_loads_on_sm90():
@@ -172,35 +193,6 @@ def test_sequences_shorter_than_a_position_tile(group, seq_len):
     o_ref, lse_ref = selected_attention(q.double(), k.double(), v.double(), idx, select_block=SELECT_BLOCK)
     torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse.double(), lse_ref, atol=2e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("option", triton_selected.TMA_OPTIONS, ids=lambda o: option_id((o,)))
-@pytest.mark.parametrize("group,dk,dv", [(16, 32, 16), (4, 48, 32), (1, 32, 16)])
-def test_tma_loads_match_naive(option, group, dk, dv, monkeypatch):
-    """The walks with key/value blocks loaded through tensor descriptors (interpreted), at
-    G = 16, 4 and 1, a split head dim (48 = 32 + 16, like 192 = 128 + 64), two sequences (a box
-    past one sequence's end reads zeros, not the next sequence) and a last block cut short."""
-    monkeypatch.setattr(triton_selected, "CHUNK", 32)
-    gen = torch.Generator().manual_seed(group + dk)
-    batch, seq_len, num_kv, n = 2, 70, 2, 3
-    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
-    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
-    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
-    idx = random_selection(batch, seq_len, num_kv, n, generator=gen)
-    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
-
-    def run(fn, dtype):
-        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
-        o, lse = fn(*leaves, idx, select_block=SELECT_BLOCK)
-        (o * do.to(dtype)).sum().backward()
-        return [o, lse, leaves[0].grad]
-
-    assert triton_selected._block_descriptors(k, v, triton_selected._common(q, k, v, SELECT_BLOCK)) is not None
-    with triton_selected._query_kernel.only(option):
-        got_all = run(selected_attention_triton, torch.float32)
-    for name, got, want in zip(("o", "lse", "dq"), got_all, run(selected_attention, torch.float64)):
-        assert not torch.isnan(got).any(), name  # lse is -inf where a query reads no key
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_unaligned_tensors_take_the_pointer_loads():

@@ -49,38 +49,11 @@ def test_window_attention_matches_naive(group, num_kv, dk, dv, seq_len, window):
         torch.testing.assert_close(g.double(), g_ref, atol=5e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("options", option_pairs(triton_window._query_kernel, triton_window._dkdv_kernel),
-                         ids=option_id)
-def test_every_production_tile_matches_naive(options):
-    """Each option of the GPU autotune lists (the interpreter otherwise runs the first), at G = 16
-    with a window that spans several key tiles."""
-    gen = torch.Generator().manual_seed(9)
-    batch, seq_len, num_kv, group, dk, dv, window = 1, 150, 1, 16, 32, 16, 70
-    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
-    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
-    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
-    do = torch.randn(batch, seq_len, group * num_kv, dv, generator=gen)
-
-    def run(fn, dtype):
-        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
-        o, _ = fn(*leaves, window=window)
-        (o * do.to(dtype)).sum().backward()
-        return [o] + [x.grad for x in leaves]
-
-    with pinned((triton_window._query_kernel, triton_window._dkdv_kernel), options):
-        got_all = run(window_attention_triton, torch.float32)
-    for name, got, want in zip(("o", "dq", "dk", "dv"), got_all, run(window_attention, torch.float64)):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("option", triton_window.TMA_OPTIONS, ids=lambda o: option_id((o,)))
-@pytest.mark.parametrize("group,dk", [(16, 32), (4, 48)])
-def test_tma_loads_match_naive(option, group, dk):
-    """The query walks with key/value tiles loaded through tensor descriptors (interpreted; the
-    pre_hook sizes them to the option's key tile): two sequences (a tile past one sequence's end
-    reads zeros, not the next), a split head dim (48 = 32 + 16) and a window over several tiles."""
-    gen = torch.Generator().manual_seed(group + dk)
-    batch, seq_len, num_kv, dv, window = 2, 150, 2, 16, 70
+def check_pinned_against_naive(kernels, options, *, group=16, dk=32, batch=1, num_kv=1, seed=9):
+    """Outputs (o, lse) and every gradient of the Triton op with ``kernels`` pinned to ``options``
+    equal the float64 naive op's, with a window (70 of T = 150) that spans several key tiles."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len, dv, window = 150, 16, 70
     q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
     k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
     v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
@@ -90,11 +63,28 @@ def test_tma_loads_match_naive(option, group, dk):
         leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v)]
         o, lse = fn(*leaves, window=window)
         (o * do.to(dtype)).sum().backward()
-        return [o, lse, leaves[0].grad]
+        return [o, lse] + [x.grad for x in leaves]
 
-    with triton_window._query_kernel.only(option):
+    with pinned(kernels, options):
         got_all = run(window_attention_triton, torch.float32)
-    for name, got, want in zip(("o", "lse", "dq"), got_all, run(window_attention, torch.float64)):
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), got_all, run(window_attention, torch.float64)):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("options", option_pairs(triton_window._query_kernel, triton_window._dkdv_kernel),
+                         ids=option_id)
+def test_every_production_tile_matches_naive(options):
+    """Each option of the GPU autotune lists (the interpreter otherwise runs the first), at G = 16."""
+    check_pinned_against_naive((triton_window._query_kernel, triton_window._dkdv_kernel), options)
+
+
+@pytest.mark.parametrize("option", triton_window.TMA_OPTIONS, ids=lambda o: option_id((o,)))
+@pytest.mark.parametrize("group,dk", [(16, 32), (4, 48)])
+def test_tma_loads_match_naive(option, group, dk):
+    """The query walks with key/value tiles loaded through tensor descriptors (interpreted; the
+    pre_hook sizes them to the option's key tile): two sequences of two key/value heads (a tile
+    past one sequence's end reads zeros, not the next) and a split head dim (48 = 32 + 16)."""
+    check_pinned_against_naive((triton_window._query_kernel,), (option,), group=group, dk=dk, batch=2, num_kv=2,
+                               seed=group + dk)

@@ -43,25 +43,15 @@ TMA_LOADS = {"on": True, "off": False}
 
 
 @contextlib.contextmanager
-def tma_loads(on: bool):
-    """``nsa.ops.triton_common.TMA_LOADS`` is ``on`` inside the block."""
-    default = triton_common.TMA_LOADS
-    triton_common.TMA_LOADS = on
+def setting(module, name: str, value):
+    """``module.<name>`` is ``value`` inside the block (the Triton backend's backward schedule,
+    ``nsa.ops.triton_common.TMA_LOADS``)."""
+    default = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        triton_common.TMA_LOADS = default
-
-
-@contextlib.contextmanager
-def backward_schedule(name: str):
-    """The Triton backend's backward runs under schedule ``name`` inside the block."""
-    default = triton_nsa.BACKWARD_SCHEDULE
-    triton_nsa.BACKWARD_SCHEDULE = name
-    try:
-        yield
-    finally:
-        triton_nsa.BACKWARD_SCHEDULE = default
+        setattr(module, name, default)
 
 
 def profile(seq_len: int, head_dim: int, v_head_dim: int, num_heads: int,
@@ -111,7 +101,8 @@ def main() -> None:
             runs = ((h, g, m, t) for h in args.heads.split(",") for g in gate_paths for m in schedules for t in tma)
             for heads, gate_path, schedule, loads in runs:
                 hq, hk = (int(h) for h in heads.split("/"))
-                with backward_schedule(schedule), tma_loads(TMA_LOADS[loads]):
+                with (setting(triton_nsa, "BACKWARD_SCHEDULE", schedule),
+                      setting(triton_common, "TMA_LOADS", TMA_LOADS[loads])):
                     times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
                 label = (f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule} "
                          f"tma={loads}")
