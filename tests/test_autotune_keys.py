@@ -119,3 +119,68 @@ def test_autotuned_tiles_names_every_prefill_kernel():
     assert autotuned_tiles(4096) == {name: [] for name in (
         "compressed-fwd", "compressed-dkdv", "compressed-dq", "selection-scoring", "selected-query",
         "selected-dkdv", "window-query", "window-dkdv")}
+
+
+def test_descriptors_are_wanted_only_where_a_config_loads_through_them(fake_autotune, monkeypatch):
+    """Triton encodes each tensor descriptor on the host at every launch, so launchers build them
+    only where a config of the list (under the interpreter: the one it runs) has ``TMA`` on."""
+    config = triton_common.triton.Config
+    pointers = [config({"BLOCK_M": 64, "TMA": False}), config({"BLOCK_M": 128})]
+    assert not SizeTunedKernel("kernel", pointers, key=["G"]).reads_descriptors({"TMA": True})
+    both = SizeTunedKernel("kernel", [*pointers, config({"BLOCK_M": 64, "TMA": True})], key=["G"])
+    assert both.reads_descriptors({"TMA": False})
+    group_tuned = GroupTunedKernel("kernel", [(64, 4, 2), (64, 4, 2, {"TMA": True})], key=["G"],
+                                   extra={"TMA": False})
+    assert group_tuned.reads_descriptors(4)
+    with group_tuned.only((64, 4, 2)):
+        assert not group_tuned.reads_descriptors(4)
+    monkeypatch.setattr(triton_common, "INTERPRET", True)  # the interpreter runs one config: its own
+    assert not both.reads_descriptors({"TMA": False}) and both.reads_descriptors({"TMA": True})
+    assert not group_tuned.reads_descriptors(4)
+    with group_tuned.only((64, 4, 2, {"TMA": True})):
+        assert group_tuned.reads_descriptors(4)
+
+
+@pytest.mark.parametrize("op", ["compressed", "scoring", "window", "selected"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-config", "tma-config"])
+def test_launchers_build_descriptors_only_for_a_config_that_reads_them(op, tma, monkeypatch):
+    """Each launcher asks its kernel (:meth:`SizeTunedKernel.reads_descriptors`) before building
+    descriptors; the interpreter's config decides here, and the op's result is checked on both
+    paths by the kernel tests."""
+    import torch
+
+    from nsa.ops.compressed_attention import triton as cmp_triton
+    from nsa.ops.selected_attention import triton as selected
+    from nsa.ops.selection import triton as selection
+    from nsa.ops.window_attention import triton as window
+
+    built = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **kw: built.append(name) or real(*a, **kw))
+        return name
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 64, h, 32, generator=gen) for h in (4, 2, 2))
+    k_cmp, v_cmp = torch.randn(1, 15, 2, 32, generator=gen), torch.randn(1, 15, 2, 32, generator=gen)
+    if op == "compressed":
+        builder = spy(cmp_triton, "kv_tile_descriptors")
+        monkeypatch.setitem(cmp_triton.INTERPRET_TILES, "TMA", tma)
+        cmp_triton.compressed_attention_forward(q, k_cmp, v_cmp, 8, 4, 0.2)
+    elif op == "scoring":
+        builder = spy(selection, "tile_descriptors")
+        monkeypatch.setitem(selection.INTERPRET_TILES, "TMA", tma)
+        _, lse = cmp_triton.compressed_attention_forward(q, k_cmp, v_cmp, 8, 4, 0.2)
+        selection.select_blocks_triton(q, k_cmp, lse, block=8, stride=4, select_block=16, select_count=2)
+    else:
+        module = window if op == "window" else selected
+        builder = spy(module, "kv_tile_descriptors")
+        option = (64, 4, 2, {"TMA": True}) if tma else module._query_kernel.options[0]
+        with module._query_kernel.only(option):
+            if op == "window":
+                window._query_pass(q, k, v, 16, 0.2)
+            else:
+                idx = torch.zeros(1, 64, 2, 2, dtype=torch.int32)
+                selected._query_pass(q, k, v, idx, 0.2, 16)
+    assert built == ([builder] if tma else []), built

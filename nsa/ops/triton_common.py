@@ -60,13 +60,20 @@ def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tup
     return tile_descriptors((k, v), [1, rows, 1], [k_cols[0], max(k_cols[1], 16), v_cols], [0, 0, 1])
 
 
-def set_kv_tile_rows(nargs: dict, names=("K_DESC_A", "K_DESC_B", "V_DESC"), rows: str = "BLOCK_N") -> None:
-    """Autotune ``pre_hook``: the descriptors ``names`` get the config's key tile (``rows``) as their
-    boxes' rows, since one host descriptor serves every config (placeholders are left alone)."""
+def set_box_rows(nargs: dict, names, rows: int) -> None:
+    """The descriptors ``names`` of a launch's arguments ``nargs`` get ``rows`` as their boxes'
+    second dim (placeholder tensors are left alone): one host descriptor serves every config, so an
+    autotune ``pre_hook`` sizes it to the config's tile."""
     for name in names:
         desc = nargs[name]
         if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, nargs[rows], 1, desc.block_shape[3]]
+            desc.block_shape = [desc.block_shape[0], rows, *desc.block_shape[2:]]
+
+
+def set_kv_tile_rows(nargs: dict, names=("K_DESC_A", "K_DESC_B", "V_DESC"), rows: str = "BLOCK_N") -> None:
+    """Autotune ``pre_hook``: the key/value descriptors ``names`` get the config's key tile
+    (the constexpr ``rows``) as their boxes' rows (:func:`set_box_rows`)."""
+    set_box_rows(nargs, names, nargs[rows])
 
 
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +178,14 @@ class SizeTunedKernel:
         choose); the list and the tuned kernels are restored afterwards."""
         return _pinned(self, "configs", [config])
 
+    def reads_descriptors(self, interpret_config: dict) -> bool:
+        """Whether a launch may run a config that loads through tensor descriptors (``TMA``): one
+        of the list's or, under the interpreter, ``interpret_config``. Launchers build descriptors
+        only then, since Triton encodes each one on the host at every launch."""
+        if INTERPRET:
+            return bool(interpret_config.get("TMA"))
+        return any(c.kwargs.get("TMA") for c in self.configs)
+
     def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict,
                tma: bool = False) -> None:
         """Launch the autotuner of ``seq_len``'s size class or, under the interpreter (which
@@ -211,6 +226,13 @@ class GroupTunedKernel:
             c.kwargs.update({k: v for k, v in self.extra.items() if k not in c.kwargs})
             c.pre_hook = self.pre_hook
         return configs if tma else [c for c in configs if not c.kwargs.get("TMA")]
+
+    def reads_descriptors(self, group: int, max_positions: int | None = None) -> bool:
+        """Whether a launch may run an option that loads through tensor descriptors (``TMA``; under
+        the interpreter, the first option, the one it runs). Launchers build descriptors only then,
+        since Triton encodes each one on the host at every launch."""
+        configs = self.configs(group, max_positions)
+        return any(c.kwargs.get("TMA") for c in (configs[:1] if INTERPRET else configs))
 
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class, every group size (empty

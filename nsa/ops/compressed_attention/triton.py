@@ -27,7 +27,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nsa.ops.triton_common import (
     SizeTunedKernel,
@@ -37,6 +36,7 @@ from nsa.ops.triton_common import (
     kv_tile_descriptors,
     load_box,
     load_box_split,
+    set_box_rows,
     set_kv_tile_rows,
     softmax_delta,
     split_dim,
@@ -69,10 +69,7 @@ def group_configs(tiles, pre_hook=set_kv_tile_rows):
 def set_query_tile_rows(nargs: dict) -> None:
     """Autotune ``pre_hook`` of the dK/dV pass: its q and dO descriptors' boxes get the config's
     ``BLOCK_M // GP`` positions (placeholders are left alone)."""
-    for name in ("Q_DESC_A", "Q_DESC_B", "DO_DESC"):
-        desc = nargs[name]
-        if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, nargs["BLOCK_M"] // nargs["GP"], *desc.block_shape[2:]]
+    set_box_rows(nargs, ("Q_DESC_A", "Q_DESC_B", "DO_DESC"), nargs["BLOCK_M"] // nargs["GP"])
 
 
 def prune_group_rows(configs, named_args, **kwargs):
@@ -474,19 +471,26 @@ def _interpret_tiles(gp: int) -> dict:
 def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple[tuple, bool]:
     """The dK/dV pass's q and dO tensor descriptors (``[1, positions, GP, cols]`` boxes; positions
     set per config by :func:`set_query_tile_rows`, under the interpreter here) and ``True``, or
-    the tensors in their place and ``False`` where there can be none."""
+    the tensors in their place and ``False`` where there are none (no config reads them, or the
+    TMA cannot serve the tensors)."""
     gp = consts["GP"]
-    descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
-                             [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1])
+    descs = None
+    if _cmp_bwd_dkdv_tuned.reads_descriptors(_interpret_tiles(gp)):
+        descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
+                                 [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1])
     return ((q, q, do), False) if descs is None else (descs, True)
 
 
-def _kv_descriptors(k_cmp: torch.Tensor, v_cmp: torch.Tensor, consts: dict) -> tuple[tuple, bool]:
-    """The forward and dq kernels' key/value tensor descriptors (:func:`kv_tile_descriptors`; their
-    rows set per config by ``set_kv_tile_rows``, under the interpreter here) and ``True``, or the
-    tensors in their place and ``False`` where there can be none."""
-    descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
-                                consts["DVP"])
+def _kv_descriptors(tuned: SizeTunedKernel, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+                    consts: dict) -> tuple[tuple, bool]:
+    """The key/value tensor descriptors of the forward or dq kernel (``tuned``;
+    :func:`kv_tile_descriptors`, rows set per config by ``set_kv_tile_rows``, under the interpreter
+    here) and ``True``, or the tensors in their place and ``False`` where there are none (no config
+    of ``tuned`` reads them, or the TMA cannot serve the tensors)."""
+    descs = None
+    if tuned.reads_descriptors(_interpret_tiles(consts["GP"])):
+        descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
+                                    consts["DVP"])
     return ((k_cmp, k_cmp, v_cmp), False) if descs is None else (descs, True)
 
 
@@ -516,7 +520,7 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
     def grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    descs, tma = _kv_descriptors(k_cmp, v_cmp, consts)
+    descs, tma = _kv_descriptors(_cmp_fwd_tuned, k_cmp, v_cmp, consts)
     args = (q, k_cmp, v_cmp, o, lse, *descs, seq_len, num_kv, *_strides3(q),
             *_strides3(k_cmp), *_strides3(v_cmp), *_strides3(o), *_strides3(lse), scale * LOG2E)
     _cmp_fwd_tuned.launch(seq_len, grid, args, consts, _interpret_tiles(gp), tma)
@@ -604,7 +608,7 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
         return dq if dq_add else dq.zero_()
     consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
     gp = consts["GP"]
-    descs, tma = _kv_descriptors(k_cmp, v_cmp, consts)
+    descs, tma = _kv_descriptors(_cmp_bwd_dq_tuned, k_cmp, v_cmp, consts)
     dq_args = (q, k_cmp, v_cmp, do, lse, delta, dq, *descs, seq_len, num_kv, *common)
 
     def dq_grid(meta):

@@ -285,7 +285,10 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
         do, delta, dq = o, lse, q  # unused in the forward
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
-    descriptors = _block_descriptors(k, v, meta)
+    max_positions = max(1, UNION_ENTRIES // n_pad)
+    descriptors = None
+    if _query_kernel.reads_descriptors(meta["G"], max_positions):  # encoded at every launch
+        descriptors = _block_descriptors(k, v, meta)
     tma = descriptors is not None
     descriptors = descriptors if tma else (k, k, v)  # placeholders: the TMA options do not run
 
@@ -296,7 +299,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *o.stride()[:3], *lse.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
-                  seq_len=seq_len, max_positions=max(1, UNION_ENTRIES // n_pad), tma=tma, **meta)
+                  seq_len=seq_len, max_positions=max_positions, tma=tma, **meta)
     return dq if backward else (o, lse)
 
 

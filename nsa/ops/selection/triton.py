@@ -420,16 +420,18 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
     def grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
-    descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
-    tma = descs is not None
-    args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
     interpret_tiles = selection_tiles(INTERPRET_TILES["BLOCK_M"], INTERPRET_TILES["BLOCK_N"], group_pow2=gp,
                                       max_positions=MAX_POSITIONS, block=block, stride=stride,
                                       select_block=select_block, count_pow2=consts["NP"])
     interpret_tiles.update(TMA=INTERPRET_TILES.get("TMA", False),
                            MERGE_STEPS=INTERPRET_TILES.get("MERGE_STEPS", 1))
+    descs = None
+    if _select_tuned.reads_descriptors(interpret_tiles):  # Triton encodes descriptors at every launch
+        descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
+    tma = descs is not None
+    args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), scale * LOG2E)
     _select_tuned.launch(seq_len, grid, args, consts, interpret_tiles, tma)
     return out
