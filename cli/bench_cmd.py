@@ -187,7 +187,8 @@ def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | 
     # Where an NSA step's time goes: device time per kernel (eager, torch.profiler).
     for r in rows:
         if r.impl == "nsa-triton" and r.kernels_us:
-            console.print(f"NSA kernels, S={r.context} B={r.batch} {r.head_dim}/{r.v_head_dim} (us): "
+            launches = "programmatic launches" if r.programmatic_launch else "ordinary launches"
+            console.print(f"NSA kernels, S={r.context} B={r.batch} {r.head_dim}/{r.v_head_dim} ({launches}; us): "
                           f"{r.kernels_us}", highlight=False)
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))

@@ -9,6 +9,7 @@ interpreter's bf16 dot is wrong).
 """
 
 import contextlib
+import dataclasses
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
@@ -196,6 +197,35 @@ def test_window_splits_launched_apart_agree(window_overlap):
         plan_decode(small(), 4, 96, window_overlap="window")
 
 
+def test_programmatic_launch_is_planned_only_where_it_can_run(monkeypatch):
+    """``pdl`` (programmatic dependent launch) defaults to on for compiled kernels on sm_90+ with
+    every launch in one stream; off under the interpreter, before sm_90 and with the window on a
+    side stream; a plan that asks for it where it cannot run is refused, not silently downgraded."""
+    import nsa.ops.decode.triton as decode_triton
+
+    config = small()
+    assert not plan_decode(config, 4, 96).pdl  # the interpreter
+    with pytest.raises(ValueError, match="pdl needs window_overlap='none'"):
+        plan_decode(config, 4, 96, window_overlap="scoring", pdl=True)
+    from nsa.bench.decode import filled_cache
+
+    cache = filled_cache(config, 1, 96, torch.float32, device="cpu")
+    q = torch.randn(1, 1, config.num_heads, config.head_dim)
+    gates = torch.rand(1, 1, config.num_heads, 3)
+    plan = dataclasses.replace(plan_decode(config, config.num_kv_heads, 96), pdl=True)
+    with pytest.raises(ValueError, match=r"plan.pdl: .* compute capability >= 9.0, got q on cpu \(interpreter\)"):
+        nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, gates,
+                          cache.lengths, config, plan=plan)
+    monkeypatch.setattr(decode_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, want in (((9, 0), True), ((10, 0), True), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert decode_triton.supports_pdl() is want
+        plan = plan_decode(config, 4, 96, target_programs=8)
+        assert plan.pdl is want and not plan_decode(config, 4, 96, target_programs=8,
+                                                    window_overlap="compressed").pdl
+
+
 @pytest.mark.parametrize("head_dim,warps", [(64, 4), (128, 4), (192, 8), (256, 8)])
 def test_decode_warps_follow_the_padded_head_dim(head_dim, warps):
     """4 warps up to Dk=128 (faster on an H200); 8 above (as fast as 4 there, measured)."""
@@ -215,6 +245,7 @@ def test_default_split_plan_aims_at_programs_per_sm(monkeypatch, head_dim, per_s
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: type("Props", (), {"multi_processor_count": 132})())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert decode_triton.programs_per_sm(head_dim) == per_sm
     config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=head_dim, v_head_dim=128)
     assert plan_decode(config, 32 * 4, 65536).cmp_splits == cmp_splits
@@ -469,6 +500,8 @@ def test_kernels_compile_for_sm90_without_spills():
     looping = [line for line in lines
                if line.startswith(("_range_kernel", "_score_kernel", "_select_kernel"))]
     assert len(looping) == 8 and all("ASYNC_COPIES:0" not in line for line in looping), done.stdout
+    # Built with programmatic dependent launch, as sm_90 runs them: each kernel waits once.
+    assert all(line.endswith("GRID_WAITS:1") for line in lines), done.stdout
 
 
 def test_layer_graph_check_dry_run_on_cpu():

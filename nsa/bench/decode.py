@@ -18,11 +18,15 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nsa.cache import NSACache
 from nsa.config import NSAConfig
+
+if TYPE_CHECKING:
+    from nsa.ops.decode.triton import DecodePlan
 
 CONTEXTS = (8192, 16384, 32768, 65536, 131072)
 BATCHES = (1, 32)
@@ -47,6 +51,9 @@ class DecodeRow:
     copy_fraction: float | None = None
     speedup_vs_dense: float | None = None
     cuda_graph: bool = False
+    # NSA rows: the step's scoring, select and combine kernels were programmatic dependent
+    # launches (DecodePlan.pdl: sm_90 and later).
+    programmatic_launch: bool = False
     eager_us: float | None = None
     best_dense: str | None = None
     # NSA rows: mean device time per step of each kernel, eager, under torch.profiler
@@ -132,8 +139,9 @@ def filled_cache(config: NSAConfig, batch: int, context: int, dtype: torch.dtype
 
 
 def nsa_step(config: NSAConfig, cache: NSACache, q: torch.Tensor, gates: torch.Tensor,
-             num_new: torch.Tensor) -> Callable[[], object]:
-    """The Triton decode step over ``cache`` as a capturable closure (no host synchronisation)."""
+             num_new: torch.Tensor) -> tuple[Callable[[], object], DecodePlan]:
+    """The Triton decode step over ``cache`` as a capturable closure (no host synchronisation),
+    and the split plan it runs."""
     from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
 
     plan = plan_decode(config, q.shape[0] * q.shape[1] * config.num_kv_heads, cache.max_len)
@@ -143,7 +151,7 @@ def nsa_step(config: NSAConfig, cache: NSACache, q: torch.Tensor, gates: torch.T
                                  cache.v_win, gates, cache.lengths, config, num_new=num_new, plan=plan,
                                  check_values=False)
 
-    return step
+    return step, plan
 
 
 def read_bytes(config: NSAConfig, batch: int, context: int, itemsize: int) -> tuple[int, int]:
@@ -203,7 +211,8 @@ def nsa_row(batch: int, context: int, head_dim: int, v_head_dim: int,
     rescoring = batch * config.num_compressed(context) * config.num_kv_heads * head_dim * dtype.itemsize
     row = DecodeRow("nsa-triton", context, batch, head_dim, v_head_dim, bytes_read=nbytes, read_tokens=tokens,
                     bytes_with_rescoring=nbytes + rescoring)
-    step = nsa_step(config, cache, q, gates, num_new)
+    step, plan = nsa_step(config, cache, q, gates, num_new)
+    row.programmatic_launch = plan.pdl
     fn, row.cuda_graph, row.note = graphed(step)
     row.us = bench_us(fn)
     row.gbps = nbytes / (row.us * 1e-6) / 1e9
@@ -301,6 +310,9 @@ class LayerStepRow:
     cache_equal: bool = False
     sync_free: bool | None = None
     cuda_graph: bool = False
+    # NSA rows: the step's scoring, select and combine kernels were programmatic dependent
+    # launches (DecodePlan.pdl: sm_90 and later).
+    programmatic_launch: bool = False
     eager_us: float | None = None
     graph_us: float | None = None
     speedup: float | None = None

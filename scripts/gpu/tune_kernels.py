@@ -263,15 +263,16 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
                   lambda: win_triton._dkdv_pass(q, k, v, do, wlse, wdelta, WINDOW, scale))
 
 
-# Decode-plan variants, each a change from the default plan (the first, empty one): programs per
-# branch in multiples of the SM count, key tile, warps of the range/select kernels, pipeline depth
-# of their key loops, warps of the combine kernel, the window splits on a side stream.
-DECODE_VARIANTS = [{}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
+# Decode-plan variants, each a change from the default plan (the first, empty one): ordinary
+# launches instead of programmatic dependent ones, programs per branch in multiples of the SM
+# count, key tile, warps of the range/select kernels, pipeline depth of their key loops, warps of
+# the combine kernel, the window splits on a side stream (which rules programmatic launches out).
+DECODE_VARIANTS = [{}, {"pdl": False}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
                    {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
                    {"num_stages": 4, "combine_warps": 1},
                    {"programs": 8, "num_stages": 4, "combine_warps": 1},
-                   {"programs": 2, "window_overlap": "compressed"},
-                   {"programs": 2, "window_overlap": "scoring"}]
+                   {"programs": 2, "window_overlap": "compressed", "pdl": False},
+                   {"programs": 2, "window_overlap": "scoring", "pdl": False}]
 
 
 def sweep_decode(context, dk, dv, results):
@@ -305,7 +306,7 @@ def sweep_decode(context, dk, dv, results):
                                          plan=plan, check_values=False)
             label = (f"T={context} B={batch} {dk}/{dv} (bn {plan.block_n}, warps {plan.num_warps}, "
                      f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs}, "
-                     f"window {plan.window_overlap})")
+                     f"window {plan.window_overlap}, pdl {plan.pdl})")
             if DEVICE == "cpu":
                 timed(results, "decode", label, step)
                 continue

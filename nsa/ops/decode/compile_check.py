@@ -10,7 +10,8 @@ and warps a real step uses and reports each one's registers, spill stack and asy
 The kernels are compiled with the specialisation a real launch gets (16-byte aligned tensors,
 strides divisible by 16): without it the key/value loads are not pipelined and the report shows
 spills the launched kernel does not have (this tool reported 120-144 bytes at Dk=128 until
-2026-11-29; with the hints nothing spills). Exit status 1 on a compile error, or on a spill at a
+2026-11-29; with the hints nothing spills). They are built as sm_90 runs them, with programmatic
+dependent launch (``PDL``); ``GRID_WAITS`` counts the ``griddepcontrol.wait`` instructions. Exit status 1 on a compile error, or on a spill at a
 head dim listed in ``--no-spill`` (default: every head dim).
 
 Must run with ``TRITON_INTERPRET`` unset (the kernels must be defined as compiled kernels).
@@ -24,10 +25,11 @@ import sys
 
 
 def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, group: int = 16,
-                num_warps: int | None = None) -> list[dict]:
+                num_warps: int | None = None, pdl: bool = True) -> list[dict]:
     """One row per decode kernel at the paper's block sizes, with the warps the decode plan uses
     for each head dim (``decode_warps``) unless given: ``label`` (kernel, dtype, dims, warps),
-    ``name`` (a short identifier), ``registers``, ``spill_bytes``, ``async_copies``."""
+    ``name`` (a short identifier), ``registers``, ``spill_bytes``, ``async_copies``, ``grid_waits``
+    (``griddepcontrol.wait`` in the PTX: the programmatic-launch wait, one per kernel with ``pdl``)."""
     import nsa.ops.decode.triton as kernels
     from nsa.ops.offline_compile import async_copies, compile_as_launched, launch_signature, resource_usage
 
@@ -44,6 +46,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
                 **{n: "*i64" for n in int64_buffers}, **{n: f"*{dtype}" for n in data_buffers}}
 
     def build(fn, consts: dict, label: str, warps: int, short: str) -> None:
+        consts = {**consts, "PDL": pdl}
         signature = launch_signature(fn, consts, pointers, floats)
         # Every cache stride is a multiple of 16 at the paper's head dims.
         compiled = compile_as_launched(fn, signature, consts, arch=arch, num_warps=warps,
@@ -51,7 +54,8 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
                                        aligned=lambda name: name.startswith("stride"))
         registers, spill = resource_usage(compiled) or (-1, -1)
         results.append({"label": label, "name": short, "registers": registers, "spill_bytes": spill,
-                        "async_copies": async_copies(compiled)})
+                        "async_copies": async_copies(compiled),
+                        "grid_waits": compiled.asm["ptx"].count("griddepcontrol.wait")})
 
     for dk, dv in head_dims:
         warps = num_warps or kernels.decode_warps(dk)
@@ -84,6 +88,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--head-dims", default="128/128,192/128")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="compile without programmatic dependent launch (as before sm_90)")
     parser.add_argument("--no-spill", default=None,
                         help="comma-separated Dk values that must not spill (default: all of --head-dims)")
     args = parser.parse_args()
@@ -97,9 +103,9 @@ def main() -> int:
         strict = {int(x) for x in args.no_spill.split(",") if x}
     spilled = 0
     for (dk, dv) in dims:
-        for row in compile_all(args.dtype, [(dk, dv)], args.arch):
+        for row in compile_all(args.dtype, [(dk, dv)], args.arch, pdl=not args.no_pdl):
             print(f"{row['label']}: REG:{row['registers']} STACK:{row['spill_bytes']} "
-                  f"ASYNC_COPIES:{row['async_copies']}")
+                  f"ASYNC_COPIES:{row['async_copies']} GRID_WAITS:{row['grid_waits']}")
             spilled += dk in strict and row["spill_bytes"] != 0
     return 1 if spilled else 0
 

@@ -29,6 +29,11 @@ A step is four launches and no host synchronisation, so it can be captured in a 
 
 The read counters are the number of key positions whose masks were on in the tiles each branch
 loaded, summed over splits: counted from the ranges used, not from the formula.
+
+On sm_90 and later (``DecodePlan.pdl``) launches 2-4 are programmatic dependent launches: each
+kernel's programs may be scheduled while the previous one finishes and wait for its writes at
+their first instruction (``_wait_for_previous_kernel``), which hides the launch latency that
+dominates a batch-1 step.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nsa.config import NSAConfig
 from nsa.ops import streams
@@ -65,6 +71,17 @@ SHORT_CHUNK_STAGES = 2
 
 def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@triton.jit
+def _wait_for_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch this program may run before the previous kernel of the
+    stream has finished: wait until its writes are visible, then allow the step's next kernel to
+    be scheduled (its programs wait here in turn, so every earlier kernel has finished too).
+    Called first thing by every decode kernel: correct whether or not the launch was programmatic."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -134,7 +151,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FUSED: tl.constexpr, SELECT_BLOCK: tl.constexpr, NBT: tl.constexpr):
+                  FUSED: tl.constexpr, SELECT_BLOCK: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
     """Partial compressed attention (splits ``0 .. CMP_SPLITS-1`` of axis 1) or window attention
     (the next ``WIN_SPLITS``) of token group ``program_id(0)``: one launch for both contiguous
     key ranges, the branch picked per program by scalar selects rather than divergent code.
@@ -147,6 +164,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     block ``u*J + k``, slot ``J`` the part of block ``(u+1)*J`` whose window starts in this tile.
     Scaled by ``exp2(m_u - lse)`` they give ``p_slc`` without reading the compressed keys again.
     """
+    _wait_for_previous_kernel(PDL)
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + SPLIT_BASE
     is_win = pid_s >= CMP_SPLITS
@@ -213,13 +231,15 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
                    qk_scale, CHUNK, SPLITS,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                    DV: tl.constexpr, DVP: tl.constexpr, SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr,
-                   COUNTP: tl.constexpr, NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                   COUNTP: tl.constexpr, NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PDL: tl.constexpr):
     """Top-n of token group ``program_id(0)``'s ranking keys, then partial selection attention over
     the chosen blocks of slots ``[s*CHUNK, (s+1)*CHUNK)``, ``s = program_id(1)``.
 
     Every split recomputes the (cheap, <= a few thousand keys) top-n rather than waiting for
     another launch, and writes the block indices of its own slots.
     """
+    _wait_for_previous_kernel(PDL)
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
@@ -284,8 +304,10 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
                   CMP_SPLITS_P: tl.constexpr,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr):
+                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr,
+                  PDL: tl.constexpr):
     """Ranking keys of ``STEPS * NB_STEP`` selection blocks for one token's group (Eq. 8-10)."""
+    _wait_for_previous_kernel(PDL)
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
     pid_r = tl.program_id(0)
@@ -331,8 +353,9 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
 def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK, NB_CAP, N_TILES, CMP_SPLITS,
                         TILES, CMP_SPLITS_P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                         BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NBT: tl.constexpr):
+                        BLOCK_N: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
     """Ranking keys of the blocks of ``TILES`` tiles from the compressed pass's tile sums (Eq. 8-10)."""
+    _wait_for_previous_kernel(PDL)
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     J: tl.constexpr = BLOCK_N // A
     pid_r = tl.program_id(0)
@@ -394,9 +417,11 @@ def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, SPLITS, SPLITS_P: tl.con
 def _combine_kernel(O_CMP, L_CMP, C_CMP, O_SLC, L_SLC, C_SLC, O_WIN, L_WIN, C_WIN, GATES, OUT, READS,
                     KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh,
                     S_CMP, S_SLC, S_WIN, S_CMP_P: tl.constexpr, S_SLC_P: tl.constexpr, S_WIN_P: tl.constexpr,
-                    G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+                    G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                    PDL: tl.constexpr):
     """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for one query head of one token, and the
     token's reads (every head of the group stores the same counts)."""
+    _wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     pid_r = pid // G
     g = pid % G
@@ -431,6 +456,9 @@ class DecodePlan:
     window splits run on a side stream, from the start (``"compressed"``: beside the compressed
     pass) or once the compressed pass is done (``"scoring"``: beside the scoring and the top-n,
     which leave the memory system mostly idle); the streams join before the combine.
+    ``pdl``: the scoring, select and combine kernels are programmatic dependent launches
+    (:func:`supports_pdl`; only with ``window_overlap="none"``, since a stream fork or join sits
+    between two of those launches otherwise).
     """
 
     block_n: int
@@ -453,17 +481,32 @@ class DecodePlan:
     num_stages: int  # DECODE_STAGES, or SHORT_CHUNK_STAGES for chunks of at most two tiles
     combine_warps: int  # combine_warps(most splits, Dv)
     window_overlap: str = "none"
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.window_overlap not in WINDOW_OVERLAPS:
             raise ValueError(f"DecodePlan.window_overlap must be one of {WINDOW_OVERLAPS}, "
                              f"got {self.window_overlap!r}")
+        if self.pdl and self.window_overlap != "none":
+            raise ValueError(f"DecodePlan.pdl needs window_overlap='none', got {self.window_overlap!r}: a "
+                             "programmatic launch must follow its predecessor in the same stream")
+
+
+def supports_pdl(device: torch.device | str | None = None) -> bool:
+    """Whether decode launches on ``device`` (default: the current CUDA device) can be
+    programmatic dependent launches: compiled kernels (not the interpreter) on sm_90 or later."""
+    if interpreting() or not torch.cuda.is_available():
+        return False
+    device = torch.device("cuda") if device is None else torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
-                block_n: int | None = None, window_overlap: str = "none") -> DecodePlan:
+                block_n: int | None = None, window_overlap: str = "none",
+                pdl: bool | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
-    (``window_overlap``: see :class:`DecodePlan`).
+    (``window_overlap``, ``pdl``: see :class:`DecodePlan`; ``pdl`` defaults to
+    :func:`supports_pdl` when ``window_overlap`` is ``"none"``).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -513,7 +556,8 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim),
-                      window_overlap=window_overlap)
+                      window_overlap=window_overlap,
+                      pdl=(window_overlap == "none" and supports_pdl()) if pdl is None else pdl)
 
 
 def decode_warps(head_dim: int) -> int:
@@ -582,6 +626,10 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     if plan.num_blocks != c.num_select_blocks(max_len):
         raise ValueError(f"plan was made for {plan.num_blocks} selection blocks, the caches hold max_len={max_len} "
                          f"({c.num_select_blocks(max_len)} blocks); build it with plan_decode(config, rows, max_len)")
+    if plan.pdl and not supports_pdl(q.device):
+        where = f"{q.device}{' (interpreter)' if interpreting() else ''}"
+        raise ValueError(f"plan.pdl: programmatic dependent launch needs compiled kernels on a CUDA device "
+                         f"of compute capability >= 9.0, got q on {where}; build the plan with pdl=False")
     out = q.new_empty(batch, steps, hq, dv)
     blocks_shape = (batch, steps, hk, c.select_count)
     if rows == 0:
@@ -616,7 +664,10 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                   "BLOCK": c.compress_block, "STRIDE": c.compress_stride, "WINDOW": c.window,
                   "PRECISION": precision, "BLOCK_N": plan.block_n, "FUSED": plan.fused,
                   "SELECT_BLOCK": c.select_block, "NBT": plan.nbt, "num_warps": plan.num_warps,
-                  "num_stages": plan.num_stages}
+                  "num_stages": plan.num_stages, "PDL": plan.pdl}
+    # The first kernel follows the caller's kernels: an ordinary launch. The next three each
+    # follow a decode kernel in the same stream.
+    programmatic = {"launch_pdl": True, "PDL": True} if plan.pdl else {"PDL": False}
     side = None
     if plan.window_overlap == "none":
         _range_kernel[(rows, plan.cmp_splits + plan.win_splits)](*range_args, 0, **range_meta)
@@ -635,7 +686,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
             lengths, num_new, parts["cmp"][1], p_tile, m_tile, keys, steps, hk, plan.num_blocks, plan.n_tiles,
             plan.cmp_splits, plan.score_steps, CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp,
             BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
-            BLOCK_N=plan.block_n, NBT=plan.nbt, num_warps=4)
+            BLOCK_N=plan.block_n, NBT=plan.nbt, num_warps=4, **programmatic)
     else:
         _score_kernel[(rows, plan.score_splits)](
             q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
@@ -643,7 +694,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
             CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
             BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
             PRECISION=precision, BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
-            num_warps=plan.num_warps)
+            num_warps=plan.num_warps, **programmatic)
     blocks = torch.empty(blocks_shape, dtype=torch.int64, device=q.device)
     _select_kernel[(rows, plan.slc_splits)](
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
@@ -651,7 +702,7 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
         COUNTP=max(16, pow2(c.select_count)), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision,
         BLOCK_N=plan.slc_block_n,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **programmatic)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     # Every buffer the window wrote is ready (a CUDA graph capture joins the forked stream here too).
     streams.join(side, q.device)
@@ -659,7 +710,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
         S_CMP_P=splits_pow2(plan.cmp_splits), S_SLC_P=splits_pow2(plan.slc_splits),
-        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.combine_warps)
+        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.combine_warps,
+        **programmatic)
     result = (out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0))))
     if return_scores:
         high = (keys >> 32).to(torch.int32)
@@ -668,4 +720,4 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     return result
 
 
-__all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode"]
+__all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode", "supports_pdl"]
