@@ -526,3 +526,16 @@ def test_decode_bench_kernel_breakdown_reads_slowest_first():
     times = {"_combine_kernel": 21.14, "_range_kernel": 132.66, "_score_tiles_kernel": 12.4}
     assert format_kernel_times(times) == "_range_kernel 132.7, _combine_kernel 21.1, _score_tiles_kernel 12.4"
     assert format_kernel_times({}) == ""
+
+
+def test_gpu_parity_check_runs_under_the_interpreter():
+    """``nsa.bench.decode.parity`` (what scripts/gpu/check_decode.py runs at 8k-64k) on CPU: the
+    Triton step agrees with the reference step, reads exact; no programmatic launches here, so
+    their bitwise comparison is reported as not run (None), never as passed."""
+    from nsa.bench.decode import parity
+
+    config = small(window=16)
+    r = parity(config, [70, 50], [1, 1], torch.float32, 0, tie_rtol=1e-4, device="cpu")
+    assert r["finite"] and r["reads_exact"] and r["block_mismatch_not_tied"] == 0, r
+    assert r["max_abs_err_rel"] < 1e-5 and r["token_heads"] == 2 * config.num_kv_heads, r
+    assert r["programmatic_launch"] is False and r["pdl_equals_ordinary"] is None, r
