@@ -466,15 +466,15 @@ def parity(config: NSAConfig, lengths: list[int], counts: list[int], dtype: torc
 
     Blocks that differ must be ties within ``tie_rtol`` of the row's best score (scores from the
     reference's float32 scorer); outputs are compared on rows whose blocks agree; reads must equal
-    the ranges of the kernel's own blocks and the reference's reads where blocks agree. Where the
-    default plan uses programmatic dependent launches (``pdl``), the same step with ordinary
-    launches must give bitwise the same outputs, blocks and reads (``pdl_equals_ordinary``;
-    ``None`` where the plan has no programmatic launches).
+    the ranges of the kernel's own blocks and the reference's reads where blocks agree. Where
+    programmatic dependent launches can run (:func:`~nsa.ops.decode.triton.supports_pdl`), the
+    same step with them (``DecodePlan.pdl``) must give bitwise the same outputs, blocks and reads
+    (``pdl_equals_ordinary``; ``None`` where they cannot run).
     """
     import dataclasses
 
     from nsa.ops.decode import nsa_decode_reference
-    from nsa.ops.decode.triton import nsa_decode_triton, plan_decode
+    from nsa.ops.decode.triton import nsa_decode_triton, plan_decode, supports_pdl
     from nsa.ops.reads import selected_reads
     from nsa.ops.selection import selection_block_scores
 
@@ -495,11 +495,11 @@ def parity(config: NSAConfig, lengths: list[int], counts: list[int], dtype: torc
     plan = plan_decode(c, batch * steps * c.num_kv_heads, max_len)
     o, blocks, reads = nsa_decode_triton(*args, num_new=num_new, plan=plan)
     pdl_equal = None
-    if plan.pdl:  # launch timing only: the results must not change by a bit
-        o_off, blocks_off, reads_off = nsa_decode_triton(*args, num_new=num_new,
-                                                         plan=dataclasses.replace(plan, pdl=False))
-        pdl_equal = (torch.equal(o, o_off) and torch.equal(blocks, blocks_off)
-                     and all(torch.equal(reads[name], reads_off[name]) for name in reads))
+    if supports_pdl(q.device):  # launch timing only: the results must not change by a bit
+        o_pdl, blocks_pdl, reads_pdl = nsa_decode_triton(*args, num_new=num_new,
+                                                         plan=dataclasses.replace(plan, pdl=True))
+        pdl_equal = (torch.equal(o, o_pdl) and torch.equal(blocks, blocks_pdl)
+                     and all(torch.equal(reads[name], reads_pdl[name]) for name in reads))
     ref_o, ref_blocks, ref_reads = nsa_decode_reference(*args, num_new=num_new)
     agree = (blocks == ref_blocks).all(-1)  # [B, K, HK]
     not_tied = 0
@@ -533,4 +533,4 @@ def parity(config: NSAConfig, lengths: list[int], counts: list[int], dtype: torc
             "block_mismatch_heads": int((~agree & valid[:, :, None]).sum().item()),
             "block_mismatch_not_tied": not_tied, "max_abs_err_rel": o_err / o_scale,
             "reads_exact": counted_ok, "finite": bool(torch.isfinite(o).all().item()),
-            "programmatic_launch": plan.pdl, "pdl_equals_ordinary": pdl_equal}
+            "pdl_equals_ordinary": pdl_equal}

@@ -30,10 +30,10 @@ A step is four launches and no host synchronisation, so it can be captured in a 
 The read counters are the number of key positions whose masks were on in the tiles each branch
 loaded, summed over splits: counted from the ranges used, not from the formula.
 
-On sm_90 and later (``DecodePlan.pdl``) launches 2-4 are programmatic dependent launches: each
-kernel's programs may be scheduled while the previous one finishes and wait for its writes at
-their first instruction (``_wait_for_previous_kernel``), which hides the launch latency that
-dominates a batch-1 step.
+With ``DecodePlan.pdl`` (sm_90 and later; opt-in until timed) launches 2-4 are programmatic
+dependent launches: each kernel's programs may be scheduled while the previous one finishes and
+wait for its writes at their first instruction (``_wait_for_previous_kernel``), to hide the
+launch latency that dominates a batch-1 step.
 """
 
 from __future__ import annotations
@@ -457,8 +457,8 @@ class DecodePlan:
     pass) or once the compressed pass is done (``"scoring"``: beside the scoring and the top-n,
     which leave the memory system mostly idle); the streams join before the combine.
     ``pdl``: the scoring, select and combine kernels are programmatic dependent launches
-    (:func:`supports_pdl`; only with ``window_overlap="none"``, since a stream fork or join sits
-    between two of those launches otherwise).
+    (needs :func:`supports_pdl`, and ``window_overlap="none"``: a stream fork or join sits between
+    two of those launches otherwise). Opt-in until it is timed on a GPU.
     """
 
     block_n: int
@@ -503,10 +503,9 @@ def supports_pdl(device: torch.device | str | None = None) -> bool:
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
                 block_n: int | None = None, window_overlap: str = "none",
-                pdl: bool | None = None) -> DecodePlan:
+                pdl: bool = False) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
-    (``window_overlap``, ``pdl``: see :class:`DecodePlan`; ``pdl`` defaults to
-    :func:`supports_pdl` when ``window_overlap`` is ``"none"``).
+    (``window_overlap``, ``pdl``: see :class:`DecodePlan`).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -557,7 +556,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim),
                       window_overlap=window_overlap,
-                      pdl=(window_overlap == "none" and supports_pdl()) if pdl is None else pdl)
+                      pdl=pdl)
 
 
 def decode_warps(head_dim: int) -> int:
