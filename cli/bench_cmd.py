@@ -188,7 +188,7 @@ def bench_decode(contexts: str, batches: str, head_dims: str, budget_s: float | 
     for r in rows:
         if r.impl == "nsa-triton" and r.kernels_us:
             launches = "programmatic launches" if r.programmatic_launch else "ordinary launches"
-            console.print(f"NSA kernels, S={r.context} B={r.batch} {r.head_dim}/{r.v_head_dim} ({launches}; us): "
-                          f"{r.kernels_us}", highlight=False)
+            console.print(f"NSA kernels, S={r.context} B={r.batch} {r.head_dim}/{r.v_head_dim} "
+                          f"({launches}; us): {r.kernels_us}", highlight=False)
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))

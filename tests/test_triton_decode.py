@@ -213,9 +213,10 @@ def test_programmatic_launch_is_refused_where_it_cannot_run(monkeypatch):
     q = torch.randn(1, 1, config.num_heads, config.head_dim)
     gates = torch.rand(1, 1, config.num_heads, 3)
     plan = dataclasses.replace(plan_decode(config, config.num_kv_heads, 96), pdl=True)
-    with pytest.raises(ValueError, match=r"plan.pdl: .* compute capability >= 9.0, got q on cpu \(interpreter\)"):
-        nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, gates,
-                          cache.lengths, config, plan=plan)
+    refusal = r"plan.pdl: .* compute capability >= 9.0, got q on cpu \(interpreter\)"
+    with pytest.raises(ValueError, match=refusal):
+        nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
+                          gates, cache.lengths, config, plan=plan)
     monkeypatch.setattr(decode_triton, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, want in (((9, 0), True), ((10, 0), True), ((8, 0), False)):

@@ -310,9 +310,6 @@ class LayerStepRow:
     cache_equal: bool = False
     sync_free: bool | None = None
     cuda_graph: bool = False
-    # NSA rows: the step's scoring, select and combine kernels were programmatic dependent
-    # launches (DecodePlan.pdl: sm_90 and later).
-    programmatic_launch: bool = False
     eager_us: float | None = None
     graph_us: float | None = None
     speedup: float | None = None

@@ -63,8 +63,10 @@ PRODUCTION = {
 # The candidates the kernels' modules hold that no GPU has timed yet (TMA loads, the scoring's
 # merges); ``--untimed-only`` sweeps these beside the production lists and nothing else.
 UNTIMED = {
-    "cmp-fwd": cmp_triton.FWD_TMA_TILES, "cmp-dkdv": cmp_triton.DKDV_TMA_TILES, "cmp-dq": cmp_triton.DQ_TMA_TILES,
-    "select": [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *([c.maxnreg] if c.maxnreg else []),
+    "cmp-fwd": cmp_triton.FWD_TMA_TILES, "cmp-dkdv": cmp_triton.DKDV_TMA_TILES,
+    "cmp-dq": cmp_triton.DQ_TMA_TILES,
+    "select": [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                *([c.maxnreg] if c.maxnreg else []),
                 {k: c.kwargs[k] for k in ("TMA", "MERGE_STEPS") if k in c.kwargs})
                for c in select_triton.SELECT_CANDIDATES],
     "win-query": win_triton.TMA_OPTIONS,

@@ -10,8 +10,9 @@ and warps a real step uses and reports each one's registers, spill stack and asy
 The kernels are compiled with the specialisation a real launch gets (16-byte aligned tensors,
 strides divisible by 16): without it the key/value loads are not pipelined and the report shows
 spills the launched kernel does not have (this tool reported 120-144 bytes at Dk=128 until
-2026-11-29; with the hints nothing spills). They are built as sm_90 runs them, with programmatic
-dependent launch (``PDL``); ``GRID_WAITS`` counts the ``griddepcontrol.wait`` instructions. Exit status 1 on a compile error, or on a spill at a
+2026-11-29; with the hints nothing spills). They are built with programmatic dependent launch
+(``PDL``, what ``DecodePlan.pdl`` runs on sm_90+; ``--no-pdl`` without); ``GRID_WAITS`` counts
+the ``griddepcontrol.wait`` instructions. Exit status 1 on a compile error, or on a spill at a
 head dim listed in ``--no-spill`` (default: every head dim).
 
 Must run with ``TRITON_INTERPRET`` unset (the kernels must be defined as compiled kernels).
