@@ -215,7 +215,7 @@ def test_register_caps_survive_pruning_and_compile_under_the_cap():
             "for row in audit([(128, 128)], [16, 4], kernels=('selection-scoring',)):\n"
             "    print(json.dumps(asdict(row)))\n")
     rows = [json.loads(line) for line in run_compiled(code).splitlines()]
-    capped = [row for row in rows if " r" in row["config"] and "TMA=False MERGE_STEPS=1 " in row["config"]]
+    capped = [row for row in rows if " r" in row["config"]]  # the list's capped configs, both groups
     assert len(capped) == 2 * sum(1 for cap in caps if cap), rows
     for row in capped:
         cap = int(row["config"].rsplit(" r", 1)[1])

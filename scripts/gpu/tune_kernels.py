@@ -60,36 +60,36 @@ PRODUCTION = {
     "sel-dkdv": list(sel_triton._dkdv_kernel.options), "win-fwd": list(win_triton._query_kernel.options),
     "win-dq": list(win_triton._query_kernel.options), "win-dkdv": list(win_triton._dkdv_kernel.options),
 }
-# The candidates the kernels' modules hold that no GPU has timed yet (TMA loads, the scoring's
-# merges); ``--untimed-only`` sweeps these beside the production lists and nothing else.
-UNTIMED = {
-    "cmp-fwd": cmp_triton.FWD_TMA_TILES, "cmp-dkdv": cmp_triton.DKDV_TMA_TILES,
-    "cmp-dq": cmp_triton.DQ_TMA_TILES,
+# The candidates the kernels' modules keep beside their autotune lists (timed, not adopted:
+# compressed attention's TMA dK/dV tiles, the scoring's other TMA and merge configs);
+# ``--module-candidates-only`` sweeps these beside the production lists and nothing else.
+MODULE_CANDIDATES = {
+    "cmp-fwd": [], "cmp-dq": [], "win-query": [],
+    "cmp-dkdv": cmp_triton.DKDV_TMA_TILES,
     "select": [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                 *([c.maxnreg] if c.maxnreg else []),
                 {k: c.kwargs[k] for k in ("TMA", "MERGE_STEPS") if k in c.kwargs})
                for c in select_triton.SELECT_CANDIDATES],
-    "win-query": win_triton.TMA_OPTIONS,
 }
 # Candidates timed beside them (the lists of the 2026-11-29 sweep, whose winners now lead the
 # production lists).
 CANDIDATES = {
-    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), *UNTIMED["cmp-fwd"]],
+    "cmp-fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
     "cmp-dkdv": [(128, 32, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 4), (128, 128, 8, 2),
-                 *UNTIMED["cmp-dkdv"]],
-    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), *UNTIMED["cmp-dq"]],
+                 *MODULE_CANDIDATES["cmp-dkdv"]],
+    "cmp-dq": [(128, 32, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2)],
     # A fifth entry caps registers per thread (Config.maxnreg): 143 registers x 256 threads
     # leave one program per SM, and the kernel's steps are a serial chain (dot, exp, dot, merge,
     # barrier) that only a second program can overlap. BLOCK_M sets the positions per tile
     # (BLOCK_M // G), above MAX_POSITIONS too.
     "select": [(64, 64, 4, 1, 96), (64, 64, 4, 1, 128), (64, 64, 4, 2, 96), (64, 64, 4, 3, 128),
                (64, 128, 4, 2, 128), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128), (64, 32, 4, 2, 128),
-               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128), *UNTIMED["select"]],
+               (32, 64, 4, 2, 128), (256, 64, 8, 2, 128), *MODULE_CANDIDATES["select"]],
     "sel-query": [(16, 2, 3), (16, 1, 2), (16, 1, 3), *sel_triton.TMA_OPTIONS],
     "sel-dkdv": [(32, 4, 2), (128, 4, 2), (32, 8, 2, {"KEYS_AS_M": True}), (64, 4, 3, {"KEYS_AS_M": True}),
                  (16, 4, 2, {"KEYS_AS_M": True}), (64, 8, 1, {"KEYS_AS_M": True})],
     "win-query": [(64, 4, 3, {"BN": 32}), (32, 4, 2), (64, 2, 2), (64, 4, 2, {"BN": 128}),
-                  (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2), *UNTIMED["win-query"]],
+                  (128, 8, 2, {"BN": 128}), (128, 8, 3, {"BN": 128}), (256, 8, 2)],
     # Key tiles of 128: the M of the dK/dV dots (Hopper's warp-group MMA wants M >= 64; the
     # compressed-attention dK/dV pass gained 1.8x from the same change).
     # Keys as the M of the dots (KEYS_AS_M): two of them lead the production list since the
@@ -367,15 +367,15 @@ def main():
                              "attention), sel-query (its forward and dq only), win (window), win-query (its "
                              "forward and dq only), decode (the decode step, batch 1 and 32, context = each "
                              "--seq-lens value)")
-    parser.add_argument("--untimed-only", action="store_true",
-                        help="sweep the production lists and the kernels' untimed candidates (UNTIMED) only, "
-                             "not the earlier sweeps' other configs")
+    parser.add_argument("--module-candidates-only", action="store_true",
+                        help="sweep the production lists and the candidates the kernels' modules keep "
+                             "(MODULE_CANDIDATES) only, not the earlier sweeps' other configs")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the script")
     args = parser.parse_args()
-    if args.untimed_only:
+    if args.module_candidates_only:
         for name, configs in (("cmp-fwd", CMP_FWD), ("cmp-dkdv", CMP_DKDV), ("cmp-dq", CMP_DQ),
                               ("select", SELECT), ("win-fwd", WIN_QUERY)):
-            kept = PRODUCTION[name] + UNTIMED["win-query" if name == "win-fwd" else name]
+            kept = PRODUCTION[name] + MODULE_CANDIDATES["win-query" if name == "win-fwd" else name]
             configs[:] = [c for c in configs if c in kept]
     if args.smoke:
         args.seq_lens = "200"

@@ -239,20 +239,21 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, K_DESC_A, K_DESC_B, V_DESC, T, HK,
 
 # Few configs: each costs a compile per (G, head dims) on first use. The lists hold the winners
 # of scripts/gpu/tune_kernels.py (H200, G=16, bf16, 8k and 64k, 2026-11-29) plus a fallback; the
-# sweep's numbers are in docs/PERFORMANCE.md ("Tile sweep"). Each list ends with a small tile
+# sweep's numbers are in docs/PERFORMANCE.md ("Tile sweep"). Each list holds a small tile
 # that fits Hopper's 227 KiB of shared memory in float32 at Dk=192 (compiled for sm_90: 144, 84
 # and 128 KiB). The fast tiles barely fit float32 at Dk=128 (forward 225 KiB, dK/dV 209 KiB at
 # best) and not at Dk=192, and a list with no config that fits would fail instead of running slowly.
-_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)])
 # The best tiles again with their key/value tiles (query tiles in dK/dV) loaded by the
 # tensor-memory accelerator (TMA): fewer registers (compiled for sm_90 at 128/128, the forward's
-# 128 x 64 tile 210 -> 145, dq's 218 -> 180) and no per-thread address arithmetic. Tested under
-# the interpreter and compiled for sm_90, not yet timed on a GPU (the device was not lent after
-# they were written): scripts/gpu/tune_kernels.py sweeps them; an autotune list takes them once
-# measured (the launchers already pass descriptors, and run pointer configs only where none can
-# be made).
+# 128 x 64 tile 210 -> 145, dq's 218 -> 180) and no per-thread address arithmetic. Timed on an
+# H100 (seventeenth session, tune_kernels.py, 64k, 64/4 heads): forward 10.27 -> 9.16 ms
+# (128 x 128, 3 stages), dq 12.81 -> 11.28 (128 x 64, 3 stages); in dK/dV they lost (19.73
+# against 19.04), so DKDV_TMA_TILES stay sweep candidates. The launchers pass descriptors where
+# they can and autotune over the pointer configs only where none can be made.
 FWD_TMA_TILES = [(256, 64, 8, 2, {"TMA": True}), (128, 128, 8, 3, {"TMA": True}),
                  (128, 64, 8, 3, {"TMA": True})]
+_FWD_CONFIGS = group_configs([(256, 64, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2),
+                              *FWD_TMA_TILES])
 _cmp_fwd_tuned = SizeTunedKernel(_cmp_fwd_kernel, _FWD_CONFIGS, key=["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"],
                                  prune_configs_by={"early_config_prune": prune_group_rows})
 
@@ -449,7 +450,8 @@ _DKDV_CONFIGS = group_configs([(64, DKDV_KEY_TILE, 8, 3), (32, DKDV_KEY_TILE, 8,
                               pre_hook=set_query_tile_rows)
 DQ_TMA_TILES = [(128, 128, 8, 2, {"TMA": True}), (128, 64, 8, 3, {"TMA": True}),
                 (64, 64, 4, 2, {"TMA": True})]
-_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)])
+_DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2),
+                             *DQ_TMA_TILES])
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})

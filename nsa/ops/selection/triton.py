@@ -15,8 +15,8 @@ The merge is built for few block-level instructions per step (the selection kern
 spend ~3x the compressed attention's time there): a step's blocks that beat a row's n-th best
 enter by one replace-the-minimum pass each (late in a sequence most steps gain none or one), and
 steps where some row gains more than ``MAX_INSERTS`` merge by a bitonic ``tl.topk``. With
-``MERGE_STEPS`` of 2 or 4 (a sweep candidate, not yet timed) that many steps' blocks merge at
-once, for fewer of the merge's serial reductions per block.
+``MERGE_STEPS`` of 2 or 4 (a sweep candidate; slower when timed) that many steps' blocks merge
+at once, for fewer of the merge's serial reductions per block.
 
 Eq. 9 windows overlap: block ``j`` reads compressed tokens ``a*j-(b-1) .. a*j+a-1`` (``a = l'/d``,
 ``b = l/d``), so consecutive steps share ``b-1`` keys; a step starts its key tile at
@@ -336,26 +336,24 @@ def _prune_selection(configs, named_args, **kwargs):
 # at 64k (scripts/gpu/tune_kernels.py --only select, docs/PERFORMANCE.md, thirteenth session):
 # 64 rows, 4 warps, capped won at G = 16 (11.9 ms against 12.5 uncapped) and G = 4 (4.7 ms, where
 # 64 rows are 16 positions; the 8-position tiles the former cap allowed took 9.8).
-_SELECT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0}, num_warps=w,
-                                 num_stages=s, maxnreg=cap)
-                   for m, w, s, cap in ((64, 4, 2, 128), (128, 8, 2, 128), (64, 4, 2, None))]
-# Candidates that scripts/gpu/tune_kernels.py sweeps (--only select), not yet timed on a GPU
-# (written when none was lent; tested under the interpreter and compiled for sm_90): the compressed
-# keys loaded by the TMA (the first step's box starts before key 0 and reads zeros there; the
-# launcher already passes descriptors, and runs pointer configs only where none can be made),
-# and 2 or 4 steps' blocks merged into the top-n at once (MERGE_STEPS).
-def _candidate(m, w, s, cap, **constexprs):
+# The last config loads the compressed keys by the TMA (the first step's box starts before key 0
+# and reads zeros there; where no descriptor can be made the pointer configs run): H100,
+# seventeenth session, 64k, G = 16: 11.59 -> 10.68 ms.
+def _scoring_config(m, w, s, cap, **constexprs):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "NB_STEP": 0, "NBT": 0, **constexprs}, num_warps=w,
                          num_stages=s, maxnreg=cap)
 
 
-# Compiled for sm_90 (Triton 3.6, 128/128): under the 128-register cap the merges spill (2 steps
-# 104-224 bytes, 4 steps 328-552, 4 with TMA 40-272), hence uncapped variants too.
-SELECT_CANDIDATES = [_candidate(64, 4, 2, 128, TMA=True), _candidate(64, 4, 3, 128, TMA=True),
-                     _candidate(128, 8, 2, 128, TMA=True), _candidate(64, 4, 2, 128, MERGE_STEPS=2),
-                     _candidate(64, 4, 2, None, MERGE_STEPS=2),
-                     _candidate(64, 4, 2, 128, TMA=True, MERGE_STEPS=4),
-                     _candidate(64, 4, 2, None, TMA=True, MERGE_STEPS=4)]
+_SELECT_CONFIGS = [_scoring_config(64, 4, 2, 128), _scoring_config(128, 8, 2, 128),
+                   _scoring_config(64, 4, 2, None), _scoring_config(64, 4, 2, 128, TMA=True)]
+# Timed beside it and slower (same run, ms): TMA at 3 stages 12.25, on 8 warps 12.12; 2 or 4
+# steps' blocks merged into the top-n at once (MERGE_STEPS; under the 128-register cap the merges
+# spill) 15.92 / 17.48 uncapped, 4 with TMA 18.76 / 20.39. Kept for tune_kernels.py sweeps.
+SELECT_CANDIDATES = [_scoring_config(64, 4, 3, 128, TMA=True), _scoring_config(128, 8, 2, 128, TMA=True),
+                     _scoring_config(64, 4, 2, 128, MERGE_STEPS=2),
+                     _scoring_config(64, 4, 2, None, MERGE_STEPS=2),
+                     _scoring_config(64, 4, 2, 128, TMA=True, MERGE_STEPS=4),
+                     _scoring_config(64, 4, 2, None, TMA=True, MERGE_STEPS=4)]
 
 
 def set_key_tile_rows(nargs: dict) -> None:

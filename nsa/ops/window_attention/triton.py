@@ -197,17 +197,19 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # fourteenth session: 0.92 against 1.00 ms, 4.26 against 4.35).
 # dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
 # timed launch.
-# Where tensor descriptors can be made, the launcher passes them (rows sized to each config's BN
-# by the pre_hook): TMA_OPTIONS, the same walks with the key/value tiles loaded by the TMA, are
-# tune_kernels.py candidates, not yet timed (written when no GPU was lent).
+# TMA_OPTIONS: the same walks with the key/value tiles loaded by the TMA (the launcher passes
+# descriptors where it can, rows sized to each config's BN by the pre_hook; elsewhere the pointer
+# options run). H100, seventeenth session, 64k, 64/4 heads: forward 3.61 -> 3.24 ms ((64, 4, 3)
+# with 32-key steps), dq 4.13 -> 3.84 ((64, 4, 2)). Pointer options first: the interpreter runs
+# the first option.
+TMA_OPTIONS = [(64, 4, 2, {"TMA": True}), (128, 8, 2, {"TMA": True}), (128, 8, 3, {"TMA": True}),
+               (64, 4, 3, {"BN": 32, "TMA": True})]
 _query_kernel = GroupTunedKernel(_win_query_kernel,
-                                 [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32})],
+                                 [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32}), *TMA_OPTIONS],
                                  key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64, "TMA": False},
                                  pre_hook=functools.partial(set_kv_tile_rows, rows="BN",
                                                             names=("k_desc_a", "k_desc_b", "v_desc")),
                                  restore_value=["dq"])
-TMA_OPTIONS = [(64, 4, 2, {"TMA": True}), (128, 8, 2, {"TMA": True}), (128, 8, 3, {"TMA": True}),
-               (64, 4, 3, {"BN": 32, "TMA": True})]
 # dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form): measured
 # on an H100 (fourteenth session, tune_kernels.py --only win at 8k and 64k, 64/4 and 16/4 heads),
 # 32 rows x 128 keys on 8 warps, 3 stages won at 64/4 (64k 7.17 ms against 8.14 for the best of
