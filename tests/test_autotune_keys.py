@@ -144,9 +144,9 @@ def test_descriptors_are_wanted_only_where_a_config_loads_through_them(fake_auto
 @pytest.mark.parametrize("op", ["compressed", "scoring", "window", "selected"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer-config", "tma-config"])
 def test_launchers_build_descriptors_only_for_a_config_that_reads_them(op, tma, monkeypatch):
-    """Each launcher asks its kernel (:meth:`SizeTunedKernel.reads_descriptors`) before building
-    descriptors; the interpreter's config decides here, and the op's result is checked on both
-    paths by the kernel tests."""
+    """Each launcher passes its kernel's :meth:`SizeTunedKernel.reads_descriptors` to the
+    descriptor builder, which makes none where no config reads them; the interpreter's config
+    decides here, and the op's result is checked on both paths by the kernel tests."""
     import torch
 
     from nsa.ops.compressed_attention import triton as cmp_triton
@@ -158,7 +158,13 @@ def test_launchers_build_descriptors_only_for_a_config_that_reads_them(op, tma, 
 
     def spy(module, name):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, **kw: built.append(name) or real(*a, **kw))
+
+        def counted(*args, **kwargs):
+            descriptors = real(*args, **kwargs)
+            if descriptors is not None:
+                built.append(name)
+            return descriptors
+        monkeypatch.setattr(module, name, counted)
         return name
 
     gen = torch.Generator().manual_seed(7)

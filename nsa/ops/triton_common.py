@@ -35,14 +35,17 @@ LN2 = 0.6931471805599453
 TMA_LOADS = True
 
 
-def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: list[int]):
+def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: list[int],
+                     wanted: bool = True):
     """Tensor descriptors of ``[*box, cols[i]]`` boxes of ``tensors[sources[i]]``, for tiles loaded
     by the tensor-memory accelerator (TMA): one bulk copy issued by one thread instead of every
     thread's address arithmetic, zero outside the tensor. ``None`` where the TMA cannot serve
     them: :data:`TMA_LOADS` off, a GPU before sm_90, an empty tensor, or a base or stride not
-    16-byte aligned (the caller then launches its pointer-load configs)."""
+    16-byte aligned (the caller then launches its pointer-load configs), and where not
+    ``wanted``: no config of the kernel reads them (``reads_descriptors`` of its tuned kernel;
+    Triton encodes every descriptor on the host at each launch)."""
     first = tensors[0]
-    if not TMA_LOADS:
+    if not (TMA_LOADS and wanted):
         return None
     if not INTERPRET and not (first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9):
         return None
@@ -54,10 +57,11 @@ def tile_descriptors(tensors: tuple, box: list[int], cols: list[int], sources: l
                  for x, width in zip((tensors[i] for i in sources), cols))
 
 
-def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int):
+def kv_tile_descriptors(k: torch.Tensor, v: torch.Tensor, rows: int, k_cols: tuple[int, int], v_cols: int,
+                        wanted: bool = True):
     """:func:`tile_descriptors` of ``[1, rows, 1, cols]`` key/value tiles of ``k`` (its two column
     tiles ``k_cols``; a second of 0 gets an unused 16-wide box) and ``v``, both ``[B, T, H, D]``."""
-    return tile_descriptors((k, v), [1, rows, 1], [k_cols[0], max(k_cols[1], 16), v_cols], [0, 0, 1])
+    return tile_descriptors((k, v), [1, rows, 1], [k_cols[0], max(k_cols[1], 16), v_cols], [0, 0, 1], wanted)
 
 
 def set_box_rows(nargs: dict, names, rows: int) -> None:

@@ -476,10 +476,9 @@ def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple
     the tensors in their place and ``False`` where there are none (no config reads them, or the
     TMA cannot serve the tensors)."""
     gp = consts["GP"]
-    descs = None
-    if _cmp_bwd_dkdv_tuned.reads_descriptors(_interpret_tiles(gp)):
-        descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
-                                 [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1])
+    descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
+                             [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1],
+                             _cmp_bwd_dkdv_tuned.reads_descriptors(_interpret_tiles(gp)))
     return ((q, q, do), False) if descs is None else (descs, True)
 
 
@@ -489,10 +488,8 @@ def _kv_descriptors(tuned: SizeTunedKernel, k_cmp: torch.Tensor, v_cmp: torch.Te
     :func:`kv_tile_descriptors`, rows set per config by ``set_kv_tile_rows``, under the interpreter
     here) and ``True``, or the tensors in their place and ``False`` where there are none (no config
     of ``tuned`` reads them, or the TMA cannot serve the tensors)."""
-    descs = None
-    if tuned.reads_descriptors(_interpret_tiles(consts["GP"])):
-        descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
-                                    consts["DVP"])
+    descs = kv_tile_descriptors(k_cmp, v_cmp, INTERPRET_TILES["BLOCK_N"], (consts["DKA"], consts["DKB"]),
+                                consts["DVP"], tuned.reads_descriptors(_interpret_tiles(consts["GP"])))
     return ((k_cmp, k_cmp, v_cmp), False) if descs is None else (descs, True)
 
 

@@ -244,9 +244,9 @@ _query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PROD
                                  restore_value=["dq"])
 
 
-def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict):
+def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict, wanted: bool = True):
     """:func:`kv_tile_descriptors` of one selection block (``BS`` rows) of ``k`` and ``v``."""
-    return kv_tile_descriptors(k, v, meta["BS"], (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"])
+    return kv_tile_descriptors(k, v, meta["BS"], (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"], wanted)
 
 
 # Short (each config is one more compile on first use); (64, 4, 2) won the tile sweep at 8k and
@@ -286,9 +286,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
     max_positions = max(1, UNION_ENTRIES // n_pad)
-    descriptors = None
-    if _query_kernel.reads_descriptors(meta["G"], max_positions):  # encoded at every launch
-        descriptors = _block_descriptors(k, v, meta)
+    descriptors = _block_descriptors(k, v, meta, _query_kernel.reads_descriptors(meta["G"], max_positions))
     tma = descriptors is not None
     descriptors = descriptors if tma else (k, k, v)  # placeholders: the TMA options do not run
 

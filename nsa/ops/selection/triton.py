@@ -423,9 +423,8 @@ def select_blocks_triton(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor
                                       select_block=select_block, count_pow2=consts["NP"])
     interpret_tiles.update(TMA=INTERPRET_TILES.get("TMA", False),
                            MERGE_STEPS=INTERPRET_TILES.get("MERGE_STEPS", 1))
-    descs = None
-    if _select_tuned.reads_descriptors(interpret_tiles):  # Triton encodes descriptors at every launch
-        descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0])
+    descs = tile_descriptors((k_cmp,), [1, INTERPRET_TILES["BLOCK_N"], 1], [dka, max(dkb, 16)], [0, 0],
+                             _select_tuned.reads_descriptors(interpret_tiles))
     tma = descs is not None
     args = (q, k_cmp, lse, out, *(descs if tma else (k_cmp, k_cmp)), seq_len, num_kv,
             q.stride(0), q.stride(1), q.stride(2),
