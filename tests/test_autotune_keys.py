@@ -131,14 +131,14 @@ def test_descriptors_are_wanted_only_where_a_config_loads_through_them(fake_auto
     assert both.reads_descriptors({"TMA": False})
     group_tuned = GroupTunedKernel("kernel", [(64, 4, 2), (64, 4, 2, {"TMA": True})], key=["G"],
                                    extra={"TMA": False})
-    assert group_tuned.reads_descriptors(4)
+    assert group_tuned.reads_descriptors()
     with group_tuned.only((64, 4, 2)):
-        assert not group_tuned.reads_descriptors(4)
+        assert not group_tuned.reads_descriptors()
     monkeypatch.setattr(triton_common, "INTERPRET", True)  # the interpreter runs one config: its own
     assert not both.reads_descriptors({"TMA": False}) and both.reads_descriptors({"TMA": True})
-    assert not group_tuned.reads_descriptors(4)
+    assert not group_tuned.reads_descriptors()
     with group_tuned.only((64, 4, 2, {"TMA": True})):
-        assert group_tuned.reads_descriptors(4)
+        assert group_tuned.reads_descriptors()
 
 
 @pytest.mark.parametrize("op", ["compressed", "scoring", "window", "selected"])

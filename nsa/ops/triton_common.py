@@ -231,12 +231,13 @@ class GroupTunedKernel:
             c.pre_hook = self.pre_hook
         return configs if tma else [c for c in configs if not c.kwargs.get("TMA")]
 
-    def reads_descriptors(self, group: int, max_positions: int | None = None) -> bool:
+    def reads_descriptors(self) -> bool:
         """Whether a launch may run an option that loads through tensor descriptors (``TMA``; under
         the interpreter, the first option, the one it runs). Launchers build descriptors only then,
-        since Triton encodes each one on the host at every launch."""
-        configs = self.configs(group, max_positions)
-        return any(c.kwargs.get("TMA") for c in (configs[:1] if INTERPRET else configs))
+        since Triton encodes each one on the host at every launch. Read from the options as given
+        (an option's constexprs over ``extra``), without building configs on the launch path."""
+        options = self.options[:1] if INTERPRET else self.options
+        return any({**self.extra, **(option[3] if len(option) > 3 else {})}.get("TMA") for option in options)
 
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class, every group size (empty

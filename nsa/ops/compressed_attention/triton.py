@@ -475,10 +475,10 @@ def _query_descriptors(q: torch.Tensor, do: torch.Tensor, consts: dict) -> tuple
     set per config by :func:`set_query_tile_rows`, under the interpreter here) and ``True``, or
     the tensors in their place and ``False`` where there are none (no config reads them, or the
     TMA cannot serve the tensors)."""
-    gp = consts["GP"]
-    descs = tile_descriptors((q, do), [1, _interpret_tiles(gp)["BLOCK_M"] // gp, gp],
+    gp, interpreted = consts["GP"], _interpret_tiles(consts["GP"])
+    descs = tile_descriptors((q, do), [1, interpreted["BLOCK_M"] // gp, gp],
                              [consts["DKA"], max(consts["DKB"], 16), consts["DVP"]], [0, 0, 1],
-                             _cmp_bwd_dkdv_tuned.reads_descriptors(_interpret_tiles(gp)))
+                             _cmp_bwd_dkdv_tuned.reads_descriptors(interpreted))
     return ((q, q, do), False) if descs is None else (descs, True)
 
 

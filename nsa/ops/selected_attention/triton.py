@@ -286,7 +286,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
     max_positions = max(1, UNION_ENTRIES // n_pad)
-    descriptors = _block_descriptors(k, v, meta, _query_kernel.reads_descriptors(meta["G"], max_positions))
+    descriptors = _block_descriptors(k, v, meta, _query_kernel.reads_descriptors())
     tma = descriptors is not None
     descriptors = descriptors if tma else (k, k, v)  # placeholders: the TMA options do not run
 

@@ -250,7 +250,7 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
 
     # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
     descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"],
-                                _query_kernel.reads_descriptors(meta["G"]))
+                                _query_kernel.reads_descriptors())
     _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *(descs or (k, k, v)), *q.stride()[:3],
                   *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window,
                   scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len,
