@@ -4,6 +4,8 @@ Kernels run in Triton's interpreter, in float32 (its bf16 ``tl.dot`` is wrong). 
 against a float64 reference by a multiple of the naive float32 path's own error.
 """
 
+import functools
+import heapq
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
@@ -170,3 +172,69 @@ def test_tma_loads_off_leaves_the_pointer_configs(monkeypatch):
         cmp_triton._cmp_fwd_tuned.configs = both
         assert {bool(c.kwargs["TMA"]) for c in cmp_triton._cmp_fwd_tuned.at(65536, tma=True).configs} == {False, True}
         assert not any(c.kwargs["TMA"] for c in cmp_triton._cmp_fwd_tuned.at(65536, tma=False).configs)
+
+
+@pytest.mark.parametrize("seq_len,block,stride,chunk_len",
+                         [(600, 8, 4, 32), (65536, 32, 16, 2048), (1000, 16, 8, 24), (77, 16, 8, 8),
+                          (130, 5, 3, 6)])
+def test_chunk_slots_count_each_rows_chunks(seq_len, block, stride, chunk_len):
+    """The dK/dV partials' closed-form layout against counting: row ``n`` has one slot per chunk
+    from its first reader's to the last, rows one after another."""
+    from nsa.ops.compressed_attention.triton import chunk_slot_start
+
+    num_chunks = -(-seq_len // chunk_len)
+    start = 0
+    for n in range(num_compressed(seq_len, block, stride) + 1):
+        first = (n * stride + block - 1) // chunk_len
+        assert chunk_slot_start(n, chunk_len, num_chunks, block, stride) == (start, first), n
+        start += num_chunks - first
+
+
+def _grid_makespan(seq_len, heads, chunk_len, block=32, stride=16, key_tile=128, tile_positions=4, sms=132):
+    """List schedule of the dK/dV grid in launch order (last chunks first) on ``sms`` SMs running
+    one program each; a program's time is its query tiles. Returns makespan / balanced time."""
+    num_cmp = num_compressed(seq_len, block, stride)
+    num_chunks = -(-seq_len // chunk_len)
+    last_tile = -(-seq_len // tile_positions)
+    work = []
+    for chunk in reversed(range(num_chunks)):
+        for _ in range(heads):
+            for key0 in range(0, num_cmp, key_tile):
+                lo = max((key0 * stride + block - 1) // tile_positions, chunk * chunk_len // tile_positions)
+                work.append(max(0, min(last_tile, (chunk + 1) * chunk_len // tile_positions) - lo))
+    free = [0] * sms
+    for w in work:
+        heapq.heappush(free, heapq.heappop(free) + w)
+    return max(free) / (sum(work) / sms)
+
+
+@pytest.mark.parametrize("seq_len,heads", [(8192, 4), (65536, 4), (131072, 4), (65536, 1), (8192, 32)])
+def test_dkdv_chunks_even_out_the_grid(seq_len, heads):
+    """The chosen chunks give the dK/dV pass an even grid (the former five query splits at 64k,
+    64/4 heads: the last SM finished 20% after the balanced time), with float32 partials bounded
+    by the wave count, not the sequence length."""
+    from nsa.ops.compressed_attention import triton as cmp_triton
+
+    sms, block, stride = 132, 32, 16
+    num_cmp = num_compressed(seq_len, block, stride)
+    wanted = cmp_triton.DKDV_WAVES * sms
+    chunk = cmp_triton._balanced_chunk_len(seq_len, num_cmp, heads, block, stride, 128, 128, wanted)
+    programs = functools.partial(cmp_triton._dkdv_programs, seq_len, num_cmp, heads, block, stride, 128)
+    assert chunk % 128 == 0 and (programs(chunk) >= wanted or chunk == 128)
+    assert 2 * chunk >= seq_len or programs(2 * chunk) < wanted, "a longer chunk would still fill the waves"
+    assert _grid_makespan(seq_len, heads, chunk) < 1.05
+    slots = cmp_triton.chunk_slot_start(num_cmp, chunk, -(-seq_len // chunk), block, stride)[0]
+    assert slots * heads * 128 * 8 < 300 * 2**20, "float32 dk + dv partials at d = 128"
+    if (seq_len, heads) == (65536, 4):
+        assert _grid_makespan(seq_len, heads, -(-seq_len // 5)) > 1.15
+
+
+def test_dkdv_refuses_chunks_that_split_a_query_tile(monkeypatch):
+    from nsa.ops.compressed_attention import triton as cmp_triton
+
+    monkeypatch.setattr(cmp_triton, "dkdv_chunk_len", lambda *args, **kwargs: 8)
+    q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+    o, lse = cmp_triton.compressed_attention_forward(q, k, v, 8, 4, 0.25)
+    delta = torch.zeros(1, 40, 2)
+    with pytest.raises(ValueError, match="chunks of 8 positions split query tiles of 32"):
+        cmp_triton.compressed_attention_backward_dkdv(q, k, v, lse, torch.randn_like(o), delta, 8, 4, 0.25)

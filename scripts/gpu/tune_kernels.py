@@ -8,7 +8,7 @@ pass it pins one config (the autotuner then has nothing to choose), times the pa
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ/HK from ``--heads``
 (default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time,
 marking the ones in the production list (``*``). Compressed attention's dK/dV pass is timed with
-the query split that config would get (``_query_split`` with that key tile). The candidates
+the query chunks that config would get (``dkdv_chunk_len`` with that key tile). The candidates
 include each kernel's tile loads through tensor descriptors (``TMA``) and the scoring's merges
 of several steps (``MERGE_STEPS``); every timed option's output (the forward's and dq's, dk of
 dK/dV) is compared with the autotuned choice's, and the top-n lists with its. Details go to
@@ -184,16 +184,16 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
         with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
             timed_and_compared(results, "cmp-fwd", f"{tag} {cfg}",
                                lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale), o)
-    original_split = cmp_triton._query_split
+    original_chunks = cmp_triton.dkdv_chunk_len
     cmp_dk = cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
     for cfg in CMP_DKDV if "cmp" in only or "cmp-dkdv" in only else []:
-        cmp_triton._query_split = functools.partial(original_split, key_tile=cfg[1])
+        cmp_triton.dkdv_chunk_len = functools.partial(original_chunks, key_tile=cfg[1])
         with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*cfg)):
             # The dK/dV pass alone (its dk compared).
             timed_and_compared(results, "cmp-dkdv", f"{tag} {cfg}",
                                lambda: cmp_triton.compressed_attention_backward_dkdv(
                                    q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
-    cmp_triton._query_split = original_split
+    cmp_triton.dkdv_chunk_len = original_chunks
     with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*CMP_DKDV[0])):
         cmp_dq = cmp_triton.compressed_attention_backward_dq(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
         for cfg in CMP_DQ if "cmp" in only or "cmp-query" in only else []:

@@ -14,7 +14,7 @@ Head dims: ``Dk`` is carried as two power-of-two column blocks (192 = 128 + 64, 
 :func:`~nsa.ops.triton_common.split_dim`) so no ``q.k`` work is spent on padding; ``Dv`` is
 padded to a power of two.
 Backward: ``delta = rowsum(dO * O)``, then a dK/dV pass over key tiles (its query range cut into
-splits whose float32 partials are summed in a fixed order) and a dQ pass over query tiles; no
+equal chunks whose float32 partials are summed in chunk order) and a dQ pass over query tiles; no
 atomics, so gradients are deterministic. 64-bit arithmetic is confined to scalar tile bases.
 
 Argument checking is :mod:`nsa.functional`'s job; these wrappers only assume well-formed input.
@@ -22,6 +22,7 @@ Argument checking is :mod:`nsa.functional`'s job; these wrappers only assume wel
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -307,9 +308,34 @@ def _dkdv_step(ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, D
                      dv_acc, DKB, PRECISION, MASK, True)
 
 
+def chunk_slot_start(n, chunk_len, num_chunks, BLOCK, STRIDE):
+    """Where key row ``n``'s float32 dK/dV partials start in a (batch, kv head)'s slots, and the
+    first chunk with a partial: ``(slot_start, first_chunk)``.
+
+    Query positions are cut into chunks of ``chunk_len`` (a multiple of ``STRIDE``); row ``n``
+    has one slot per chunk from ``first_chunk = (n*STRIDE + BLOCK - 1) // chunk_len`` (the chunk
+    of its first reader) to ``num_chunks - 1``, rows one after another. The slots before row
+    ``n`` are ``sum_{m<n} num_chunks - first_chunk(m)``, with ``first_chunk(m) = (m + o) // c``
+    (``o = (BLOCK - 1) // STRIDE``, ``c = chunk_len // STRIDE``) summed in closed form. Plain
+    integer arithmetic: the host sizes the buffer with it, kernels run it as
+    :func:`chunk_slot_start_jit`.
+    """
+    c = chunk_len // STRIDE
+    o = (BLOCK - 1) // STRIDE
+    q_hi = (o + n) // c
+    q_lo = o // c
+    # sum_{i < M} i // c = c * q * (q - 1) / 2 + q * (M % c), q = M // c
+    below_hi = c * q_hi * (q_hi - 1) // 2 + q_hi * ((o + n) % c)
+    below_lo = c * q_lo * (q_lo - 1) // 2 + q_lo * (o % c)
+    return n * num_chunks - (below_hi - below_lo), (o + n) // c
+
+
+chunk_slot_start_jit = triton.jit(chunk_slot_start)
+
+
 @triton.jit
 def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_DESC_B, DO_DESC, T, N, HK,
-                         SPLIT_LEN,
+                         CHUNK_LEN, SLOTS,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh,
                          stride_vb, stride_vn, stride_vh, stride_ob, stride_ot, stride_oh,
                          stride_lb, stride_lt, stride_lh, qk_scale, scale,
@@ -317,17 +343,24 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_
                          DK: tl.constexpr, DV: tl.constexpr, DKA: tl.constexpr, DKB: tl.constexpr,
                          DVP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    # Program (key tile, b*HK + h, split) sums over the query tiles whose first position falls in
-    # [split*SPLIT_LEN, (split+1)*SPLIT_LEN); the host adds the splits' float32 partials in order.
+    # Program (key tile, b*HK + h, chunk) sums over the query tiles of positions [chunk*CHUNK_LEN,
+    # (chunk+1)*CHUNK_LEN) (CHUNK_LEN is a multiple of BLOCK_T: a tile is in one chunk) into its
+    # rows' float32 slots (chunk_slot_start); _cmp_dkdv_reduce_kernel adds them in chunk order.
+    # Every chunk holds the same work for every tile it reaches, so the grid's programs are of
+    # one size (but each tile's first) and launching the last chunks first leaves no long tail.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    num_chunks = tl.num_programs(2)
+    pid_s = num_chunks - 1 - tl.program_id(2)
     b = pid_bh // HK
     h = pid_bh % HK
     BLOCK_T: tl.constexpr = BLOCK_M // GP
     local = tl.arange(0, BLOCK_N)
     cols = pid_n * BLOCK_N + local
-    col_ok = cols < N
+    # A tile whose first reader comes after this chunk has nothing to add (its loads are skipped).
+    first_reader = pid_n * BLOCK_N * STRIDE + BLOCK - 1
+    # (Broadcast before the &: the interpreter rejects a mask built from a 0-d comparison.)
+    col_ok = (cols < N) & (local * 0 + first_reader // CHUNK_LEN <= pid_s)
     dv = tl.arange(0, DVP)
     v_mask = col_ok[:, None] & (dv < DV)[None, :]
     k_rows = tile_base(K, b, pid_n * BLOCK_N, h, stride_kb, stride_kn, stride_kh) + local * stride_kn
@@ -338,31 +371,71 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_
     # Unused (and compiled away) when DKB == 0.
     dk_acc_b = tl.zeros([BLOCK_N, DKB if DKB > 0 else 16], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
-    first_reader = pid_n * BLOCK_N * STRIDE + BLOCK - 1
     last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, N) - 1
     # From tile m_full on, every row reads every key of this tile.
     m_start = first_reader // BLOCK_T
     m_end = tl.cdiv(T, BLOCK_T)
     m_full = tl.minimum(tl.cdiv(last_col * STRIDE + BLOCK - 1, BLOCK_T), m_end)
-    split_start = tl.cdiv(pid_s * SPLIT_LEN, BLOCK_T)
-    split_end = tl.cdiv((pid_s + 1) * SPLIT_LEN, BLOCK_T)
+    chunk_start = pid_s * (CHUNK_LEN // BLOCK_T)
+    chunk_end = (pid_s + 1) * (CHUNK_LEN // BLOCK_T)
     descs = (Q_DESC_A, Q_DESC_B, DO_DESC)
-    for pid_m in range(tl.maximum(m_start, split_start), tl.minimum(m_full, split_end)):
+    for pid_m in range(tl.maximum(m_start, chunk_start), tl.minimum(m_full, chunk_end)):
         dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
             ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, descs, T, b, h,
             stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
             qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, True, PRECISION, TMA)
-    for pid_m in range(tl.maximum(m_full, split_start), tl.minimum(m_end, split_end)):
+    for pid_m in range(tl.maximum(m_full, chunk_start), tl.minimum(m_end, chunk_end)):
         dk_acc_a, dk_acc_b, dv_acc = _dkdv_step(
             ka, kb, v, dk_acc_a, dk_acc_b, dv_acc, cols, pid_m, Q, DO, LSE, DELTA, descs, T, b, h,
             stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
             qk_scale, G, GP, BLOCK, STRIDE, DK, DV, DKA, DKB, DVP, BLOCK_M, False, PRECISION, TMA)
-    # Partials are contiguous float32 [splits, B*HK, N, D]; programs without work store zeros.
-    heads = tl.num_programs(1)
-    dk_part = tile_base(DK_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DK, N * DK, DK) + local * DK
+    # Partials are float32 [B*HK, SLOTS, D]; a row's slot for this chunk follows its first one
+    # (rows whose first reader comes after this chunk have none). Computed here, not held
+    # through the loops: the accumulators already fill the registers.
+    slot_start, first_chunk = chunk_slot_start_jit(cols, CHUNK_LEN, num_chunks, BLOCK, STRIDE)
+    slot = slot_start + pid_s - first_chunk
+    col_ok = col_ok & (first_chunk <= pid_s)
+    v_mask = col_ok[:, None] & (dv < DV)[None, :]
+    dk_part = DK_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DK + slot * DK
     store_head_dim(dk_part, col_ok, dk_acc_a * scale, dk_acc_b * scale, DK, DKA, DKB)
-    dv_part = tile_base(DV_PART, pid_s, pid_bh, pid_n * BLOCK_N, heads * N * DV, N * DV, DV)
-    tl.store(dv_part + local[:, None] * DV + dv[None, :], dv_acc, mask=v_mask)
+    dv_part = DV_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DV + slot * DV
+    tl.store(dv_part[:, None] + dv[None, :], dv_acc, mask=v_mask)
+
+
+@triton.jit
+def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK, DV, N, HK, CHUNK_LEN, NUM_CHUNKS, SLOTS,
+                            stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                            BLOCK: tl.constexpr, STRIDE: tl.constexpr, DK_DIM: tl.constexpr,
+                            DV_DIM: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, ROWS: tl.constexpr):
+    """dk, dv of ``ROWS`` key rows of one (batch, kv head): their chunks' partials added in chunk
+    order, rounded once to the gradients' dtype."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    slot_start, first_chunk = chunk_slot_start_jit(rows, CHUNK_LEN, NUM_CHUNKS, BLOCK, STRIDE)
+    ck = tl.arange(0, DKP)
+    cv = tl.arange(0, DVP)
+    dk_base = DK_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DK_DIM
+    dv_base = DV_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DV_DIM
+    dk_acc = tl.zeros([ROWS, DKP], dtype=tl.float32)
+    dv_acc = tl.zeros([ROWS, DVP], dtype=tl.float32)
+    for chunk in range(tl.min(tl.where(row_ok, first_chunk, NUM_CHUNKS)), NUM_CHUNKS):
+        has = row_ok & (first_chunk <= chunk)
+        slot = slot_start + chunk - first_chunk
+        dk_acc += tl.load(dk_base + slot[:, None] * DK_DIM + ck[None, :], mask=has[:, None] & (ck < DK_DIM)[None, :],
+                          other=0.0)
+        dv_acc += tl.load(dv_base + slot[:, None] * DV_DIM + cv[None, :], mask=has[:, None] & (cv < DV_DIM)[None, :],
+                          other=0.0)
+    b = pid_bh // HK
+    h = pid_bh % HK
+    dk_rows = tile_base(DK, b, tl.program_id(0) * ROWS, h, stride_kb, stride_kn, stride_kh)
+    dk_rows += tl.arange(0, ROWS) * stride_kn
+    tl.store(dk_rows[:, None] + ck[None, :], dk_acc.to(DK.dtype.element_ty),
+             mask=row_ok[:, None] & (ck < DK_DIM)[None, :])
+    dv_rows = tile_base(DV, b, tl.program_id(0) * ROWS, h, stride_vb, stride_vn, stride_vh)
+    dv_rows += tl.arange(0, ROWS) * stride_vn
+    tl.store(dv_rows[:, None] + cv[None, :], dv_acc.to(DV.dtype.element_ty),
+             mask=row_ok[:, None] & (cv < DV_DIM)[None, :])
 
 
 @triton.jit
@@ -526,24 +599,47 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
     return o, lse
 
 
-# Interpreter: short splits so the CPU tests cover several of them.
-INTERPRET_SPLIT_LEN = 24
+# Programs per SM wanted from the dK/dV pass: one runs at a time at its tiles (8 warps, ~230
+# registers a thread), so this many waves of equal chunks leave at most a sixteenth of the pass
+# to the grid's tail. (Five query splits, the former rule of four programs per SM, left the
+# heaviest programs a fifth of the work each: 20% over the balanced time at 64k, 64/4 heads.)
+DKDV_WAVES = 16
+# Query tile rows the chunks stay aligned to (BLOCK_M of any config, a power of two).
+DKDV_MAX_TILE_ROWS = 128
 
 
-def _query_split(seq_len: int, num_cmp: int, kv_heads: int, device: torch.device,
-                 key_tile: int = DKDV_KEY_TILE) -> int:
-    """Positions per query split of the dK/dV pass whose programs own ``key_tile`` keys.
+def _dkdv_programs(seq_len: int, num_cmp: int, heads: int, block: int, stride: int, key_tile: int,
+                   chunk_len: int) -> int:
+    """Programs of the dK/dV pass that have work: per key tile, the chunks from its first reader's."""
+    num_chunks = triton.cdiv(seq_len, chunk_len)
+    return heads * sum(num_chunks - chunk_slot_start(n, chunk_len, num_chunks, block, stride)[1]
+                       for n in range(0, num_cmp, key_tile))
 
-    One program per (key tile, kv head) is too few to fill the GPU when ``B*HK`` is small (16
-    programs at 8k tokens, HK=4): the query range is cut into splits until there are about four
-    programs per SM, never below 1024 positions a split (each adds a float32 partial of dK/dV).
+
+@functools.lru_cache(maxsize=256)
+def _balanced_chunk_len(seq_len: int, num_cmp: int, heads: int, block: int, stride: int, key_tile: int,
+                        align: int, wanted: int) -> int:
+    chunk = align
+    while (chunk * 2 < seq_len
+           and _dkdv_programs(seq_len, num_cmp, heads, block, stride, key_tile, chunk * 2) >= wanted):
+        chunk *= 2
+    return chunk
+
+
+def dkdv_chunk_len(seq_len: int, num_cmp: int, heads: int, block: int, stride: int, group_pow2: int,
+                   device: torch.device, key_tile: int = DKDV_KEY_TILE) -> int:
+    """Query positions per chunk of the dK/dV pass (programs own ``key_tile`` keys x one chunk).
+
+    The longest chunk, a power-of-two multiple of ``lcm(stride, tile positions)``, that still
+    gives ``DKDV_WAVES`` programs with work per SM over ``heads`` (batch x kv heads): long chunks
+    mean fewer float32 partials (each key row has one per chunk from its first reader's), short
+    ones an even grid. Under the interpreter the shortest, so the tests cross several chunks.
     """
     if interpreting():
-        return INTERPRET_SPLIT_LEN
-    programs = triton.cdiv(num_cmp, key_tile) * kv_heads
-    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(triton.cdiv(wanted, programs), seq_len // 1024))
-    return triton.cdiv(seq_len, splits)
+        return math.lcm(stride, _interpret_tiles(group_pow2)["BLOCK_M"] // group_pow2)
+    align = math.lcm(stride, DKDV_MAX_TILE_ROWS)
+    wanted = DKDV_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+    return _balanced_chunk_len(seq_len, num_cmp, heads, block, stride, key_tile, align, wanted)
 
 
 def compressed_attention_backward(q, k_cmp, v_cmp, lse, do, delta, block: int, stride: int, scale: float,
@@ -573,21 +669,30 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     if seq_len == 0 or batch == 0 or num_cmp == 0:
         return torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     consts, common = _common_args(q, k_cmp, v_cmp, do, delta, block, stride, scale)
-    split_len = _query_split(seq_len, num_cmp, batch * num_kv, q.device)
-    splits = triton.cdiv(seq_len, split_len)
-    dk_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DK"], dtype=torch.float32, device=q.device)
-    dv_part = torch.empty(splits, batch, num_kv, num_cmp, consts["DV"], dtype=torch.float32, device=q.device)
+    heads = batch * num_kv
+    chunk_len = dkdv_chunk_len(seq_len, num_cmp, heads, block, stride, consts["GP"], q.device)
+    num_chunks = triton.cdiv(seq_len, chunk_len)
+    slots = chunk_slot_start(num_cmp, chunk_len, num_chunks, block, stride)[0]
+    dk_part = torch.empty(heads, slots, consts["DK"], dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(heads, slots, consts["DV"], dtype=torch.float32, device=q.device)
     descs, tma = _query_descriptors(q, do, consts)
     dkdv_args = (q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, *descs, seq_len, num_cmp, num_kv,
-                 split_len, *common)
+                 chunk_len, slots, *common)
 
     def dkdv_grid(meta):
-        return (triton.cdiv(num_cmp, meta["BLOCK_N"]), batch * num_kv, splits)
+        tile_positions = meta["BLOCK_M"] // consts["GP"]
+        if chunk_len % tile_positions:
+            raise ValueError(f"dK/dV chunks of {chunk_len} positions split query tiles of {tile_positions} "
+                             f"(BLOCK_M {meta['BLOCK_M']} > DKDV_MAX_TILE_ROWS {DKDV_MAX_TILE_ROWS}?)")
+        return (triton.cdiv(num_cmp, meta["BLOCK_N"]), heads, num_chunks)
 
     _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]), tma)
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
-    dk.copy_(dk_part.sum(0).transpose(1, 2))
-    dv.copy_(dv_part.sum(0).transpose(1, 2))
+    rows = 32
+    _cmp_dkdv_reduce_kernel[(triton.cdiv(num_cmp, rows), heads)](
+        dk_part, dv_part, dk, dv, num_cmp, num_kv, chunk_len, num_chunks, slots, *_strides3(dk), *_strides3(dv),
+        BLOCK=block, STRIDE=stride, DK_DIM=consts["DK"], DV_DIM=consts["DV"], DKP=pow2(consts["DK"]),
+        DVP=consts["DVP"], ROWS=rows)
     return dk, dv
 
 
