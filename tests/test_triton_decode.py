@@ -184,6 +184,32 @@ def test_split_plans_agree():
     assert many.cmp_splits > 1 and many.slc_splits > 1 and many.score_splits > 1
 
 
+@pytest.mark.parametrize("columns", [2, 4])
+def test_combine_column_slices_agree(columns):
+    """The combine kernel with several programs per query head, each merging a slice of Dv, gives
+    the prefill's result (outputs, blocks, reads), with several splits in every branch."""
+    config = small(v_head_dim=64, window=40)
+    plan_kwargs = {"target_programs": 1024, "block_n": 16, "combine_columns": columns}
+    plan = plan_decode(config, 4, 96, **plan_kwargs)
+    assert plan.cmp_splits > 1 and plan.win_splits > 1 and plan.combine_columns == columns
+    check_step(config, [90, 57], [1, 1], 1, 96, 40, 4, plan_kwargs=plan_kwargs)
+
+
+def test_combine_column_slices_are_checked():
+    from nsa.bench.decode import filled_cache
+
+    config = small()  # Dv 32: at most two slices of 16 columns
+    with pytest.raises(ValueError, match="combine_columns must be a power of two >= 1, got 3"):
+        plan_decode(config, 4, 96, combine_columns=3)
+    cache = filled_cache(config, 1, 96, torch.float32, device="cpu")
+    q = torch.randn(1, 1, config.num_heads, config.head_dim)
+    gates = torch.rand(1, 1, config.num_heads, 3)
+    plan = plan_decode(config, config.num_kv_heads, 96, combine_columns=4)
+    with pytest.raises(ValueError, match=r"combine_columns: 4 slices of Dv 32 .* powers of two up to 2"):
+        nsa_decode_triton(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
+                          gates, cache.lengths, config, plan=plan)
+
+
 @pytest.mark.parametrize("window_overlap", ["compressed", "scoring"])
 def test_window_splits_launched_apart_agree(window_overlap):
     """The window splits as a launch of their own (``SPLIT_BASE``; on a side stream on CUDA, in

@@ -267,10 +267,12 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
 
 # Decode-plan variants, each a change from the default plan (the first, empty one): programmatic
 # dependent launches, programs per branch in multiples of the SM count, key tile, warps of the
-# range/select kernels, pipeline depth of their key loops, warps of the combine kernel, the
-# window splits on a side stream.
+# range/select kernels, pipeline depth of their key loops, warps of the combine kernel and its
+# programs per query head (Dv slices), the window splits on a side stream.
 DECODE_VARIANTS = [{}, {"pdl": True}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
                    {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
+                   {"combine_columns": 4, "combine_warps": 1}, {"combine_columns": 2, "combine_warps": 2},
+                   {"combine_columns": 8, "combine_warps": 1},
                    {"num_stages": 4, "combine_warps": 1},
                    {"programs": 8, "num_stages": 4, "combine_warps": 1},
                    {"programs": 2, "window_overlap": "compressed"},
@@ -309,7 +311,7 @@ def sweep_decode(context, dk, dv, results):
                                          plan=plan, check_values=False)
             label = (f"T={context} B={batch} {dk}/{dv} (bn {plan.block_n}, warps {plan.num_warps}, "
                      f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs}, "
-                     f"window {plan.window_overlap}, pdl {plan.pdl})")
+                     f"window {plan.window_overlap}, pdl {plan.pdl}, columns {plan.combine_columns})")
             if DEVICE == "cpu":
                 timed(results, "decode", label, step)
                 continue

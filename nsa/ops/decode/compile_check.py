@@ -77,10 +77,13 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
                                        "PRECISION": precision, "BLOCK_N": 64},
               f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps, f"select_{dk}x{dv}")
-        combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dv)  # the most splits a plan makes
-        build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp, "DV": dv,
-                                        "DVP": kernels.pow2(dv)}, f"_combine_kernel {dtype} {dv} warps={combine_warps}",
-              combine_warps, f"combine_{dk}x{dv}")
+        for columns in (1, 4):  # whole heads, and the slices a batch-1 plan may take
+            dvc = kernels.pow2(dv) // columns
+            combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dvc)  # the most splits a plan makes
+            build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp,
+                                            "DV": dv, "DVP": kernels.pow2(dv), "DVC": dvc},
+                  f"_combine_kernel {dtype} {dv} columns={columns} warps={combine_warps}", combine_warps,
+                  f"combine_{dk}x{dv}_{columns}col")
     return results
 
 

@@ -396,11 +396,12 @@ def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK
 
 
 @triton.jit
-def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexpr,
-                  DVP: tl.constexpr):
-    """One head's branch output merged over the splits (one vector load each), and the keys counted."""
+def _merge_branch(O_PART, LSE_PART, CNT_PART, pid_r, g, col0, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexpr,
+                  DVP: tl.constexpr, DVC: tl.constexpr):
+    """One head's branch output, columns ``col0 .. col0 + DVC - 1``, merged over the splits (one
+    vector load each), and the keys counted."""
     sp = tl.arange(0, SPLITS_P)
-    dv = tl.arange(0, DVP)
+    dv = col0 + tl.arange(0, DVC)
     part = pid_r.to(tl.int64) * SPLITS + sp
     lse = tl.load(LSE_PART + part * GP + g, mask=sp < SPLITS, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -418,24 +419,26 @@ def _combine_kernel(O_CMP, L_CMP, C_CMP, O_SLC, L_SLC, C_SLC, O_WIN, L_WIN, C_WI
                     KQ, HK, ROWS, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh,
                     S_CMP, S_SLC, S_WIN, S_CMP_P: tl.constexpr, S_SLC_P: tl.constexpr, S_WIN_P: tl.constexpr,
                     G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                    PDL: tl.constexpr):
-    """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for one query head of one token, and the
-    token's reads (every head of the group stores the same counts)."""
+                    DVC: tl.constexpr, PDL: tl.constexpr):
+    """``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` for ``DVC`` columns (program axis 1) of one
+    query head of one token, and the token's reads (every program of the group stores the same
+    counts)."""
     _wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
+    col0 = tl.program_id(1) * DVC
     pid_r = pid // G
     g = pid % G
     b = pid_r // (KQ * HK)
     i = (pid_r // HK) % KQ
     h = pid_r % HK
-    o_cmp, n_cmp = _merge_branch(O_CMP, L_CMP, C_CMP, pid_r, g, S_CMP, S_CMP_P, GP, DVP)
-    o_slc, n_slc = _merge_branch(O_SLC, L_SLC, C_SLC, pid_r, g, S_SLC, S_SLC_P, GP, DVP)
-    o_win, n_win = _merge_branch(O_WIN, L_WIN, C_WIN, pid_r, g, S_WIN, S_WIN_P, GP, DVP)
+    o_cmp, n_cmp = _merge_branch(O_CMP, L_CMP, C_CMP, pid_r, g, col0, S_CMP, S_CMP_P, GP, DVP, DVC)
+    o_slc, n_slc = _merge_branch(O_SLC, L_SLC, C_SLC, pid_r, g, col0, S_SLC, S_SLC_P, GP, DVP, DVC)
+    o_win, n_win = _merge_branch(O_WIN, L_WIN, C_WIN, pid_r, g, col0, S_WIN, S_WIN_P, GP, DVP, DVC)
     head = (h * G + g).to(tl.int64)
     gate_ptr = GATES + b.to(tl.int64) * stride_gb + i.to(tl.int64) * stride_gt + head * stride_gh
     out = (tl.load(gate_ptr).to(tl.float32) * o_cmp + tl.load(gate_ptr + 1).to(tl.float32) * o_slc
            + tl.load(gate_ptr + 2).to(tl.float32) * o_win)
-    dv = tl.arange(0, DVP)
+    dv = col0 + tl.arange(0, DVC)
     out_ptr = OUT + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_ot + head * stride_oh + dv
     tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=dv < DV)
     row = pid_r.to(tl.int64)
@@ -459,6 +462,9 @@ class DecodePlan:
     ``pdl``: the scoring, select and combine kernels are programmatic dependent launches
     (needs :func:`supports_pdl`, and ``window_overlap="none"``: a stream fork or join sits between
     two of those launches otherwise). Opt-in until it is timed on a GPU.
+    ``combine_columns``: programs per query head in the combine kernel, each merging a slice of
+    ``Dv`` (a power of two; slices of at least 16 columns): at batch 1 one program per head loads
+    every split's partial alone. ``combine_warps`` is sized for the slice.
     """
 
     block_n: int
@@ -482,11 +488,15 @@ class DecodePlan:
     combine_warps: int  # combine_warps(most splits, Dv)
     window_overlap: str = "none"
     pdl: bool = False
+    combine_columns: int = 1
+
 
     def __post_init__(self) -> None:
         if self.window_overlap not in WINDOW_OVERLAPS:
             raise ValueError(f"DecodePlan.window_overlap must be one of {WINDOW_OVERLAPS}, "
                              f"got {self.window_overlap!r}")
+        if self.combine_columns < 1 or self.combine_columns & (self.combine_columns - 1):
+            raise ValueError(f"DecodePlan.combine_columns must be a power of two >= 1, got {self.combine_columns}")
         if self.pdl and self.window_overlap != "none":
             raise ValueError(f"DecodePlan.pdl needs window_overlap='none', got {self.window_overlap!r}: a "
                              "programmatic launch must follow its predecessor in the same stream")
@@ -503,9 +513,9 @@ def supports_pdl(device: torch.device | str | None = None) -> bool:
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
                 block_n: int | None = None, window_overlap: str = "none",
-                pdl: bool = False) -> DecodePlan:
+                pdl: bool = False, combine_columns: int = 1) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
-    (``window_overlap``, ``pdl``: see :class:`DecodePlan`).
+    (``window_overlap``, ``pdl``, ``combine_columns``: see :class:`DecodePlan`).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -554,9 +564,9 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       score_steps=score_steps // nb_step, score_splits=score_splits, num_blocks=num_blocks,
                       fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
-                      combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits), c.v_head_dim),
-                      window_overlap=window_overlap,
-                      pdl=pdl)
+                      combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
+                                                  max(1, c.v_head_dim // combine_columns)),
+                      window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns)
 
 
 def decode_warps(head_dim: int) -> int:
@@ -625,6 +635,10 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     if plan.num_blocks != c.num_select_blocks(max_len):
         raise ValueError(f"plan was made for {plan.num_blocks} selection blocks, the caches hold max_len={max_len} "
                          f"({c.num_select_blocks(max_len)} blocks); build it with plan_decode(config, rows, max_len)")
+    if plan.combine_columns > max(16, pow2(dv)) // 16:
+        raise ValueError(f"plan.combine_columns: {plan.combine_columns} slices of Dv {dv} (padded to "
+                         f"{max(16, pow2(dv))}) would be narrower than 16 columns; accepted: powers of two up to "
+                         f"{max(16, pow2(dv)) // 16}")
     if plan.pdl and not supports_pdl(q.device):
         where = f"{q.device}{' (interpreter)' if interpreting() else ''}"
         raise ValueError(f"plan.pdl: programmatic dependent launch needs compiled kernels on a CUDA device "
@@ -705,11 +719,12 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     # Every buffer the window wrote is ready (a CUDA graph capture joins the forked stream here too).
     streams.join(side, q.device)
-    _combine_kernel[(rows * group,)](
+    _combine_kernel[(rows * group, plan.combine_columns)](
         *parts["cmp"], *parts["slc"], *parts["win"], gates, out, reads, steps, hk, rows,
         *gates.stride()[:3], *out.stride()[:3], plan.cmp_splits, plan.slc_splits, plan.win_splits,
         S_CMP_P=splits_pow2(plan.cmp_splits), S_SLC_P=splits_pow2(plan.slc_splits),
-        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, num_warps=plan.combine_warps,
+        S_WIN_P=splits_pow2(plan.win_splits), G=group, GP=gp, DV=dv, DVP=dvp, DVC=dvp // plan.combine_columns,
+        num_warps=plan.combine_warps,
         **programmatic)
     result = (out, blocks, dict(zip(BRANCH_NAMES, reads.unbind(0))))
     if return_scores:
