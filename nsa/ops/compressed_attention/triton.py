@@ -403,10 +403,10 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_
 
 
 @triton.jit
-def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK, DV, N, HK, CHUNK_LEN, NUM_CHUNKS, SLOTS,
+def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK_OUT, DV_OUT, N, HK, CHUNK_LEN, NUM_CHUNKS, SLOTS,
                             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                            BLOCK: tl.constexpr, STRIDE: tl.constexpr, DK_DIM: tl.constexpr,
-                            DV_DIM: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, ROWS: tl.constexpr):
+                            BLOCK: tl.constexpr, STRIDE: tl.constexpr, DK: tl.constexpr,
+                            DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, ROWS: tl.constexpr):
     """dk, dv of ``ROWS`` key rows of one (batch, kv head): their chunks' partials added in chunk
     order, rounded once to the gradients' dtype."""
     pid_bh = tl.program_id(1)
@@ -415,27 +415,27 @@ def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK, DV, N, HK, CHUNK_LEN, NUM_CHUN
     slot_start, first_chunk = chunk_slot_start_jit(rows, CHUNK_LEN, NUM_CHUNKS, BLOCK, STRIDE)
     ck = tl.arange(0, DKP)
     cv = tl.arange(0, DVP)
-    dk_base = DK_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DK_DIM
-    dv_base = DV_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DV_DIM
+    dk_base = DK_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DK
+    dv_base = DV_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DV
     dk_acc = tl.zeros([ROWS, DKP], dtype=tl.float32)
     dv_acc = tl.zeros([ROWS, DVP], dtype=tl.float32)
     for chunk in range(tl.min(tl.where(row_ok, first_chunk, NUM_CHUNKS)), NUM_CHUNKS):
         has = row_ok & (first_chunk <= chunk)
         slot = slot_start + chunk - first_chunk
-        dk_acc += tl.load(dk_base + slot[:, None] * DK_DIM + ck[None, :], mask=has[:, None] & (ck < DK_DIM)[None, :],
+        dk_acc += tl.load(dk_base + slot[:, None] * DK + ck[None, :], mask=has[:, None] & (ck < DK)[None, :],
                           other=0.0)
-        dv_acc += tl.load(dv_base + slot[:, None] * DV_DIM + cv[None, :], mask=has[:, None] & (cv < DV_DIM)[None, :],
+        dv_acc += tl.load(dv_base + slot[:, None] * DV + cv[None, :], mask=has[:, None] & (cv < DV)[None, :],
                           other=0.0)
     b = pid_bh // HK
     h = pid_bh % HK
-    dk_rows = tile_base(DK, b, tl.program_id(0) * ROWS, h, stride_kb, stride_kn, stride_kh)
+    dk_rows = tile_base(DK_OUT, b, tl.program_id(0) * ROWS, h, stride_kb, stride_kn, stride_kh)
     dk_rows += tl.arange(0, ROWS) * stride_kn
-    tl.store(dk_rows[:, None] + ck[None, :], dk_acc.to(DK.dtype.element_ty),
-             mask=row_ok[:, None] & (ck < DK_DIM)[None, :])
-    dv_rows = tile_base(DV, b, tl.program_id(0) * ROWS, h, stride_vb, stride_vn, stride_vh)
+    tl.store(dk_rows[:, None] + ck[None, :], dk_acc.to(DK_OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (ck < DK)[None, :])
+    dv_rows = tile_base(DV_OUT, b, tl.program_id(0) * ROWS, h, stride_vb, stride_vn, stride_vh)
     dv_rows += tl.arange(0, ROWS) * stride_vn
-    tl.store(dv_rows[:, None] + cv[None, :], dv_acc.to(DV.dtype.element_ty),
-             mask=row_ok[:, None] & (cv < DV_DIM)[None, :])
+    tl.store(dv_rows[:, None] + cv[None, :], dv_acc.to(DV_OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (cv < DV)[None, :])
 
 
 @triton.jit
@@ -599,8 +599,8 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
     return o, lse
 
 
-# Programs per SM wanted from the dK/dV pass: one runs at a time at its tiles (8 warps, ~230
-# registers a thread), so this many waves of equal chunks leave at most a sixteenth of the pass
+# Programs per SM wanted from the dK/dV pass: one runs at a time at its tiles (8 warps, 240-255
+# registers a thread compiled for sm_90), so this many waves of equal chunks leave at most a sixteenth of the pass
 # to the grid's tail. (Five query splits, the former rule of four programs per SM, left the
 # heaviest programs a fifth of the work each: 20% over the balanced time at 64k, 64/4 heads.)
 DKDV_WAVES = 16
@@ -691,7 +691,7 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     rows = 32
     _cmp_dkdv_reduce_kernel[(triton.cdiv(num_cmp, rows), heads)](
         dk_part, dv_part, dk, dv, num_cmp, num_kv, chunk_len, num_chunks, slots, *_strides3(dk), *_strides3(dv),
-        BLOCK=block, STRIDE=stride, DK_DIM=consts["DK"], DV_DIM=consts["DV"], DKP=pow2(consts["DK"]),
+        BLOCK=block, STRIDE=stride, DK=consts["DK"], DV=consts["DV"], DKP=pow2(consts["DK"]),
         DVP=consts["DVP"], ROWS=rows)
     return dk, dv
 
