@@ -606,6 +606,9 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
 DKDV_WAVES = 16
 # Query tile rows the chunks stay aligned to (BLOCK_M of any config, a power of two).
 DKDV_MAX_TILE_ROWS = 128
+# Key rows per program of the partials' reduction: its [32, 256] + [32, 128] float32 sums at
+# Dk = 192 compile to 255 registers without spills (sm_90, 4 warps); 145 at Dk = 128.
+REDUCE_ROWS = 32
 
 
 def _dkdv_programs(seq_len: int, num_cmp: int, heads: int, block: int, stride: int, key_tile: int,
@@ -688,11 +691,10 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
 
     _cmp_bwd_dkdv_tuned.launch(seq_len, dkdv_grid, dkdv_args, consts, _interpret_tiles(consts["GP"]), tma)
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
-    rows = 32
-    _cmp_dkdv_reduce_kernel[(triton.cdiv(num_cmp, rows), heads)](
+    _cmp_dkdv_reduce_kernel[(triton.cdiv(num_cmp, REDUCE_ROWS), heads)](
         dk_part, dv_part, dk, dv, num_cmp, num_kv, chunk_len, num_chunks, slots, *_strides3(dk), *_strides3(dv),
         BLOCK=block, STRIDE=stride, DK=consts["DK"], DV=consts["DV"], DKP=pow2(consts["DK"]),
-        DVP=consts["DVP"], ROWS=rows)
+        DVP=consts["DVP"], ROWS=REDUCE_ROWS)
     return dk, dv
 
 

@@ -485,11 +485,10 @@ class DecodePlan:
     n_tiles: int
     num_warps: int  # decode_warps(head_dim)
     num_stages: int  # DECODE_STAGES, or SHORT_CHUNK_STAGES for chunks of at most two tiles
-    combine_warps: int  # combine_warps(most splits, Dv)
+    combine_warps: int  # combine_warps(most splits, Dv slice)
     window_overlap: str = "none"
     pdl: bool = False
     combine_columns: int = 1
-
 
     def __post_init__(self) -> None:
         if self.window_overlap not in WINDOW_OVERLAPS:
@@ -641,10 +640,10 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     if plan.num_blocks != c.num_select_blocks(max_len):
         raise ValueError(f"plan was made for {plan.num_blocks} selection blocks, the caches hold max_len={max_len} "
                          f"({c.num_select_blocks(max_len)} blocks); build it with plan_decode(config, rows, max_len)")
-    if plan.combine_columns > max(16, pow2(dv)) // 16:
-        raise ValueError(f"plan.combine_columns: {plan.combine_columns} slices of Dv {dv} (padded to "
-                         f"{max(16, pow2(dv))}) would be narrower than 16 columns; accepted: powers of two up to "
-                         f"{max(16, pow2(dv)) // 16}")
+    gp, dkp, dvp = max(16, pow2(group)), max(16, pow2(dk)), max(16, pow2(dv))
+    if plan.combine_columns > dvp // 16:
+        raise ValueError(f"plan.combine_columns: {plan.combine_columns} slices of Dv {dv} (padded to {dvp}) would "
+                         f"be narrower than 16 columns; accepted: powers of two up to {dvp // 16}")
     if plan.pdl and not supports_pdl(q.device):
         where = f"{q.device}{' (interpreter)' if interpreting() else ''}"
         raise ValueError(f"plan.pdl: programmatic dependent launch needs compiled kernels on a CUDA device "
@@ -655,7 +654,6 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         raise ValueError(f"q must hold at least one token group, got shape {tuple(q.shape)}")
     scale = dk ** -0.5 if scale is None else float(scale)
     qk_scale = scale * LOG2E
-    gp, dkp, dvp = max(16, pow2(group)), max(16, pow2(dk)), max(16, pow2(dv))
     lengths = lengths.contiguous()
     num_new = num_new.contiguous()
     gates = gates if gates.stride(-1) == 1 else gates.contiguous()
