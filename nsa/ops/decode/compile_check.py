@@ -77,7 +77,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
                                        "PRECISION": precision, "BLOCK_N": 64},
               f"_select_kernel {dtype} {dk}/{dv} warps={warps}", warps, f"select_{dk}x{dv}")
-        for columns in (1, 4):  # whole heads, and the slices a batch-1 plan may take
+        for columns in (1, 8):  # whole heads, and the slices the batch-1 plan takes at Dv 128
             dvc = kernels.pow2(dv) // columns
             combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dvc)  # the most splits a plan makes
             build(kernels._combine_kernel, {"S_CMP_P": 64, "S_SLC_P": 16, "S_WIN_P": 16, "G": group, "GP": gp,
