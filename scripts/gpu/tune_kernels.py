@@ -8,7 +8,8 @@ pass it pins one config (the autotuner then has nothing to choose), times the pa
 ``triton.testing.do_bench`` (median, after warm-up) on random data, B=1, HQ/HK from ``--heads``
 (default 64/4), bf16, the paper's block sizes, and prints per kernel the configs sorted by time,
 marking the ones in the production list (``*``). Compressed attention's dK/dV pass is timed with
-the query chunks that config would get (``dkdv_chunk_len`` with that key tile). The candidates
+the query chunks that config would get (``dkdv_chunk_len`` with that key tile), then the
+autotuned pass with its chunks sized for 4-32 waves of programs (``DKDV_WAVES``). The candidates
 include each kernel's tile loads through tensor descriptors (``TMA``) and the scoring's merges
 of several steps (``MERGE_STEPS``); every timed option's output (the forward's and dq's, dk of
 dK/dV) is compared with the autotuned choice's, and the top-n lists with its. Details go to
@@ -59,7 +60,11 @@ PRODUCTION = {
     "sel-fwd": list(sel_triton._query_kernel.options), "sel-dq": list(sel_triton._query_kernel.options),
     "sel-dkdv": list(sel_triton._dkdv_kernel.options), "win-fwd": list(win_triton._query_kernel.options),
     "win-dq": list(win_triton._query_kernel.options), "win-dkdv": list(win_triton._dkdv_kernel.options),
+    "cmp-dkdv-waves": [f"waves={cmp_triton.DKDV_WAVES}"],
 }
+# Programs with work per SM that compressed attention's dK/dV chunks aim at (DKDV_WAVES): fewer
+# waves mean longer chunks and fewer float32 partials, more an evener grid.
+DKDV_WAVE_CANDIDATES = (4, 8, 16, 32)
 # The candidates the kernels' modules keep beside their autotune lists (timed, not adopted:
 # compressed attention's TMA dK/dV tiles, the scoring's other TMA and merge configs);
 # ``--module-candidates-only`` sweeps these beside the production lists and nothing else.
@@ -194,6 +199,14 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
                                lambda: cmp_triton.compressed_attention_backward_dkdv(
                                    q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
     cmp_triton.dkdv_chunk_len = original_chunks
+    default_waves = cmp_triton.DKDV_WAVES
+    for waves in DKDV_WAVE_CANDIDATES if "cmp" in only or "cmp-dkdv" in only else []:
+        cmp_triton.DKDV_WAVES = waves
+        # The autotuned dK/dV pass with chunks sized for this many waves (its dk compared).
+        timed_and_compared(results, "cmp-dkdv-waves", f"{tag} waves={waves}",
+                           lambda: cmp_triton.compressed_attention_backward_dkdv(
+                               q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
+    cmp_triton.DKDV_WAVES = default_waves
     with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*CMP_DKDV[0])):
         cmp_dq = cmp_triton.compressed_attention_backward_dq(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
         for cfg in CMP_DQ if "cmp" in only or "cmp-query" in only else []:
