@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -189,24 +190,20 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
         with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
             timed_and_compared(results, "cmp-fwd", f"{tag} {cfg}",
                                lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale), o)
-    original_chunks = cmp_triton.dkdv_chunk_len
     cmp_dk = cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
+
+    def cmp_dkdv():
+        return cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
     for cfg in CMP_DKDV if "cmp" in only or "cmp-dkdv" in only else []:
-        cmp_triton.dkdv_chunk_len = functools.partial(original_chunks, key_tile=cfg[1])
-        with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*cfg)):
+        chunks = functools.partial(cmp_triton.dkdv_chunk_len, key_tile=cfg[1])
+        with (mock.patch.object(cmp_triton, "dkdv_chunk_len", chunks),
+              cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*cfg))):
             # The dK/dV pass alone (its dk compared).
-            timed_and_compared(results, "cmp-dkdv", f"{tag} {cfg}",
-                               lambda: cmp_triton.compressed_attention_backward_dkdv(
-                                   q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
-    cmp_triton.dkdv_chunk_len = original_chunks
-    default_waves = cmp_triton.DKDV_WAVES
+            timed_and_compared(results, "cmp-dkdv", f"{tag} {cfg}", cmp_dkdv, cmp_dk[0])
     for waves in DKDV_WAVE_CANDIDATES if "cmp" in only or "cmp-dkdv" in only else []:
-        cmp_triton.DKDV_WAVES = waves
         # The autotuned dK/dV pass with chunks sized for this many waves (its dk compared).
-        timed_and_compared(results, "cmp-dkdv-waves", f"{tag} waves={waves}",
-                           lambda: cmp_triton.compressed_attention_backward_dkdv(
-                               q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale), cmp_dk[0])
-    cmp_triton.DKDV_WAVES = default_waves
+        with mock.patch.object(cmp_triton, "DKDV_WAVES", waves):
+            timed_and_compared(results, "cmp-dkdv-waves", f"{tag} waves={waves}", cmp_dkdv, cmp_dk[0])
     with cmp_triton._cmp_bwd_dkdv_tuned.only(dkdv_config(*CMP_DKDV[0])):
         cmp_dq = cmp_triton.compressed_attention_backward_dq(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
         for cfg in CMP_DQ if "cmp" in only or "cmp-query" in only else []:
@@ -281,11 +278,11 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
 # Decode-plan variants, each a change from the default plan (the first, empty one): programmatic
 # dependent launches, programs per branch in multiples of the SM count, key tile, warps of the
 # range/select kernels, pipeline depth of their key loops, warps of the combine kernel and its
-# programs per query head (Dv slices), the window splits on a side stream.
+# programs per query head (Dv slices, its warps sized by plan_decode; the default plan takes 8
+# at batch 1), the window splits on a side stream.
 DECODE_VARIANTS = [{}, {"pdl": True}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
                    {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
-                   {"combine_columns": 4, "combine_warps": 1}, {"combine_columns": 2, "combine_warps": 2},
-                   {"combine_columns": 8, "combine_warps": 1},
+                   {"combine_columns": 1}, {"combine_columns": 2}, {"combine_columns": 4},
                    {"num_stages": 4, "combine_warps": 1},
                    {"programs": 8, "num_stages": 4, "combine_warps": 1},
                    {"programs": 2, "window_overlap": "compressed"},
@@ -315,7 +312,8 @@ def sweep_decode(context, dk, dv, results):
             changes = dict(variant)
             programs = changes.pop("programs", 4) * sms
             plan = plan_decode(config, rows, cache.max_len, target_programs=programs,
-                               block_n=changes.pop("block_n", None))
+                               block_n=changes.pop("block_n", None),
+                               combine_columns=changes.pop("combine_columns", None))
             plan = dataclasses.replace(plan, **changes)
 
             def step(plan=plan):
