@@ -16,12 +16,21 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything defines a Triton kernel
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_triton_selection import assert_same_selection
 
 from nsa import NSAAttention
 from nsa.config import NSAConfig
 from nsa.ops.decode import nsa_decode, nsa_decode_reference, resolve_decode
-from nsa.ops.decode.triton import DECODE_STAGES, SHORT_CHUNK_STAGES, nsa_decode_triton, plan_decode
+from nsa.ops.decode.triton import (
+    DECODE_STAGES,
+    SHORT_CHUNK_STAGES,
+    _count_th_largest,
+    nsa_decode_triton,
+    plan_decode,
+    pow2,
+)
 from nsa.ops.reads import compressed_reads, selected_reads, window_reads
 from nsa.ops.reference import nsa_reference
 from nsa.ops.selection import selection_block_scores
@@ -292,6 +301,39 @@ def test_decode_pipeline_depth_follows_the_chunk():
     # Slices never narrower than 16 columns: Dv 32 gets at most 2.
     narrow = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=32)
     assert plan_decode(narrow, 4, 65536, target_programs=528).combine_columns == 2
+
+
+@triton.jit
+def threshold_kernel(KEYS, OUT, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr):
+    tl.store(OUT, _count_th_largest(tl.load(KEYS + tl.arange(0, NBP)), COUNT, COUNTP, NBP))
+
+
+@pytest.mark.parametrize("num_keys,count,valid", [(16, 16, 16), (16, 5, 3), (64, 4, 40), (128, 16, 100),
+                                                   (1024, 16, 1021), (1024, 3, 2), (32, 16, 32), (8, 16, 6)])
+def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid):
+    """The select kernel's top-n threshold against torch.topk, on random distinct ranking keys (with
+    the +inf-forced and the -1 ones) in random slots: with more blocks than slots (the bitonic
+    halving rounds run), as many, fewer valid than the count, and fewer blocks than the slots."""
+    g = torch.Generator().manual_seed(num_keys * 31 + count * 7 + valid)
+    for _ in range(3):
+        keys = torch.full((num_keys,), -1, dtype=torch.int64)
+        scores = torch.randperm(1 << 20, generator=g)[:valid].to(torch.int64)
+        scores[:2] = 0x7F800000  # forced blocks: equal high bits, told apart by the index bits
+        keys[torch.randperm(num_keys, generator=g)[:valid]] = (scores << 32) | (0x7FFFFFFF - torch.arange(valid))
+        out = torch.empty(1, dtype=torch.int64)
+        threshold_kernel[(1,)](keys, out, COUNT=count, COUNTP=max(16, pow2(count)), NBP=num_keys)
+        want = torch.topk(keys, count).values[-1].item() if count <= num_keys else -1
+        assert out.item() == max(want, -1), (out.item(), want)
+        chosen = (keys >= out.item()) & (keys >= 0)
+        assert chosen.sum().item() == min(count, valid)
+
+
+@pytest.mark.parametrize("steps,lengths,counts", [(1, [600, 333], [1, 1]), (2, [410, 587], [2, 1])])
+def test_top_n_among_many_blocks(steps, lengths, counts):
+    """Over 16 selection blocks (75 at 600 tokens: the top-n's halving rounds run) the step still
+    equals the prefill's selection and output."""
+    config = small(select_block=8, compress_block=8, compress_stride=4, select_count=5, window=12)
+    check_step(config, lengths, counts, steps, 600, 13, 9)
 
 
 def test_exact_ties_go_to_the_lower_block():

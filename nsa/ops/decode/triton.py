@@ -21,8 +21,8 @@ A step is four launches and no host synchronisation, so it can be captured in a 
    score above ``2^31 - 1 - j``, +inf bits for the forced blocks 0, c, c-1, ``-1`` for blocks that
    cannot be chosen. Larger key = better block, equal scores rank the lower index first: exactly
    the reference's stable sort.
-3. ``_select_kernel``: top-n of those keys (remove the maximum ``n - 1`` times; the chosen blocks
-   in ascending order by a prefix sum), then selection attention over the positions ``<= t`` of
+3. ``_select_kernel``: top-n of those keys (the n-th largest by a bitonic top-k; the chosen
+   blocks in ascending order by a prefix sum), then selection attention over the positions ``<= t`` of
    the chosen blocks of its slots, read from the selection cache; it writes the block indices.
 4. ``_combine_kernel`` (one program per query head): merge each branch's splits, gate, sum;
    reads = keys counted.
@@ -225,6 +225,24 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
                    tl.where(is_win, C_WIN, C_CMP), part, GP, DVP)
 
 
+@triton.jit
+def _count_th_largest(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr):
+    """The ``COUNT``-th largest of ``keys`` ([NBP] int64; valid keys distinct and >= 0, the rest
+    -1), or -1 when fewer than ``COUNT`` are valid: the blocks ``>=`` it and valid are the top-n.
+
+    ``tl.topk`` is a bitonic top-k (sorted runs of ``COUNTP``, halved by pairwise maxima), whose
+    steps stay within a thread or a warp until the last few. Removing the maximum ``COUNT - 1``
+    times took a cross-warp reduction (shared memory and barriers) per removal: 15 in a row at
+    the paper's n = 16, before the program's first load.
+    """
+    if COUNTP > NBP:  # fewer blocks than slots: every valid block is chosen
+        threshold = tl.full([COUNTP], -1, tl.int64)
+    else:
+        threshold = tl.topk(keys, COUNTP)  # descending
+    rank = tl.arange(0, COUNTP)
+    return tl.max(tl.where(rank == COUNT - 1, threshold, -1), 0)
+
+
 @triton.jit(do_not_specialize=["NB_CAP", "CHUNK", "SPLITS"])
 def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SLC, KQ, HK, NB_CAP,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -246,13 +264,7 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
     jj = tl.arange(0, NBP)
     keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
-    # Valid keys are distinct, so removing the maximum COUNT - 1 times leaves the COUNT-th largest
-    # (-1 when fewer blocks can be chosen, which then takes every valid one).
-    threshold = tl.max(keys, 0)
-    work = keys
-    for _removed in range(COUNT - 1):
-        work = tl.where(work == threshold, -1, work)
-        threshold = tl.max(work, 0)
+    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP)
     chosen = (keys >= threshold) & (keys >= 0)
     slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
