@@ -26,10 +26,12 @@ from nsa.ops.decode import nsa_decode, nsa_decode_reference, resolve_decode
 from nsa.ops.decode.triton import (
     DECODE_STAGES,
     SHORT_CHUNK_STAGES,
+    TOP_N_METHODS,
     _count_th_largest,
     nsa_decode_triton,
     plan_decode,
     pow2,
+    top_n_method,
 )
 from nsa.ops.reads import compressed_reads, selected_reads, window_reads
 from nsa.ops.reference import nsa_reference
@@ -304,16 +306,19 @@ def test_decode_pipeline_depth_follows_the_chunk():
 
 
 @triton.jit
-def threshold_kernel(KEYS, OUT, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr):
-    tl.store(OUT, _count_th_largest(tl.load(KEYS + tl.arange(0, NBP)), COUNT, COUNTP, NBP))
+def threshold_kernel(KEYS, OUT, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr,
+                     BITONIC: tl.constexpr):
+    tl.store(OUT, _count_th_largest(tl.load(KEYS + tl.arange(0, NBP)), COUNT, COUNTP, NBP, BITONIC))
 
 
 @pytest.mark.parametrize("num_keys,count,valid", [(16, 16, 16), (16, 5, 3), (64, 4, 40), (128, 16, 100),
                                                    (1024, 16, 1021), (1024, 3, 2), (32, 16, 32), (8, 16, 6)])
-def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid):
-    """The select kernel's top-n threshold against torch.topk, on random distinct ranking keys (with
-    the +inf-forced and the -1 ones) in random slots: with more blocks than slots (the bitonic
-    halving rounds run), as many, fewer valid than the count, and fewer blocks than the slots."""
+@pytest.mark.parametrize("top_n", TOP_N_METHODS)
+def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid, top_n):
+    """The select kernel's top-n threshold (both methods) against torch.topk, on random distinct
+    ranking keys (with the +inf-forced and the -1 ones) in random slots: with more blocks than
+    slots (the bitonic halving rounds run), as many, fewer valid than the count, and fewer blocks
+    than the slots."""
     g = torch.Generator().manual_seed(num_keys * 31 + count * 7 + valid)
     for _ in range(3):
         keys = torch.full((num_keys,), -1, dtype=torch.int64)
@@ -321,19 +326,35 @@ def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid):
         scores[:2] = 0x7F800000  # forced blocks: equal high bits, told apart by the index bits
         keys[torch.randperm(num_keys, generator=g)[:valid]] = (scores << 32) | (0x7FFFFFFF - torch.arange(valid))
         out = torch.empty(1, dtype=torch.int64)
-        threshold_kernel[(1,)](keys, out, COUNT=count, COUNTP=max(16, pow2(count)), NBP=num_keys)
+        threshold_kernel[(1,)](keys, out, COUNT=count, COUNTP=max(16, pow2(count)), NBP=num_keys,
+                               BITONIC=top_n == "bitonic")
         want = torch.topk(keys, count).values[-1].item() if count <= num_keys else -1
         assert out.item() == max(want, -1), (out.item(), want)
         chosen = (keys >= out.item()) & (keys >= 0)
         assert chosen.sum().item() == min(count, valid)
 
 
+@pytest.mark.parametrize("top_n", TOP_N_METHODS)
 @pytest.mark.parametrize("steps,lengths,counts", [(1, [600, 333], [1, 1]), (2, [410, 587], [2, 1])])
-def test_top_n_among_many_blocks(steps, lengths, counts):
-    """Over 16 selection blocks (75 at 600 tokens: the top-n's halving rounds run) the step still
-    equals the prefill's selection and output."""
+def test_top_n_among_many_blocks(steps, lengths, counts, top_n):
+    """Over 16 selection blocks (75 at 600 tokens: the bitonic top-n's halving rounds run) the
+    step equals the prefill's selection and output with either top-n method."""
     config = small(select_block=8, compress_block=8, compress_stride=4, select_count=5, window=12)
-    check_step(config, lengths, counts, steps, 600, 13, 9)
+    check_step(config, lengths, counts, steps, 600, 13, 9, plan_kwargs={"top_n": top_n})
+
+
+def test_top_n_method_follows_the_keys_per_thread():
+    """The bitonic top-k while each thread holds <= 4 block keys (the measured wins), the removals
+    beyond; an unknown method is refused with the accepted ones."""
+    assert top_n_method(256, 4) == "bitonic" and top_n_method(512, 4) == "bitonic"  # 16k, 32k at Dk 128
+    assert top_n_method(1024, 4) == "max-removal" and top_n_method(2048, 4) == "max-removal"
+    assert top_n_method(1024, 8) == "bitonic" and top_n_method(2048, 8) == "max-removal"  # Dk 192
+    assert top_n_method(3, 4) == "bitonic"  # padded to 16 keys
+    paper = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
+    assert plan_decode(paper, 4, 16384).top_n == "bitonic" and plan_decode(paper, 4, 65536).top_n == "max-removal"
+    assert plan_decode(paper, 4, 65536, top_n="bitonic").top_n == "bitonic"
+    with pytest.raises(ValueError, match=r"DecodePlan.top_n must be one of \('bitonic', 'max-removal'\), got 'heap'"):
+        plan_decode(paper, 4, 65536, top_n="heap")
 
 
 def test_exact_ties_go_to_the_lower_block():
@@ -566,13 +587,13 @@ def test_kernels_compile_for_sm90_without_spills():
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 14 and all("REG:" in line for line in lines), done.stdout
+    assert len(lines) == 16 and all("REG:" in line for line in lines), done.stdout
     # Compiled as launched (aligned pointers and strides), no decode kernel spills at either head dim.
     assert all("STACK:0" in line for line in lines), done.stdout
     # The kernels that loop over keys keep their loads in flight (software-pipelined).
     looping = [line for line in lines
                if line.startswith(("_range_kernel", "_score_kernel", "_select_kernel"))]
-    assert len(looping) == 8 and all("ASYNC_COPIES:0" not in line for line in looping), done.stdout
+    assert len(looping) == 10 and all("ASYNC_COPIES:0" not in line for line in looping), done.stdout
     # Built with programmatic dependent launch, as sm_90 runs them: each kernel waits once.
     assert all(line.endswith("GRID_WAITS:1") for line in lines), done.stdout
 

@@ -21,8 +21,9 @@ A step is four launches and no host synchronisation, so it can be captured in a 
    score above ``2^31 - 1 - j``, +inf bits for the forced blocks 0, c, c-1, ``-1`` for blocks that
    cannot be chosen. Larger key = better block, equal scores rank the lower index first: exactly
    the reference's stable sort.
-3. ``_select_kernel``: top-n of those keys (the n-th largest by a bitonic top-k; the chosen
-   blocks in ascending order by a prefix sum), then selection attention over the positions ``<= t`` of
+3. ``_select_kernel``: top-n of those keys (the n-th largest by a bitonic top-k or by removing
+   the maximum ``n - 1`` times, ``DecodePlan.top_n``; the chosen blocks in ascending order by a
+   prefix sum), then selection attention over the positions ``<= t`` of
    the chosen blocks of its slots, read from the selection cache; it writes the block indices.
 4. ``_combine_kernel`` (one program per query head): merge each branch's splits, gate, sum;
    reads = keys counted.
@@ -59,6 +60,7 @@ INDEX_BITS = tl.constexpr(0x7FFFFFFF)
 FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the index bits
 MAX_SPLITS = 64
 WINDOW_OVERLAPS = ("none", "compressed", "scoring")
+TOP_N_METHODS = ("bitonic", "max-removal")
 # Software-pipeline depth of the key loops (range and select kernels): tiles in flight per program.
 # A program whose chunk is at most two tiles (batch 1 at long contexts: one tile each) gets 2: the
 # third buffer only costs occupancy (H200, 64k, batch 1: 31.2 against 33.5 us per step; batch 32,
@@ -226,21 +228,32 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
 
 
 @triton.jit
-def _count_th_largest(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr):
+def _count_th_largest(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr):
     """The ``COUNT``-th largest of ``keys`` ([NBP] int64; valid keys distinct and >= 0, the rest
     -1), or -1 when fewer than ``COUNT`` are valid: the blocks ``>=`` it and valid are the top-n.
 
-    ``tl.topk`` is a bitonic top-k (sorted runs of ``COUNTP``, halved by pairwise maxima), whose
-    steps stay within a thread or a warp until the last few. Removing the maximum ``COUNT - 1``
-    times took a cross-warp reduction (shared memory and barriers) per removal: 15 in a row at
-    the paper's n = 16, before the program's first load.
+    ``BITONIC``: ``tl.topk``, a bitonic top-k (sorted runs of ``COUNTP``, halved by pairwise
+    maxima), whose steps stay within a thread or a warp until the last few, but whose work grows
+    with the keys each thread holds. Otherwise the maximum is removed ``COUNT - 1`` times: a
+    cross-warp reduction (shared memory, barriers) per removal, 15 in a row at the paper's n.
+    :func:`top_n_method` picks one.
     """
-    if COUNTP > NBP:  # fewer blocks than slots: every valid block is chosen
-        threshold = tl.full([COUNTP], -1, tl.int64)
+    if BITONIC:
+        if COUNTP > NBP:  # fewer blocks than slots: every valid block is chosen
+            top = tl.full([COUNTP], -1, tl.int64)
+        else:
+            top = tl.topk(keys, COUNTP)  # descending
+        rank = tl.arange(0, COUNTP)
+        threshold = tl.max(tl.where(rank == COUNT - 1, top, -1), 0)
     else:
-        threshold = tl.topk(keys, COUNTP)  # descending
-    rank = tl.arange(0, COUNTP)
-    return tl.max(tl.where(rank == COUNT - 1, threshold, -1), 0)
+        # Valid keys are distinct, so COUNT - 1 removals leave the COUNT-th largest (-1 when
+        # fewer blocks can be chosen, which then takes every valid one).
+        threshold = tl.max(keys, 0)
+        work = keys
+        for _removed in range(COUNT - 1):
+            work = tl.where(work == threshold, -1, work)
+            threshold = tl.max(work, 0)
+    return threshold
 
 
 @triton.jit(do_not_specialize=["NB_CAP", "CHUNK", "SPLITS"])
@@ -249,8 +262,8 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
                    qk_scale, CHUNK, SPLITS,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                    DV: tl.constexpr, DVP: tl.constexpr, SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr,
-                   COUNTP: tl.constexpr, NBP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PDL: tl.constexpr):
+                   COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Top-n of token group ``program_id(0)``'s ranking keys, then partial selection attention over
     the chosen blocks of slots ``[s*CHUNK, (s+1)*CHUNK)``, ``s = program_id(1)``.
 
@@ -264,7 +277,7 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
     jj = tl.arange(0, NBP)
     keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
-    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP)
+    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP, BITONIC)
     chosen = (keys >= threshold) & (keys >= 0)
     slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
@@ -476,7 +489,8 @@ class DecodePlan:
     two of those launches otherwise). Opt-in until it is timed on a GPU.
     ``combine_columns``: programs per query head in the combine kernel, each merging a slice of
     ``Dv`` (a power of two; slices of at least 16 columns): at batch 1 one program per head loads
-    every split's partial alone. ``combine_warps`` is sized for the slice.
+    every split's partial alone. ``combine_warps`` is sized for the slice. ``top_n``: how the
+    select kernel finds the n-th best block (:func:`top_n_method`).
     """
 
     block_n: int
@@ -501,8 +515,11 @@ class DecodePlan:
     window_overlap: str = "none"
     pdl: bool = False
     combine_columns: int = 1
+    top_n: str = "bitonic"
 
     def __post_init__(self) -> None:
+        if self.top_n not in TOP_N_METHODS:
+            raise ValueError(f"DecodePlan.top_n must be one of {TOP_N_METHODS}, got {self.top_n!r}")
         if self.window_overlap not in WINDOW_OVERLAPS:
             raise ValueError(f"DecodePlan.window_overlap must be one of {WINDOW_OVERLAPS}, "
                              f"got {self.window_overlap!r}")
@@ -524,9 +541,10 @@ def supports_pdl(device: torch.device | str | None = None) -> bool:
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
                 block_n: int | None = None, window_overlap: str = "none",
-                pdl: bool = False, combine_columns: int | None = None) -> DecodePlan:
+                pdl: bool = False, combine_columns: int | None = None, top_n: str | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
-    (``window_overlap``, ``pdl``, ``combine_columns``: see :class:`DecodePlan`).
+    (``window_overlap``, ``pdl``, ``combine_columns``, ``top_n``: see :class:`DecodePlan`; the
+    last two follow the shapes unless given).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -583,7 +601,20 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
                                                   max(1, c.v_head_dim // combine_columns)),
-                      window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns)
+                      window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns,
+                      top_n=top_n or top_n_method(num_blocks, decode_warps(c.head_dim)))
+
+
+def top_n_method(num_blocks: int, num_warps: int) -> str:
+    """The select kernel's top-n: ``"bitonic"`` while each thread holds at most 4 of the
+    (power-of-two padded) block keys, ``"max-removal"`` beyond. H100, CUDA graph, batch 1 / 32,
+    the two in one process (docs/PERFORMANCE.md, nineteenth session): 2 keys per thread (16k,
+    Dk 128) 24.2 -> 22.2 / 101.2 -> 99.2 us per step with the bitonic top-k, 4 (64k, Dk 192, 8
+    warps) 34.7 -> 33.4 / 230.0 -> 228.9, 8 (64k, Dk 128) 29.9 -> 29.7 / 185.5 -> 187.3, 16
+    (128k, Dk 128) 35.3 -> 42.1 / 296.2 -> 302.3: its work grows with the keys per thread, the
+    removals' 15 reductions do not."""
+    keys_per_thread = max(16, pow2(num_blocks)) // (32 * num_warps)
+    return "bitonic" if keys_per_thread <= 4 else "max-removal"
 
 
 def decode_warps(head_dim: int) -> int:
@@ -729,7 +760,8 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
         DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
-        COUNTP=max(16, pow2(c.select_count)), NBP=max(16, pow2(plan.num_blocks)), PRECISION=precision,
+        COUNTP=max(16, pow2(c.select_count)), NBP=max(16, pow2(plan.num_blocks)),
+        BITONIC=plan.top_n == "bitonic", PRECISION=precision,
         BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages, **programmatic)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
@@ -750,4 +782,4 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     return result
 
 
-__all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode", "supports_pdl"]
+__all__ = ["DecodePlan", "nsa_decode_triton", "plan_decode", "supports_pdl", "top_n_method"]
