@@ -25,6 +25,7 @@ from nsa.config import NSAConfig
 from nsa.ops.decode import nsa_decode, nsa_decode_reference, resolve_decode
 from nsa.ops.decode.triton import (
     DECODE_STAGES,
+    FUSED_SCORE_STEPS,
     SHORT_CHUNK_STAGES,
     TOP_N_METHODS,
     _count_th_largest,
@@ -189,10 +190,44 @@ def test_split_plans_agree():
     prefill's result."""
     config = small()
     for plan_kwargs in ({"target_programs": 1, "block_n": 16}, {"target_programs": 1024, "block_n": 16},
-                        {"target_programs": 8, "block_n": 64}):
+                        {"target_programs": 8, "block_n": 64}, {"target_programs": 1024, "select_splits": 1},
+                        {"target_programs": 1, "select_splits": 3}):
         check_step(config, [90, 57], [1, 1], 1, 96, 12, 4, plan_kwargs=plan_kwargs)
     many = plan_decode(config, 4, 96, target_programs=1024, block_n=16)
     assert many.cmp_splits > 1 and many.slc_splits > 1 and many.score_splits > 1
+
+
+@pytest.mark.parametrize("score_steps", [1, 3])
+def test_fused_scoring_steps_per_program_agree(score_steps):
+    """The fused scoring with one tile per program and with three (a partial last program) gives
+    the prefill's blocks and output."""
+    config = small()
+    plan = plan_decode(config, 4, 300, score_steps=score_steps)
+    assert plan.fused and plan.score_steps == score_steps
+    assert plan.score_splits == -(-plan.n_tiles // score_steps) and plan.score_splits > 1
+    check_step(config, [290, 157], [1, 1], 1, 300, 12, 6, plan_kwargs={"score_steps": score_steps})
+
+
+def test_fused_scoring_gets_its_own_program_count():
+    """The fused scoring takes at most FUSED_SCORE_STEPS tiles per program whatever the other
+    branches' split (batch 32 at 64k: 2 tiles, 32 programs per token group, where the shared
+    split gave 22 tiles to each of 3); batch 1 keeps one tile per program; a bad count is refused."""
+    paper = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
+    gpu = {"target_programs": 264, "block_n": 64}  # an H100's plan
+    batch32 = plan_decode(paper, 128, 65536, **gpu)
+    assert batch32.fused and batch32.slc_splits == 3
+    assert (batch32.score_steps, batch32.score_splits) == (FUSED_SCORE_STEPS, 64 // FUSED_SCORE_STEPS)
+    batch1 = plan_decode(paper, 4, 65536, **gpu)
+    assert (batch1.score_steps, batch1.score_splits) == (1, 64)
+    assert plan_decode(paper, 128, 65536, **gpu, score_steps=8).score_splits == 8
+    unfused = small(compress_block=4, compress_stride=2, select_block=6, select_count=5, window=9)
+    assert plan_decode(unfused, 128, 6000, target_programs=128).score_steps > FUSED_SCORE_STEPS
+    with pytest.raises(ValueError, match=r"score_steps: Eq. 9 steps per scoring program must be >= 1, got 0"):
+        plan_decode(paper, 4, 65536, score_steps=0)
+    assert plan_decode(paper, 128, 65536, **gpu, select_splits=1).slc_splits == 1
+    assert (plan_decode(paper, 128, 65536, **gpu, select_splits=3).slc_chunk, batch32.slc_chunk) == (6, 6)
+    with pytest.raises(ValueError, match=r"select_splits: programs per token group of the select kernel must be"):
+        plan_decode(paper, 4, 65536, select_splits=0)
 
 
 @pytest.mark.parametrize("columns", [2, 4])
@@ -324,7 +359,8 @@ def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid, top_n):
         keys = torch.full((num_keys,), -1, dtype=torch.int64)
         scores = torch.randperm(1 << 20, generator=g)[:valid].to(torch.int64)
         scores[:2] = 0x7F800000  # forced blocks: equal high bits, told apart by the index bits
-        keys[torch.randperm(num_keys, generator=g)[:valid]] = (scores << 32) | (0x7FFFFFFF - torch.arange(valid))
+        slots = torch.randperm(num_keys, generator=g)[:valid]
+        keys[slots] = (scores << 32) | (0x7FFFFFFF - torch.arange(valid))
         out = torch.empty(1, dtype=torch.int64)
         threshold_kernel[(1,)](keys, out, COUNT=count, COUNTP=max(16, pow2(count)), NBP=num_keys,
                                BITONIC=top_n == "bitonic")

@@ -280,14 +280,17 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
 # range/select kernels, pipeline depth of their key loops, warps of the combine kernel and its
 # programs per query head (Dv slices, its warps sized by plan_decode; the default plan takes 8
 # at batch 1), the window splits on a side stream, the select kernel's top-n method (one of the
-# two is the default plan's).
+# two is the default plan's), the fused scoring's tiles per program, the select kernel's programs
+# per token group.
 DECODE_VARIANTS = [{}, {"pdl": True}, {"programs": 8}, {"programs": 2}, {"block_n": 128}, {"num_warps": 8},
                    {"num_stages": 2}, {"num_stages": 4}, {"combine_warps": 1}, {"combine_warps": 2},
                    {"combine_columns": 1}, {"combine_columns": 2}, {"combine_columns": 4},
                    {"num_stages": 4, "combine_warps": 1},
                    {"programs": 8, "num_stages": 4, "combine_warps": 1},
                    {"programs": 2, "window_overlap": "compressed"},
-                   {"programs": 2, "window_overlap": "scoring"}, {"top_n": "bitonic"}, {"top_n": "max-removal"}]
+                   {"programs": 2, "window_overlap": "scoring"}, {"top_n": "bitonic"}, {"top_n": "max-removal"},
+                   {"score_steps": 1}, {"score_steps": 4}, {"score_steps": 8}, {"select_splits": 1},
+                   {"select_splits": 2}]
 
 
 def sweep_decode(context, dk, dv, results):
@@ -315,7 +318,8 @@ def sweep_decode(context, dk, dv, results):
             plan = plan_decode(config, rows, cache.max_len, target_programs=programs,
                                block_n=changes.pop("block_n", None),
                                combine_columns=changes.pop("combine_columns", None),
-                               top_n=changes.pop("top_n", None))
+                               top_n=changes.pop("top_n", None), score_steps=changes.pop("score_steps", None),
+                               select_splits=changes.pop("select_splits", None))
             plan = dataclasses.replace(plan, **changes)
 
             def step(plan=plan):
@@ -324,7 +328,8 @@ def sweep_decode(context, dk, dv, results):
                                          plan=plan, check_values=False)
             label = (f"T={context} B={batch} {dk}/{dv} (bn {plan.block_n}, warps {plan.num_warps}, "
                      f"stages {plan.num_stages}, combine {plan.combine_warps}, programs {programs}, "
-                     f"window {plan.window_overlap}, pdl {plan.pdl}, columns {plan.combine_columns}, top-n {plan.top_n})")
+                     f"window {plan.window_overlap}, pdl {plan.pdl}, columns {plan.combine_columns}, "
+                     f"top-n {plan.top_n}, score steps {plan.score_steps}, select splits {plan.slc_splits})")
             if DEVICE == "cpu":
                 timed(results, "decode", label, step)
                 continue

@@ -67,6 +67,11 @@ TOP_N_METHODS = ("bitonic", "max-removal")
 # 13 tiles per program, prefers 3: 204 against 207 us).
 DECODE_STAGES = 3
 SHORT_CHUNK_STAGES = 2
+# Tiles per program of the fused scoring at most. Its steps are short and latency-bound (a few
+# loads of tile sums, no keys), unlike the other branches' bandwidth-bound ones, so it does not
+# share their program count: at batch 32 (64k) that gave 3 programs per token group of 22
+# serial steps each, 12.6-17.8 us of a 187 us step (H100, nineteenth session).
+FUSED_SCORE_STEPS = 2
 
 
 
@@ -541,7 +546,8 @@ def supports_pdl(device: torch.device | str | None = None) -> bool:
 
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
                 block_n: int | None = None, window_overlap: str = "none",
-                pdl: bool = False, combine_columns: int | None = None, top_n: str | None = None) -> DecodePlan:
+                pdl: bool = False, combine_columns: int | None = None, top_n: str | None = None,
+                score_steps: int | None = None, select_splits: int | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
     (``window_overlap``, ``pdl``, ``combine_columns``, ``top_n``: see :class:`DecodePlan`; the
     last two follow the shapes unless given).
@@ -553,6 +559,10 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
     ``target_programs`` programs (``combine_columns`` Dv slices per query head, unless given) when
     one per query head is fewer: H100, 64k, batch 1, 8 slices 29.6 us per step against 31.0 with
     one program per head; at batch 32 (2048 heads) slices only cost (186 -> 191 us with 4).
+    The fused scoring (``score_steps`` tiles per program, unless given) takes at most
+    ``FUSED_SCORE_STEPS`` tiles per program, however few programs the other branches get.
+    ``select_splits`` (programs per token group of the select kernel, each redoing the top-n)
+    overrides the shared split for that kernel.
     """
     c = config
     if target_programs is None:
@@ -574,7 +584,14 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
 
     cmp_chunk, cmp_splits = split(max(1, c.num_compressed(max_len)), block_n)
     win_chunk, win_splits = split(min(c.window, max_len), block_n)
-    slc_chunk, slc_splits = split(c.select_count, 1)
+    if select_splits is None:
+        slc_chunk, slc_splits = split(c.select_count, 1)
+    elif select_splits < 1:
+        raise ValueError(f"select_splits: programs per token group of the select kernel must be >= 1, "
+                         f"got {select_splits}")
+    else:
+        slc_chunk = triton.cdiv(c.select_count, select_splits)
+        slc_splits = triton.cdiv(c.select_count, slc_chunk)
     a, b = c.select_block // c.compress_stride, c.compress_block // c.compress_stride
     num_blocks = c.num_select_blocks(max_len)
     # Fused scoring needs tiles that start on selection-block boundaries (a | BLOCK_N) and Eq. 9
@@ -588,7 +605,13 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
         score_block_n = max(16, pow2(a + b - 1), block_n)
         nb_step = (score_block_n - b + 1) // a
         nbt = max(16, pow2(nb_step))
-    score_steps, score_splits = split(num_blocks, nb_step)
+    if score_steps is None:
+        score_steps = split(num_blocks, nb_step)[0] // nb_step
+        if fused:
+            score_steps = min(score_steps, FUSED_SCORE_STEPS)
+    elif score_steps < 1:
+        raise ValueError(f"score_steps: Eq. 9 steps per scoring program must be >= 1, got {score_steps}")
+    score_splits = triton.cdiv(triton.cdiv(num_blocks, nb_step), score_steps)
     n_tiles = max(-(-max(1, c.num_compressed(max_len)) // block_n), -(-num_blocks // nb_step))
     if combine_columns is None:
         heads = max(rows, 1) * c.group_size
@@ -596,7 +619,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
     return DecodePlan(block_n=block_n, slc_block_n=max(16, pow2(c.select_block)), cmp_chunk=cmp_chunk,
                       cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step, nbt=nbt,
-                      score_steps=score_steps // nb_step, score_splits=score_splits, num_blocks=num_blocks,
+                      score_steps=score_steps, score_splits=score_splits, num_blocks=num_blocks,
                       fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
                       num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
