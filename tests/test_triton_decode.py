@@ -321,9 +321,10 @@ def test_default_split_plan_aims_at_programs_per_sm(monkeypatch, head_dim, per_s
     assert plan_decode(config, 4, 65536).cmp_splits == decode_triton.MAX_SPLITS
 
 
-def test_decode_pipeline_depth_follows_the_chunk():
-    """Two stages when each program reads at most two key tiles (batch 1 at 64k: one), three
-    otherwise (batch 32 at 64k: 13 tiles per program); the combine kernel's warps grow with the
+def test_decode_pipeline_depth_follows_the_chunk_and_head_dim():
+    """Two stages when each program reads at most two key tiles (batch 1 at 64k: one) or the head
+    dims are at most 128, three for longer chunks at Dk 192 (batch 32 at 64k: 13 tiles per
+    program); the combine kernel's warps grow with the
     splits it merges (64 at batch 1: 4 warps, 5 at batch 32: 1 warp) over the Dv slice it
     merges: batch 1's 64 query heads get 8 slices of 16 columns each (~528 programs), one warp."""
     config = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
@@ -334,7 +335,10 @@ def test_decode_pipeline_depth_follows_the_chunk():
         64, SHORT_CHUNK_STAGES, 8, 1)
     assert (whole_heads.combine_columns, whole_heads.combine_warps) == (1, 4)
     assert (batch32.cmp_chunk, batch32.num_stages, batch32.combine_columns, batch32.combine_warps) == (
-        13 * 64, DECODE_STAGES, 1, 1)
+        13 * 64, SHORT_CHUNK_STAGES, 1, 1)
+    wide = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=192, v_head_dim=128)
+    assert plan_decode(wide, 128, 65536, target_programs=528, block_n=64).num_stages == DECODE_STAGES
+    assert plan_decode(wide, 4, 65536, target_programs=528, block_n=64).num_stages == SHORT_CHUNK_STAGES
     # Slices never narrower than 16 columns: Dv 32 gets at most 2.
     narrow = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=32)
     assert plan_decode(narrow, 4, 65536, target_programs=528).combine_columns == 2

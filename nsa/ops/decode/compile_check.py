@@ -46,12 +46,12 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
     pointers = {**{n: "*fp32" for n in fp32_buffers}, **{n: "*i32" for n in int32_buffers},
                 **{n: "*i64" for n in int64_buffers}, **{n: f"*{dtype}" for n in data_buffers}}
 
-    def build(fn, consts: dict, label: str, warps: int, short: str) -> None:
+    def build(fn, consts: dict, label: str, warps: int, short: str,
+              stages: int = kernels.DECODE_STAGES) -> None:
         consts = {**consts, "PDL": pdl}
         signature = launch_signature(fn, consts, pointers, floats)
         # Every cache stride is a multiple of 16 at the paper's head dims.
-        compiled = compile_as_launched(fn, signature, consts, arch=arch, num_warps=warps,
-                                       num_stages=kernels.DECODE_STAGES,
+        compiled = compile_as_launched(fn, signature, consts, arch=arch, num_warps=warps, num_stages=stages,
                                        aligned=lambda name: name.startswith("stride"))
         registers, spill = resource_usage(compiled) or (-1, -1)
         results.append({"label": label, "name": short, "registers": registers, "spill_bytes": spill,
@@ -60,13 +60,15 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
 
     for dk, dv in head_dims:
         warps = num_warps or kernels.decode_warps(dk)
+        # The depth the plan gives long chunks (batch 32) at this head dim.
+        stages = kernels.decode_stages(16 * 64, 64, dk)
         dims = {"G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk), "DV": dv, "DVP": kernels.pow2(dv)}
         blocks = {"BLOCK": 32, "STRIDE": 16}
         for fused in (True, False):
             build(kernels._range_kernel, {**dims, **blocks, "WINDOW": 512, "PRECISION": precision, "BLOCK_N": 64,
                                           "FUSED": fused, "SELECT_BLOCK": 64, "NBT": 32},
                   f"_range_kernel {dtype} {dk}/{dv} fused={fused} warps={warps}", warps,
-                  f"range_{dk}x{dv}_{'fused' if fused else 'unfused'}")
+                  f"range_{dk}x{dv}_{'fused' if fused else 'unfused'}", stages)
         build(kernels._score_tiles_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64,
                                             "BLOCK_N": 64, "NBT": 32},
               f"_score_tiles_kernel {dtype} warps=4", 4, f"score_tiles_{dk}x{dv}")
@@ -78,7 +80,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
             build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
                                            "BITONIC": top_n == "bitonic", "PRECISION": precision, "BLOCK_N": 64},
                   f"_select_kernel {dtype} {dk}/{dv} top_n={top_n} warps={warps}", warps,
-                  f"select_{dk}x{dv}_{top_n.replace('-', '_')}")
+                  f"select_{dk}x{dv}_{top_n.replace('-', '_')}", stages)
         for columns in (1, 8):  # whole heads, and the slices the batch-1 plan takes at Dv 128
             dvc = kernels.pow2(dv) // columns
             combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dvc)  # the most splits a plan makes

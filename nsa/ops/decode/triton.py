@@ -61,17 +61,17 @@ FORCED_KEY_HIGH = tl.constexpr(0x7F800000 << 32)  # float bits of +inf above the
 MAX_SPLITS = 64
 WINDOW_OVERLAPS = ("none", "compressed", "scoring")
 TOP_N_METHODS = ("bitonic", "max-removal")
-# Software-pipeline depth of the key loops (range and select kernels): tiles in flight per program.
-# A program whose chunk is at most two tiles (batch 1 at long contexts: one tile each) gets 2: the
-# third buffer only costs occupancy (H200, 64k, batch 1: 31.2 against 33.5 us per step; batch 32,
-# 13 tiles per program, prefers 3: 204 against 207 us).
+# Software-pipeline depth of the key loops (range and select kernels): tiles in flight per program
+# (decode_stages). A program whose chunk is at most two tiles (batch 1 at long contexts: one tile
+# each) gets 2: the third buffer only costs occupancy (H200, 64k, batch 1: 31.2 against 33.5 us per
+# step). Longer chunks (batch 32) get 3 only at head dims above 128 (see decode_stages).
 DECODE_STAGES = 3
 SHORT_CHUNK_STAGES = 2
 # Tiles per program of the fused scoring at most. Its steps are short and latency-bound (a few
 # loads of tile sums, no keys), unlike the other branches' bandwidth-bound ones, so it does not
 # share their program count: at batch 32 (64k) that gave 3 programs per token group of 22
 # serial steps each, 12.6-17.8 us of a 187 us step (H100, nineteenth session).
-FUSED_SCORE_STEPS = 2
+FUSED_SCORE_STEPS = 4
 
 
 
@@ -515,7 +515,7 @@ class DecodePlan:
     fused: bool
     n_tiles: int
     num_warps: int  # decode_warps(head_dim)
-    num_stages: int  # DECODE_STAGES, or SHORT_CHUNK_STAGES for chunks of at most two tiles
+    num_stages: int  # decode_stages(cmp_chunk, block_n, head_dim)
     combine_warps: int  # combine_warps(most splits, Dv slice)
     window_overlap: str = "none"
     pdl: bool = False
@@ -621,7 +621,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step, nbt=nbt,
                       score_steps=score_steps, score_splits=score_splits, num_blocks=num_blocks,
                       fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
-                      num_stages=SHORT_CHUNK_STAGES if cmp_chunk <= 2 * block_n else DECODE_STAGES,
+                      num_stages=decode_stages(cmp_chunk, block_n, c.head_dim),
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
                                                   max(1, c.v_head_dim // combine_columns)),
                       window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns,
@@ -638,6 +638,18 @@ def top_n_method(num_blocks: int, num_warps: int) -> str:
     removals' 15 reductions do not."""
     keys_per_thread = max(16, pow2(num_blocks)) // (32 * num_warps)
     return "bitonic" if keys_per_thread <= 4 else "max-removal"
+
+
+def decode_stages(chunk: int, block_n: int, head_dim: int) -> int:
+    """Pipeline depth of the range and select kernels' key loops: ``SHORT_CHUNK_STAGES`` for
+    chunks of at most two tiles, and for longer ones at head dims up to 128; ``DECODE_STAGES``
+    above. H100, batch 32, CUDA graph (nineteenth session, four runs in two sessions): at Dk 128
+    2 stages beat 3 by 2-4% (64k 172.8 against 176.2 us per step, 128k 276.4 / 280.5, 16k 92.9 /
+    95.3; 178.7 / 186.1 in the eighteenth session), at Dk 192 they lost 8% (240.7 / 223.7). An
+    H200 sweep of the sixteenth session had 3 ahead at Dk 128 (204 against 207 us)."""
+    if chunk <= 2 * block_n or pow2(head_dim) <= 128:
+        return SHORT_CHUNK_STAGES
+    return DECODE_STAGES
 
 
 def decode_warps(head_dim: int) -> int:
