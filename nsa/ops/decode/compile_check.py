@@ -37,7 +37,7 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
     precision = "ieee" if dtype == "fp32" else "tf32"
     gp = max(16, kernels.pow2(group))
     fp32_buffers = {"O_CMP", "L_CMP", "O_WIN", "L_WIN", "O_SLC", "L_SLC", "P_TILE", "M_TILE", "LSE_PART"}
-    int32_buffers = {"C_CMP", "C_WIN", "C_SLC", "COUNTER"}
+    int32_buffers = {"C_CMP", "C_WIN", "C_SLC"}
     int64_buffers = {"LENGTHS", "NUM_NEW", "KEYS", "BLOCKS", "READS"}
     data_buffers = {"Q", "KC", "VC", "KW", "VW", "KS", "VS", "GATES", "OUT"}
     floats = {"qk_scale"}
@@ -64,28 +64,23 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
         stages = kernels.decode_stages(16 * 64, 64, dk)
         dims = {"G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk), "DV": dv, "DVP": kernels.pow2(dv)}
         blocks = {"BLOCK": 32, "STRIDE": 16}
-        # The top-n at 128k (2048 blocks), by the method top_n_method picks there.
-        top_n = {"COUNT": 16, "COUNTP": 16, "NBP": 2048, "BITONIC": False}
-        # rank: the top-n in the scoring kernel (DecodePlan.rank_in_scoring), or in the select kernel.
-        for fused, rank in ((True, False), (False, False), (True, True)):
+        for fused in (True, False):
             build(kernels._range_kernel, {**dims, **blocks, "WINDOW": 512, "PRECISION": precision, "BLOCK_N": 64,
-                                          "FUSED": fused, "SELECT_BLOCK": 64, "NBT": 32, "ZERO_COUNTER": rank},
-                  f"_range_kernel {dtype} {dk}/{dv} fused={fused} rank={rank} warps={warps}", warps,
-                  f"range_{dk}x{dv}_{'fused' if fused else 'unfused'}{'_rank' if rank else ''}", stages)
-        for rank in (False, True):
-            build(kernels._score_tiles_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, **blocks,
-                                                "SELECT_BLOCK": 64, "BLOCK_N": 64, "NBT": 32, **top_n, "RANK": rank},
-                  f"_score_tiles_kernel {dtype} rank={rank} warps=4", 4,
-                  f"score_tiles_{dk}x{dv}{'_rank' if rank else ''}")
+                                          "FUSED": fused, "SELECT_BLOCK": 64, "NBT": 32},
+                  f"_range_kernel {dtype} {dk}/{dv} fused={fused} warps={warps}", warps,
+                  f"range_{dk}x{dv}_{'fused' if fused else 'unfused'}", stages)
+        build(kernels._score_tiles_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, **blocks, "SELECT_BLOCK": 64,
+                                            "BLOCK_N": 64, "NBT": 32},
+              f"_score_tiles_kernel {dtype} warps=4", 4, f"score_tiles_{dk}x{dv}")
         build(kernels._score_kernel, {"CMP_SPLITS_P": 64, "G": group, "GP": gp, "DK": dk, "DKP": kernels.pow2(dk),
                                       **blocks, "SELECT_BLOCK": 64, "PRECISION": precision, "BLOCK_N": 64,
-                                      "NB_STEP": 15, "NBT": 16, **top_n, "RANK": True},
-              f"_score_kernel {dtype} {dk} rank=True warps={warps}", warps, f"scoring_{dk}x{dv}_rank")
-        for method, ranked in (("bitonic", False), ("max-removal", False), ("max-removal", True)):
-            build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, **top_n, "BITONIC": method == "bitonic",
-                                           "PRECISION": precision, "BLOCK_N": 64, "RANKED": ranked},
-                  f"_select_kernel {dtype} {dk}/{dv} top_n={method} ranked={ranked} warps={warps}", warps,
-                  f"select_{dk}x{dv}_{method.replace('-', '_')}{'_ranked' if ranked else ''}", stages)
+                                      "NB_STEP": 15, "NBT": 16},
+              f"_score_kernel {dtype} {dk} warps={warps}", warps, f"scoring_{dk}x{dv}")
+        for top_n in kernels.TOP_N_METHODS:  # 128k context: 2048 blocks
+            build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
+                                           "BITONIC": top_n == "bitonic", "PRECISION": precision, "BLOCK_N": 64},
+                  f"_select_kernel {dtype} {dk}/{dv} top_n={top_n} warps={warps}", warps,
+                  f"select_{dk}x{dv}_{top_n.replace('-', '_')}", stages)
         for columns in (1, 8):  # whole heads, and the slices the batch-1 plan takes at Dv 128
             dvc = kernels.pow2(dv) // columns
             combine_warps = kernels.combine_warps(kernels.MAX_SPLITS, dvc)  # the most splits a plan makes

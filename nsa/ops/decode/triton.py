@@ -25,9 +25,6 @@ A step is four launches and no host synchronisation, so it can be captured in a 
    the maximum ``n - 1`` times, ``DecodePlan.top_n``; the chosen blocks in ascending order by a
    prefix sum), then selection attention over the positions ``<= t`` of
    the chosen blocks of its slots, read from the selection cache; it writes the block indices.
-   With ``DecodePlan.rank_in_scoring`` the top-n is the scoring kernel's instead: the last of a
-   token group's scoring programs to finish (an atomic arrival count) writes the block indices,
-   and the select programs start with their loads.
 4. ``_combine_kernel`` (one program per query head): merge each branch's splits, gate, sum;
    reads = keys counted.
 
@@ -154,15 +151,14 @@ def _store_partial(acc, m_i, l_i, counted, O_PART, LSE_PART, CNT_PART, part, GP:
 
 @triton.jit(do_not_specialize=["N_TILES", "CMP_CHUNK", "CMP_SPLITS", "WIN_CHUNK", "WIN_SPLITS", "SPLIT_BASE"])
 def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WIN, L_WIN, C_WIN, P_TILE, M_TILE,
-                  COUNTER, KQ, HK, RING, N_TILES,
+                  KQ, HK, RING, N_TILES,
                   stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn,
                   stride_vch, stride_kwb, stride_kwn, stride_kwh, stride_vwb, stride_vwn, stride_vwh, qk_scale,
                   CMP_CHUNK, CMP_SPLITS, WIN_CHUNK, WIN_SPLITS, SPLIT_BASE,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FUSED: tl.constexpr, SELECT_BLOCK: tl.constexpr, NBT: tl.constexpr, ZERO_COUNTER: tl.constexpr,
-                  PDL: tl.constexpr):
+                  FUSED: tl.constexpr, SELECT_BLOCK: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
     """Partial compressed attention (splits ``0 .. CMP_SPLITS-1`` of axis 1) or window attention
     (the next ``WIN_SPLITS``) of token group ``program_id(0)``: one launch for both contiguous
     key ranges, the branch picked per program by scalar selects rather than divergent code.
@@ -174,15 +170,10 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
     and the tile maxima ``m_u`` (``M_TILE [rows, N_TILES, GP]``): slot ``k < J = BLOCK_N / a`` is
     block ``u*J + k``, slot ``J`` the part of block ``(u+1)*J`` whose window starts in this tile.
     Scaled by ``exp2(m_u - lse)`` they give ``p_slc`` without reading the compressed keys again.
-    With ``ZERO_COUNTER`` split 0 zeroes the group's ``COUNTER`` entry for the scoring kernel's
-    arrivals (``_rank_when_last``).
     """
     _wait_for_previous_kernel(PDL)
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + SPLIT_BASE
-    if ZERO_COUNTER:
-        first = tl.arange(0, 1)  # a one-element store: 0-d masks fail under the interpreter
-        tl.store(COUNTER + pid_r + first, tl.zeros([1], tl.int32), mask=(first + pid_s) == 0)
     is_win = pid_s >= CMP_SPLITS
     split = tl.where(is_win, pid_s - CMP_SPLITS, pid_s)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
@@ -270,43 +261,6 @@ def _count_th_largest(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.c
     return threshold
 
 
-@triton.jit
-def _store_top_n(keys, row_blocks, first, last, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr,
-                 BITONIC: tl.constexpr):
-    """Slots ``[first, last)`` of one token group's top-n (``row_blocks[COUNT]``, int64): the
-    chosen blocks of ``keys`` in ascending order, each stored straight to its slot, then ``-1``
-    past the chosen ones."""
-    jj = tl.arange(0, NBP)
-    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP, BITONIC)
-    chosen = (keys >= threshold) & (keys >= 0)
-    slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
-    tl.store(row_blocks + slot_of, jj.to(tl.int64), mask=chosen & (slot_of >= first) & (slot_of < last))
-    n_chosen = tl.sum(chosen.to(tl.int32), 0)
-    cc = tl.arange(0, COUNTP)
-    tl.store(row_blocks + cc, tl.full([COUNTP], -1, tl.int64),
-             mask=(cc >= n_chosen) & (cc >= first) & (cc < last))
-
-
-@triton.jit
-def _rank_when_last(KEYS, BLOCKS, COUNTER, pid_r, NB_CAP, SPLITS, COUNT: tl.constexpr, COUNTP: tl.constexpr,
-                    NBP: tl.constexpr, BITONIC: tl.constexpr):
-    """Called by every scoring program of token group ``pid_r`` once its keys are stored: the
-    last of the ``SPLITS`` to arrive writes the group's whole top-n to ``BLOCKS``, once. The
-    range kernel, which runs before, zeroes the arrival counts (``COUNTER[rows]``, int32).
-
-    Arrival is an acquire-release atomic by one thread after a barrier of the program's threads
-    (the threadfence-reduction pattern): the arriving program's key stores are visible at GPU
-    scope before its count, and the last program reads the others' keys only after it has seen
-    every count, bypassing L1 (``.cg``), which is not coherent across SMs.
-    """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(COUNTER + pid_r, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
-        jj = tl.arange(0, NBP)
-        keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1, cache_modifier=".cg")
-        _store_top_n(keys, BLOCKS + pid_r.to(tl.int64) * COUNT, 0, COUNT, COUNT, COUNTP, NBP, BITONIC)
-
-
 @triton.jit(do_not_specialize=["NB_CAP", "CHUNK", "SPLITS"])
 def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SLC, KQ, HK, NB_CAP,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -314,19 +268,23 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                    DV: tl.constexpr, DVP: tl.constexpr, SELECT_BLOCK: tl.constexpr, COUNT: tl.constexpr,
                    COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr, RANKED: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Top-n of token group ``program_id(0)``'s ranking keys, then partial selection attention over
     the chosen blocks of slots ``[s*CHUNK, (s+1)*CHUNK)``, ``s = program_id(1)``.
 
-    Every split recomputes the (<= a few thousand keys) top-n rather than waiting for another
-    launch, and writes the block indices of its own slots; with ``RANKED`` the scoring kernel has
-    written them all (``_rank_when_last``) and the program goes straight to its blocks.
+    Every split recomputes the (cheap, <= a few thousand keys) top-n rather than waiting for
+    another launch, and writes the block indices of its own slots.
     """
     _wait_for_previous_kernel(PDL)
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     b, i, h, t, valid = _token(pid_r, KQ, HK, LENGTHS, NUM_NEW)
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
+    jj = tl.arange(0, NBP)
+    keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
+    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP, BITONIC)
+    chosen = (keys >= threshold) & (keys >= 0)
+    slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
@@ -336,14 +294,15 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     cols = tl.arange(0, BLOCK_N)
     first, last = pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, COUNT)
     row_blocks = BLOCKS + pid_r.to(tl.int64) * COUNT
-    if not RANKED:
-        # This split's slots: the loop reads each one's block back from where the top-n stored it.
-        # (Searching the chosen blocks for each slot's index took a cross-warp reduction over all
-        # NBP keys per slot.)
-        jj = tl.arange(0, NBP)
-        keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
-        _store_top_n(keys, row_blocks, first, last, COUNT, COUNTP, NBP, BITONIC)
-        tl.debug_barrier()  # the stores above, from any thread, are read back by every thread below
+    # This split's slots: each chosen block is stored straight to its slot, the slots past the
+    # chosen ones get -1; the loop then reads its block from there. (Searching the chosen blocks
+    # for each slot's index took a cross-warp reduction over all NBP keys per slot.)
+    tl.store(row_blocks + slot_of, jj.to(tl.int64), mask=chosen & (slot_of >= first) & (slot_of < last))
+    n_chosen = tl.sum(chosen.to(tl.int32), 0)
+    cc = tl.arange(0, COUNTP)
+    tl.store(row_blocks + cc, tl.full([COUNTP], -1, tl.int64),
+             mask=(cc >= n_chosen) & (cc >= first) & (cc < last))
+    tl.debug_barrier()  # the stores above, from any thread, are read back by every thread below
     for slot in range(first, last):
         j = tl.load(row_blocks + slot).to(tl.int32)
         positions = j * SELECT_BLOCK + cols
@@ -369,17 +328,15 @@ def _merged_lse(LSE_PART, pid_r, SPLITS, SPLITS_P: tl.constexpr, GP: tl.constexp
     return m_shift + tl.log2(tl.sum(tl.exp2(parts - m_shift[None, :]), 0))
 
 
-@triton.jit(do_not_specialize=["NB_CAP", "CMP_SPLITS", "STEPS", "SPLITS"])
-def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, BLOCKS, COUNTER, KQ, HK, NB_CAP,
+@triton.jit(do_not_specialize=["NB_CAP", "CMP_SPLITS", "STEPS"])
+def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, KQ, HK, NB_CAP,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, qk_scale, CMP_SPLITS, STEPS,
-                  SPLITS, CMP_SPLITS_P: tl.constexpr,
+                  CMP_SPLITS_P: tl.constexpr,
                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                   BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, NB_STEP: tl.constexpr, NBT: tl.constexpr,
-                  COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr,
-                  RANK: tl.constexpr, PDL: tl.constexpr):
-    """Ranking keys of ``STEPS * NB_STEP`` selection blocks for one token's group (Eq. 8-10); with
-    ``RANK`` the group's last program to finish also writes its top-n (``_rank_when_last``)."""
+                  PDL: tl.constexpr):
+    """Ranking keys of ``STEPS * NB_STEP`` selection blocks for one token's group (Eq. 8-10)."""
     _wait_for_previous_kernel(PDL)
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     B: tl.constexpr = BLOCK // STRIDE
@@ -420,18 +377,14 @@ def _score_kernel(Q, KC, LENGTHS, NUM_NEW, LSE_PART, KEYS, BLOCKS, COUNTER, KQ, 
         key = tl.where(candidate, (bits << 32) | low, -1)
         key = tl.where(forced, FORCED_KEY_HIGH | low, key)
         tl.store(key_base + j, key, mask=(local_k < NB_STEP) & (j < NB_CAP))
-    if RANK:
-        _rank_when_last(KEYS, BLOCKS, COUNTER, pid_r, NB_CAP, SPLITS, COUNT, COUNTP, NBP, BITONIC)
 
 
-@triton.jit(do_not_specialize=["NB_CAP", "N_TILES", "CMP_SPLITS", "TILES", "SPLITS"])
-def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, BLOCKS, COUNTER, KQ, HK, NB_CAP,
-                        N_TILES, CMP_SPLITS, TILES, SPLITS, CMP_SPLITS_P: tl.constexpr, G: tl.constexpr,
-                        GP: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NBT: tl.constexpr, COUNT: tl.constexpr, COUNTP: tl.constexpr,
-                        NBP: tl.constexpr, BITONIC: tl.constexpr, RANK: tl.constexpr, PDL: tl.constexpr):
-    """Ranking keys of the blocks of ``TILES`` tiles from the compressed pass's tile sums (Eq. 8-10);
-    with ``RANK`` the group's last program to finish also writes its top-n (``_rank_when_last``)."""
+@triton.jit(do_not_specialize=["NB_CAP", "N_TILES", "CMP_SPLITS", "TILES"])
+def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, KQ, HK, NB_CAP, N_TILES, CMP_SPLITS,
+                        TILES, CMP_SPLITS_P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                        BLOCK: tl.constexpr, STRIDE: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
+    """Ranking keys of the blocks of ``TILES`` tiles from the compressed pass's tile sums (Eq. 8-10)."""
     _wait_for_previous_kernel(PDL)
     A: tl.constexpr = SELECT_BLOCK // STRIDE
     J: tl.constexpr = BLOCK_N // A
@@ -470,8 +423,6 @@ def _score_tiles_kernel(LENGTHS, NUM_NEW, LSE_PART, P_TILE, M_TILE, KEYS, BLOCKS
         key = tl.where(candidate, (bits << 32) | low, -1)
         key = tl.where(forced, FORCED_KEY_HIGH | low, key)
         tl.store(key_base + j, key, mask=(kk < J) & (j < NB_CAP))
-    if RANK:
-        _rank_when_last(KEYS, BLOCKS, COUNTER, pid_r, NB_CAP, SPLITS, COUNT, COUNTP, NBP, BITONIC)
 
 
 @triton.jit
@@ -544,10 +495,7 @@ class DecodePlan:
     ``combine_columns``: programs per query head in the combine kernel, each merging a slice of
     ``Dv`` (a power of two; slices of at least 16 columns): at batch 1 one program per head loads
     every split's partial alone. ``combine_warps`` is sized for the slice. ``top_n``: how the
-    n-th best block is found (:func:`top_n_method`). ``rank_in_scoring``: the last scoring
-    program of each token group to finish writes the group's top-n, once, so that the select
-    kernel's programs go straight to their blocks (otherwise each of them redoes the top-n
-    before its first load). Opt-in until it is timed on a GPU.
+    select kernel finds the n-th best block (:func:`top_n_method`).
     """
 
     block_n: int
@@ -573,7 +521,6 @@ class DecodePlan:
     pdl: bool = False
     combine_columns: int = 1
     top_n: str = "bitonic"
-    rank_in_scoring: bool = False
 
     def __post_init__(self) -> None:
         if self.top_n not in TOP_N_METHODS:
@@ -600,11 +547,10 @@ def supports_pdl(device: torch.device | str | None = None) -> bool:
 def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: int | None = None,
                 block_n: int | None = None, window_overlap: str = "none",
                 pdl: bool = False, combine_columns: int | None = None, top_n: str | None = None,
-                score_steps: int | None = None, select_splits: int | None = None,
-                rank_in_scoring: bool = False) -> DecodePlan:
+                score_steps: int | None = None, select_splits: int | None = None) -> DecodePlan:
     """How to split each branch's keys over programs for ``rows = B * K * HK`` token groups
-    (``window_overlap``, ``pdl``, ``combine_columns``, ``top_n``, ``rank_in_scoring``: see
-    :class:`DecodePlan`; ``combine_columns`` and ``top_n`` follow the shapes unless given).
+    (``window_overlap``, ``pdl``, ``combine_columns``, ``top_n``: see :class:`DecodePlan`; the
+    last two follow the shapes unless given).
 
     Every branch gets about ``target_programs`` programs (default: :func:`programs_per_sm` per SM
     on CUDA, 2 splits per token group under the interpreter) so that batch 1 at a long context
@@ -679,8 +625,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
                                                   max(1, c.v_head_dim // combine_columns)),
                       window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns,
-                      top_n=top_n or top_n_method(num_blocks, decode_warps(c.head_dim)),
-                      rank_in_scoring=rank_in_scoring)
+                      top_n=top_n or top_n_method(num_blocks, decode_warps(c.head_dim)))
 
 
 def top_n_method(num_blocks: int, num_warps: int) -> str:
@@ -805,19 +750,16 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         m_tile = torch.empty(rows, plan.n_tiles, gp, **f32)
     else:
         p_tile = m_tile = torch.empty(1, **f32)
-    rank = plan.rank_in_scoring
-    # Arrivals of each token group's scoring programs (zeroed by the range kernel), when they rank.
-    counter = torch.empty(rows if rank else 1, dtype=torch.int32, device=q.device)
     range_args = (
-        q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], p_tile, m_tile, counter,
-        steps, hk, ring, plan.n_tiles, *q_strides,
+        q, k_cmp, v_cmp, k_win, v_win, lengths, num_new, *parts["cmp"], *parts["win"], p_tile, m_tile, steps, hk,
+        ring, plan.n_tiles, *q_strides,
         *k_cmp.stride()[:3], *v_cmp.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], qk_scale,
         plan.cmp_chunk, plan.cmp_splits, plan.win_chunk, plan.win_splits)
     range_meta = {"G": group, "GP": gp, "DK": dk, "DKP": dkp, "DV": dv, "DVP": dvp,
                   "BLOCK": c.compress_block, "STRIDE": c.compress_stride, "WINDOW": c.window,
                   "PRECISION": precision, "BLOCK_N": plan.block_n, "FUSED": plan.fused,
                   "SELECT_BLOCK": c.select_block, "NBT": plan.nbt, "num_warps": plan.num_warps,
-                  "num_stages": plan.num_stages, "ZERO_COUNTER": rank, "PDL": plan.pdl}
+                  "num_stages": plan.num_stages, "PDL": plan.pdl}
     # The first kernel follows the caller's kernels: an ordinary launch. The next three each
     # follow a decode kernel in the same stream.
     programmatic = {"launch_pdl": True, "PDL": True} if plan.pdl else {"PDL": False}
@@ -834,29 +776,28 @@ def nsa_decode_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         with streams.on(side):
             _range_kernel[(rows, plan.win_splits)](*range_args, plan.cmp_splits, **range_meta)
     keys = torch.empty(rows, plan.num_blocks, dtype=torch.int64, device=q.device)
-    blocks = torch.empty(blocks_shape, dtype=torch.int64, device=q.device)
-    top_n_meta = {"COUNT": c.select_count, "COUNTP": max(16, pow2(c.select_count)),
-                  "NBP": max(16, pow2(plan.num_blocks)), "BITONIC": plan.top_n == "bitonic"}
     if plan.fused:
         _score_tiles_kernel[(rows, plan.score_splits)](
-            lengths, num_new, parts["cmp"][1], p_tile, m_tile, keys, blocks, counter, steps, hk, plan.num_blocks,
-            plan.n_tiles, plan.cmp_splits, plan.score_steps, plan.score_splits,
-            CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp,
+            lengths, num_new, parts["cmp"][1], p_tile, m_tile, keys, steps, hk, plan.num_blocks, plan.n_tiles,
+            plan.cmp_splits, plan.score_steps, CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp,
             BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
-            BLOCK_N=plan.block_n, NBT=plan.nbt, **top_n_meta, RANK=rank, num_warps=4, **programmatic)
+            BLOCK_N=plan.block_n, NBT=plan.nbt, num_warps=4, **programmatic)
     else:
         _score_kernel[(rows, plan.score_splits)](
-            q, k_cmp, lengths, num_new, parts["cmp"][1], keys, blocks, counter, steps, hk, plan.num_blocks,
-            *q_strides, *k_cmp.stride()[:3], qk_scale, plan.cmp_splits, plan.score_steps, plan.score_splits,
+            q, k_cmp, lengths, num_new, parts["cmp"][1], keys, steps, hk, plan.num_blocks, *q_strides,
+            *k_cmp.stride()[:3], qk_scale, plan.cmp_splits, plan.score_steps,
             CMP_SPLITS_P=splits_pow2(plan.cmp_splits), G=group, GP=gp, DK=dk, DKP=dkp,
             BLOCK=c.compress_block, STRIDE=c.compress_stride, SELECT_BLOCK=c.select_block,
             PRECISION=precision, BLOCK_N=plan.score_block_n, NB_STEP=plan.nb_step, NBT=plan.nbt,
-            **top_n_meta, RANK=rank, num_warps=plan.num_warps, **programmatic)
+            num_warps=plan.num_warps, **programmatic)
+    blocks = torch.empty(blocks_shape, dtype=torch.int64, device=q.device)
     _select_kernel[(rows, plan.slc_splits)](
         q, k_slc, v_slc, keys, blocks, lengths, num_new, *parts["slc"], steps, hk, plan.num_blocks, *q_strides,
         *k_slc.stride()[:3], *v_slc.stride()[:3], qk_scale, plan.slc_chunk, plan.slc_splits, G=group, GP=gp,
-        DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, **top_n_meta, PRECISION=precision,
-        BLOCK_N=plan.slc_block_n, RANKED=rank,
+        DK=dk, DKP=dkp, DV=dv, DVP=dvp, SELECT_BLOCK=c.select_block, COUNT=c.select_count,
+        COUNTP=max(16, pow2(c.select_count)), NBP=max(16, pow2(plan.num_blocks)),
+        BITONIC=plan.top_n == "bitonic", PRECISION=precision,
+        BLOCK_N=plan.slc_block_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages, **programmatic)
     reads = torch.empty(3, batch, steps, hk, dtype=torch.int64, device=q.device)
     # Every buffer the window wrote is ready (a CUDA graph capture joins the forked stream here too).
