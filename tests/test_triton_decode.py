@@ -28,7 +28,7 @@ from nsa.ops.decode.triton import (
     FUSED_SCORE_STEPS,
     SHORT_CHUNK_STAGES,
     TOP_N_METHODS,
-    _count_th_largest,
+    _nth_largest_key,
     nsa_decode_triton,
     plan_decode,
     pow2,
@@ -347,13 +347,13 @@ def test_decode_pipeline_depth_follows_the_chunk_and_head_dim():
 @triton.jit
 def threshold_kernel(KEYS, OUT, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr,
                      BITONIC: tl.constexpr):
-    tl.store(OUT, _count_th_largest(tl.load(KEYS + tl.arange(0, NBP)), COUNT, COUNTP, NBP, BITONIC))
+    tl.store(OUT, _nth_largest_key(tl.load(KEYS + tl.arange(0, NBP)), COUNT, COUNTP, NBP, BITONIC))
 
 
 @pytest.mark.parametrize("num_keys,count,valid", [(16, 16, 16), (16, 5, 3), (64, 4, 40), (128, 16, 100),
                                                    (1024, 16, 1021), (1024, 3, 2), (32, 16, 32), (8, 16, 6)])
 @pytest.mark.parametrize("top_n", TOP_N_METHODS)
-def test_count_th_largest_is_the_nth_ranking_key(num_keys, count, valid, top_n):
+def test_nth_largest_key_is_the_nth_ranking_key(num_keys, count, valid, top_n):
     """The select kernel's top-n threshold (both methods) against torch.topk, on random distinct
     ranking keys (with the +inf-forced and the -1 ones) in random slots: with more blocks than
     slots (the bitonic halving rounds run), as many, fewer valid than the count, and fewer blocks

@@ -233,7 +233,7 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
 
 
 @triton.jit
-def _count_th_largest(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr):
+def _nth_largest_key(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr):
     """The ``COUNT``-th largest of ``keys`` ([NBP] int64; valid keys distinct and >= 0, the rest
     -1), or -1 when fewer than ``COUNT`` are valid: the blocks ``>=`` it and valid are the top-n.
 
@@ -282,7 +282,7 @@ def _select_kernel(Q, KS, VS, KEYS, BLOCKS, LENGTHS, NUM_NEW, O_SLC, L_SLC, C_SL
     q = _load_group_queries(Q, b, i, h, stride_qb, stride_qt, stride_qh, G, GP, DK, DKP)
     jj = tl.arange(0, NBP)
     keys = tl.load(KEYS + pid_r.to(tl.int64) * NB_CAP + jj, mask=jj < NB_CAP, other=-1)
-    threshold = _count_th_largest(keys, COUNT, COUNTP, NBP, BITONIC)
+    threshold = _nth_largest_key(keys, COUNT, COUNTP, NBP, BITONIC)
     chosen = (keys >= threshold) & (keys >= 0)
     slot_of = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending block order
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
@@ -613,6 +613,7 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
         raise ValueError(f"score_steps: Eq. 9 steps per scoring program must be >= 1, got {score_steps}")
     score_splits = triton.cdiv(triton.cdiv(num_blocks, nb_step), score_steps)
     n_tiles = max(-(-max(1, c.num_compressed(max_len)) // block_n), -(-num_blocks // nb_step))
+    warps = decode_warps(c.head_dim)
     if combine_columns is None:
         heads = max(rows, 1) * c.group_size
         combine_columns = min(max(16, pow2(c.v_head_dim)) // 16, pow2(-(-target_programs // heads)))
@@ -620,12 +621,12 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
                       cmp_splits=cmp_splits, win_chunk=win_chunk, win_splits=win_splits, slc_chunk=slc_chunk,
                       slc_splits=slc_splits, score_block_n=score_block_n, nb_step=nb_step, nbt=nbt,
                       score_steps=score_steps, score_splits=score_splits, num_blocks=num_blocks,
-                      fused=fused, n_tiles=n_tiles, num_warps=decode_warps(c.head_dim),
+                      fused=fused, n_tiles=n_tiles, num_warps=warps,
                       num_stages=decode_stages(cmp_chunk, block_n, c.head_dim),
                       combine_warps=combine_warps(max(cmp_splits, win_splits, slc_splits),
                                                   max(1, c.v_head_dim // combine_columns)),
                       window_overlap=window_overlap, pdl=pdl, combine_columns=combine_columns,
-                      top_n=top_n or top_n_method(num_blocks, decode_warps(c.head_dim)))
+                      top_n=top_n or top_n_method(num_blocks, warps))
 
 
 def top_n_method(num_blocks: int, num_warps: int) -> str:
