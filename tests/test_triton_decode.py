@@ -210,8 +210,9 @@ def test_fused_scoring_steps_per_program_agree(score_steps):
 
 def test_fused_scoring_gets_its_own_program_count():
     """The fused scoring takes at most FUSED_SCORE_STEPS tiles per program whatever the other
-    branches' split (batch 32 at 64k: 2 tiles, 32 programs per token group, where the shared
-    split gave 22 tiles to each of 3); batch 1 keeps one tile per program; a bad count is refused."""
+    branches' split (batch 32 at 64k: 64 / FUSED_SCORE_STEPS programs per token group, where the
+    shared split gave 22 tiles to each of 3); batch 1 keeps one tile per program; explicit
+    scoring steps and select programs are taken as given; bad counts are refused."""
     paper = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
     gpu = {"target_programs": 264, "block_n": 64}  # an H100's plan
     batch32 = plan_decode(paper, 128, 65536, **gpu)
@@ -226,7 +227,7 @@ def test_fused_scoring_gets_its_own_program_count():
         plan_decode(paper, 4, 65536, score_steps=0)
     assert plan_decode(paper, 128, 65536, **gpu, select_splits=1).slc_splits == 1
     assert (plan_decode(paper, 128, 65536, **gpu, select_splits=3).slc_chunk, batch32.slc_chunk) == (6, 6)
-    with pytest.raises(ValueError, match=r"select_splits: programs per token group of the select kernel must be"):
+    with pytest.raises(ValueError, match=r"select_splits: programs per token group of the select kernel"):
         plan_decode(paper, 4, 65536, select_splits=0)
 
 
@@ -391,9 +392,10 @@ def test_top_n_method_follows_the_keys_per_thread():
     assert top_n_method(1024, 8) == "bitonic" and top_n_method(2048, 8) == "max-removal"  # Dk 192
     assert top_n_method(3, 4) == "bitonic"  # padded to 16 keys
     paper = NSAConfig(num_heads=64, num_kv_heads=4, head_dim=128, v_head_dim=128)
-    assert plan_decode(paper, 4, 16384).top_n == "bitonic" and plan_decode(paper, 4, 65536).top_n == "max-removal"
+    assert plan_decode(paper, 4, 16384).top_n == "bitonic"
+    assert plan_decode(paper, 4, 65536).top_n == "max-removal"
     assert plan_decode(paper, 4, 65536, top_n="bitonic").top_n == "bitonic"
-    with pytest.raises(ValueError, match=r"DecodePlan.top_n must be one of \('bitonic', 'max-removal'\), got 'heap'"):
+    with pytest.raises(ValueError, match=r"top_n must be one of \('bitonic', 'max-removal'\), got 'heap'"):
         plan_decode(paper, 4, 65536, top_n="heap")
 
 

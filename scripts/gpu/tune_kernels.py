@@ -288,7 +288,8 @@ DECODE_VARIANTS = [{}, {"pdl": True}, {"programs": 8}, {"programs": 2}, {"block_
                    {"num_stages": 4, "combine_warps": 1},
                    {"programs": 8, "num_stages": 4, "combine_warps": 1},
                    {"programs": 2, "window_overlap": "compressed"},
-                   {"programs": 2, "window_overlap": "scoring"}, {"top_n": "bitonic"}, {"top_n": "max-removal"},
+                   {"programs": 2, "window_overlap": "scoring"},
+                   {"top_n": "bitonic"}, {"top_n": "max-removal"},
                    {"score_steps": 1}, {"score_steps": 4}, {"score_steps": 8}, {"select_splits": 1},
                    {"select_splits": 2}]
 

@@ -78,7 +78,8 @@ def compile_all(dtype: str, head_dims: list[tuple[int, int]], arch: int, *, grou
               f"_score_kernel {dtype} {dk} warps={warps}", warps, f"scoring_{dk}x{dv}")
         for top_n in kernels.TOP_N_METHODS:  # 128k context: 2048 blocks
             build(kernels._select_kernel, {**dims, "SELECT_BLOCK": 64, "COUNT": 16, "COUNTP": 16, "NBP": 2048,
-                                           "BITONIC": top_n == "bitonic", "PRECISION": precision, "BLOCK_N": 64},
+                                           "BITONIC": top_n == "bitonic", "PRECISION": precision,
+                                           "BLOCK_N": 64},
                   f"_select_kernel {dtype} {dk}/{dv} top_n={top_n} warps={warps}", warps,
                   f"select_{dk}x{dv}_{top_n.replace('-', '_')}", stages)
         for columns in (1, 8):  # whole heads, and the slices the batch-1 plan takes at Dv 128

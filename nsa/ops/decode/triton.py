@@ -233,7 +233,8 @@ def _range_kernel(Q, KC, VC, KW, VW, LENGTHS, NUM_NEW, O_CMP, L_CMP, C_CMP, O_WI
 
 
 @triton.jit
-def _nth_largest_key(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr, BITONIC: tl.constexpr):
+def _nth_largest_key(keys, COUNT: tl.constexpr, COUNTP: tl.constexpr, NBP: tl.constexpr,
+                     BITONIC: tl.constexpr):
     """The ``COUNT``-th largest of ``keys`` ([NBP] int64; valid keys distinct and >= 0, the rest
     -1), or -1 when fewer than ``COUNT`` are valid: the blocks ``>=`` it and valid are the top-n.
 
