@@ -84,12 +84,15 @@ def test_selected_attention_matches_naive(group, num_kv, dk, dv, seq_len, n, sel
         torch.testing.assert_close(g.double(), g_ref, atol=5e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-def test_invert_selection_lists_every_query_once_per_block():
+@pytest.mark.parametrize("key_dtype", [None, torch.int64])
+def test_invert_selection_lists_every_query_once_per_block(key_dtype):
+    """Against a brute-force search, with the 32-bit sort keys chosen where they fit and with
+    64-bit ones (what sequences past 2^31 / groups tokens get)."""
     gen = torch.Generator().manual_seed(7)
     seq_len, num_kv, n = 70, 2, 3
     idx = random_selection(2, seq_len, num_kv, n, generator=gen)
     qpos, item_group, item_start, item_len, group_first, group_items = invert_selection(
-        idx, seq_len, SELECT_BLOCK, chunk=8)
+        idx, seq_len, SELECT_BLOCK, chunk=8, key_dtype=key_dtype)
     num_blocks = -(-seq_len // SELECT_BLOCK)
     for b in range(2):
         for h in range(num_kv):
@@ -101,6 +104,15 @@ def test_invert_selection_lists_every_query_once_per_block():
                 assert got == want
                 assert all(int(item_group[i]) == g for i in items)
     assert int(item_len.sum()) == int((idx >= 0).sum())
+
+
+def test_invert_selection_refuses_sort_keys_that_do_not_fit():
+    idx = torch.zeros(1, 70, 1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key_dtype: torch.int32 cannot hold the sort keys up to "
+                                         r"1099511627776 \(1048576 groups x T=1048576\)"):
+        invert_selection(idx, 1 << 20, 1, key_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key_dtype: torch.float32 cannot hold the sort keys"):
+        invert_selection(idx, 70, SELECT_BLOCK, key_dtype=torch.float32)
 
 
 

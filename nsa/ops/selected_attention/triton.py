@@ -301,11 +301,15 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     return dq if backward else (o, lse)
 
 
-def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: int = CHUNK):
+def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: int = CHUNK,
+                     key_dtype: torch.dtype | None = None):
     """For every (batch, kv head, key block): the ascending query positions that selected it.
 
     Args:
         idx: int ``[B, T, HK, n]`` block indices, ``-1`` padded, distinct within a list.
+        key_dtype: the integer type of the sort keys ``group * T + t`` (``groups * T`` when the
+            slot is padding): ``torch.int32`` when they fit (half the radix passes and the bytes
+            of ``torch.int64``), else ``torch.int64``; given only to test one or the other.
 
     Returns:
         ``qpos`` int32 ``[B*T*HK*n]`` positions grouped by ``(b*HK + h)*NB + block``; per work
@@ -316,16 +320,23 @@ def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: 
     batch, _, num_kv, n = idx.shape
     nb = triton.cdiv(seq_len, select_block)
     groups = batch * num_kv * nb
+    fits_int32 = groups * seq_len <= torch.iinfo(torch.int32).max
+    if key_dtype is None:
+        key_dtype = torch.int32 if fits_int32 else torch.int64
+    elif key_dtype not in (torch.int32, torch.int64) or (key_dtype == torch.int32 and not fits_int32):
+        raise ValueError(f"key_dtype: {key_dtype} cannot hold the sort keys up to {groups * seq_len} "
+                         f"({groups} groups x T={seq_len}); accepted: torch.int64, or torch.int32 below 2^31")
     dev = idx.device
-    t = torch.arange(seq_len, device=dev, dtype=torch.int64)[None, :, None, None]
-    bh = (torch.arange(batch, device=dev)[:, None, None, None] * num_kv
-          + torch.arange(num_kv, device=dev)[None, None, :, None])
-    blk = idx.to(torch.int64)
-    key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), groups * seq_len).flatten()
+    t = torch.arange(seq_len, device=dev, dtype=key_dtype)[None, :, None, None]
+    bh = (torch.arange(batch, device=dev, dtype=key_dtype)[:, None, None, None] * num_kv
+          + torch.arange(num_kv, device=dev, dtype=key_dtype)[None, None, :, None])
+    blk = idx.to(key_dtype)
+    padding = torch.tensor(groups * seq_len, device=dev, dtype=key_dtype)
+    key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), padding).flatten()
     key = torch.sort(key).values
     qpos = (key % seq_len).to(torch.int32)
     # Group boundaries by binary search in the sorted keys (no atomics, unlike bincount).
-    bounds = torch.searchsorted(key // seq_len, torch.arange(groups + 1, device=dev))
+    bounds = torch.searchsorted(key // seq_len, torch.arange(groups + 1, device=dev, dtype=key_dtype))
     group_start = bounds[:-1]
     counts = bounds[1:] - group_start
     items_per_group = (counts + chunk - 1) // chunk
