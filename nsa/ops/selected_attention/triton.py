@@ -331,8 +331,8 @@ def invert_selection(idx: torch.Tensor, seq_len: int, select_block: int, chunk: 
     bh = (torch.arange(batch, device=dev, dtype=key_dtype)[:, None, None, None] * num_kv
           + torch.arange(num_kv, device=dev, dtype=key_dtype)[None, None, :, None])
     blk = idx.to(key_dtype)
-    padding = torch.tensor(groups * seq_len, device=dev, dtype=key_dtype)
-    key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), padding).flatten()
+    # (A Python scalar for the padding keeps key_dtype and needs no host-to-device copy.)
+    key = torch.where(blk >= 0, ((bh * nb + blk) * seq_len + t), groups * seq_len).flatten()
     key = torch.sort(key).values
     qpos = (key % seq_len).to(torch.int32)
     # Group boundaries by binary search in the sorted keys (no atomics, unlike bincount).
