@@ -190,10 +190,9 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
         with cmp_triton._cmp_fwd_tuned.only(cmp_config(*cfg)):
             timed_and_compared(results, "cmp-fwd", f"{tag} {cfg}",
                                lambda: cmp_triton.compressed_attention_forward(q, kc, vc, BLOCK, STRIDE, scale), o)
-    cmp_dk = cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
-
     def cmp_dkdv():
         return cmp_triton.compressed_attention_backward_dkdv(q, kc, vc, lse, do, cmp_delta, BLOCK, STRIDE, scale)
+    cmp_dk = cmp_dkdv()
     for cfg in CMP_DKDV if "cmp" in only or "cmp-dkdv" in only else []:
         chunks = functools.partial(cmp_triton.dkdv_chunk_len, key_tile=cfg[1])
         with (mock.patch.object(cmp_triton, "dkdv_chunk_len", chunks),
@@ -294,6 +293,9 @@ DECODE_VARIANTS = [{}, {"pdl": True}, {"programs": 8}, {"programs": 2}, {"block_
                    {"select_splits": 2}]
 
 
+PLAN_DECODE_ARGS = ("block_n", "combine_columns", "top_n", "score_steps", "select_splits")
+
+
 def sweep_decode(context, dk, dv, results):
     """The decode step (CUDA graph) at batch 1 and 32 under the plan variants of DECODE_VARIANTS,
     with a per-kernel breakdown of the default plan."""
@@ -316,11 +318,9 @@ def sweep_decode(context, dk, dv, results):
         for variant in variants:
             changes = dict(variant)
             programs = changes.pop("programs", 4) * sms
-            plan = plan_decode(config, rows, cache.max_len, target_programs=programs,
-                               block_n=changes.pop("block_n", None),
-                               combine_columns=changes.pop("combine_columns", None),
-                               top_n=changes.pop("top_n", None), score_steps=changes.pop("score_steps", None),
-                               select_splits=changes.pop("select_splits", None))
+            # plan_decode's own arguments go to it (the plan follows them), the rest replace fields.
+            plan_args = {name: changes.pop(name) for name in PLAN_DECODE_ARGS if name in changes}
+            plan = plan_decode(config, rows, cache.max_len, target_programs=programs, **plan_args)
             plan = dataclasses.replace(plan, **changes)
 
             def step(plan=plan):

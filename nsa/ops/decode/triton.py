@@ -577,22 +577,18 @@ def plan_decode(config: NSAConfig, rows: int, max_len: int, *, target_programs: 
     # At most MAX_SPLITS partials per token and branch: the combine loads them as one tile.
     want = min(MAX_SPLITS, max(1, -(-target_programs // max(rows, 1))))
 
-    def split(total: int, unit: int) -> tuple[int, int]:
+    def split(total: int, unit: int, programs: int = want) -> tuple[int, int]:
         tiles = max(1, -(-total // unit))
-        splits = min(want, tiles)
+        splits = min(programs, tiles)
         chunk = -(-tiles // splits) * unit
         return chunk, max(1, -(-total // chunk))
 
     cmp_chunk, cmp_splits = split(max(1, c.num_compressed(max_len)), block_n)
     win_chunk, win_splits = split(min(c.window, max_len), block_n)
-    if select_splits is None:
-        slc_chunk, slc_splits = split(c.select_count, 1)
-    elif select_splits < 1:
+    if select_splits is not None and select_splits < 1:
         raise ValueError(f"select_splits: programs per token group of the select kernel must be >= 1, "
                          f"got {select_splits}")
-    else:
-        slc_chunk = triton.cdiv(c.select_count, select_splits)
-        slc_splits = triton.cdiv(c.select_count, slc_chunk)
+    slc_chunk, slc_splits = split(c.select_count, 1, select_splits or want)
     a, b = c.select_block // c.compress_stride, c.compress_block // c.compress_stride
     num_blocks = c.num_select_blocks(max_len)
     # Fused scoring needs tiles that start on selection-block boundaries (a | BLOCK_N) and Eq. 9
