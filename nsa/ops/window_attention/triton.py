@@ -4,8 +4,8 @@ The query at ``t`` reads keys ``max(0, t - w + 1) .. t``. A query program owns `
 the ``G`` heads of one key/value head (``BLOCK_M`` rows) and walks only the key tiles of its band,
 in three runs: lower edge tiles (window start masked), interior tiles (no mask at all), upper
 edge tiles (causal diagonal masked). The dk/dv program owns one key tile and walks the position
-tiles that read it, with the same split. No atomics: every output element has one writer, so
-results are deterministic.
+tiles that read it in one masked loop (see the kernel for why). No atomics: every output element
+has one writer, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc
 def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
               sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dk_acc_b, dv_acc,
               G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-              DV_PAD: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-              KEYS_AS_M: tl.constexpr):
+              DV_PAD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, KEYS_AS_M: tl.constexpr):
     for p0 in range(lo, hi, BT):
         row_pos = p0 + r // G
         row_ok = (r < BT * G) & (row_pos < T)
@@ -133,7 +132,7 @@ def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, h
         allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
                      & row_ok[None, :])
         dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
-                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, MASKED,
+                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True,
                                              KEYS_AS_M)
     return dk_acc, dk_acc_b, dv_acc
 
@@ -160,26 +159,14 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
     dk_acc, dk_acc_b = split_acc(BN, DK_A, DK_B)
     dv_acc = tl.zeros([BN, DV_PAD], dtype=tl.float32)
     end = tl.minimum(T, tl.minimum(k0 + BN, T) - 1 + W)
-    end_tiles = k0 + tl.cdiv(end - k0, BT) * BT
-    # Interior position tiles: every row is at or after every key and inside every key's window.
-    full_lo = tl.minimum(k0 + tl.cdiv(BN - 1, BT) * BT, end_tiles)
-    full_hi = tl.maximum(tl.minimum(k0 + (W // BT) * BT, end_tiles), full_lo)
-    q_base = q + b * sqb
-    do_base = do + b * sob
-    lse_base = lse + b * slb
-    delta_base = delta + b * slb
-    # Three runs of position tiles: diagonal edge (masked), interior (unmasked), window end (masked).
-    for run in tl.static_range(3):
-        if run == 0:
-            tiles_lo, tiles_hi = k0, full_lo
-        elif run == 1:
-            tiles_lo, tiles_hi = full_lo, full_hi
-        else:
-            tiles_lo, tiles_hi = full_hi, end
-        dk_acc, dk_acc_b, dv_acc = _kv_tiles(ka, kb, vb, kpos, tiles_lo, tiles_hi, q_base, do_base, lse_base,
-                                             delta_base, head, r, T, W, sqt, sqh, sot, soh, slt, slh,
-                                             qk_scale, dk_acc, dk_acc_b, dv_acc, G, DK, DV, DK_A, DK_B,
-                                             DV_PAD, BT, run != 1, PREC, KEYS_AS_M)
+    # One masked walk over the band. Three runs (masked edges, an unmasked interior) computed
+    # fewer masks but pipelined three loops: 36 asynchronous copies and 40 bytes of spills per
+    # thread against 12 and 24 (sm_90, Triton 3.6, 32 rows x 128 keys); H100, twentieth session:
+    # 64k 7.29 -> 6.08 ms at 64/4 heads, 1.70 -> 1.57 at 16/4, 8k 0.92 -> 0.77, outputs bitwise equal.
+    dk_acc, dk_acc_b, dv_acc = _kv_tiles(ka, kb, vb, kpos, k0, end, q + b * sqb, do + b * sob, lse + b * slb,
+                                         delta + b * slb, head, r, T, W, sqt, sqh, sot, soh, slt, slh,
+                                         qk_scale, dk_acc, dk_acc_b, dv_acc, G, DK, DV, DK_A, DK_B, DV_PAD, BT,
+                                         PREC, KEYS_AS_M)
     kvalid = kpos < T
     # dk/dv are allocated like k/v (empty_like of contiguous tensors), so k's strides address dk.
     store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
@@ -216,7 +203,8 @@ _query_kernel = GroupTunedKernel(_win_query_kernel,
 # the former list; 8k 0.90 against 1.04), 64 x 64 on 4 warps at 16/4 (1.70 against 2.14; 0.22
 # against 0.29). (32, 4, 3) and (64, 4, 2) stay for the head dims not swept (192/128), and
 # (32, 8, 2), never the fastest, as the option that spills nothing (the compile suite's rule: the
-# first option spills 72 bytes per thread under Triton 3.9, 40 under 3.6).
+# first option spills 72 bytes per thread under Triton 3.9, 40 under 3.6 in the three-run walk;
+# none and 24 since the single masked loop).
 _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(32, 8, 3, {"KEYS_AS_M": True, "BN": 128}),
                                                    (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 3), (64, 4, 2),
                                                    (32, 8, 2)],
