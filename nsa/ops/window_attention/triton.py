@@ -115,29 +115,6 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc
 
 
 @triton.jit
-def _kv_tiles(ka, kb, vb, kpos, lo, hi, q_base, do_base, lse_base, delta_base, head, r, T, W,
-              sqt, sqh, sot, soh, slt, slh, qk_scale, dk_acc, dk_acc_b, dv_acc,
-              G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-              DV_PAD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, KEYS_AS_M: tl.constexpr):
-    for p0 in range(lo, hi, BT):
-        row_pos = p0 + r // G
-        row_ok = (r < BT * G) & (row_pos < T)
-        qa, qb = load_rows_split(q_base, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
-        do_t = load_rows(do_base, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
-        rows = row_pos.to(tl.int64) * slt + head * slh
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
-                   & row_ok[:, None])
-        allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
-                     & row_ok[None, :])
-        dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
-                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True,
-                                             KEYS_AS_M)
-    return dk_acc, dk_acc_b, dv_acc
-
-
-@triton.jit
 def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                      T, W, qk_scale, scale,
@@ -163,10 +140,21 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
     # fewer masks but pipelined three loops: 36 asynchronous copies and 40 bytes of spills per
     # thread against 12 and 24 (sm_90, Triton 3.6, 32 rows x 128 keys); H100, twentieth session:
     # 64k 7.29 -> 6.08 ms at 64/4 heads, 1.70 -> 1.57 at 16/4, 8k 0.92 -> 0.77, outputs bitwise equal.
-    dk_acc, dk_acc_b, dv_acc = _kv_tiles(ka, kb, vb, kpos, k0, end, q + b * sqb, do + b * sob, lse + b * slb,
-                                         delta + b * slb, head, r, T, W, sqt, sqh, sot, soh, slt, slh,
-                                         qk_scale, dk_acc, dk_acc_b, dv_acc, G, DK, DV, DK_A, DK_B, DV_PAD, BT,
-                                         PREC, KEYS_AS_M)
+    q_base, do_base, lse_base, delta_base = q + b * sqb, do + b * sob, lse + b * slb, delta + b * slb
+    for p0 in range(k0, end, BT):
+        row_pos = p0 + r // G
+        row_ok = (r < BT * G) & (row_pos < T)
+        qa, qb = load_rows_split(q_base, row_pos, head, sqt, sqh, row_ok, DK, DK_A, DK_B)
+        do_t = load_rows(do_base, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+        rows = row_pos.to(tl.int64) * slt + head * slh
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta_t = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        allowed = ((kpos[None, :] <= row_pos[:, None]) & (row_pos[:, None] < kpos[None, :] + W)
+                   & row_ok[:, None])
+        allowed_t = ((kpos[:, None] <= row_pos[None, :]) & (row_pos[None, :] < kpos[:, None] + W)
+                     & row_ok[None, :])
+        dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
+                                             qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True, KEYS_AS_M)
     kvalid = kpos < T
     # dk/dv are allocated like k/v (empty_like of contiguous tensors), so k's strides address dk.
     store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
