@@ -406,9 +406,11 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, Q_DESC_A, Q_
 def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK_OUT, DV_OUT, N, HK, CHUNK_LEN, NUM_CHUNKS, SLOTS,
                             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                             BLOCK: tl.constexpr, STRIDE: tl.constexpr, DK: tl.constexpr,
-                            DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, ROWS: tl.constexpr):
+                            DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, ROWS: tl.constexpr,
+                            UNROLL: tl.constexpr):
     """dk, dv of ``ROWS`` key rows of one (batch, kv head): their chunks' partials added in chunk
-    order, rounded once to the gradients' dtype."""
+    order, rounded once to the gradients' dtype. ``UNROLL`` chunks' loads per step are issued
+    together (Triton does not pipeline this loop: each step would wait out its loads' latency)."""
     pid_bh = tl.program_id(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -419,13 +421,16 @@ def _cmp_dkdv_reduce_kernel(DK_PART, DV_PART, DK_OUT, DV_OUT, N, HK, CHUNK_LEN, 
     dv_base = DV_PART + tl.cast(pid_bh, tl.int64) * SLOTS * DV
     dk_acc = tl.zeros([ROWS, DKP], dtype=tl.float32)
     dv_acc = tl.zeros([ROWS, DVP], dtype=tl.float32)
-    for chunk in range(tl.min(tl.where(row_ok, first_chunk, NUM_CHUNKS)), NUM_CHUNKS):
-        has = row_ok & (first_chunk <= chunk)
-        slot = slot_start + chunk - first_chunk
-        dk_acc += tl.load(dk_base + slot[:, None] * DK + ck[None, :], mask=has[:, None] & (ck < DK)[None, :],
-                          other=0.0)
-        dv_acc += tl.load(dv_base + slot[:, None] * DV + cv[None, :], mask=has[:, None] & (cv < DV)[None, :],
-                          other=0.0)
+    for chunk0 in range(tl.min(tl.where(row_ok, first_chunk, NUM_CHUNKS)), NUM_CHUNKS, UNROLL):
+        for u in tl.static_range(UNROLL):
+            chunk = chunk0 + u
+            # (Broadcast before the &: the interpreter rejects a mask built from a 0-d comparison.)
+            has = row_ok & (first_chunk <= chunk) & (first_chunk * 0 + chunk < NUM_CHUNKS)
+            slot = slot_start + chunk - first_chunk
+            dk_acc += tl.load(dk_base + slot[:, None] * DK + ck[None, :],
+                              mask=has[:, None] & (ck < DK)[None, :], other=0.0)
+            dv_acc += tl.load(dv_base + slot[:, None] * DV + cv[None, :],
+                              mask=has[:, None] & (cv < DV)[None, :], other=0.0)
     b = pid_bh // HK
     h = pid_bh % HK
     dk_rows = tile_base(DK_OUT, b, tl.program_id(0) * ROWS, h, stride_kb, stride_kn, stride_kh)
@@ -606,9 +611,14 @@ def compressed_attention_forward(q, k_cmp, v_cmp, block: int, stride: int, scale
 DKDV_WAVES = 16
 # Query tile rows the chunks stay aligned to (BLOCK_M of any config, a power of two).
 DKDV_MAX_TILE_ROWS = 128
-# Key rows per program of the partials' reduction: its [32, 256] + [32, 128] float32 sums at
-# Dk = 192 compile to 255 registers without spills (sm_90, 4 warps); 145 at Dk = 128.
-REDUCE_ROWS = 32
+# Key rows per program of the partials' reduction, and chunks whose loads it issues together.
+# The chunks are added one after another (at 8k the 16 waves wanted give 64 chunks of 128
+# positions), so each program's time is its loop's latency: four chunks' loads in flight per step
+# instead of one (8 rows: [8, 256] + [8, 128] float32 sums and four chunks' loads at Dk = 192
+# compile without spills; 32 rows, the former tile, with one chunk per step used 255 registers).
+# Unmeasured on a GPU; the sums and their order are unchanged.
+REDUCE_ROWS = 8
+REDUCE_UNROLL = 4
 
 
 def _dkdv_programs(seq_len: int, num_cmp: int, heads: int, block: int, stride: int, key_tile: int,
@@ -694,7 +704,7 @@ def compressed_attention_backward_dkdv(q, k_cmp, v_cmp, lse, do, delta, block: i
     _cmp_dkdv_reduce_kernel[(triton.cdiv(num_cmp, REDUCE_ROWS), heads)](
         dk_part, dv_part, dk, dv, num_cmp, num_kv, chunk_len, num_chunks, slots, *_strides3(dk), *_strides3(dv),
         BLOCK=block, STRIDE=stride, DK=consts["DK"], DV=consts["DV"], DKP=pow2(consts["DK"]),
-        DVP=consts["DVP"], ROWS=REDUCE_ROWS)
+        DVP=consts["DVP"], ROWS=REDUCE_ROWS, UNROLL=REDUCE_UNROLL)
     return dk, dv
 
 
