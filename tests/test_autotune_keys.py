@@ -73,9 +73,10 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
         tuned(lambda cfg: (1,), "arg", G=16)
 
 
-def test_dq_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_autotune):
-    """Selection's and window's dq passes add to the dq already there (DQ_ADD): autotuning times
-    each config by launching it, so dq must be restored between launches or the sums pile up."""
+def test_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_autotune):
+    """Selection's and window's dq passes add to the dq already there (DQ_ADD), the window's dK/dV
+    pass to selection's dk, dv (SECOND): autotuning times each config by launching it, so those
+    must be restored between launches or the sums pile up."""
     from nsa.ops.selected_attention import triton as selected
     from nsa.ops.window_attention import triton as window
 
@@ -84,6 +85,12 @@ def test_dq_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_
         with tuned.only(tuned.options[0]):  # fresh autotuners, restored afterwards
             tuned(lambda cfg: (1,), G=4, seq_len=8192)
         assert fake_autotune.made[-1].kwargs.get("restore_value") == ["dq"]
+    # The window's dK/dV pass adds to selection's dk, dv where it takes selection's local blocks.
+    tuned = window._dkdv_kernel
+    assert {"dk", "dv"} <= set(tuned.kernel.arg_names)
+    with tuned.only(tuned.options[0]):
+        tuned(lambda cfg: (1,), G=4, seq_len=8192)
+    assert fake_autotune.made[-1].kwargs.get("restore_value") == ["dk", "dv"]
 
 
 def test_max_positions_rounds_position_tiles_down_to_a_capped_power_of_two(fake_autotune):

@@ -1,4 +1,4 @@
-"""Mean-pooling phi: the strided-add backward against autograd through ``unfold`` and against a
+"""Mean-pooling phi: the sliding-sum backward against autograd through ``unfold`` and against a
 per-position oracle written from the definition."""
 
 import pytest

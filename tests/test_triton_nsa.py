@@ -16,7 +16,9 @@ from nsa.ops.reference import nsa_reference
 from nsa.ops.selected_attention.triton import selected_attention_triton
 from nsa.ops.selection.triton import select_blocks_triton
 from nsa.ops.triton_nsa import nsa_triton
+from nsa.ops.window_attention import triton as triton_window
 from nsa.ops.window_attention.triton import window_attention_triton
+from tile_options import option_id, option_pairs, pinned
 
 
 def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig):
@@ -79,6 +81,98 @@ def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads
         # The fused dq is one float32 sum of the three branches; autograd's adds them in another order.
         torch.testing.assert_close(got, by_op, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(got.double(), by_ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# One key/value tensor for selection and window (nsa_attention's default): the window's dK/dV add to
+# selection's, and with w >= 2 l' selection's forced blocks go to the window's dq pass (which adds
+# selection's share; selection's walk leaves them out). G = 16 takes selection's one-position
+# walk, G = 4 and 3 its union walk; window 20 < 2 x 16 keeps them in selection's pass.
+@pytest.mark.parametrize("schedule", ["one-stream", "selection-beside"])
+@pytest.mark.parametrize("seq_len,heads,kv_heads,dims,window,forced,signed_gates",
+                         [(72, 4, 1, (16, 16), 40, True, False), (70, 16, 1, (16, 16), 32, True, False),
+                          (50, 6, 2, (32, 16), 20, False, False), (50, 6, 2, (32, 16), 36, True, True)])
+def test_one_kv_for_selection_and_window(seq_len, heads, kv_heads, dims, window, forced, signed_gates, schedule,
+                                         monkeypatch):
+    monkeypatch.setattr(triton_nsa, "BACKWARD_SCHEDULE", schedule)
+    check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, signed_gates)
+
+
+# The window's forced-block passes on every tile option of its lists (the interpreter otherwise runs
+# the first): 32- and 64-key query tiles, keys as M or not in dK/dV.
+@pytest.mark.parametrize("options", option_pairs(triton_window._query_kernel, triton_window._dkdv_kernel),
+                         ids=option_id)
+def test_one_kv_on_every_window_tile(options, monkeypatch):
+    with pinned((triton_window._query_kernel, triton_window._dkdv_kernel), options):
+        check_one_kv(66, 8, 2, (16, 16), 36, True, monkeypatch)
+
+
+def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, signed_gates=False):
+    """Outputs, blocks and gradients of the Triton backend with one k, v for selection and window,
+    against the branch ops' autograd and the float64 reference; ``forced``: whether the config lets
+    the window's dq pass take selection's forced blocks (a negative gate keeps them in selection's)."""
+    c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
+                  compress_block=8, compress_stride=4, select_block=16, select_count=4, window=window, phi="mean")
+    gen = torch.Generator().manual_seed(seq_len + window)
+    q = torch.randn(1, seq_len, heads, dims[0], generator=gen)
+    k, v = (torch.randn(1, seq_len, kv_heads, d, generator=gen) for d in dims)
+    k_cmp, v_cmp = (compress_mean(x, c.compress_block, c.compress_stride) for x in (k, v))
+    gates = (torch.randn if signed_gates else torch.rand)(1, seq_len, heads, 3, generator=gen)
+    grad_out = torch.randn(1, seq_len, heads, dims[1], generator=gen)
+    inputs = [q, k_cmp, v_cmp, k, v, gates]
+    assert triton_nsa.shared_kv_backward(k, v, k, v, c)[:2] == (True, forced)
+
+    passes = []
+    window_dq, window_dkdv = triton_nsa.window_attention_backward_dq, triton_nsa.window_attention_backward_dkdv
+
+    def spy_dq(*args, dq=None, forced=None):
+        passes.append(("dq", forced is not None))
+        return window_dq(*args, dq=dq, forced=forced)
+
+    def spy_dkdv(*args, add_to=None):
+        passes.append(("dkdv", add_to is not None))
+        return window_dkdv(*args, add_to=add_to)
+
+    monkeypatch.setattr(triton_nsa, "window_attention_backward_dq", spy_dq)
+    monkeypatch.setattr(triton_nsa, "window_attention_backward_dkdv", spy_dkdv)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    lq, lk_cmp, lv_cmp, lk, lv, lg = leaves
+    out, blocks, _ = nsa_triton(lq, lk_cmp, lv_cmp, lk, lv, lk, lv, lg, c, with_reads=False)
+    fused = torch.autograd.grad(out, leaves, grad_out)
+    assert passes == [("dq", forced and not signed_gates), ("dkdv", True)]
+
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    lq, lk_cmp, lv_cmp, lk, lv, lg = leaves
+    want_out, want_blocks = _branch_ops(lq, lk_cmp, lv_cmp, lk, lv, lk, lv, lg, c)
+    per_op = torch.autograd.grad(want_out, leaves, grad_out)
+
+    leaves = [x.double().requires_grad_() for x in inputs]
+    lq, lk_cmp, lv_cmp, lk, lv, lg = leaves
+    ref_out, ref_blocks, _ = nsa_reference(lq, lk_cmp, lv_cmp, lk, lv, lk, lv, lg, c, with_reads=False)
+    ref = torch.autograd.grad(ref_out, leaves, grad_out.double())
+
+    assert torch.equal(blocks, want_blocks) and torch.equal(blocks, ref_blocks)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for name, got, by_op, by_ref in zip(("dq", "dk_cmp", "dv_cmp", "dk", "dv", "dgates"), fused, per_op, ref):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, by_op, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got.double(), by_ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_kv_backward_needs_one_kv_and_for_forced_blocks_a_window_of_two(monkeypatch):
+    c = NSAConfig(num_heads=2, num_kv_heads=1, head_dim=16, select_block=64, window=128)
+    k, v = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 1, 16)
+    assert triton_nsa.shared_kv_backward(k, v, k, v, c) == (
+        True, True, "one key/value tensor: selection's forced blocks in the window's dq pass")
+    assert triton_nsa.shared_kv_backward(k, v, k.clone(), v, c) == (
+        False, False, "selection and window read different key/value tensors")
+    narrow = NSAConfig(num_heads=2, num_kv_heads=1, head_dim=16, select_block=64, window=127)
+    assert triton_nsa.shared_kv_backward(k, v, k, v, narrow) == (
+        True, False, "one key/value tensor; selection's forced blocks in its own dq pass: window=127 < 2 x "
+        "select_block=64")
+    monkeypatch.setattr(triton_nsa, "SHARED_KV_BACKWARD", False)
+    assert triton_nsa.shared_kv_backward(k, v, k, v, c)[:2] == (False, False)
+    with pytest.raises(ValueError, match="forced_in_window: needs one_kv"):
+        triton_nsa.branch_backward(*[None] * 11, c, 1.0, forced_in_window=True)
 
 
 def test_combine_backward_deltas_are_each_branch_rowsum():

@@ -23,13 +23,16 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+# "-forced": the dq passes as they run where selection and window read one key/value tensor
+# (selection's without its forced blocks, the window's with them; nsa.ops.triton_nsa.branch_backward).
 KERNELS = ("compressed-fwd", "compressed-dkdv", "compressed-dq", "selection-scoring", "selected-fwd",
-           "selected-dq", "selected-dkdv", "window-fwd", "window-dq", "window-dkdv")
+           "selected-dq", "selected-dq-forced", "selected-dkdv", "window-fwd", "window-dq", "window-dq-forced",
+           "window-dkdv")
 # Pointer arguments by name, across the kernels' naming conventions; every other argument is an
 # int32 unless it is a float scale or a constexpr.
 DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "q", "k", "v", "o", "do", "dq", "dk", "dv"}
-FP32_POINTERS = {"LSE", "DELTA", "DK_PART", "DV_PART", "lse", "delta", "dk_part", "dv_part"}
-INT32_POINTERS = {"idx", "qpos", "item_group", "item_start", "item_len"}
+FP32_POINTERS = {"LSE", "DELTA", "DK_PART", "DV_PART", "lse", "delta", "dk_part", "dv_part", "lse_b", "delta_b"}
+INT32_POINTERS = {"idx", "qpos", "item_group", "item_start", "item_len", "group_items"}
 INT64_POINTERS = {"OUT"}
 FLOATS = {"qk_scale", "scale"}
 # Strides of the head axis of [B, T, H, D] tensors need no alignment hint (H may be any size);
@@ -70,7 +73,7 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     if "TMA" in constexprs:
         c = constexprs
         if "k_desc_a" in fn.arg_names:  # selection's and the window's query walks: key/value tiles
-            rows = f"1,{c['BS'] if 'BS' in c else c['BN']},1"
+            rows = f"1,{c['BN'] if 'BN' in c else c['BS']},1"  # the window's tiles, selection's blocks
             boxes = {"k_desc_a": (rows, c["DK_A"]), "k_desc_b": (rows, max(c["DK_B"], 16)),
                      "v_desc": (rows, c["DV_PAD"])}
         elif "Q_DESC_A" in fn.arg_names:  # compressed attention's dK/dV: query tiles
@@ -127,13 +130,16 @@ def _builds(dk: int, dv: int, group: int, dtype: str, candidates: bool = False):
     union = sel.UNION_ENTRIES // n_pad  # the query kernel's position cap, as _query_pass sets it
     # The dq passes as the Triton backend launches them: adding to compressed attention's dq.
     forward, dq_pass = {"BACKWARD": False, "DQ_ADD": False}, {"BACKWARD": True, "DQ_ADD": True}
+    sel_q, win_q = {"BS": 64, "N_PAD": n_pad, "SKIP_FORCED": False}, {"SECOND": False, "BS": 16}
     for name, tuned, extra, max_positions in (
-            ("selected-fwd", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, **forward}, union),
-            ("selected-dq", sel._query_kernel, {"BS": 64, "N_PAD": n_pad, **dq_pass}, union),
+            ("selected-fwd", sel._query_kernel, {**sel_q, **forward}, union),
+            ("selected-dq", sel._query_kernel, {**sel_q, **dq_pass}, union),
+            ("selected-dq-forced", sel._query_kernel, {**sel_q, **dq_pass, "SKIP_FORCED": True}, union),
             ("selected-dkdv", sel._dkdv_kernel, {"BS": 64}, None),
-            ("window-fwd", win._query_kernel, forward, None),
-            ("window-dq", win._query_kernel, dq_pass, None),
-            ("window-dkdv", win._dkdv_kernel, {}, None)):
+            ("window-fwd", win._query_kernel, {**win_q, **forward}, None),
+            ("window-dq", win._query_kernel, {**win_q, **dq_pass}, None),
+            ("window-dq-forced", win._query_kernel, {**dq_pass, "SECOND": True, "BS": 64}, None),
+            ("window-dkdv", win._dkdv_kernel, {"ADD": False}, None)):
         options = swept(tuned.options, {sel._query_kernel: sel.TMA_OPTIONS,
                                         win._query_kernel: win.TMA_OPTIONS}.get(tuned, []))
         listed = GroupTunedKernel(tuned.kernel, options, tuned.key, tuned.extra)

@@ -330,23 +330,35 @@ def softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
-def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.constexpr):
+def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.constexpr, second=None,
+                 SECOND: tl.constexpr = False):
     """Recompute ``p`` from ``lse`` and return ``(p, ds)`` for one [M, N] tile.
 
     ``s`` is in base-2 units, ``lse2 = lse * log2(e)``; ``ds`` is the gradient of the natural
     scores (multiply by ``scale`` for the gradient of ``q . k``). Unmasked tiles rely on
     ``lse = +inf`` for rows that must not contribute.
+
+    With ``SECOND``, ``second = (mask, lse2_b, delta_b)`` is another softmax over the same
+    scores and values (another branch reading the keys in ``mask`` with the same ``q, k, v, dO``,
+    its own lse and delta): its ``p`` and ``ds`` are added, so that one ``dp`` product and one
+    dq/dk/dv product serve both (see :func:`nsa.ops.triton_nsa.branch_backward`).
     """
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
+    if SECOND:
+        mask_b, lse2_b, delta_b = second
+        p_b = tl.where(mask_b, tl.exp2(s - lse2_b[:, None]), 0.0)
+        ds += p_b * (dp - delta_b[:, None])
+        p += p_b
     return p, ds
 
 
 @triton.jit
-def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.constexpr, MASKED: tl.constexpr):
+def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.constexpr, MASKED: tl.constexpr,
+                      second=None, SECOND: tl.constexpr = False):
     """:func:`softmax_grad` with keys as rows, for dK/dV programs that own a key tile:
     ``s_t = k @ q^T`` ([N, M], base 2) gives ``ds_t`` [N, M] and ``dv_acc + p_t @ do``.
 
@@ -354,11 +366,18 @@ def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.const
     to the tensor cores straight from the accumulator layout, where ``tl.trans(p) @ do`` needs
     a transpose through shared memory; and a key tile of 64 or more is the M Hopper's warp-group
     MMA wants. (The dV update comes before ``dp_t``: compiled for sm_90 the other order spills
-    more in compressed attention's dK/dV.)
+    more in compressed attention's dK/dV.) ``second``: as :func:`softmax_grad`'s, its mask
+    ``[N, M]``.
     """
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASKED:
         p_t = tl.where(allowed_t, p_t, 0.0)
+    if SECOND:
+        mask_b, lse2_b, delta_b = second
+        p_b = tl.where(mask_b, tl.exp2(s_t - lse2_b[None, :]), 0.0)
+        dv_acc += tl.dot((p_t + p_b).to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        return p_t * (dp_t - delta[None, :]) + p_b * (dp_t - delta_b[None, :]), dv_acc
     dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     return p_t * (dp_t - delta[None, :]), dv_acc
@@ -366,19 +385,22 @@ def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.const
 
 @triton.jit
 def dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t, qk_scale, dk_acc, dk_acc_b, dv_acc,
-              DK_B: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, KEYS_AS_M: tl.constexpr):
+              DK_B: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, KEYS_AS_M: tl.constexpr,
+              second=None, SECOND: tl.constexpr = False):
     """One query tile's share of a key tile's dK and dV (``[N, D]`` float32 accumulators).
 
     Queries as rows (``allowed [M, N]``): the dots take ``tl.trans(p)`` and ``tl.trans(ds)``.
     ``KEYS_AS_M`` (``allowed_t [N, M]``): :func:`softmax_grad_keys`, no transposes. Only the
-    mask of the chosen form is used (the other is compiled away).
+    mask of the chosen form is used (the other is compiled away); so with ``second`` (see
+    :func:`softmax_grad`), whose mask takes the chosen form's shape.
     """
     if KEYS_AS_M:
         s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
-        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED)
+        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED, second,
+                                         SECOND)
     else:
         s = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
-        p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
+        p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED, second, SECOND)
         dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
         ds_t = tl.trans(ds)
     dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, ds_t, qa, qb, DK_B, PREC)
@@ -504,15 +526,16 @@ def split_acc_dot(acc_a, acc_b, x, ya, yb, DB: tl.constexpr, PREC: tl.constexpr)
 @triton.jit
 def attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2,
                 delta, do, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-                DV_PAD: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
+                DV_PAD: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr,
+                second=None, SECOND: tl.constexpr = False):
     """One key tile (positions ``kpos`` of one key/value head, ``allowed [M, N]``) for a query
     program: the online-softmax update ``(m_i, l_i, acc)`` forward, or dq's ``(acc, acc_b)``
-    backward. Returns all four (the unused ones unchanged); the selection and window kernels'
-    query walks share it."""
+    backward (with ``SECOND``, a second softmax's share added: :func:`softmax_grad`). Returns all
+    four (the unused ones unchanged); the selection and window kernels' query walks share it."""
     ka, kb = load_rows_split(k_base, kpos, kpos * 0, skt, 0, kpos < T, DK, DK_A, DK_B)
     vb = load_block(v_base, kpos, T, svt, DV, DV_PAD)
     return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
-                       PREC, BACKWARD, MASKED)
+                       PREC, BACKWARD, MASKED, second, SECOND)
 
 
 @triton.jit
@@ -538,7 +561,8 @@ def load_box_split(desc_a, desc_b, b, row0, h, ROWS: tl.constexpr, DA: tl.conste
 def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt, qk_scale, m_i, l_i, acc,
                    acc_b, lse2, delta, do, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
                    DK_B: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr,
-                   BACKWARD: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+                   BACKWARD: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, second=None,
+                   SECOND: tl.constexpr = False):
     """:func:`attend_keys` over the ``ROWS`` keys from ``row0`` (positions ``kpos``), loaded by
     pointers or, with ``TMA``, through ``descs = (k_desc_a, k_desc_b, v_desc, b, h)``
     (:func:`kv_tile_descriptors`): one bulk copy per tile issued by one thread instead of every
@@ -548,19 +572,20 @@ def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, s
         ka, kb = load_box_split(k_desc_a, k_desc_b, b, row0, h, ROWS, DK_A, DK_B)
         vb = load_box(v_desc, b, row0, h, ROWS, DV_PAD)
         return attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do, DK_B,
-                           PREC, BACKWARD, MASKED)
+                           PREC, BACKWARD, MASKED, second, SECOND)
     else:
         return attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
-                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, MASKED)
+                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, MASKED, second, SECOND)
 
 
 @triton.jit
 def attend_tile(ka, kb, vb, allowed, qa, qb, qk_scale, m_i, l_i, acc, acc_b, lse2, delta, do,
-                DK_B: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr):
+                DK_B: tl.constexpr, PREC: tl.constexpr, BACKWARD: tl.constexpr, MASKED: tl.constexpr,
+                second=None, SECOND: tl.constexpr = False):
     """:func:`attend_keys` on a key tile already loaded (``ka, kb`` its column tiles, ``vb``)."""
     sc = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
     if BACKWARD:
-        p, ds = softmax_grad(sc, allowed, lse2, delta, do, vb, PREC, MASKED)
+        p, ds = softmax_grad(sc, allowed, lse2, delta, do, vb, PREC, MASKED, second, SECOND)
         acc, acc_b = split_acc_dot(acc, acc_b, ds, ka, kb, DK_B, PREC)
     else:
         m_i, l_i, acc = softmax_step(sc, allowed, m_i, l_i, acc, vb, PREC, MASKED)

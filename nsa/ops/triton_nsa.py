@@ -24,7 +24,12 @@ from nsa.ops.selected_attention.triton import (
     selected_attention_forward,
 )
 from nsa.ops.selection.triton import select_blocks_triton
-from nsa.ops.window_attention.triton import window_attention_backward, window_attention_forward
+from nsa.ops.window_attention.triton import (
+    SelectionForcedBlocks,
+    window_attention_backward_dkdv,
+    window_attention_backward_dq,
+    window_attention_forward,
+)
 
 
 def autotuned_tiles(seq_len: int) -> dict[str, list[str]]:
@@ -93,6 +98,7 @@ class _NSATriton(torch.autograd.Function):
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win)
         ctx.config, ctx.scale = config, scale
+        ctx.one_kv, ctx.forced_in_window, _ = shared_kv_backward(k_slc, v_slc, k_win, v_win, config)
         ctx.negative_gates = _NegativeGates(gates) if any(ctx.needs_input_grad) else None
         ctx.mark_non_differentiable(blocks)
         return out, blocks
@@ -103,9 +109,11 @@ class _NSATriton(torch.autograd.Function):
          lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
         c, scale = ctx.config, ctx.scale
         outputs, lses = (o_cmp, o_slc, o_win), (lse_cmp, lse_slc, lse_win)
+        forced_in_window = ctx.forced_in_window
         if ctx.negative_gates.any():
             # dO_b = g_b * dO stored per branch (3 x [B, T, HQ, Dv]), as the branch ops' backward.
             *branch_do, d_gates, deltas = combine_backward(grad_out, *outputs, gates)
+            forced_in_window = False  # selection's and window's dO differ
         else:
             # Each branch reads the gated sum's dO itself, its gate folded into its lse: no
             # [B, T, HQ, Dv] gradient per branch is written or held (gate_folded_lse).
@@ -114,7 +122,10 @@ class _NSATriton(torch.autograd.Function):
             branch_do = [grad_out] * 3
             lses = tuple(gate_folded_lse(lse, gates[..., i]) for i, lse in enumerate(lses))
         dq, (dk_cmp, dv_cmp), (dk_slc, dv_slc), (dk_win, dv_win) = branch_backward(
-            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas, c, scale)
+            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas, c, scale,
+            one_kv=ctx.one_kv, forced_in_window=forced_in_window)
+        # With one_kv the selection gradients hold the window's too (the same tensors: autograd
+        # adds nothing for the window's None).
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates, None, None
 
 
@@ -138,24 +149,38 @@ BACKWARD_SCHEDULE = "selection-beside"
 
 
 def branch_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, branch_do, deltas,
-                    config: NSAConfig, scale: float, schedule: str | None = None):
+                    config: NSAConfig, scale: float, schedule: str | None = None, one_kv: bool = False,
+                    forced_in_window: bool = False):
     """``dq`` and each branch's ``(dk, dv)`` (cmp, slc, win) from each branch's lse, output gradient
     and delta (``branch_do`` is a list; its entries are dropped once read, so that a stored
     per-branch gradient goes early). ``schedule``: one of :data:`BACKWARD_SCHEDULES`
-    (default :data:`BACKWARD_SCHEDULE`)."""
+    (default :data:`BACKWARD_SCHEDULE`).
+
+    ``one_kv``: selection and window read one key/value tensor; the window's dK/dV are added to
+    selection's in place (returned as selection's; the window's are ``(None, None)``).
+    ``forced_in_window`` (with ``one_kv``, both branches reading the same ``dO``): selection's dq
+    pass leaves out its forced blocks (0, ``c - 1``, ``c``), whose share the window's dq pass
+    computes: for the local ones from the scores and ``dO V^T`` it already holds, for block 0
+    once per tile of positions instead of once per position (:func:`shared_kv_backward` says
+    when these apply).
+    """
     schedule = BACKWARD_SCHEDULE if schedule is None else schedule
     if schedule not in BACKWARD_SCHEDULES:
         raise ValueError(f"schedule: {schedule!r} is not one of {BACKWARD_SCHEDULES}")
+    if forced_in_window and not one_kv:
+        raise ValueError("forced_in_window: needs one_kv (selection and window reading one key/value tensor)")
     c = config
     cmp_args = (q, k_cmp, v_cmp, lses[0], branch_do[0], deltas[0], c.compress_block, c.compress_stride, scale)
     sel_args = (q, k_slc, v_slc, idx, lses[1], branch_do[1], deltas[1], c.select_block, scale)
+    win_args = (q, k_win, v_win, lses[2], branch_do[2], deltas[2], c.window, scale)
+    forced = SelectionForcedBlocks(lses[1], deltas[1], c.select_block) if forced_in_window else None
     # Inverted (a sort and a few small kernels) on the current stream, before the fork, so that
     # the side stream's first launch is an attention kernel, ahead of compressed attention's.
     inverted = invert_selection(idx, q.shape[1], c.select_block)
     side = None if schedule == "one-stream" else streams.fork(q.device)
     if schedule == "selection-beside":
         with streams.on(side):
-            dq = selected_attention_backward_dq(*sel_args)
+            dq = selected_attention_backward_dq(*sel_args, skip_forced=forced_in_window)
             selection_dq_done = streams.record(side)
             dk_slc, dv_slc = selected_attention_backward_dkdv(*sel_args, inverted)
         dk_cmp, dv_cmp = compressed_attention_backward_dkdv(*cmp_args)
@@ -166,14 +191,42 @@ def branch_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, bran
             dk_slc, dv_slc = selected_attention_backward_dkdv(*sel_args, inverted)
         dk_cmp, dv_cmp = compressed_attention_backward_dkdv(*cmp_args)
         dq = compressed_attention_backward_dq(*cmp_args)
-        dq = selected_attention_backward_dq(*sel_args, dq=dq)
+        dq = selected_attention_backward_dq(*sel_args, dq=dq, skip_forced=forced_in_window)
     cmp_args, branch_do[0] = None, None
-    dq, dk_win, dv_win = window_attention_backward(q, k_win, v_win, lses[2], branch_do[2], deltas[2],
-                                                   c.window, scale, dq=dq)
+    dq = window_attention_backward_dq(*win_args, dq=dq, forced=forced)
+    if one_kv:
+        streams.join(side, q.device)  # selection's dk, dv, written on the side stream, are added to
+        dk_slc, dv_slc = window_attention_backward_dkdv(*win_args, add_to=(dk_slc, dv_slc))
+        dk_win, dv_win = None, None
+    else:
+        dk_win, dv_win = window_attention_backward_dkdv(*win_args)
     # Selection's inputs (sel_args, inverted) live until here, after the join, so that the
     # allocator cannot hand their memory to the current stream while the side one reads them.
     streams.join(side, q.device)
     return dq, (dk_cmp, dv_cmp), (dk_slc, dv_slc), (dk_win, dv_win)
+
+
+# Whether the backward shares work between selection and window where they read one key/value
+# tensor (shared_kv_backward); off only to time the other way (profile_prefill_kernels.py --one-kv).
+SHARED_KV_BACKWARD = True
+
+
+def shared_kv_backward(k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                       config: NSAConfig) -> tuple[bool, bool, str]:
+    """``(one_kv, forced_in_window, why)`` for :func:`branch_backward`.
+
+    ``one_kv`` when selection and window read one key/value tensor (the same objects, as
+    :func:`nsa.nsa_attention` passes its ``k, v`` by default; the layer's separate projections do
+    not); ``forced_in_window`` when besides the window holds both local blocks (``w >= 2 l'``). The
+    backward also requires no negative gate for the latter (each branch then reads the same dO)."""
+    if not SHARED_KV_BACKWARD:
+        return False, False, "turned off (nsa.ops.triton_nsa.SHARED_KV_BACKWARD)"
+    if not (k_slc is k_win and v_slc is v_win):
+        return False, False, "selection and window read different key/value tensors"
+    if config.window < 2 * config.select_block:
+        return True, False, (f"one key/value tensor; selection's forced blocks in its own dq pass: window="
+                             f"{config.window} < 2 x select_block={config.select_block}")
+    return True, True, "one key/value tensor: selection's forced blocks in the window's dq pass"
 
 
 def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
@@ -186,7 +239,10 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
         raise NotImplementedError("the Triton backend runs whole sequences (q_offset = 0); "
                                   "incremental decode uses the reference path")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # Contiguous: q, the outputs and every dq pass share one set of strides.
-    tensors = (x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
+    # Contiguous: q, the outputs and every dq pass share one set of strides. One copy of a tensor
+    # that two branches read, so that they still read one (shared_kv_backward).
+    copies = {}
+    tensors = [copies.setdefault(id(x), x.contiguous()) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
+                                                                    gates)]
     out, blocks = _NSATriton.apply(*tensors, config, scale)
     return out, blocks, branch_reads(blocks, 0, config) if with_reads else None

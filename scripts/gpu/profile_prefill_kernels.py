@@ -2,7 +2,8 @@
 
     python3 scripts/gpu/profile_prefill_kernels.py [--seq-lens 65536] [--heads 64/4,16/4]
         [--head-dims 128/128] [--gate-paths lse,stored]
-        [--schedules one-stream,selection-dkdv-beside,selection-beside] [--tma-loads on,off] [--out FILE]
+        [--schedules one-stream,selection-dkdv-beside,selection-beside] [--tma-loads on,off]
+        [--one-kv on,off] [--out FILE]
 
 ``nsa bench``'s breakdown times each branch alone; this runs the whole op (``nsa_attention``,
 B = 1, bf16, the paper's blocks, random data, after a warm-up call that autotunes) under the
@@ -18,7 +19,10 @@ lse) and/or ``stored`` (one gate made negative, which takes the path that stores
 per branch), both in one process for an A/B. ``--schedules`` runs the backward under each of
 ``nsa.ops.triton_nsa.BACKWARD_SCHEDULES`` (which passes share the GPU on a side stream), likewise.
 ``--tma-loads off`` runs with ``nsa.ops.triton_common.TMA_LOADS`` off: every kernel on its
-pointer-load configs (autotuned apart from the TMA ones), likewise.
+pointer-load configs (autotuned apart from the TMA ones), likewise. ``--one-kv off`` runs with
+``nsa.ops.triton_nsa.SHARED_KV_BACKWARD`` off: the backward as if selection and window read
+different key/value tensors (``nsa_attention`` gives both one ``k, v``; with it on, the window's
+dq pass takes selection's local blocks and its dK/dV add to selection's).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from nsa.functional import nsa_attention
 from nsa.ops import triton_common, triton_nsa
 
 GATE_PATHS = ("lse", "stored")
-TMA_LOADS = {"on": True, "off": False}
+ON_OFF = {"on": True, "off": False}
 
 
 @contextlib.contextmanager
@@ -84,12 +88,15 @@ def main() -> None:
     parser.add_argument("--schedules", default=triton_nsa.BACKWARD_SCHEDULE,
                         help="comma list of backward schedules: " + ", ".join(triton_nsa.BACKWARD_SCHEDULES))
     parser.add_argument("--tma-loads", default="on", help="comma list: on, off (TMA tile loads, see above)")
+    parser.add_argument("--one-kv", default="on",
+                        help="comma list: on, off (the backward's work shared by selection and window, see above)")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
     gate_paths, schedules, tma = args.gate_paths.split(","), args.schedules.split(","), args.tma_loads.split(",")
+    one_kv = args.one_kv.split(",")
     for option, given, accepted in (("--gate-paths", gate_paths, GATE_PATHS),
                                     ("--schedules", schedules, triton_nsa.BACKWARD_SCHEDULES),
-                                    ("--tma-loads", tma, tuple(TMA_LOADS))):
+                                    ("--tma-loads", tma, tuple(ON_OFF)), ("--one-kv", one_kv, tuple(ON_OFF))):
         unknown = sorted(set(given) - set(accepted))
         if unknown:
             parser.error(f"{option}: unknown {unknown}; accepted: {', '.join(accepted)}")
@@ -98,14 +105,16 @@ def main() -> None:
     for dims in args.head_dims.split(","):
         dk, dv = (int(d) for d in dims.split("/"))
         for seq_len in (int(t) for t in args.seq_lens.split(",")):
-            runs = ((h, g, m, t) for h in args.heads.split(",") for g in gate_paths for m in schedules for t in tma)
-            for heads, gate_path, schedule, loads in runs:
+            runs = ((h, g, m, t, s) for h in args.heads.split(",") for g in gate_paths for m in schedules
+                    for t in tma for s in one_kv)
+            for heads, gate_path, schedule, loads, shared in runs:
                 hq, hk = (int(h) for h in heads.split("/"))
                 with (setting(triton_nsa, "BACKWARD_SCHEDULE", schedule),
-                      setting(triton_common, "TMA_LOADS", TMA_LOADS[loads])):
+                      setting(triton_common, "TMA_LOADS", ON_OFF[loads]),
+                      setting(triton_nsa, "SHARED_KV_BACKWARD", ON_OFF[shared])):
                     times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
                 label = (f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule} "
-                         f"tma={loads}")
+                         f"tma={loads} one_kv={shared}")
                 tables[label] = {"kernels_us": times, "timings_ms": timings}
                 total = sum(times.values())
                 print(f"\n{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)

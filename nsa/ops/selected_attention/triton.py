@@ -12,8 +12,8 @@ dk/dv (deterministic, no atomics): the selections are inverted on the GPU (one s
 ``(kv head, block, position)`` keys), giving for every key block the ascending list of query
 positions that selected it. The list is cut into chunks of ``CHUNK`` positions; one program per
 chunk loads its key block once and accumulates over the chunk's queries in list order, writing
-fp32 partial sums; a second kernel adds each block's partials in chunk order. Same inputs, same
-bits. Block 0 (forced for every query) is what the chunking balances: it would otherwise be one
+fp32 partial sums (or, for a block of one chunk, its dk/dv); a second kernel adds each block's
+partials in chunk order. Same inputs, same bits. Block 0 (forced for every query) is what the chunking balances: it would otherwise be one
 program over all ``T`` queries.
 """
 
@@ -60,8 +60,13 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
                       N_PAD: tl.constexpr,
                       BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+                      BLOCK_M: tl.constexpr, TMA: tl.constexpr, SKIP_FORCED: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
+
+    ``SKIP_FORCED`` (dq only) leaves out each position's forced blocks 0, ``c - 1`` and ``c``
+    (``c = t // BS``), whose share the window's dq pass adds (``SelectionForcedBlocks``); the
+    lists are ascending with the forced blocks in them, so those are the first and the last
+    entries of each.
 
     ``o``/``do``/``dq`` share the strides ``sob, sot, soh`` (dq uses ``q``'s shape; see the
     launcher), ``lse``/``delta`` share ``slb, slt, slh``. With ``TMA`` the key/value blocks come
@@ -80,6 +85,8 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
     slot = tl.arange(0, N_PAD)
     row_sel = tl.load(idx_base + row_pos.to(tl.int64)[:, None] * sit + slot[None, :],
                       mask=row_ok[:, None] & (slot[None, :] < NSEL), other=-1)
+    if SKIP_FORCED:
+        row_sel = tl.where((row_sel == 0) | (row_sel >= (row_pos // BS - 1)[:, None]), -1, row_sel)
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
     descs = (k_desc_a, k_desc_b, v_desc, b32, h)
@@ -96,9 +103,11 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
         acc_b, do_t, lse2, delta_t = acc, acc, l_i, l_i  # the backward's operands, unused here
     if BT == 1:
-        # One position: every row shares the list, -1 padding sits at its end.
+        # One position: every row shares the list, -1 padding sits at its end. SKIP_FORCED leaves
+        # out block 0 (the first entry, forced) and the local blocks (the last valid ones).
         n_valid = tl.max(tl.sum((row_sel >= 0).to(tl.int32), axis=1), axis=0)
-        for s in range(0, n_valid):
+        first = 1 if SKIP_FORCED else 0
+        for s in range(first, first + n_valid):
             blk = tl.load(idx_base + t0.to(tl.int64) * sit + s)
             kpos = blk * BS + kk
             allowed = kpos[None, :] <= row_pos[:, None]
@@ -118,10 +127,16 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         entry_slot = entry % N_PAD
         entry_blk = tl.load(idx_base + entry_pos.to(tl.int64) * sit + entry_slot,
                             mask=(entry_pos < T) & (entry_slot < NSEL), other=-1)
+        if SKIP_FORCED:
+            entry_blk = tl.where((entry_blk == 0) | (entry_blk >= entry_pos // BS - 1), -1, entry_blk)
         listed_before = tl.zeros([BT * N_PAD], dtype=tl.int32)
         for earlier in tl.static_range(0, BT - 1):
-            earlier_list = tl.load(idx_base + tl.minimum(t0 + earlier, T - 1).to(tl.int64) * sit + slot,
-                                   mask=slot < NSEL, other=-1)
+            earlier_pos = tl.minimum(t0 + earlier, T - 1)
+            earlier_list = tl.load(idx_base + earlier_pos.to(tl.int64) * sit + slot, mask=slot < NSEL, other=-1)
+            if SKIP_FORCED:
+                # (A block local to an earlier position may be another one's non-local pick.)
+                earlier_list = tl.where((earlier_list == 0) | (earlier_list >= earlier_pos // BS - 1), -1,
+                                        earlier_list)
             hits = tl.sum((entry_blk[:, None] == earlier_list[None, :]).to(tl.int32), axis=1)
             listed_before += tl.where(entry // N_PAD > earlier, hits, 0)
         new = ((entry_blk >= 0) & (listed_before == 0)).to(tl.int32)
@@ -146,14 +161,15 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
 
 @triton.jit
 def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item_len,
-                     dk_part, dv_part,
+                     dk_part, dv_part, group_items, dk, dv,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                      T, NB, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr,
                      PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_AS_M: tl.constexpr):
     """Partial dk/dv of one key block over one chunk of the queries that selected it (with
-    ``KEYS_AS_M`` the block is the M of the dots: :func:`nsa.ops.triton_common.dkdv_tile`)."""
+    ``KEYS_AS_M`` the block is the M of the dots: :func:`nsa.ops.triton_common.dkdv_tile`); a
+    block's only chunk writes its dk/dv itself (the reduction then skips the block)."""
     item = tl.program_id(0).to(tl.int64)
     group = tl.load(item_group + item)
     start = tl.load(item_start + item)
@@ -183,11 +199,19 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         allowed_t = (kpos[:, None] <= row_pos[None, :]) & row_ok[None, :]
         dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
                                              qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True, KEYS_AS_M)
-    store_rows_split(dk_part + item * (BS * DK), dk_acc * scale, dk_acc_b * scale, kk, kk * 0, DK, 0,
-                     kk < BS, DK, DK_A, DK_B)
     cv = tl.arange(0, DV_PAD)
-    tl.store(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :], dv_acc,
-             mask=cv[None, :] < DV)
+    if (tl.load(group_items + group) == 1) & (length > 0):
+        # Most blocks at long T (those past the first few hundred) have one chunk: rounded once
+        # into dk/dv here, no float32 partials written and read back. (The spare items past the
+        # last, of length 0, name the last group too: they must not write its dk/dv.)
+        store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kk * 0, skt, 0, kpos < T,
+                         DK, DK_A, DK_B)
+        tl.store(dv + b * svb + h * svh + kpos.to(tl.int64)[:, None] * svt + cv[None, :],
+                 dv_acc.to(dv.dtype.element_ty), mask=(kpos < T)[:, None] & (cv[None, :] < DV))
+    else:
+        store_rows_split(dk_part + item * (BS * DK), dk_acc * scale, dk_acc_b * scale, kk, kk * 0, DK, 0,
+                         kk < BS, DK, DK_A, DK_B)
+        tl.store(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :], dv_acc, mask=cv[None, :] < DV)
 
 
 @triton.jit
@@ -195,7 +219,8 @@ def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
                        skb, skt, skh, svb, svt, svh, T, NB,
                        HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
                        DV_PAD: tl.constexpr, BS: tl.constexpr):
-    """dk/dv of one key block: its chunks' partials added in chunk order (0 if never selected)."""
+    """dk/dv of one key block: its chunks' partials added in chunk order (0 if never selected; a
+    block of one chunk was written by the dK/dV kernel)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     group = bh.to(tl.int64) * NB + blk
@@ -206,7 +231,7 @@ def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
     cv = tl.arange(0, DV_PAD)
     dk_acc = tl.zeros([BS, DK_PAD], dtype=tl.float32)
     dv_acc = tl.zeros([BS, DV_PAD], dtype=tl.float32)
-    for i in range(0, count):
+    for i in range(0, tl.where(count == 1, 0, count)):
         item = (first + i).to(tl.int64)
         dk_acc += tl.load(dk_part + item * (BS * DK) + kk[:, None] * DK + ck[None, :],
                           mask=ck[None, :] < DK, other=0.0)
@@ -215,7 +240,8 @@ def _sel_reduce_kernel(dk_part, dv_part, group_first_item, group_items, dk, dv,
     b = (bh // HK).to(tl.int64)
     h = bh % HK
     kpos = (blk * BS + kk).to(tl.int64)
-    ok = kpos < T
+    # (Broadcast before the &: the interpreter rejects a mask built from a 0-d comparison.)
+    ok = (kpos < T) & (kk * 0 + count != 1)
     tl.store(dk + b * skb + h * skh + kpos[:, None] * skt + ck[None, :], dk_acc.to(dk.dtype.element_ty),
              mask=ok[:, None] & (ck[None, :] < DK))
     tl.store(dv + b * svb + h * svh + kpos[:, None] * svt + cv[None, :], dv_acc.to(dv.dtype.element_ty),
@@ -270,8 +296,10 @@ def _common(q, k, v, select_block):
                 DV_PAD=triton.next_power_of_2(dv), BS=select_block, PREC=dot_precision(q.dtype))
 
 
-def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=None, dq=None):
-    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given)."""
+def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=None, dq=None,
+                skip_forced=False):
+    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given; without
+    the forced blocks' share with ``skip_forced``)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _common(q, k, v, select_block)
     backward = do is not None
@@ -297,7 +325,7 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *o.stride()[:3], *lse.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
-                  seq_len=seq_len, max_positions=max_positions, tma=tma, **meta)
+                  SKIP_FORCED=skip_forced, seq_len=seq_len, max_positions=max_positions, tma=tma, **meta)
     return dq if backward else (o, lse)
 
 
@@ -362,10 +390,10 @@ def _dkdv_pass(q, k, v, idx, do, lse, delta, scale, select_block, inverted=None)
     dk_part = torch.empty(items, select_block, meta["DK"], dtype=torch.float32, device=q.device)
     dv_part = torch.empty(items, select_block, meta["DV"], dtype=torch.float32, device=q.device)
     nb = triton.cdiv(seq_len, select_block)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # contiguous like k, v: their strides address them
     _dkdv_kernel(lambda cfg: (items,), q, k, v, do, lse, delta, qpos, item_group, item_start, item_len,
-                 dk_part, dv_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                 *lse.stride(), seq_len, nb, scale * LOG2E, scale, seq_len=seq_len, **meta)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+                 dk_part, dv_part, group_items, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                 *do.stride()[:3], *lse.stride(), seq_len, nb, scale * LOG2E, scale, seq_len=seq_len, **meta)
     _sel_reduce_kernel[(nb, batch * meta["HK"])](
         dk_part, dv_part, group_first, group_items, dk, dv, *dk.stride()[:3], *dv.stride()[:3],
         seq_len, nb, HK=meta["HK"], DK=meta["DK"], DV=meta["DV"],
@@ -406,9 +434,14 @@ def selected_attention_backward(q, k, v, idx, lse, do, delta, select_block: int,
     return dq, dk, dv
 
 
-def selected_attention_backward_dq(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None):
-    """The ``dq`` of :func:`selected_attention_backward` alone (its query pass)."""
-    return _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq)
+def selected_attention_backward_dq(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None,
+                                   skip_forced: bool = False):
+    """The ``dq`` of :func:`selected_attention_backward` alone (its query pass); ``skip_forced``
+    leaves out the forced blocks 0, ``c - 1``, ``c`` (lists as :func:`nsa.ops.select_blocks`
+    returns them: ascending, forced blocks included; their share then comes from the window's
+    dq pass)."""
+    return _query_pass(q, k, v, idx, scale, select_block, lse=lse, do=do, delta=delta, dq=dq,
+                       skip_forced=skip_forced)
 
 
 def selected_attention_backward_dkdv(q, k, v, idx, lse, do, delta, select_block: int, scale: float,

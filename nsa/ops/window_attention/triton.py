@@ -11,6 +11,7 @@ has one writer, so results are deterministic.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,34 +35,47 @@ from nsa.ops.triton_common import (
     split_dim,
     store_or_add_rows_split,
     store_rows,
-    store_rows_split,
 )
 
 
 @triton.jit
 def _query_tiles(qa, qb, k_base, v_base, descs, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
-                 acc_b, lse2, delta_t, do_t, DK: tl.constexpr, DV: tl.constexpr, DK_A: tl.constexpr,
-                 DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
-                 BACKWARD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+                 acc_b, lse2, delta_t, do_t, sel_lo, sel_hi, lse2_b, delta_b, DK: tl.constexpr, DV: tl.constexpr,
+                 DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
+                 MASKED: tl.constexpr, BACKWARD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                 SECOND: tl.constexpr):
     for k0 in range(lo, hi, BN):
         kpos = k0 + tl.arange(0, BN)
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
+        # Selection's forced blocks (SECOND; see _win_query_kernel): keys sel_lo .. sel_hi of a row.
+        forced = (kpos[None, :] >= sel_lo[:, None]) & (kpos[None, :] <= sel_hi[:, None])
         m_i, l_i, acc, acc_b = attend_keys_at(k0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt,
                                               qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK, DV,
-                                              DK_A, DK_B, DV_PAD, BN, PREC, BACKWARD, MASKED, TMA)
+                                              DK_A, DK_B, DV_PAD, BN, PREC, BACKWARD, MASKED, TMA,
+                                              (forced, lse2_b, delta_b), SECOND)
     return m_i, l_i, acc, acc_b
 
 
 @triton.jit
-def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc,
+def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, k_desc_b, v_desc,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                       T, W, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
                       BACKWARD: tl.constexpr, DQ_ADD: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+                      BLOCK_M: tl.constexpr, TMA: tl.constexpr, SECOND: tl.constexpr, BS: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq, over the key tiles of the tile's band (with ``TMA``
-    loaded through the tensor descriptors ``k_desc_a, k_desc_b, v_desc``)."""
+    loaded through the tensor descriptors ``k_desc_a, k_desc_b, v_desc``).
+
+    With ``SECOND`` (backward only) the dq of selection attention's forced blocks is added too,
+    with selection's ``lse_b, delta_b`` (strided like ``lse``) over the same ``q, k, v, dO``
+    (selection and window read one key/value tensor, and every branch the gated sum's ``dO``):
+    the local blocks ``c - 1, c`` (keys ``BS * (t // BS - 1) .. t`` of the row at ``t``) in the
+    tiles the window walks anyway, where the scores and ``dO V^T`` serve both branches
+    (:func:`softmax_grad`; the launcher requires ``W >= 2 * BS``, so that those keys lie in every
+    row's window), and block 0 in one more walk over its keys (for rows where it is not local)
+    with selection's softmax alone: loaded once for the tile's ``BLOCK_M`` rows, where
+    selection's walk loads it per position."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     descs = (k_desc_a, k_desc_b, v_desc, pid_bh // HK, pid_bh % HK)
@@ -79,12 +93,18 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
         acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
+        if SECOND:
+            lse2_b = tl.load(lse_b + lse_rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta_bt = tl.load(delta_b + lse_rows, mask=row_ok, other=0.0)
+        else:
+            lse2_b, delta_bt = lse2, delta_t  # unused
     else:
         do_t = qa
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         delta_t = lse2
         acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
         acc_b = acc
+        lse2_b, delta_bt = lse2, delta_t  # unused
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_last = tl.minimum(t0 + BT, T) - 1
@@ -95,16 +115,34 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc
     full_lo = tl.minimum(tl.cdiv(tl.maximum(t_last - W + 1, 0), BN) * BN, end_tiles)
     full_hi = tl.maximum((t0 + 1) // BN * BN, full_lo)
     # Three runs of key tiles: lower edge (masked), interior (unmasked), diagonal edge (masked).
-    for run in tl.static_range(3):
-        if run == 0:
-            tiles_lo, tiles_hi = lo, full_lo
-        elif run == 1:
-            tiles_lo, tiles_hi = full_lo, full_hi
-        else:
-            tiles_lo, tiles_hi = full_hi, end
-        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, tiles_lo, tiles_hi, row_pos, T, W,
-                                            skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, DK,
-                                            DV, DK_A, DK_B, DV_PAD, BN, run != 1, BACKWARD, PREC, TMA)
+    # With SECOND the last run starts at the tile of the first row's local blocks instead (at
+    # or below full_hi), so that it holds every key any row reads as a local one.
+    local_lo = BS * (row_pos // BS - 1)
+    split = full_hi
+    if SECOND:
+        split = tl.maximum(tl.maximum(BS * (t0 // BS - 1), 0) // BN * BN, lo)
+    interior_lo = tl.minimum(full_lo, split)
+    m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, lo, interior_lo, row_pos, T, W, skt,
+                                        svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo,
+                                        row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, True,
+                                        BACKWARD, PREC, TMA, False)
+    m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, interior_lo, split, row_pos, T, W, skt,
+                                        svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo,
+                                        row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, False,
+                                        BACKWARD, PREC, TMA, False)
+    m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, split, end, row_pos, T, W, skt, svt,
+                                        qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo, row_pos,
+                                        lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, True, BACKWARD, PREC,
+                                        TMA, SECOND)
+    if SECOND:
+        # Block 0 for the rows where it is not local (t >= 2 BS): selection's share alone, as the
+        # walk's one softmax (selection's lse and delta) over keys 0 .. min(t, BS - 1): the row
+        # positions given are those last keys (-1: none), the window T + BS wide (no lower edge).
+        block0_last = tl.where(row_pos >= 2 * BS, tl.minimum(row_pos, BS - 1), -1)
+        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, 0, BS, block0_last, T, T + BS, skt,
+                                            svt, qk_scale, m_i, l_i, acc, acc_b, lse2_b, delta_bt, do_t,
+                                            local_lo, row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN,
+                                            True, BACKWARD, PREC, TMA, False)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -120,9 +158,12 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
                      T, W, qk_scale, scale,
                      HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
-                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_AS_M: tl.constexpr):
+                     PREC: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_AS_M: tl.constexpr,
+                     ADD: tl.constexpr):
     """dk, dv of one key tile over the positions k0 .. k0 + BN - 2 + W that read it; with
-    ``KEYS_AS_M`` its dots take the key tile as M (see :func:`softmax_grad_keys`)."""
+    ``KEYS_AS_M`` its dots take the key tile as M (see :func:`softmax_grad_keys`). With ``ADD``
+    they are added to what ``dk, dv`` hold (another branch's gradients of the same keys/values,
+    added in float32, rounded once)."""
     k0 = tl.program_id(0) * BN
     pid_bh = tl.program_id(1)
     b = (pid_bh // HK).to(tl.int64)
@@ -140,6 +181,9 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
     # fewer masks but pipelined three loops: 36 asynchronous copies and 40 bytes of spills per
     # thread against 12 and 24 (sm_90, Triton 3.6, 32 rows x 128 keys); H100, twentieth session:
     # 64k 7.29 -> 6.08 ms at 64/4 heads, 1.70 -> 1.57 at 16/4, 8k 0.92 -> 0.77, outputs bitwise equal.
+    # (Selection's local blocks are not taken on here as in the query kernel: a second
+    # walk over their readers with selection's lse made this pass 6.1 -> 8.0-8.7 ms at 64k 64/4,
+    # more than the 1.25 ms their share costs selection's own dK/dV pass; twenty-first session.)
     q_base, do_base, lse_base, delta_base = q + b * sqb, do + b * sob, lse + b * slb, delta + b * slb
     for p0 in range(k0, end, BT):
         row_pos = p0 + r // G
@@ -157,12 +201,10 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
                                              qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True, KEYS_AS_M)
     kvalid = kpos < T
     # dk/dv are allocated like k/v (empty_like of contiguous tensors), so k's strides address dk.
-    store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
-                     kvalid, DK, DK_A, DK_B)
-    cv = tl.arange(0, DV_PAD)
-    kp = kpos.to(tl.int64)[:, None]
-    tl.store(dv + b * svb + h * svh + kp * svt + cv[None, :], dv_acc.to(dv.dtype.element_ty),
-             mask=kvalid[:, None] & (cv[None, :] < DV))
+    store_or_add_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kpos * 0, skt, 0,
+                            kvalid, DK, DK_A, DK_B, ADD)
+    store_or_add_rows_split(dv + b * svb + h * svh, dv_acc, dv_acc, kpos, kpos * 0, svt, 0, kvalid, DV,
+                            DV_PAD, 0, ADD)
 
 
 # (rows, warps, stages[, constexprs]); the first of each list won scripts/gpu/tune_kernels.py
@@ -181,7 +223,7 @@ TMA_OPTIONS = [(64, 4, 2, {"TMA": True}), (128, 8, 2, {"TMA": True}), (128, 8, 3
                (64, 4, 3, {"BN": 32, "TMA": True})]
 _query_kernel = GroupTunedKernel(_win_query_kernel,
                                  [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32}), *TMA_OPTIONS],
-                                 key=["G", "DK", "DV", "BACKWARD"], extra={"BN": 64, "TMA": False},
+                                 key=["G", "DK", "DV", "BACKWARD", "SECOND"], extra={"BN": 64, "TMA": False},
                                  pre_hook=functools.partial(set_kv_tile_rows, rows="BN",
                                                             names=("k_desc_a", "k_desc_b", "v_desc")),
                                  restore_value=["dq"])
@@ -192,11 +234,24 @@ _query_kernel = GroupTunedKernel(_win_query_kernel,
 # against 0.29). (32, 4, 3) and (64, 4, 2) stay for the head dims not swept (192/128), and
 # (32, 8, 2), never the fastest, as the option that spills nothing (the compile suite's rule: the
 # first option spills 72 bytes per thread under Triton 3.9, 40 under 3.6 in the three-run walk;
-# none and 24 since the single masked loop).
+# none and 24 since the single masked loop). With ADD it adds to dk/dv in place: autotuning
+# restores them after each timed launch.
 _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(32, 8, 3, {"KEYS_AS_M": True, "BN": 128}),
                                                    (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 3), (64, 4, 2),
                                                    (32, 8, 2)],
-                                key=["G", "DK", "DV"], extra={"BN": 64, "KEYS_AS_M": False})
+                                key=["G", "DK", "DV", "ADD"], extra={"BN": 64, "KEYS_AS_M": False},
+                                restore_value=["dk", "dv"])
+
+
+class SelectionForcedBlocks(NamedTuple):
+    """Selection attention's forced blocks (0, ``c - 1`` and ``c`` of the query at ``t``, ``c = t //
+    block``), whose dq share the window's dq pass takes on where both branches read one
+    key/value tensor (see :func:`_win_query_kernel`): selection's ``lse`` and ``delta`` (float32
+    ``[B, T, HQ]``, strided like the window's) and its block length."""
+
+    lse: torch.Tensor
+    delta: torch.Tensor
+    block: int
 
 
 def _meta(q, k, v):
@@ -207,8 +262,23 @@ def _meta(q, k, v):
                 DV_PAD=triton.next_power_of_2(dv), PREC=dot_precision(q.dtype))
 
 
-def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=None):
-    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given)."""
+def _forced_args(forced: SelectionForcedBlocks | None, lse: torch.Tensor, delta: torch.Tensor, window: int):
+    """``(lse_b, delta_b, SECOND, BS)`` of the query kernel for ``forced`` (placeholders for ``None``)."""
+    if forced is None:
+        return lse, delta, False, 16
+    if window < 2 * forced.block:
+        raise ValueError(f"forced: selection's local blocks (2 x {forced.block} keys) must lie in the window, "
+                         f"got window={window}; accepted: window >= {2 * forced.block}")
+    for name, x in (("lse", forced.lse), ("delta", forced.delta)):
+        if x.shape != lse.shape or x.stride() != lse.stride() or x.dtype != torch.float32:
+            raise ValueError(f"forced.{name}: float32 shaped and strided like the window's lse {tuple(lse.shape)} "
+                             f"{lse.stride()}, got {x.dtype} {tuple(x.shape)} {x.stride()}")
+    return forced.lse, forced.delta, True, forced.block
+
+
+def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=None, forced=None):
+    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given; with
+    ``forced``, selection's forced-block share added too)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _meta(q, k, v)
     backward = do is not None
@@ -220,6 +290,7 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
         o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
+    lse_b, delta_b, second, select_block = _forced_args(forced, lse, delta, window)
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
@@ -227,24 +298,31 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
     # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
     descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"],
                                 _query_kernel.reads_descriptors())
-    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, *(descs or (k, k, v)), *q.stride()[:3],
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, lse_b, delta_b, *(descs or (k, k, v)), *q.stride()[:3],
                   *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window,
-                  scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, seq_len=seq_len,
-                  tma=descs is not None, **meta)
+                  scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, SECOND=second, BS=select_block,
+                  seq_len=seq_len, tma=descs is not None, **meta)
     return dq if backward else (o, lse)
 
 
-def _dkdv_pass(q, k, v, do, lse, delta, window, scale):
+def _dkdv_pass(q, k, v, do, lse, delta, window, scale, add_to=None):
     batch, seq_len = q.shape[:2]
     meta = _meta(q, k, v)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if add_to is None:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    else:
+        dk, dv = add_to
+        for name, grad, like in (("dk", dk, k), ("dv", dv, v)):
+            if (grad.shape, grad.dtype, grad.stride()) != (like.shape, like.dtype, like.stride()):
+                raise ValueError(f"add_to: {name} must be shaped, typed and strided like {tuple(like.shape)} "
+                                 f"{like.dtype} {like.stride()}, got {tuple(grad.shape)} {grad.dtype} {grad.stride()}")
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BN"]), batch * meta["HK"])
 
-    _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
-                 *v.stride()[:3], *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E,
-                 scale, seq_len=seq_len, **meta)
+    _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                 *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E, scale, ADD=add_to is not None,
+                 seq_len=seq_len, **meta)
     return dk, dv
 
 
@@ -274,9 +352,23 @@ def window_attention_backward(q, k, v, lse, do, delta, window: int, scale: float
     """``dq, dk, dv`` (no autograd) from contiguous ``q, k, v``, ``do`` (strided like the output),
     ``lse`` and ``delta`` float32 ``[B, T, HQ]`` (:func:`softmax_delta`'s). With ``dq`` given the
     query gradient is added to it in place (a float32 sum rounded once) and returned."""
-    dq = _query_pass(q, k, v, window, scale, lse=lse, do=do, delta=delta, dq=dq)
-    dk, dv = _dkdv_pass(q, k, v, do, lse, delta, window, scale)
+    dq = window_attention_backward_dq(q, k, v, lse, do, delta, window, scale, dq=dq)
+    dk, dv = window_attention_backward_dkdv(q, k, v, lse, do, delta, window, scale)
     return dq, dk, dv
+
+
+def window_attention_backward_dq(q, k, v, lse, do, delta, window: int, scale: float, dq=None,
+                                 forced: SelectionForcedBlocks | None = None):
+    """The ``dq`` of :func:`window_attention_backward` alone; with ``forced``, selection attention's
+    share from its forced blocks added (``window >= 2 * forced.block``; same ``q, k, v, do``)."""
+    return _query_pass(q, k, v, window, scale, lse=lse, do=do, delta=delta, dq=dq, forced=forced)
+
+
+def window_attention_backward_dkdv(q, k, v, lse, do, delta, window: int, scale: float, add_to=None):
+    """The ``dk, dv`` of :func:`window_attention_backward` alone; with ``add_to = (dk, dv)`` (another
+    branch's gradients of the same ``k, v``, laid out like them) added to those in place, which
+    are returned."""
+    return _dkdv_pass(q, k, v, do, lse, delta, window, scale, add_to)
 
 
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
