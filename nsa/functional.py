@@ -26,6 +26,9 @@ class NSAInfo:
         backend: the backend that ran (``"reference"`` or ``"triton"``).
         backend_reason: why that backend was chosen.
         gate_stats: ``{branch: (mean, std)}`` of the gates over the batch.
+        backward_path: what the backward shares between branches: for the Triton backend
+            :func:`nsa.ops.triton_nsa.shared_kv_backward`'s reason (a negative gate, found in the
+            backward, keeps selection's forced blocks in its own dq pass); empty for the reference.
     """
 
     selected_blocks: torch.Tensor
@@ -33,6 +36,7 @@ class NSAInfo:
     backend: str
     backend_reason: str
     gate_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    backward_path: str = ""
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -163,10 +167,16 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     if not return_info:
         return out
     g = gates.detach().float()
+    backward_path = ""
+    if name == "triton":
+        from nsa.ops.triton_nsa import shared_kv_backward
+
+        backward_path = shared_kv_backward(k_slc, v_slc, k_win, v_win, config)[2]
     info = NSAInfo(
         selected_blocks=blocks, reads=reads, backend=name, backend_reason=reason,
         gate_stats={b: (g[..., i].mean().item(), g[..., i].std().item() if g[..., i].numel() > 1 else 0.0)
                     for i, b in enumerate(BRANCHES)},
+        backward_path=backward_path,
     )
     return out, info
 
@@ -194,9 +204,13 @@ def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_
             k_cmp, v_cmp = _mean_pooled(k[:, piece], v[:, piece], config)
         else:
             k_cmp, v_cmp = (t[:, cmp_start:cmp_end] for t in compressed_kv)
-        o, sel, rd = run_backend(name, q[:, piece], k_cmp, v_cmp, k_slc[:, piece], v_slc[:, piece],
-                                 k_win[:, piece], v_win[:, piece], gates[:, piece], config, scale=scale,
-                                 with_reads=with_reads)
+        # One slice of a tensor both branches read, so that they still read one (the Triton
+        # backward then shares work between them: nsa.ops.triton_nsa.shared_kv_backward).
+        k_slc_piece, v_slc_piece = k_slc[:, piece], v_slc[:, piece]
+        k_win_piece = k_slc_piece if k_win is k_slc else k_win[:, piece]
+        v_win_piece = v_slc_piece if v_win is v_slc else v_win[:, piece]
+        o, sel, rd = run_backend(name, q[:, piece], k_cmp, v_cmp, k_slc_piece, v_slc_piece, k_win_piece,
+                                 v_win_piece, gates[:, piece], config, scale=scale, with_reads=with_reads)
         outputs.append(o)
         blocks.append(sel)
         if with_reads:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tile_options import option_id, option_pairs, pinned
 
 from nsa import NSAConfig
 from nsa.ops import triton_nsa
@@ -18,7 +19,6 @@ from nsa.ops.selection.triton import select_blocks_triton
 from nsa.ops.triton_nsa import nsa_triton
 from nsa.ops.window_attention import triton as triton_window
 from nsa.ops.window_attention.triton import window_attention_triton
-from tile_options import option_id, option_pairs, pinned
 
 
 def _branch_ops(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, c: NSAConfig):
@@ -91,8 +91,8 @@ def test_fused_backward_equals_branch_ops_and_reference(seq_len, heads, kv_heads
 @pytest.mark.parametrize("seq_len,heads,kv_heads,dims,window,forced,signed_gates",
                          [(72, 4, 1, (16, 16), 40, True, False), (70, 16, 1, (16, 16), 32, True, False),
                           (50, 6, 2, (32, 16), 20, False, False), (50, 6, 2, (32, 16), 36, True, True)])
-def test_one_kv_for_selection_and_window(seq_len, heads, kv_heads, dims, window, forced, signed_gates, schedule,
-                                         monkeypatch):
+def test_one_kv_for_selection_and_window(seq_len, heads, kv_heads, dims, window, forced, signed_gates,
+                                         schedule, monkeypatch):
     monkeypatch.setattr(triton_nsa, "BACKWARD_SCHEDULE", schedule)
     check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, signed_gates)
 
@@ -111,7 +111,8 @@ def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, si
     against the branch ops' autograd and the float64 reference; ``forced``: whether the config lets
     the window's dq pass take selection's forced blocks (a negative gate keeps them in selection's)."""
     c = NSAConfig(num_heads=heads, num_kv_heads=kv_heads, head_dim=dims[0], v_head_dim=dims[1],
-                  compress_block=8, compress_stride=4, select_block=16, select_count=4, window=window, phi="mean")
+                  compress_block=8, compress_stride=4, select_block=16, select_count=4, window=window,
+                  phi="mean")
     gen = torch.Generator().manual_seed(seq_len + window)
     q = torch.randn(1, seq_len, heads, dims[0], generator=gen)
     k, v = (torch.randn(1, seq_len, kv_heads, d, generator=gen) for d in dims)
@@ -122,7 +123,8 @@ def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, si
     assert triton_nsa.shared_kv_backward(k, v, k, v, c)[:2] == (True, forced)
 
     passes = []
-    window_dq, window_dkdv = triton_nsa.window_attention_backward_dq, triton_nsa.window_attention_backward_dkdv
+    window_dq = triton_nsa.window_attention_backward_dq
+    window_dkdv = triton_nsa.window_attention_backward_dkdv
 
     def spy_dq(*args, dq=None, forced=None):
         passes.append(("dq", forced is not None))
@@ -166,9 +168,8 @@ def test_shared_kv_backward_needs_one_kv_and_for_forced_blocks_a_window_of_two(m
     assert triton_nsa.shared_kv_backward(k, v, k.clone(), v, c) == (
         False, False, "selection and window read different key/value tensors")
     narrow = NSAConfig(num_heads=2, num_kv_heads=1, head_dim=16, select_block=64, window=127)
-    assert triton_nsa.shared_kv_backward(k, v, k, v, narrow) == (
-        True, False, "one key/value tensor; selection's forced blocks in its own dq pass: window=127 < 2 x "
-        "select_block=64")
+    why = "one key/value tensor; selection's forced blocks in its own dq pass: window=127 < 2 x select_block=64"
+    assert triton_nsa.shared_kv_backward(k, v, k, v, narrow) == (True, False, why)
     monkeypatch.setattr(triton_nsa, "SHARED_KV_BACKWARD", False)
     assert triton_nsa.shared_kv_backward(k, v, k, v, c)[:2] == (False, False)
     with pytest.raises(ValueError, match="forced_in_window: needs one_kv"):
@@ -214,3 +215,31 @@ def test_unknown_backward_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule: 'both-beside' is not one of"):
         triton_nsa.branch_backward(*[None] * 11, NSAConfig(num_heads=2, num_kv_heads=1, head_dim=16), 1.0,
                                    schedule="both-beside")
+
+
+def test_info_names_the_backward_sharing_and_packed_pieces_keep_one_kv(monkeypatch):
+    from nsa.functional import nsa_attention
+
+    c = NSAConfig(num_heads=4, num_kv_heads=1, head_dim=16, compress_block=8, compress_stride=4,
+                  select_block=16, select_count=3, window=32, phi="mean")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 40, 4, 16, generator=gen)
+    k, v = torch.randn(1, 40, 1, 16, generator=gen), torch.randn(1, 40, 1, 16, generator=gen)
+    gates = torch.rand(1, 40, 4, 3, generator=gen)
+    cu_seqlens = torch.tensor([0, 17, 40])
+    decided = []
+    decide = triton_nsa.shared_kv_backward
+
+    def spy(*args):
+        decided.append(decide(*args)[0])
+        return decide(*args)
+
+    monkeypatch.setattr(triton_nsa, "shared_kv_backward", spy)
+    _, info = nsa_attention(q, k, v, gates, c, backend="triton", cu_seqlens=cu_seqlens, return_info=True)
+    # Both pieces' nodes (and the info) saw one k, v for selection and window.
+    assert decided == [True, True, True]
+    assert info.backward_path == "one key/value tensor: selection's forced blocks in the window's dq pass"
+    _, info = nsa_attention(q, k, v, gates, c, backend="triton", window_kv=(k.clone(), v), return_info=True)
+    assert info.backward_path == "selection and window read different key/value tensors"
+    _, info = nsa_attention(q, k, v, gates, c, backend="reference", return_info=True)
+    assert info.backward_path == ""

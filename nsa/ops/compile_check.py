@@ -26,12 +26,13 @@ from dataclasses import asdict, dataclass
 # "-forced": the dq passes as they run where selection and window read one key/value tensor
 # (selection's without its forced blocks, the window's with them; nsa.ops.triton_nsa.branch_backward).
 KERNELS = ("compressed-fwd", "compressed-dkdv", "compressed-dq", "selection-scoring", "selected-fwd",
-           "selected-dq", "selected-dq-forced", "selected-dkdv", "window-fwd", "window-dq", "window-dq-forced",
-           "window-dkdv")
+           "selected-dq", "selected-dq-forced", "selected-dkdv", "window-fwd", "window-dq",
+           "window-dq-forced", "window-dkdv")
 # Pointer arguments by name, across the kernels' naming conventions; every other argument is an
 # int32 unless it is a float scale or a constexpr.
 DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "q", "k", "v", "o", "do", "dq", "dk", "dv"}
-FP32_POINTERS = {"LSE", "DELTA", "DK_PART", "DV_PART", "lse", "delta", "dk_part", "dv_part", "lse_b", "delta_b"}
+FP32_POINTERS = {"LSE", "DELTA", "DK_PART", "DV_PART", "lse", "delta", "dk_part", "dv_part", "lse_b",
+                 "delta_b"}
 INT32_POINTERS = {"idx", "qpos", "item_group", "item_start", "item_len", "group_items"}
 INT64_POINTERS = {"OUT"}
 FLOATS = {"qk_scale", "scale"}

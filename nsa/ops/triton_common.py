@@ -396,8 +396,8 @@ def dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t, qk_sc
     """
     if KEYS_AS_M:
         s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
-        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED, second,
-                                         SECOND)
+        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED,
+                                         second, SECOND)
     else:
         s = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
         p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED, second, SECOND)
@@ -575,7 +575,8 @@ def attend_keys_at(row0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, s
                            PREC, BACKWARD, MASKED, second, SECOND)
     else:
         return attend_keys(kpos, allowed, qa, qb, k_base, v_base, T, skt, svt, qk_scale, m_i, l_i, acc, acc_b,
-                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, MASKED, second, SECOND)
+                           lse2, delta, do, DK, DV, DK_A, DK_B, DV_PAD, PREC, BACKWARD, MASKED, second,
+                           SECOND)
 
 
 @triton.jit

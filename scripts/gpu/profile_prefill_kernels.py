@@ -89,7 +89,8 @@ def main() -> None:
                         help="comma list of backward schedules: " + ", ".join(triton_nsa.BACKWARD_SCHEDULES))
     parser.add_argument("--tma-loads", default="on", help="comma list: on, off (TMA tile loads, see above)")
     parser.add_argument("--one-kv", default="on",
-                        help="comma list: on, off (the backward's work shared by selection and window, see above)")
+                        help="comma list: on, off (the backward's work shared by selection and window, "
+                             "see above)")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
     gate_paths, schedules, tma = args.gate_paths.split(","), args.schedules.split(","), args.tma_loads.split(",")

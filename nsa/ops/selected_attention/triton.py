@@ -13,8 +13,8 @@ dk/dv (deterministic, no atomics): the selections are inverted on the GPU (one s
 positions that selected it. The list is cut into chunks of ``CHUNK`` positions; one program per
 chunk loads its key block once and accumulates over the chunk's queries in list order, writing
 fp32 partial sums (or, for a block of one chunk, its dk/dv); a second kernel adds each block's
-partials in chunk order. Same inputs, same bits. Block 0 (forced for every query) is what the chunking balances: it would otherwise be one
-program over all ``T`` queries.
+partials in chunk order. Same inputs, same bits. Block 0 (forced for every query) is what the
+chunking balances: it would otherwise be one program over all ``T`` queries.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         listed_before = tl.zeros([BT * N_PAD], dtype=tl.int32)
         for earlier in tl.static_range(0, BT - 1):
             earlier_pos = tl.minimum(t0 + earlier, T - 1)
-            earlier_list = tl.load(idx_base + earlier_pos.to(tl.int64) * sit + slot, mask=slot < NSEL, other=-1)
+            earlier_list = tl.load(idx_base + earlier_pos.to(tl.int64) * sit + slot, mask=slot < NSEL,
+                                   other=-1)
             if SKIP_FORCED:
                 # (A block local to an earlier position may be another one's non-local pick.)
                 earlier_list = tl.where((earlier_list == 0) | (earlier_list >= earlier_pos // BS - 1), -1,
@@ -204,8 +205,8 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         # Most blocks at long T (those past the first few hundred) have one chunk: rounded once
         # into dk/dv here, no float32 partials written and read back. (The spare items past the
         # last, of length 0, name the last group too: they must not write its dk/dv.)
-        store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kk * 0, skt, 0, kpos < T,
-                         DK, DK_A, DK_B)
+        store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kk * 0, skt, 0,
+                         kpos < T, DK, DK_A, DK_B)
         tl.store(dv + b * svb + h * svh + kpos.to(tl.int64)[:, None] * svt + cv[None, :],
                  dv_acc.to(dv.dtype.element_ty), mask=(kpos < T)[:, None] & (cv[None, :] < DV))
     else:

@@ -40,10 +40,10 @@ from nsa.ops.triton_common import (
 
 @triton.jit
 def _query_tiles(qa, qb, k_base, v_base, descs, lo, hi, row_pos, T, W, skt, svt, qk_scale, m_i, l_i, acc,
-                 acc_b, lse2, delta_t, do_t, sel_lo, sel_hi, lse2_b, delta_b, DK: tl.constexpr, DV: tl.constexpr,
-                 DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr, BN: tl.constexpr,
-                 MASKED: tl.constexpr, BACKWARD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                 SECOND: tl.constexpr):
+                 acc_b, lse2, delta_t, do_t, sel_lo, sel_hi, lse2_b, delta_b, DK: tl.constexpr,
+                 DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, DV_PAD: tl.constexpr,
+                 BN: tl.constexpr, MASKED: tl.constexpr, BACKWARD: tl.constexpr, PREC: tl.constexpr,
+                 TMA: tl.constexpr, SECOND: tl.constexpr):
     for k0 in range(lo, hi, BN):
         kpos = k0 + tl.arange(0, BN)
         allowed = (kpos[None, :] <= row_pos[:, None]) & (kpos[None, :] > row_pos[:, None] - W)
@@ -131,9 +131,9 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, 
                                         row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, False,
                                         BACKWARD, PREC, TMA, False)
     m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, split, end, row_pos, T, W, skt, svt,
-                                        qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo, row_pos,
-                                        lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, True, BACKWARD, PREC,
-                                        TMA, SECOND)
+                                        qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo,
+                                        row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, True,
+                                        BACKWARD, PREC, TMA, SECOND)
     if SECOND:
         # Block 0 for the rows where it is not local (t >= 2 BS): selection's share alone, as the
         # walk's one softmax (selection's lse and delta) over keys 0 .. min(t, BS - 1): the row
@@ -141,8 +141,8 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, 
         block0_last = tl.where(row_pos >= 2 * BS, tl.minimum(row_pos, BS - 1), -1)
         m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, 0, BS, block0_last, T, T + BS, skt,
                                             svt, qk_scale, m_i, l_i, acc, acc_b, lse2_b, delta_bt, do_t,
-                                            local_lo, row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN,
-                                            True, BACKWARD, PREC, TMA, False)
+                                            local_lo, row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD,
+                                            BN, True, BACKWARD, PREC, TMA, False)
     if BACKWARD:
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
@@ -267,12 +267,13 @@ def _forced_args(forced: SelectionForcedBlocks | None, lse: torch.Tensor, delta:
     if forced is None:
         return lse, delta, False, 16
     if window < 2 * forced.block:
-        raise ValueError(f"forced: selection's local blocks (2 x {forced.block} keys) must lie in the window, "
-                         f"got window={window}; accepted: window >= {2 * forced.block}")
+        raise ValueError(f"forced: selection's local blocks (2 x {forced.block} keys) must lie in the "
+                         f"window, got window={window}; accepted: window >= {2 * forced.block}")
     for name, x in (("lse", forced.lse), ("delta", forced.delta)):
         if x.shape != lse.shape or x.stride() != lse.stride() or x.dtype != torch.float32:
-            raise ValueError(f"forced.{name}: float32 shaped and strided like the window's lse {tuple(lse.shape)} "
-                             f"{lse.stride()}, got {x.dtype} {tuple(x.shape)} {x.stride()}")
+            raise ValueError(f"forced.{name}: float32 shaped and strided like the window's lse "
+                             f"{tuple(lse.shape)} {lse.stride()}, got {x.dtype} {tuple(x.shape)} "
+                             f"{x.stride()}")
     return forced.lse, forced.delta, True, forced.block
 
 
@@ -298,10 +299,10 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
     # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
     descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"],
                                 _query_kernel.reads_descriptors())
-    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, lse_b, delta_b, *(descs or (k, k, v)), *q.stride()[:3],
-                  *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len, window,
-                  scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, SECOND=second, BS=select_block,
-                  seq_len=seq_len, tma=descs is not None, **meta)
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, lse_b, delta_b, *(descs or (k, k, v)),
+                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len,
+                  window, scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, SECOND=second,
+                  BS=select_block, seq_len=seq_len, tma=descs is not None, **meta)
     return dq if backward else (o, lse)
 
 
@@ -315,14 +316,15 @@ def _dkdv_pass(q, k, v, do, lse, delta, window, scale, add_to=None):
         for name, grad, like in (("dk", dk, k), ("dv", dv, v)):
             if (grad.shape, grad.dtype, grad.stride()) != (like.shape, like.dtype, like.stride()):
                 raise ValueError(f"add_to: {name} must be shaped, typed and strided like {tuple(like.shape)} "
-                                 f"{like.dtype} {like.stride()}, got {tuple(grad.shape)} {grad.dtype} {grad.stride()}")
+                                 f"{like.dtype} {like.stride()}, got {tuple(grad.shape)} {grad.dtype} "
+                                 f"{grad.stride()}")
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BN"]), batch * meta["HK"])
 
     _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                 *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E, scale, ADD=add_to is not None,
-                 seq_len=seq_len, **meta)
+                 *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E, scale,
+                 ADD=add_to is not None, seq_len=seq_len, **meta)
     return dk, dv
 
 
