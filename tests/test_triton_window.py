@@ -88,3 +88,17 @@ def test_tma_loads_match_naive(option, group, dk):
     past one sequence's end reads zeros, not the next) and a split head dim (48 = 32 + 16)."""
     check_pinned_against_naive((triton_window._query_kernel,), (option,), group=group, dk=dk, batch=2, num_kv=2,
                                seed=group + dk)
+
+
+def test_backward_passes_refuse_a_forced_share_or_gradients_they_cannot_take():
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16)
+    lse, delta, do = torch.zeros(1, 8, 2), torch.zeros(1, 8, 2), torch.randn(1, 8, 2, 16)
+    forced = triton_window.SelectionForcedBlocks(lse, delta, 16)
+    with pytest.raises(ValueError, match=r"must lie in the window, got window=31; accepted: window >= 32"):
+        triton_window.window_attention_backward_dq(q, k, v, lse, do, delta, 31, 0.25, forced=forced)
+    wide = triton_window.SelectionForcedBlocks(lse.double(), delta, 16)
+    with pytest.raises(ValueError, match=r"forced.lse: float32 shaped and strided like the window's lse"):
+        triton_window.window_attention_backward_dq(q, k, v, lse, do, delta, 32, 0.25, forced=wide)
+    with pytest.raises(ValueError, match=r"add_to: dv must be shaped, typed and strided like \(1, 8, 1, 16\)"):
+        triton_window.window_attention_backward_dkdv(q, k, v, lse, do, delta, 32, 0.25,
+                                                     add_to=(torch.zeros_like(k), torch.zeros(1, 8, 1, 8)))

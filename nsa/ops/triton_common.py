@@ -340,8 +340,9 @@ def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.
 
     With ``SECOND``, ``second = (mask, lse2_b, delta_b)`` is another softmax over the same
     scores and values (another branch reading the keys in ``mask`` with the same ``q, k, v, dO``,
-    its own lse and delta): its ``p`` and ``ds`` are added, so that one ``dp`` product and one
-    dq/dk/dv product serve both (see :func:`nsa.ops.triton_nsa.branch_backward`).
+    its own lse and delta): its ``ds`` is added (``p`` stays the first's), so that one ``dp``
+    product and one dq product serve both (the window's dq pass:
+    :func:`nsa.ops.triton_nsa.branch_backward`).
     """
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -352,13 +353,11 @@ def softmax_grad(s, allowed, lse2, delta, do, v, PREC: tl.constexpr, MASKED: tl.
         mask_b, lse2_b, delta_b = second
         p_b = tl.where(mask_b, tl.exp2(s - lse2_b[:, None]), 0.0)
         ds += p_b * (dp - delta_b[:, None])
-        p += p_b
     return p, ds
 
 
 @triton.jit
-def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.constexpr, MASKED: tl.constexpr,
-                      second=None, SECOND: tl.constexpr = False):
+def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.constexpr, MASKED: tl.constexpr):
     """:func:`softmax_grad` with keys as rows, for dK/dV programs that own a key tile:
     ``s_t = k @ q^T`` ([N, M], base 2) gives ``ds_t`` [N, M] and ``dv_acc + p_t @ do``.
 
@@ -366,18 +365,11 @@ def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.const
     to the tensor cores straight from the accumulator layout, where ``tl.trans(p) @ do`` needs
     a transpose through shared memory; and a key tile of 64 or more is the M Hopper's warp-group
     MMA wants. (The dV update comes before ``dp_t``: compiled for sm_90 the other order spills
-    more in compressed attention's dK/dV.) ``second``: as :func:`softmax_grad`'s, its mask
-    ``[N, M]``.
+    more in compressed attention's dK/dV.)
     """
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASKED:
         p_t = tl.where(allowed_t, p_t, 0.0)
-    if SECOND:
-        mask_b, lse2_b, delta_b = second
-        p_b = tl.where(mask_b, tl.exp2(s_t - lse2_b[None, :]), 0.0)
-        dv_acc += tl.dot((p_t + p_b).to(do.dtype), do, input_precision=PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        return p_t * (dp_t - delta[None, :]) + p_b * (dp_t - delta_b[None, :]), dv_acc
     dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     return p_t * (dp_t - delta[None, :]), dv_acc
@@ -385,22 +377,19 @@ def softmax_grad_keys(s_t, allowed_t, lse2, delta, do, v, dv_acc, PREC: tl.const
 
 @triton.jit
 def dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t, qk_scale, dk_acc, dk_acc_b, dv_acc,
-              DK_B: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, KEYS_AS_M: tl.constexpr,
-              second=None, SECOND: tl.constexpr = False):
+              DK_B: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, KEYS_AS_M: tl.constexpr):
     """One query tile's share of a key tile's dK and dV (``[N, D]`` float32 accumulators).
 
     Queries as rows (``allowed [M, N]``): the dots take ``tl.trans(p)`` and ``tl.trans(ds)``.
     ``KEYS_AS_M`` (``allowed_t [N, M]``): :func:`softmax_grad_keys`, no transposes. Only the
-    mask of the chosen form is used (the other is compiled away); so with ``second`` (see
-    :func:`softmax_grad`), whose mask takes the chosen form's shape.
+    mask of the chosen form is used (the other is compiled away).
     """
     if KEYS_AS_M:
         s_t = split_scores(ka, kb, qa, qb, DK_B, PREC) * qk_scale
-        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED,
-                                         second, SECOND)
+        ds_t, dv_acc = softmax_grad_keys(s_t, allowed_t, lse2, delta_t, do_t, vb, dv_acc, PREC, MASKED)
     else:
         s = split_scores(qa, qb, ka, kb, DK_B, PREC) * qk_scale
-        p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED, second, SECOND)
+        p, ds = softmax_grad(s, allowed, lse2, delta_t, do_t, vb, PREC, MASKED)
         dv_acc += tl.dot(tl.trans(p.to(do_t.dtype)), do_t, input_precision=PREC)
         ds_t = tl.trans(ds)
     dk_acc, dk_acc_b = split_acc_dot(dk_acc, dk_acc_b, ds_t, qa, qb, DK_B, PREC)

@@ -241,8 +241,10 @@ def nsa_triton(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc:
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Contiguous: q, the outputs and every dq pass share one set of strides. One copy of a tensor
     # that two branches read, so that they still read one (shared_kv_backward).
-    copies = {}
-    tensors = [copies.setdefault(id(x), x.contiguous()) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
-                                                                    gates)]
+    copies: dict[int, torch.Tensor] = {}
+    for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates):
+        if id(x) not in copies:
+            copies[id(x)] = x.contiguous()
+    tensors = [copies[id(x)] for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)]
     out, blocks = _NSATriton.apply(*tensors, config, scale)
     return out, blocks, branch_reads(blocks, 0, config) if with_reads else None
