@@ -49,6 +49,31 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _repeat_summary(records: list[dict]):
+    """A rich table: per shape and implementation, the median and range of each ratio to the
+    baselines over the rounds of ``--repeats`` (each ratio taken within one round)."""
+    import statistics
+
+    from rich.table import Table
+
+    ratios = ("fwd_x_cudnn", "bwd_x_cudnn", "fwd_x_flash2")
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if not r["impl"].startswith("sdpa-"):
+            groups.setdefault((r["seq_len"], r["head_dim"], r["v_head_dim"], r["impl"]), []).append(r)
+    table = Table(title="Ratios over the rounds: median (min-max)")
+    for col in ("impl", "T", "Dk/Dv", "rounds", *(name.replace("_", " ") for name in ratios)):
+        table.add_column(col)
+    for (seq_len, dk, dv, impl), rows in groups.items():
+        cells = []
+        for name in ratios:
+            values = [r[name] for r in rows if r[name] is not None]
+            cells.append(f"{_fmt(statistics.median(values))} ({_fmt(min(values))}-{_fmt(max(values))})"
+                         if values else "-")
+        table.add_row(impl, str(seq_len), f"{dk}/{dv}", str(len(rows)), *cells)
+    return table
+
+
 def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
     """Bench rows as one Parquet table per run, written atomically."""
     import pyarrow as pa
@@ -75,13 +100,16 @@ def _write_rows(rows: list[dict], out_dir: Path, kind: str) -> Path:
                    "per key/value head).")
 @click.option("--peer/--no-peer", default=True, show_default=True, help="Also time fla-core's parallel_nsa.")
 @click.option("--breakdown/--no-breakdown", default=True, show_default=True, help="Per-branch kernel times.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Time each shape's baselines and NSA this many times in turn (ratios within each round; "
+                   "a summary gives their median and range).")
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Where the result table goes (reports/bench/run=<id>/prefill.parquet).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows as JSON to this file.")
 @click.pass_context
 def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: bool, breakdown: bool,
-          out_dir: str, json_out: str | None) -> None:
+          repeats: int, out_dir: str, json_out: str | None) -> None:
     """Prefill benchmark (default): forward, backward, forward+backward, peak memory and ratios."""
     if ctx.invoked_subcommand is not None:
         return
@@ -102,15 +130,18 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: b
     rows = []
     for dk, dv in dims:
         for n in lengths:
-            console.print(f"[dim]T={n} Dk={dk} Dv={dv} ...[/dim]")
             layout = {"num_heads": num_heads, "num_kv_heads": num_kv_heads}
-            group = prefill.dense_rows(n, dk, dv, **layout) + [prefill.nsa_row(n, dk, dv, **layout)]
-            if peer:
-                group.append(prefill.fla_row(n, dk, dv, **layout))
-            if breakdown:
-                group += prefill.nsa_branch_rows(n, dk, dv, **layout)
-            torch.cuda.empty_cache()
-            rows += group
+            for repeat in range(repeats):
+                console.print(f"[dim]T={n} Dk={dk} Dv={dv} (round {repeat + 1} of {repeats}) ...[/dim]")
+                group = prefill.dense_rows(n, dk, dv, **layout) + [prefill.nsa_row(n, dk, dv, **layout)]
+                if peer:
+                    group.append(prefill.fla_row(n, dk, dv, **layout))
+                if breakdown and repeat == 0:
+                    group += prefill.nsa_branch_rows(n, dk, dv, **layout)
+                for row in group:
+                    row.repeat = repeat
+                torch.cuda.empty_cache()
+                rows += group
     table = Table(title=f"NSA prefill, B=1 HQ={num_heads} HK={num_kv_heads} bf16, paper blocks, {card}")
     for col in ("impl", "T", "Dk/Dv", "fwd ms", "bwd ms", "f+b ms", "peak GiB",
                 "fwd x cudnn", "bwd x cudnn", "fwd x fa2", "x fla f/b", "TFLOP/s f/b", "note"):
@@ -118,7 +149,7 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: b
     records = []
     for r in rows:
         base = {b.impl: b for b in rows if b.seq_len == r.seq_len and b.head_dim == r.head_dim
-                and b.v_head_dim == r.v_head_dim}
+                and b.v_head_dim == r.v_head_dim and b.repeat == r.repeat}
         cudnn, fa2, fla = base.get("sdpa-cudnn"), base.get("sdpa-flash2"), base.get("fla-parallel_nsa")
         ratios = {
             "fwd_x_cudnn": cudnn and prefill.ratio(cudnn, r, "fwd_ms"),
@@ -128,7 +159,8 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: b
             "bwd_x_fla": fla and prefill.ratio(fla, r, "bwd_ms"),
         }
         records.append({**r.as_dict(), **ratios, "device": card, "torch": torch.__version__})
-        table.add_row(r.impl, str(r.seq_len), f"{r.head_dim}/{r.v_head_dim}", _fmt(r.fwd_ms), _fmt(r.bwd_ms),
+        impl = r.impl if repeats == 1 else f"{r.impl} (round {r.repeat + 1})"
+        table.add_row(impl, str(r.seq_len), f"{r.head_dim}/{r.v_head_dim}", _fmt(r.fwd_ms), _fmt(r.bwd_ms),
                       _fmt(r.fwdbwd_ms), _fmt(r.peak_mem_gib), _fmt(ratios["fwd_x_cudnn"]),
                       _fmt(ratios["bwd_x_cudnn"]), _fmt(ratios["fwd_x_flash2"]),
                       f"{_fmt(ratios['fwd_x_fla'])}/{_fmt(ratios['bwd_x_fla'])}",
@@ -137,6 +169,8 @@ def bench(ctx: click.Context, seq_lens: str, head_dims: str, heads: str, peer: b
     if json_out:
         Path(json_out).write_text(json.dumps(records, indent=1))
     console.print(table)
+    if repeats > 1:
+        console.print(_repeat_summary(records))
     console.print(f"rows written to {path}")
     click.echo(json.dumps({"rows": len(records), "path": str(path)}))
 

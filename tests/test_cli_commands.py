@@ -98,3 +98,43 @@ def test_bench_prefill_benchmarks_the_head_layout_asked_for(tmp_path, monkeypatc
     records = json.loads(out.read_text())
     assert {(r["num_heads"], r["num_kv_heads"]) for r in records} == {(16, 4)}
     assert "HQ=16 HK=4" in result.output
+
+
+def test_bench_repeats_pairs_ratios_within_each_round_and_summarises_them(tmp_path, monkeypatch):
+    """`nsa bench --repeats 3` on a pretend GPU: each round's NSA row is divided by that round's
+    baseline (not another round's), the breakdown runs once, and the summary gives the median and
+    range of each ratio."""
+    import json
+
+    import torch
+
+    from nsa.bench import prefill
+    from nsa.bench.prefill import BenchRow
+
+    rounds = {"sdpa-cudnn": iter([(100.0, 300.0), (120.0, 330.0), (110.0, 320.0)]),
+              "nsa-triton": iter([(40.0, 60.0), (40.0, 66.0), (44.0, 64.0)])}
+    breakdowns = []
+
+    def timed(impl, seq_len, head_dim, v_head_dim, layout):
+        fwd, bwd = next(rounds[impl])
+        return BenchRow(impl, seq_len, head_dim, v_head_dim, **layout, fwd_ms=fwd, bwd_ms=bwd)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(prefill, "dense_rows",
+                        lambda n, dk, dv, **layout: [timed("sdpa-cudnn", n, dk, dv, layout)])
+    monkeypatch.setattr(prefill, "nsa_row", lambda n, dk, dv, **layout: timed("nsa-triton", n, dk, dv, layout))
+    monkeypatch.setattr(prefill, "nsa_branch_rows", lambda *a, **k: breakdowns.append(a) or [])
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(nsa, ["bench", "--seq-lens", "8192", "--head-dims", "128/128", "--no-peer",
+                                      "--repeats", "3", "--out", str(tmp_path), "--json-out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    nsa_rows = [r for r in json.loads(out.read_text()) if r["impl"] == "nsa-triton"]
+    assert [(r["repeat"], r["fwd_x_cudnn"], r["bwd_x_cudnn"]) for r in nsa_rows] == [
+        (0, 2.5, 5.0), (1, 3.0, 5.0), (2, 2.5, 5.0)]
+    assert len(breakdowns) == 1
+    assert "nsa-triton (round 3)" in result.output
+    assert "2.50 (2.50-3.00)" in result.output and "5.00 (5.00-5.00)" in result.output
+    with_zero = CliRunner().invoke(nsa, ["bench", "--repeats", "0"])
+    assert with_zero.exit_code == 2 and "--repeats" in with_zero.output

@@ -41,6 +41,8 @@ class BenchRow:
     # None where the time or the count is missing.
     fwd_tflops: float | None = None
     bwd_tflops: float | None = None
+    # Which repetition of its shape's group (``nsa bench --repeats``); ratios pair rows of one.
+    repeat: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
