@@ -5,6 +5,10 @@ and gradients is <= 1e-2 for bf16/fp16 and no more than twice the error of the r
 run in the same low precision (FlashAttention's criterion); selected blocks are identical except
 where the competing scores tie within rounding, which is checked by score, not index.
 Without CUDA the kernels run in Triton's interpreter (fp32 only: the interpreter's bf16 dot is wrong).
+
+``kv``: ``"one"`` (default) gives selection and window one ``k, v``, as ``nsa_attention`` does (the
+Triton backward then shares work between them: ``NSAInfo.backward_path``); ``"per-branch"`` gives
+the window its own copy (the layer's case: separate projections), its gradient added to ``k``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ def _cases(scale: str):
             yield (f"T{seq_len}-G{group}-d{dk}x{dv}",
                    dict(seq_len=seq_len, batch=batch, num_kv_heads=2, group=group, head_dim=dk, v_head_dim=dv,
                         dtype="float32", grads=True, seed=seq_len + group, **small))
+        # A window of two selection blocks or more: selection's forced blocks in the window's dq pass
+        # (one k, v), or not (a k, v per branch).
+        for kv in ("one", "per-branch"):
+            yield (f"T80-G4-d16x16-w40-kv-{kv}",
+                   dict(seq_len=80, batch=2, num_kv_heads=1, group=4, head_dim=16, v_head_dim=16, dtype="float32",
+                        grads=True, seed=80, kv=kv, **{**small, "window": 40}))
         return
     for dk, dv in ((128, 128), (192, 128)):
         for seq_len in (8192, 16384, 32768, 65536):
@@ -35,6 +45,9 @@ def _cases(scale: str):
     # expected_s: it alone compiles the G = 1, Dk = 64, fp16 kernels (41 s on a fresh H200 host).
     yield ("T8192-G1-d64-fp16", dict(seq_len=8192, batch=1, num_kv_heads=8, group=1, head_dim=64, v_head_dim=64,
                                      dtype="float16", grads=True, seed=1, needs_gpu=True, expected_s=40))
+    yield ("T8192-d128x128-bf16-kv-per-branch",
+           dict(seq_len=8192, batch=1, num_kv_heads=4, group=16, head_dim=128, v_head_dim=128, dtype="bfloat16",
+                grads=True, seed=8193, kv="per-branch", needs_gpu=True))
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -107,7 +120,13 @@ def _check(params: dict, checks: Checks) -> None:
     inputs = [x.requires_grad_(params["grads"]) for x in (q, k, v, gates)]
     name, _ = resolve_backend("triton", q, config)
     checks.backend = name
-    out, info = nsa_attention(q, k, v, gates, config, backend="triton", return_info=True)
+    one_kv = params.get("kv", "one") == "one"
+    # The window's own copy of k, v (per branch): a leaf of its own, its gradient added to k's, v's.
+    window_kv = [] if one_kv else [x.detach().clone().requires_grad_(params["grads"]) for x in (k, v)]
+    out, info = nsa_attention(q, k, v, gates, config, backend="triton", return_info=True,
+                              window_kv=tuple(window_kv) or None)
+    checks.true("backward_path_as_asked", info.backward_path.startswith("one key/value tensor") == one_kv,
+                info.backward_path)
     ref_dtype = torch.float64 if not on_gpu else torch.float32
     ref_in = [x.detach().to(ref_dtype).requires_grad_(params["grads"]) for x in inputs]
     c = config
@@ -140,7 +159,9 @@ def _check(params: dict, checks: Checks) -> None:
     if not params["grads"]:
         return
     grad_out = torch.randn(out.shape, generator=gen, device=device).to(dtype)
-    got = torch.autograd.grad(out, inputs, grad_out)
+    got = torch.autograd.grad(out, inputs + window_kv, grad_out)
+    if window_kv:
+        got = (got[0], got[1] + got[4], got[2] + got[5], got[3])
     want = torch.autograd.grad(ref, ref_in, grad_out.to(ref_dtype))
     for label, g, w in zip(("dq", "dk", "dv", "dgates"), got, want):
         checks.at_most(f"{label}_rel_rms", rel_rms(g, w), 1e-2 if low_precision else 1e-5)
