@@ -34,8 +34,8 @@ def _cases(scale: str):
         # (one k, v), or not (a k, v per branch).
         for kv in ("one", "per-branch"):
             yield (f"T80-G4-d16x16-w40-kv-{kv}",
-                   dict(seq_len=80, batch=2, num_kv_heads=1, group=4, head_dim=16, v_head_dim=16, dtype="float32",
-                        grads=True, seed=80, kv=kv, **{**small, "window": 40}))
+                   {"seq_len": 80, "batch": 2, "num_kv_heads": 1, "group": 4, "head_dim": 16, "v_head_dim": 16,
+                    "dtype": "float32", "grads": True, "seed": 80, "kv": kv, **small, "window": 40})
         return
     for dk, dv in ((128, 128), (192, 128)):
         for seq_len in (8192, 16384, 32768, 65536):
@@ -46,8 +46,8 @@ def _cases(scale: str):
     yield ("T8192-G1-d64-fp16", dict(seq_len=8192, batch=1, num_kv_heads=8, group=1, head_dim=64, v_head_dim=64,
                                      dtype="float16", grads=True, seed=1, needs_gpu=True, expected_s=40))
     yield ("T8192-d128x128-bf16-kv-per-branch",
-           dict(seq_len=8192, batch=1, num_kv_heads=4, group=16, head_dim=128, v_head_dim=128, dtype="bfloat16",
-                grads=True, seed=8193, kv="per-branch", needs_gpu=True))
+           {"seq_len": 8192, "batch": 1, "num_kv_heads": 4, "group": 16, "head_dim": 128, "v_head_dim": 128,
+            "dtype": "bfloat16", "grads": True, "seed": 8193, "kv": "per-branch", "needs_gpu": True})
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
