@@ -52,6 +52,13 @@ UNION_ENTRIES = 256
 
 
 @triton.jit
+def forced_block(blk, pos, BS: tl.constexpr):
+    """Whether block ``blk`` is forced for the query at ``pos`` (block 0 and the local blocks
+    ``pos // BS - 1`` and ``pos // BS``; ``blk`` and ``pos`` broadcast together)."""
+    return (blk == 0) | (blk >= pos // BS - 1)
+
+
+@triton.jit
 def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v_desc,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sib, sit, sih,
                       sob, sot, soh, slb, slt, slh,
@@ -86,7 +93,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
     row_sel = tl.load(idx_base + row_pos.to(tl.int64)[:, None] * sit + slot[None, :],
                       mask=row_ok[:, None] & (slot[None, :] < NSEL), other=-1)
     if SKIP_FORCED:
-        row_sel = tl.where((row_sel == 0) | (row_sel >= (row_pos // BS - 1)[:, None]), -1, row_sel)
+        row_sel = tl.where(forced_block(row_sel, row_pos[:, None], BS), -1, row_sel)
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
     descs = (k_desc_a, k_desc_b, v_desc, b32, h)
@@ -128,7 +135,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         entry_blk = tl.load(idx_base + entry_pos.to(tl.int64) * sit + entry_slot,
                             mask=(entry_pos < T) & (entry_slot < NSEL), other=-1)
         if SKIP_FORCED:
-            entry_blk = tl.where((entry_blk == 0) | (entry_blk >= entry_pos // BS - 1), -1, entry_blk)
+            entry_blk = tl.where(forced_block(entry_blk, entry_pos, BS), -1, entry_blk)
         listed_before = tl.zeros([BT * N_PAD], dtype=tl.int32)
         for earlier in tl.static_range(0, BT - 1):
             earlier_pos = tl.minimum(t0 + earlier, T - 1)
@@ -136,8 +143,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
                                    other=-1)
             if SKIP_FORCED:
                 # (A block local to an earlier position may be another one's non-local pick.)
-                earlier_list = tl.where((earlier_list == 0) | (earlier_list >= earlier_pos // BS - 1), -1,
-                                        earlier_list)
+                earlier_list = tl.where(forced_block(earlier_list, earlier_pos, BS), -1, earlier_list)
             hits = tl.sum((entry_blk[:, None] == earlier_list[None, :]).to(tl.int32), axis=1)
             listed_before += tl.where(entry // N_PAD > earlier, hits, 0)
         new = ((entry_blk >= 0) & (listed_before == 0)).to(tl.int32)
