@@ -47,9 +47,7 @@ def compress_mean_backward(grad: torch.Tensor, shape: torch.Size, block: int, st
     # zero blocks on either side, chunk j sums padded blocks j .. j + span - 1.
     share = grad.to(torch.promote_types(grad.dtype, torch.float32)) / block
     share = torch.nn.functional.pad(share, (0, 0, 0, 0, span - 1, span - 1))
-    chunk_sums = share[:, :count + span - 1].clone()
-    for shift in range(1, span):
-        chunk_sums += share[:, shift:shift + count + span - 1]
+    chunk_sums = share.unfold(1, span, 1).sum(-1)  # [B, count + span - 1, H, D]
     dx[:, :covered].view(batch, count + span - 1, stride, heads, dim).copy_(chunk_sums.unsqueeze(2))
     return dx
 

@@ -206,19 +206,19 @@ def _sel_dkdv_kernel(q, k, v, do, lse, delta, qpos, item_group, item_start, item
         allowed_t = (kpos[:, None] <= row_pos[None, :]) & row_ok[None, :]
         dk_acc, dk_acc_b, dv_acc = dkdv_tile(qa, qb, do_t, lse2, delta_t, ka, kb, vb, allowed, allowed_t,
                                              qk_scale, dk_acc, dk_acc_b, dv_acc, DK_B, PREC, True, KEYS_AS_M)
-    cv = tl.arange(0, DV_PAD)
     if (tl.load(group_items + group) == 1) & (length > 0):
         # Most blocks at long T (those past the first few hundred) have one chunk: rounded once
         # into dk/dv here, no float32 partials written and read back. (The spare items past the
         # last, of length 0, name the last group too: they must not write its dk/dv.)
         store_rows_split(dk + b * skb + h * skh, dk_acc * scale, dk_acc_b * scale, kpos, kk * 0, skt, 0,
                          kpos < T, DK, DK_A, DK_B)
-        tl.store(dv + b * svb + h * svh + kpos.to(tl.int64)[:, None] * svt + cv[None, :],
-                 dv_acc.to(dv.dtype.element_ty), mask=(kpos < T)[:, None] & (cv[None, :] < DV))
+        store_rows_split(dv + b * svb + h * svh, dv_acc, dv_acc, kpos, kk * 0, svt, 0, kpos < T, DV, DV_PAD,
+                         0)
     else:
         store_rows_split(dk_part + item * (BS * DK), dk_acc * scale, dk_acc_b * scale, kk, kk * 0, DK, 0,
                          kk < BS, DK, DK_A, DK_B)
-        tl.store(dv_part + item * (BS * DV) + kk[:, None] * DV + cv[None, :], dv_acc, mask=cv[None, :] < DV)
+        store_rows_split(dv_part + item * (BS * DV), dv_acc, dv_acc, kk, kk * 0, DV, 0, kk < BS, DV, DV_PAD,
+                         0)
 
 
 @triton.jit
