@@ -29,6 +29,8 @@ class NSAInfo:
         backward_path: what the backward shares between branches: for the Triton backend
             :func:`nsa.ops.triton_nsa.shared_kv_backward`'s reason (a negative gate, found in the
             backward, keeps selection's forced blocks in its own dq pass); empty for the reference.
+        forward_path: likewise for the forward (:func:`nsa.ops.triton_nsa.shared_kv_forward`'s
+            reason: whether the window's forward computed selection's forced blocks).
     """
 
     selected_blocks: torch.Tensor
@@ -37,6 +39,7 @@ class NSAInfo:
     backend_reason: str
     gate_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     backward_path: str = ""
+    forward_path: str = ""
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -167,16 +170,17 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     if not return_info:
         return out
     g = gates.detach().float()
-    backward_path = ""
+    backward_path = forward_path = ""
     if name == "triton":
-        from nsa.ops.triton_nsa import shared_kv_backward
+        from nsa.ops.triton_nsa import shared_kv_backward, shared_kv_forward
 
         backward_path = shared_kv_backward(k_slc, v_slc, k_win, v_win, config)[2]
+        forward_path = shared_kv_forward(k_slc, v_slc, k_win, v_win)[1]
     info = NSAInfo(
         selected_blocks=blocks, reads=reads, backend=name, backend_reason=reason,
         gate_stats={b: (g[..., i].mean().item(), g[..., i].std().item() if g[..., i].numel() > 1 else 0.0)
                     for i, b in enumerate(BRANCHES)},
-        backward_path=backward_path,
+        backward_path=backward_path, forward_path=forward_path,
     )
     return out, info
 
@@ -205,7 +209,8 @@ def _packed(name, q, k, v, gates, config, compressed_kv, k_slc, v_slc, k_win, v_
         else:
             k_cmp, v_cmp = (t[:, cmp_start:cmp_end] for t in compressed_kv)
         # One slice of a tensor both branches read, so that they still read one (the Triton
-        # backward then shares work between them: nsa.ops.triton_nsa.shared_kv_backward).
+        # forward and backward then share work between them: nsa.ops.triton_nsa.shared_kv_forward
+        # and shared_kv_backward).
         k_slc_piece, v_slc_piece = k_slc[:, piece], v_slc[:, piece]
         k_win_piece = k_slc_piece if k_win is k_slc else k_win[:, piece]
         v_win_piece = v_slc_piece if v_win is v_slc else v_win[:, piece]

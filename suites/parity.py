@@ -7,7 +7,8 @@ where the competing scores tie within rounding, which is checked by score, not i
 Without CUDA the kernels run in Triton's interpreter (fp32 only: the interpreter's bf16 dot is wrong).
 
 ``kv``: ``"one"`` (default) gives selection and window one ``k, v``, as ``nsa_attention`` does (the
-Triton backward then shares work between them: ``NSAInfo.backward_path``); ``"per-branch"`` gives
+Triton forward and backward then share work between them: ``NSAInfo.forward_path`` and
+``backward_path``); ``"per-branch"`` gives
 the window its own copy (the layer's case: separate projections), its gradient added to ``k``'s.
 """
 
@@ -125,8 +126,8 @@ def _check(params: dict, checks: Checks) -> None:
     window_kv = [] if one_kv else [x.detach().clone().requires_grad_(params["grads"]) for x in (k, v)]
     out, info = nsa_attention(q, k, v, gates, config, backend="triton", return_info=True,
                               window_kv=tuple(window_kv) or None)
-    checks.true("backward_path_as_asked", info.backward_path.startswith("one key/value tensor") == one_kv,
-                info.backward_path)
+    for direction, path in (("forward", info.forward_path), ("backward", info.backward_path)):
+        checks.true(f"{direction}_path_as_asked", path.startswith("one key/value tensor") == one_kv, path)
     ref_dtype = torch.float64 if not on_gpu else torch.float32
     ref_in = [x.detach().to(ref_dtype).requires_grad_(params["grads"]) for x in inputs]
     c = config

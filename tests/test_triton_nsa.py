@@ -123,8 +123,13 @@ def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, si
     assert triton_nsa.shared_kv_backward(k, v, k, v, c)[:2] == (True, forced)
 
     passes = []
+    window_forward = triton_nsa.window_attention_forward_with_forced
     window_dq = triton_nsa.window_attention_backward_dq
     window_dkdv = triton_nsa.window_attention_backward_dkdv
+
+    def spy_forward(*args):
+        passes.append(("forward", True))
+        return window_forward(*args)
 
     def spy_dq(*args, dq=None, forced=None):
         passes.append(("dq", forced is not None))
@@ -134,13 +139,15 @@ def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, si
         passes.append(("dkdv", add_to is not None))
         return window_dkdv(*args, add_to=add_to)
 
+    monkeypatch.setattr(triton_nsa, "window_attention_forward_with_forced", spy_forward)
     monkeypatch.setattr(triton_nsa, "window_attention_backward_dq", spy_dq)
     monkeypatch.setattr(triton_nsa, "window_attention_backward_dkdv", spy_dkdv)
     leaves = [x.clone().requires_grad_() for x in inputs]
     lq, lk_cmp, lv_cmp, lk, lv, lg = leaves
     out, blocks, _ = nsa_triton(lq, lk_cmp, lv_cmp, lk, lv, lk, lv, lg, c, with_reads=False)
     fused = torch.autograd.grad(out, leaves, grad_out)
-    assert passes == [("dq", forced and not signed_gates), ("dkdv", True)]
+    # The forward's forced blocks go to the window at any window width.
+    assert passes == [("forward", True), ("dq", forced and not signed_gates), ("dkdv", True)]
 
     leaves = [x.clone().requires_grad_() for x in inputs]
     lq, lk_cmp, lv_cmp, lk, lv, lg = leaves
@@ -153,7 +160,9 @@ def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, si
     ref = torch.autograd.grad(ref_out, leaves, grad_out.double())
 
     assert torch.equal(blocks, want_blocks) and torch.equal(blocks, ref_blocks)
-    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    # Selection's softmax summed in another order (its forced blocks first, from the window's pass).
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
     for name, got, by_op, by_ref in zip(("dq", "dk_cmp", "dv_cmp", "dk", "dv", "dgates"), fused, per_op, ref):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, by_op, rtol=1e-5, atol=1e-6, msg=name)
@@ -217,7 +226,7 @@ def test_unknown_backward_schedule_is_refused():
                                    schedule="both-beside")
 
 
-def test_info_names_the_backward_sharing_and_packed_pieces_keep_one_kv(monkeypatch):
+def test_info_names_the_forward_and_backward_sharing_and_packed_pieces_keep_one_kv(monkeypatch):
     from nsa.functional import nsa_attention
 
     c = NSAConfig(num_heads=4, num_kv_heads=1, head_dim=16, compress_block=8, compress_stride=4,
@@ -239,7 +248,11 @@ def test_info_names_the_backward_sharing_and_packed_pieces_keep_one_kv(monkeypat
     # Both pieces' nodes (and the info) saw one k, v for selection and window.
     assert decided == [True, True, True]
     assert info.backward_path == "one key/value tensor: selection's forced blocks in the window's dq pass"
+    assert info.forward_path == "one key/value tensor: selection's forced blocks in the window's forward"
     _, info = nsa_attention(q, k, v, gates, c, backend="triton", window_kv=(k.clone(), v), return_info=True)
-    assert info.backward_path == "selection and window read different key/value tensors"
+    assert info.backward_path == info.forward_path == "selection and window read different key/value tensors"
+    monkeypatch.setattr(triton_nsa, "SHARED_KV_FORWARD", False)
+    _, info = nsa_attention(q, k, v, gates, c, backend="triton", return_info=True)
+    assert info.forward_path == "turned off (nsa.ops.triton_nsa.SHARED_KV_FORWARD)"
     _, info = nsa_attention(q, k, v, gates, c, backend="reference", return_info=True)
-    assert info.backward_path == ""
+    assert info.backward_path == info.forward_path == ""

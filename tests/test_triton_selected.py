@@ -13,7 +13,13 @@ from tile_options import option_id, option_pairs, pinned
 from nsa.ops import compress_mean, select_blocks, selection_block_scores
 from nsa.ops.selected_attention import triton as triton_selected
 from nsa.ops.selected_attention.naive import selected_attention
-from nsa.ops.selected_attention.triton import invert_selection, selected_attention_triton
+from nsa.ops.selected_attention.triton import (
+    invert_selection,
+    selected_attention_forward,
+    selected_attention_triton,
+)
+from nsa.ops.window_attention import triton as triton_window
+from nsa.ops.window_attention.triton import window_attention_forward, window_attention_forward_with_forced
 
 SELECT_BLOCK = 16
 
@@ -215,3 +221,68 @@ def test_unaligned_tensors_take_the_pointer_loads():
     meta = triton_selected._common(torch.randn(1, 20, 2, 6), k, v, SELECT_BLOCK)
     assert triton_selected._block_descriptors(k, v, meta) is None
     assert triton_selected._block_descriptors(k[..., :4].contiguous(), v, meta) is not None
+
+
+def forced_lists(batch, seq_len, num_kv):
+    """Each position's forced blocks alone (0, c - 1, c), distinct, ascending, -1 padded: int32."""
+    c = torch.arange(seq_len) // SELECT_BLOCK
+    blocks = torch.stack([torch.zeros_like(c), c - 1, c], dim=-1)
+    blocks = torch.where((blocks < 0) | ((blocks == 0) & (torch.arange(3) > 0)), -1, blocks)
+    blocks = torch.sort(torch.where(blocks < 0, 1 << 30, blocks), dim=-1).values
+    blocks = torch.where(blocks == 1 << 30, -1, blocks).to(torch.int32)
+    return blocks[None, :, None, :].expand(batch, seq_len, num_kv, 3).contiguous()
+
+
+def check_forced_forward(group, num_kv, dk, dv, seq_len, n, window):
+    """Selection's forward completing the window's forced-block softmax over one ``k, v``, against
+    float64 naive selection attention: the window's part over the forced blocks alone, the whole
+    over each position's list; the window's own output as without."""
+    gen = torch.Generator().manual_seed(seq_len + window + group)
+    batch, scale = 2, dk ** -0.5
+    q = torch.randn(batch, seq_len, group * num_kv, dk, generator=gen)
+    k = torch.randn(batch, seq_len, num_kv, dk, generator=gen)
+    v = torch.randn(batch, seq_len, num_kv, dv, generator=gen)
+    idx = naive_selection(q, k, n=n, generator=gen).to(torch.int32).contiguous()
+    o_win, lse_win = window_attention_forward(q, k, v, window, scale)
+    o_win2, lse_win2, o_forced, lse_forced = window_attention_forward_with_forced(q, k, v, window, scale,
+                                                                                    SELECT_BLOCK)
+    assert torch.equal(o_win, o_win2) and torch.equal(lse_win, lse_win2)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    forced_ref = selected_attention(q64, k64, v64, forced_lists(batch, seq_len, num_kv),
+                                    select_block=SELECT_BLOCK)
+    for got, want in zip((o_forced, lse_forced), forced_ref):
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    o, lse = selected_attention_forward(q, k, v, idx, SELECT_BLOCK, scale, forced=(o_forced, lse_forced))
+    assert o is o_forced and lse is lse_forced  # completed in place
+    o_ref, lse_ref = selected_attention(q64, k64, v64, idx, select_block=SELECT_BLOCK)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-6, rtol=1e-5)
+
+
+# G = 16: one position per program; G = 4, 3, 1: the union walk. Windows narrower than both local
+# blocks (20, 24) too: the forced-block walk does not depend on the window's.
+@pytest.mark.parametrize("group,num_kv,dk,dv,seq_len,n,window",
+                         [(16, 1, 32, 16, 70, 4, 32), (4, 1, 16, 16, 72, 4, 40), (3, 2, 40, 24, 50, 3, 20),
+                          (1, 2, 32, 32, 45, 5, 24), (16, 2, 48, 16, 33, 3, 64)])
+def test_forward_completes_the_windows_forced_blocks(group, num_kv, dk, dv, seq_len, n, window):
+    check_forced_forward(group, num_kv, dk, dv, seq_len, n, window)
+
+
+@pytest.mark.parametrize("option", triton_window._query_kernel.options, ids=lambda o: option_id((o,)))
+def test_forced_forward_on_every_window_tile(option):
+    """32-, 64- and 128-key tiles (the forced walk starts at a tile boundary below the first
+    row's local blocks), pointer and TMA loads."""
+    with pinned((triton_window._query_kernel,), (option,)):
+        check_forced_forward(16, 1, 32, 16, 100, 4, 48)
+        check_forced_forward(4, 1, 16, 16, 66, 3, 32)
+
+
+def test_forced_forward_refuses_misshapen_partials():
+    q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 1, 16), torch.randn(1, 20, 1, 8)
+    idx = torch.zeros(1, 20, 1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"forced: \(o, lse\) contiguous, o \(1, 20, 2, 8\)"):
+        selected_attention_forward(q, k, v, idx, SELECT_BLOCK, 0.25,
+                                   forced=(torch.zeros(1, 20, 2, 16), torch.zeros(1, 20, 2)))
+    with pytest.raises(ValueError, match="select_block: a power of two, got 24"):
+        window_attention_forward_with_forced(q, k, v, 8, 0.25, 24)

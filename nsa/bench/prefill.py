@@ -215,6 +215,7 @@ def nsa_row(seq_len: int, head_dim: int, v_head_dim: int, backend: str = "triton
         # Which passes shared the GPU in the backward and what the branches shared, then each
         # kernel's tile config.
         row.tiles = "; ".join([f"backward schedule: {triton_nsa.BACKWARD_SCHEDULE}",
+                               f"forward sharing: {info.forward_path}",
                                f"backward sharing: {info.backward_path}"] + [
             f"{name}: {' | '.join(chosen)}" for name, chosen in triton_nsa.autotuned_tiles(seq_len).items()])
     return row

@@ -23,14 +23,14 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-# "-forced": the dq passes as they run where selection and window read one key/value tensor
-# (selection's without its forced blocks, the window's with them; nsa.ops.triton_nsa.branch_backward).
+# "-forced": the forward and dq passes as they run where selection and window read one key/value
+# tensor (selection's without its forced blocks, the window's with them; nsa.ops.triton_nsa).
 KERNELS = ("compressed-fwd", "compressed-dkdv", "compressed-dq", "selection-scoring", "selected-fwd",
-           "selected-dq", "selected-dq-forced", "selected-dkdv", "window-fwd", "window-dq",
-           "window-dq-forced", "window-dkdv")
+           "selected-fwd-forced", "selected-dq", "selected-dq-forced", "selected-dkdv", "window-fwd",
+           "window-fwd-forced", "window-dq", "window-dq-forced", "window-dkdv")
 # Pointer arguments by name, across the kernels' naming conventions; every other argument is an
 # int32 unless it is a float scale or a constexpr.
-DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "q", "k", "v", "o", "do", "dq", "dk", "dv"}
+DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "q", "k", "v", "o", "do", "dq", "dk", "dv", "o_b"}
 FP32_POINTERS = {"LSE", "DELTA", "DK_PART", "DV_PART", "lse", "delta", "dk_part", "dv_part", "lse_b",
                  "delta_b"}
 INT32_POINTERS = {"idx", "qpos", "item_group", "item_start", "item_len", "group_items"}
@@ -134,10 +134,12 @@ def _builds(dk: int, dv: int, group: int, dtype: str, candidates: bool = False):
     sel_q, win_q = {"BS": 64, "N_PAD": n_pad, "SKIP_FORCED": False}, {"SECOND": False, "BS": 16}
     for name, tuned, extra, max_positions in (
             ("selected-fwd", sel._query_kernel, {**sel_q, **forward}, union),
+            ("selected-fwd-forced", sel._query_kernel, {**sel_q, **forward, "SKIP_FORCED": True}, union),
             ("selected-dq", sel._query_kernel, {**sel_q, **dq_pass}, union),
             ("selected-dq-forced", sel._query_kernel, {**sel_q, **dq_pass, "SKIP_FORCED": True}, union),
             ("selected-dkdv", sel._dkdv_kernel, {"BS": 64}, None),
             ("window-fwd", win._query_kernel, {**win_q, **forward}, None),
+            ("window-fwd-forced", win._query_kernel, {**forward, "SECOND": True, "BS": 64}, None),
             ("window-dq", win._query_kernel, {**win_q, **dq_pass}, None),
             ("window-dq-forced", win._query_kernel, {**dq_pass, "SECOND": True, "BS": 64}, None),
             ("window-dkdv", win._dkdv_kernel, {"ADD": False}, None)):

@@ -29,6 +29,7 @@ from nsa.ops.window_attention.triton import (
     window_attention_backward_dkdv,
     window_attention_backward_dq,
     window_attention_forward,
+    window_attention_forward_with_forced,
 )
 
 
@@ -92,8 +93,16 @@ class _NSATriton(torch.autograd.Function):
         blocks = select_blocks_triton(q, k_cmp, lse_cmp, block=c.compress_block, stride=c.compress_stride,
                                       select_block=c.select_block, select_count=c.select_count, scale=scale)
         idx = blocks.to(torch.int32).contiguous()
-        o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale)
-        o_win, lse_win = window_attention_forward(q, k_win, v_win, c.window, scale)
+        if shared_kv_forward(k_slc, v_slc, k_win, v_win)[0]:
+            # Selection's forced blocks in the window's forward, their keys loaded once per tile of
+            # positions; selection's walk completes that softmax with the blocks it chose.
+            o_win, lse_win, *forced = window_attention_forward_with_forced(q, k_win, v_win, c.window, scale,
+                                                                           c.select_block)
+            o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale,
+                                                        forced=forced)
+        else:
+            o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale)
+            o_win, lse_win = window_attention_forward(q, k_win, v_win, c.window, scale)
         out = combine_forward(o_cmp, o_slc, o_win, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win)
@@ -206,9 +215,23 @@ def branch_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, idx, lses, bran
     return dq, (dk_cmp, dv_cmp), (dk_slc, dv_slc), (dk_win, dv_win)
 
 
-# Whether the backward shares work between selection and window where they read one key/value
-# tensor (shared_kv_backward); off only to time the other way (profile_prefill_kernels.py --one-kv).
+# Whether the forward and the backward share work between selection and window where they read
+# one key/value tensor (shared_kv_forward, shared_kv_backward); off only to time the other way
+# (profile_prefill_kernels.py --one-kv).
+SHARED_KV_FORWARD = True
 SHARED_KV_BACKWARD = True
+
+
+def shared_kv_forward(k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor,
+                      v_win: torch.Tensor) -> tuple[bool, str]:
+    """``(forced_in_window, why)``: whether the window's forward computes selection's softmax over
+    its forced blocks (0, ``c - 1``, ``c``), which selection's forward then completes with the
+    blocks it chose: where both read one key/value tensor (the same objects), at any window."""
+    if not SHARED_KV_FORWARD:
+        return False, "turned off (nsa.ops.triton_nsa.SHARED_KV_FORWARD)"
+    if not (k_slc is k_win and v_slc is v_win):
+        return False, "selection and window read different key/value tensors"
+    return True, "one key/value tensor: selection's forced blocks in the window's forward"
 
 
 def shared_kv_backward(k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,

@@ -20,9 +20,10 @@ per branch), both in one process for an A/B. ``--schedules`` runs the backward u
 ``nsa.ops.triton_nsa.BACKWARD_SCHEDULES`` (which passes share the GPU on a side stream), likewise.
 ``--tma-loads off`` runs with ``nsa.ops.triton_common.TMA_LOADS`` off: every kernel on its
 pointer-load configs (autotuned apart from the TMA ones), likewise. ``--one-kv off`` runs with
-``nsa.ops.triton_nsa.SHARED_KV_BACKWARD`` off: the backward as if selection and window read
-different key/value tensors (``nsa_attention`` gives both one ``k, v``; with it on, the window's
-dq pass takes selection's local blocks and its dK/dV add to selection's).
+``nsa.ops.triton_nsa.SHARED_KV_FORWARD`` and ``SHARED_KV_BACKWARD`` off: forward and backward as
+if selection and window read different key/value tensors (``nsa_attention`` gives both one ``k,
+v``; with them on, the window's forward and dq pass take selection's forced blocks and its dK/dV
+add to selection's).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
                 hq, hk = (int(h) for h in heads.split("/"))
                 with (setting(triton_nsa, "BACKWARD_SCHEDULE", schedule),
                       setting(triton_common, "TMA_LOADS", ON_OFF[loads]),
+                      setting(triton_nsa, "SHARED_KV_FORWARD", ON_OFF[shared]),
                       setting(triton_nsa, "SHARED_KV_BACKWARD", ON_OFF[shared])):
                     times, timings = profile(seq_len, dk, dv, hq, hk, gate_path)
                 label = (f"T={seq_len} heads={hq}/{hk} d={dk}/{dv} gates={gate_path} schedule={schedule} "

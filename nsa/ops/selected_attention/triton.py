@@ -70,10 +70,12 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
                       BLOCK_M: tl.constexpr, TMA: tl.constexpr, SKIP_FORCED: tl.constexpr):
     """Forward (o, lse) or, with BACKWARD, dq; both walk each position's selected blocks.
 
-    ``SKIP_FORCED`` (dq only) leaves out each position's forced blocks 0, ``c - 1`` and ``c``
-    (``c = t // BS``), whose share the window's dq pass adds (``SelectionForcedBlocks``); the
-    lists are ascending with the forced blocks in them, so those are the first and the last
-    entries of each.
+    ``SKIP_FORCED`` leaves out each position's forced blocks 0, ``c - 1`` and ``c`` (``c = t //
+    BS``), which the window's passes took on: in the forward the softmax starts from their
+    share, read from ``o, lse`` where the window's forward wrote it (then overwritten with the
+    whole); in dq the window's pass adds theirs (``SelectionForcedBlocks``). The lists are
+    ascending with the forced blocks in them, so those are the first and the last entries of
+    each.
 
     ``o``/``do``/``dq`` share the strides ``sob, sot, soh`` (dq uses ``q``'s shape; see the
     launcher), ``lse``/``delta`` share ``slb, slt, slh``. With ``TMA`` the key/value blocks come
@@ -107,7 +109,15 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
         acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
     else:
-        acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+        if SKIP_FORCED:
+            # The forced blocks' normalised softmax as the online softmax's state: running max
+            # their lse (base 2), sum 1, accumulator their output.
+            lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
+            m_i = tl.load(lse + lse_rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+            l_i = tl.where(row_ok, 1.0, 0.0)
+            acc = load_rows(o + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
         acc_b, do_t, lse2, delta_t = acc, acc, l_i, l_i  # the backward's operands, unused here
     if BT == 1:
         # One position: every row shares the list, -1 padding sits at its end. SKIP_FORCED leaves
@@ -269,12 +279,13 @@ _POINTER_OPTIONS = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)]
 TMA_OPTIONS = [(16, 2, 2, {"TMA": True}), (16, 2, 3, {"TMA": True}), (16, 1, 2, {"TMA": True}),
                (16, 4, 3, {"TMA": True}), (16, 2, 4, {"TMA": True})]
 _TMA_PRODUCTION = [TMA_OPTIONS[1], TMA_OPTIONS[2], TMA_OPTIONS[3]]
-# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
-# timed launch. Where no tensor descriptor can be made (see _block_descriptors) the pointer
-# options run.
+# dq runs in place when it adds to another branch's (DQ_ADD), and the forward completing the
+# window's forced blocks (SKIP_FORCED) reads and overwrites o and lse: autotuning restores them
+# after each timed launch. Where no tensor descriptor can be made (see _block_descriptors) the
+# pointer options run.
 _query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION,
                                  key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False},
-                                 restore_value=["dq"])
+                                 restore_value=["dq", "o", "lse"])
 
 
 def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict, wanted: bool = True):
@@ -304,9 +315,10 @@ def _common(q, k, v, select_block):
 
 
 def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=None, dq=None,
-                skip_forced=False):
-    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given; without
-    the forced blocks' share with ``skip_forced``)."""
+                skip_forced=False, forced=None):
+    """Forward when ``do is None`` (returns o, lse; completing ``forced = (o, lse)``, the forced
+    blocks' softmax, in place), else dq (added to ``dq`` when given; without the forced blocks'
+    share with ``skip_forced``)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _common(q, k, v, select_block)
     backward = do is not None
@@ -314,6 +326,10 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     if backward:
         dq = dq if dq_add else torch.empty_like(q)
         o = do  # unused by the dq pass; do's strides are the output's
+    elif forced is not None:
+        o, lse = forced
+        skip_forced = True
+        do, delta, dq = o, lse, q  # unused in the forward
     else:
         o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
@@ -426,10 +442,26 @@ class _SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def selected_attention_forward(q, k, v, idx, select_block: int,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``o, lse`` of contiguous ``q, k, v`` and int32 ``idx`` (no autograd): the forward kernel alone."""
-    return _query_pass(q, k, v, idx, scale, select_block)
+def selected_attention_forward(q, k, v, idx, select_block: int, scale: float,
+                               forced=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``o, lse`` of contiguous ``q, k, v`` and int32 ``idx`` (no autograd): the forward kernel alone.
+
+    ``forced = (o, lse)``: the softmax over each query's forced blocks alone (0, ``c - 1``, ``c``;
+    :func:`nsa.ops.window_attention.triton.window_attention_forward_with_forced` over the same
+    ``k, v``), ``[B, T, HQ, Dv]`` in ``q.dtype`` and float32 ``[B, T, HQ]``, contiguous: the walk
+    then reads only the other blocks, and the whole softmax is written over those two tensors,
+    which are returned. ``idx`` lists are then as :func:`nsa.ops.select_blocks` returns them
+    (ascending, the forced blocks in them)."""
+    if forced is not None:
+        o, lse = forced
+        batch, seq_len, num_heads, _ = q.shape
+        want_o, want_lse = (batch, seq_len, num_heads, v.shape[-1]), (batch, seq_len, num_heads)
+        got = (tuple(o.shape), o.dtype, tuple(lse.shape), lse.dtype)
+        contiguous = o.is_contiguous() and lse.is_contiguous()
+        if got != (want_o, q.dtype, want_lse, torch.float32) or not contiguous:
+            raise ValueError(f"forced: (o, lse) contiguous, o {want_o} {q.dtype} and lse {want_lse} float32; "
+                             f"got o {tuple(o.shape)} {o.dtype}, lse {tuple(lse.shape)} {lse.dtype}")
+    return _query_pass(q, k, v, idx, scale, select_block, forced=forced)
 
 
 def selected_attention_backward(q, k, v, idx, lse, do, delta, select_block: int, scale: float, dq=None):

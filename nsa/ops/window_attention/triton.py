@@ -57,7 +57,7 @@ def _query_tiles(qa, qb, k_base, v_base, descs, lo, hi, row_pos, T, W, skt, svt,
 
 
 @triton.jit
-def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, k_desc_b, v_desc,
+def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, o_b, k_desc_a, k_desc_b, v_desc,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slt, slh,
                       T, W, qk_scale, scale,
                       HK: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -75,7 +75,13 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, 
     (:func:`softmax_grad`; the launcher requires ``W >= 2 * BS``, so that those keys lie in every
     row's window), and block 0 in one more walk over its keys (for rows where it is not local)
     with selection's softmax alone: loaded once for the tile's ``BLOCK_M`` rows, where
-    selection's walk loads it per position."""
+    selection's walk loads it per position.
+
+    With ``SECOND`` in the forward, selection's softmax over its forced blocks of the same ``k, v``
+    is written as well (``o_b``, strided like ``o``, and ``lse_b``): keys ``BS * (t // BS - 1) .. t``
+    and block 0, walked once per tile of ``BLOCK_M`` rows after the window's own keys; selection's
+    forward then starts from it (:func:`nsa.ops.selected_attention.triton.selected_attention_forward`
+    with ``forced``) and walks only the blocks it chose."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     descs = (k_desc_a, k_desc_b, v_desc, pid_bh // HK, pid_bh % HK)
@@ -115,12 +121,13 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, 
     full_lo = tl.minimum(tl.cdiv(tl.maximum(t_last - W + 1, 0), BN) * BN, end_tiles)
     full_hi = tl.maximum((t0 + 1) // BN * BN, full_lo)
     # Three runs of key tiles: lower edge (masked), interior (unmasked), diagonal edge (masked).
-    # With SECOND the last run starts at the tile of the first row's local blocks instead (at
+    # With SECOND (backward) the last run starts at the tile of the first row's local blocks (at
     # or below full_hi), so that it holds every key any row reads as a local one.
     local_lo = BS * (row_pos // BS - 1)
     split = full_hi
-    if SECOND:
-        split = tl.maximum(tl.maximum(BS * (t0 // BS - 1), 0) // BN * BN, lo)
+    if SECOND:  # noqa: SIM102 (nested: Triton folds a constexpr if, not an `and` of constexprs)
+        if BACKWARD:
+            split = tl.maximum(tl.maximum(BS * (t0 // BS - 1), 0) // BN * BN, lo)
     interior_lo = tl.minimum(full_lo, split)
     m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, lo, interior_lo, row_pos, T, W, skt,
                                         svt, qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo,
@@ -134,22 +141,46 @@ def _win_query_kernel(q, k, v, o, lse, do, delta, dq, lse_b, delta_b, k_desc_a, 
                                         qk_scale, m_i, l_i, acc, acc_b, lse2, delta_t, do_t, local_lo,
                                         row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD, BN, True,
                                         BACKWARD, PREC, TMA, SECOND)
-    if SECOND:
-        # Block 0 for the rows where it is not local (t >= 2 BS): selection's share alone, as the
-        # walk's one softmax (selection's lse and delta) over keys 0 .. min(t, BS - 1): the row
-        # positions given are those last keys (-1: none), the window T + BS wide (no lower edge).
-        block0_last = tl.where(row_pos >= 2 * BS, tl.minimum(row_pos, BS - 1), -1)
-        m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, 0, BS, block0_last, T, T + BS, skt,
-                                            svt, qk_scale, m_i, l_i, acc, acc_b, lse2_b, delta_bt, do_t,
-                                            local_lo, row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B, DV_PAD,
-                                            BN, True, BACKWARD, PREC, TMA, False)
+    # Block 0 for the rows where it is not local (t >= 2 BS), in one more walk with selection's
+    # softmax alone over keys 0 .. min(t, BS - 1): the row positions given are those last keys
+    # (-1: none), the window T + BS wide (no lower edge).
+    block0_last = tl.where(row_pos >= 2 * BS, tl.minimum(row_pos, BS - 1), -1)
     if BACKWARD:
+        if SECOND:
+            m_i, l_i, acc, acc_b = _query_tiles(qa, qb, k_base, v_base, descs, 0, BS, block0_last, T, T + BS,
+                                                skt, svt, qk_scale, m_i, l_i, acc, acc_b, lse2_b, delta_bt,
+                                                do_t, local_lo, row_pos, lse2_b, delta_bt, DK, DV, DK_A, DK_B,
+                                                DV_PAD, BN, True, BACKWARD, PREC, TMA, False)
         store_or_add_rows_split(dq + b * sqb, acc * scale, acc_b * scale, row_pos, head, sqt, sqh, row_ok,
                                 DK, DK_A, DK_B, DQ_ADD)
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
-        tl.store(lse + b * slb + row_pos.to(tl.int64) * slt + head * slh, lse_t, mask=row_ok)
+        lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
+        tl.store(lse + lse_rows, lse_t, mask=row_ok)
+        if SECOND:
+            # Selection's forced blocks, one softmax, in one loop (pipelined; two loops of one or
+            # two tiles each exposed their loads' latency): block 0's tiles, then the local ones
+            # from the first row's local tile (from block 0's end where they overlap). A row reads
+            # keys local_lo .. t (all of 0 .. t while t < 2 BS) and block 0's up to block0_last.
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+            block0_end = tl.cdiv(BS, BN) * BN
+            local_from = tl.maximum(tl.maximum(BS * (t0 // BS - 1), 0) // BN * BN, block0_end)
+            tiles = block0_end // BN + tl.maximum(tl.cdiv(end - local_from, BN), 0)
+            for tile in range(tiles):
+                k0 = tile * BN
+                k0 = tl.where(k0 < block0_end, k0, k0 - block0_end + local_from)
+                kpos = k0 + tl.arange(0, BN)
+                allowed = (kpos[None, :] <= row_pos[:, None]) & ((kpos[None, :] >= local_lo[:, None])
+                                                                 | (kpos[None, :] <= block0_last[:, None]))
+                m_i, l_i, acc, acc_b = attend_keys_at(
+                    k0, kpos, allowed, qa, qb, k_base, v_base, descs, T, skt, svt, qk_scale, m_i, l_i, acc,
+                    acc, lse2, delta_t, do_t, DK, DV, DK_A, DK_B, DV_PAD, BN, PREC, BACKWARD, True, TMA)
+            out, lse_t = softmax_finish(m_i, l_i, acc)
+            store_rows(o_b + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
+            tl.store(lse_b + lse_rows, lse_t, mask=row_ok)
 
 
 @triton.jit
@@ -277,21 +308,28 @@ def _forced_args(forced: SelectionForcedBlocks | None, lse: torch.Tensor, delta:
     return forced.lse, forced.delta, True, forced.block
 
 
-def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=None, forced=None):
-    """Forward when ``do is None`` (returns o, lse), else dq (added to ``dq`` when given; with
-    ``forced``, selection's forced-block share added too)."""
+def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=None, forced=None,
+                forced_block=None):
+    """Forward when ``do is None`` (returns o, lse; with ``forced_block`` also selection's
+    forced-block softmax o, lse), else dq (added to ``dq`` when given; with ``forced``,
+    selection's forced-block share added too)."""
     batch, seq_len, num_heads, _ = q.shape
     meta = _meta(q, k, v)
     backward = do is not None
     dq_add = dq is not None
+    o_b = None
     if backward:
         dq = dq if dq_add else torch.empty_like(q)
         o = do  # unused by the dq pass; do's strides are the output's
+        lse_b, delta_b, second, select_block = _forced_args(forced, lse, delta, window)
     else:
         o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
-    lse_b, delta_b, second, select_block = _forced_args(forced, lse, delta, window)
+        second, select_block = forced_block is not None, forced_block or 16
+        if second:
+            o_b, lse_b = torch.empty_like(o), torch.empty_like(lse)
+        lse_b, delta_b = (lse_b if second else lse), lse
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
@@ -299,11 +337,14 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
     # Rows set per config (BN) by the kernel's pre_hook; the tensors stand in where there are none.
     descs = kv_tile_descriptors(k, v, 64, (meta["DK_A"], meta["DK_B"]), meta["DV_PAD"],
                                 _query_kernel.reads_descriptors())
-    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, lse_b, delta_b, *(descs or (k, k, v)),
+    _query_kernel(grid, q, k, v, o, lse, do, delta, dq, lse_b, delta_b, o if o_b is None else o_b,
+                  *(descs or (k, k, v)),
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len,
                   window, scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, SECOND=second,
                   BS=select_block, seq_len=seq_len, tma=descs is not None, **meta)
-    return dq if backward else (o, lse)
+    if backward:
+        return dq
+    return (o, lse) if o_b is None else (o, lse, o_b, lse_b)
 
 
 def _dkdv_pass(q, k, v, do, lse, delta, window, scale, add_to=None):
@@ -348,6 +389,18 @@ class _WindowAttention(torch.autograd.Function):
 def window_attention_forward(q, k, v, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``o, lse`` of contiguous ``q, k, v`` (no autograd): the forward kernel alone."""
     return _query_pass(q, k, v, window, scale)
+
+
+def window_attention_forward_with_forced(q, k, v, window: int, scale: float, select_block: int):
+    """:func:`window_attention_forward`'s ``o, lse`` and, over the same ``k, v``, selection
+    attention's softmax over each query's forced blocks alone (0, ``c - 1``, ``c`` of the query at
+    ``t``, ``c = t // select_block``): ``o_forced [B, T, HQ, Dv]`` in ``q.dtype`` and ``lse_forced
+    [B, T, HQ]`` float32, which selection's forward completes with the blocks it chose
+    (:func:`nsa.ops.selected_attention.triton.selected_attention_forward`'s ``forced``). Their keys
+    are loaded once per tile of positions here, where selection's walk loads them per position."""
+    if select_block < 1 or select_block & (select_block - 1):
+        raise ValueError(f"select_block: a power of two, got {select_block}")
+    return _query_pass(q, k, v, window, scale, forced_block=select_block)
 
 
 def window_attention_backward(q, k, v, lse, do, delta, window: int, scale: float, dq=None):
