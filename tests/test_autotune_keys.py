@@ -74,17 +74,19 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
 
 
 def test_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_autotune):
-    """Selection's and window's dq passes add to the dq already there (DQ_ADD), the window's dK/dV
-    pass to selection's dk, dv (SECOND): autotuning times each config by launching it, so those
-    must be restored between launches or the sums pile up."""
+    """Selection's and window's dq passes add to the dq already there (DQ_ADD), selection's forward
+    completes the window's forced-block softmax in o, lse (SKIP_FORCED), the window's dK/dV pass
+    adds to selection's dk, dv: autotuning times each config by launching it, so those must be
+    restored between launches or the sums pile up (the GPU's error, not the interpreter's, which
+    runs one config)."""
     from nsa.ops.selected_attention import triton as selected
     from nsa.ops.window_attention import triton as window
 
-    for tuned in (selected._query_kernel, window._query_kernel):
-        assert "dq" in tuned.kernel.arg_names
+    for tuned, restored in ((selected._query_kernel, ["dq", "o", "lse"]), (window._query_kernel, ["dq"])):
+        assert set(restored) <= set(tuned.kernel.arg_names)
         with tuned.only(tuned.options[0]):  # fresh autotuners, restored afterwards
             tuned(lambda cfg: (1,), G=4, seq_len=8192)
-        assert fake_autotune.made[-1].kwargs.get("restore_value") == ["dq"]
+        assert fake_autotune.made[-1].kwargs.get("restore_value") == restored
     # The window's dK/dV pass adds to selection's dk, dv where it takes selection's local blocks.
     tuned = window._dkdv_kernel
     assert {"dk", "dv"} <= set(tuned.kernel.arg_names)
