@@ -327,9 +327,9 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
         lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
         second, select_block = forced_block is not None, forced_block or 16
-        if second:
-            o_b, lse_b = torch.empty_like(o), torch.empty_like(lse)
-        lse_b, delta_b = (lse_b if second else lse), lse
+        # Selection's forced-block softmax (its own tensors), else placeholders.
+        o_b = torch.empty_like(o) if second else None
+        lse_b, delta_b = (torch.empty_like(lse) if second else lse), lse
 
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
