@@ -11,7 +11,9 @@ marking the ones in the production list (``*``). Compressed attention's dK/dV pa
 the query chunks that config would get (``dkdv_chunk_len`` with that key tile), then the
 autotuned pass with its chunks sized for 4-32 waves of programs (``DKDV_WAVES``). The candidates
 include each kernel's tile loads through tensor descriptors (``TMA``) and the scoring's merges
-of several steps (``MERGE_STEPS``); every timed option's output (the forward's and dq's, dk of
+of several steps (``MERGE_STEPS``); selection's and the window's query passes run as the Triton
+backend launches them where both read one ``k, v`` (selection's forced blocks in the window's
+forward and dq); every timed option's output (the forward's and dq's, dk of
 dK/dV) is compared with the autotuned choice's, and the top-n lists with its. Details go to
 ``$OUT/tune_kernels_<families>_<lengths>_<heads>.json``. ``--smoke`` runs the plumbing on CPU
 under ``TRITON_INTERPRET=1`` at T=200 (no meaningful times).
@@ -156,12 +158,13 @@ def timed(results, kernel, label, fn):
     return ms
 
 
-def timed_and_compared(results, kernel, label, fn, want):
-    """:func:`timed`, then the largest difference of ``fn``'s result (its first tensor) to ``want``,
-    the autotuned choice's: every option computes the same function, so this is bf16 rounding of
-    another summation order at most."""
+def timed_and_compared(results, kernel, label, fn, want, check=None):
+    """:func:`timed`, then the largest difference of ``fn``'s result (its first tensor; ``check``'s
+    when given: ``fn`` on fresh inputs where it overwrites its own) to ``want``, the autotuned
+    choice's: every option computes the same function, so this is bf16 rounding of another
+    summation order at most."""
     if timed(results, kernel, label, fn) is not None:
-        got = fn()
+        got = (check or fn)()
         got = got[0] if isinstance(got, tuple) else got
         results[-1]["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
         print(f"  {'':9} {'':28} max abs difference to the autotuned choice {results[-1]['max_abs_diff']:.2e}",
@@ -239,35 +242,51 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
                       f"{results[-1]['rows_differing']}", flush=True)
     idx = chosen.to(torch.int32).contiguous()
 
-    # Selection attention.
-    so, slse = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
+    # Selection and window as the Triton backend runs them where both read one k, v (nsa_attention's
+    # default): selection's forced blocks in the window's forward and dq passes, selection's walks
+    # over the blocks it chose (nsa.ops.triton_nsa.shared_kv_forward, shared_kv_backward).
+    wo, wlse, forced_o, forced_lse = win_triton._query_pass(q, k, v, WINDOW, scale, forced_block=SELECT_BLOCK)
+    # Selection's forward completes the forced blocks' softmax in place: timed on one copy (its
+    # walk does not depend on the values it starts from), compared from a fresh one.
+    timed_partial = (forced_o.clone(), forced_lse.clone())
+
+    def sel_forward(partial=timed_partial):
+        return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, forced=partial)
+
+    def sel_forward_fresh():
+        return sel_forward((forced_o.clone(), forced_lse.clone()))
+
+    def sel_dq_pass():
+        return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta,
+                                      skip_forced=True)
+
+    so, slse = sel_forward_fresh()
     delta = softmax_delta(so, do, None)
-    sel_dq = sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta)
+    sel_dq = sel_dq_pass()
     for option in SEL_QUERY if "sel" in only or "sel-query" in only else []:
         with sel_triton._query_kernel.only(option):
-            def forward():
-                return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK)
-
-            def dq_pass():
-                return sel_triton._query_pass(q, k, v, idx, scale, SELECT_BLOCK, lse=slse, do=do, delta=delta)
-            timed_and_compared(results, "sel-fwd", f"{tag} {option}", forward, so)
-            timed_and_compared(results, "sel-dq", f"{tag} {option}", dq_pass, sel_dq)
+            timed_and_compared(results, "sel-fwd", f"{tag} {option}", sel_forward, so, check=sel_forward_fresh)
+            timed_and_compared(results, "sel-dq", f"{tag} {option}", sel_dq_pass, sel_dq)
     for option in SEL_DKDV if "sel" in only else []:
         with sel_triton._dkdv_kernel.only(option):
             timed(results, "sel-dkdv", f"{tag} {option}",
                   lambda: sel_triton._dkdv_pass(q, k, v, idx, do, slse, delta, scale, SELECT_BLOCK))
 
-    # Sliding window.
-    wo, wlse = win_triton._query_pass(q, k, v, WINDOW, scale)
+    # Sliding window (with selection's forced blocks, as above).
     wdelta = softmax_delta(wo, do, None)
-    win_dq = win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do, delta=wdelta)
+    forced = win_triton.SelectionForcedBlocks(slse, delta, SELECT_BLOCK)
+
+    def win_forward():
+        return win_triton._query_pass(q, k, v, WINDOW, scale, forced_block=SELECT_BLOCK)
+
+    def win_dq_pass():
+        return win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do, delta=wdelta, forced=forced)
+
+    win_dq = win_dq_pass()
     for option in WIN_QUERY if "win" in only or "win-query" in only else []:
         with win_triton._query_kernel.only(option):
-            timed_and_compared(results, "win-fwd", f"{tag} {option}",
-                               lambda: win_triton._query_pass(q, k, v, WINDOW, scale), wo)
-            timed_and_compared(results, "win-dq", f"{tag} {option}",
-                               lambda: win_triton._query_pass(q, k, v, WINDOW, scale, lse=wlse, do=do,
-                                                              delta=wdelta), win_dq)
+            timed_and_compared(results, "win-fwd", f"{tag} {option}", win_forward, wo)
+            timed_and_compared(results, "win-dq", f"{tag} {option}", win_dq_pass, win_dq)
     for option in WIN_DKDV if "win" in only else []:
         with win_triton._dkdv_kernel.only(option):
             timed(results, "win-dkdv", f"{tag} {option}",
