@@ -265,7 +265,8 @@ def sweep(seq_len, dk, dv, results, only, hq=64, hk=4):
     sel_dq = sel_dq_pass()
     for option in SEL_QUERY if "sel" in only or "sel-query" in only else []:
         with sel_triton._query_kernel.only(option):
-            timed_and_compared(results, "sel-fwd", f"{tag} {option}", sel_forward, so, check=sel_forward_fresh)
+            timed_and_compared(results, "sel-fwd", f"{tag} {option}", sel_forward, so,
+                               check=sel_forward_fresh)
             timed_and_compared(results, "sel-dq", f"{tag} {option}", sel_dq_pass, sel_dq)
     for option in SEL_DKDV if "sel" in only else []:
         with sel_triton._dkdv_kernel.only(option):
