@@ -31,3 +31,37 @@ def run_gpu_script():
         return subprocess.run([sys.executable, "-W", "ignore", str(scripts / name), *args], capture_output=True,
                               text=True, timeout=600, check=False)
     return run
+
+
+@pytest.fixture
+def autotune_relaunches(monkeypatch):
+    """Every autotuned launch runs twice under the interpreter, the tensors the launch names as
+    changed in place put back in between, as autotuning's timed launches do on a GPU: a kernel
+    that changes memory in place without naming it then goes wrong here too (the interpreter
+    otherwise launches one config once, so such an error showed on the GPU only). Returns the
+    ``data_ptr()`` of every tensor put back."""
+    from nsa.ops import triton_common
+
+    group_call = triton_common.GroupTunedKernel.__call__
+    size_launch = triton_common.SizeTunedKernel.launch
+    restored_pointers = []
+
+    def twice(kernel, args, names, launch):
+        named = dict(zip(kernel.arg_names, args))
+        restored = {name: named[name].clone() for name in names if torch.is_tensor(named.get(name))}
+        launch()
+        for name, value in restored.items():
+            named[name].copy_(value)
+            restored_pointers.append(named[name].data_ptr())
+        launch()
+
+    def group_twice(self, grid, *args, **kwargs):
+        twice(self.kernel, args, kwargs.get("restore", ()), lambda: group_call(self, grid, *args, **kwargs))
+
+    def size_twice(self, seq_len, grid, args, *rest, **kwargs):
+        twice(self.kernel, args, self.autotune_kwargs.get("restore_value", ()),
+              lambda: size_launch(self, seq_len, grid, args, *rest, **kwargs))
+
+    monkeypatch.setattr(triton_common.GroupTunedKernel, "__call__", group_twice)
+    monkeypatch.setattr(triton_common.SizeTunedKernel, "launch", size_twice)
+    return restored_pointers

@@ -73,26 +73,19 @@ def test_group_tuned_kernel_keys_by_group_and_size_class(fake_autotune):
         tuned(lambda cfg: (1,), "arg", G=16)
 
 
-def test_kernels_that_add_in_place_are_restored_after_each_timed_launch(fake_autotune):
-    """Selection's and window's dq passes add to the dq already there (DQ_ADD), selection's forward
-    completes the window's forced-block softmax in o, lse (SKIP_FORCED), the window's dK/dV pass
-    adds to selection's dk, dv: autotuning times each config by launching it, so those must be
-    restored between launches or the sums pile up (the GPU's error, not the interpreter's, which
-    runs one config)."""
-    from nsa.ops.selected_attention import triton as selected
-    from nsa.ops.window_attention import triton as window
-
-    for tuned, restored in ((selected._query_kernel, ["dq", "o", "lse"]), (window._query_kernel, ["dq"])):
-        assert set(restored) <= set(tuned.kernel.arg_names)
-        with tuned.only(tuned.options[0]):  # fresh autotuners, restored afterwards
-            tuned(lambda cfg: (1,), G=4, seq_len=8192)
-        assert fake_autotune.made[-1].kwargs.get("restore_value") == restored
-    # The window's dK/dV pass adds to selection's dk, dv where it takes selection's local blocks.
-    tuned = window._dkdv_kernel
-    assert {"dk", "dv"} <= set(tuned.kernel.arg_names)
-    with tuned.only(tuned.options[0]):
-        tuned(lambda cfg: (1,), G=4, seq_len=8192)
-    assert fake_autotune.made[-1].kwargs.get("restore_value") == ["dk", "dv"]
+def test_launches_that_change_a_tensor_in_place_have_it_restored(fake_autotune):
+    """Autotuning times each config by launching it on the call's arguments: a launch that names
+    arguments in ``restore`` gets an autotuner that puts them back after each timed launch, one
+    that names none an autotuner that copies nothing (its placeholders may be a caller's tensors).
+    Which launches name what: tests/test_triton_nsa.py, test_in_place_kernels_survive_..."""
+    tuned = GroupTunedKernel("kernel", [(64, 4, 2), (32, 4, 2)], key=["G"])
+    tuned(lambda cfg: (1,), "arg", G=4, seq_len=8192, restore=("dq",))
+    tuned(lambda cfg: (1,), "arg", G=4, seq_len=8192)
+    tuned(lambda cfg: (1,), "arg", G=4, seq_len=8192, restore=("dq",))
+    assert [t.kwargs.get("restore_value") for t in fake_autotune.made] == [["dq"], None]
+    launched = [tuner for tuner, _ in fake_autotune.launches]
+    assert launched[0] is launched[2] is not launched[1]
+    assert all("restore" not in kwargs for _, kwargs in fake_autotune.launches)
 
 
 def test_max_positions_rounds_position_tiles_down_to_a_capped_power_of_two(fake_autotune):

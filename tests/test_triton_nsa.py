@@ -106,6 +106,20 @@ def test_one_kv_on_every_window_tile(options, monkeypatch):
         check_one_kv(66, 8, 2, (16, 16), 36, True, monkeypatch)
 
 
+# Each autotuned launch twice, what it changes in place put back in between (as the GPU's
+# autotuning does): launches that add to or complete a tensor (dq sums, selection's forward from
+# the window's forced blocks, the window's dK/dV into selection's) must name it, and none may name
+# a placeholder that is a caller's tensor: the branch ops' window forward once copied over q, which
+# selection's node had saved (autograd then refused its backward).
+@pytest.mark.parametrize("schedule", ["one-stream", "selection-beside"])
+@pytest.mark.parametrize("window,forced", [(36, True), (20, False)])
+def test_in_place_kernels_survive_autotuning_relaunches(window, forced, schedule, autotune_relaunches,
+                                                        monkeypatch):
+    monkeypatch.setattr(triton_nsa, "BACKWARD_SCHEDULE", schedule)
+    check_one_kv(50, 8, 2, (16, 16), window, forced, monkeypatch)
+    assert autotune_relaunches, "no launch put anything back: the relaunch emulation did not run"
+
+
 def check_one_kv(seq_len, heads, kv_heads, dims, window, forced, monkeypatch, signed_gates=False):
     """Outputs, blocks and gradients of the Triton backend with one k, v for selection and window,
     against the branch ops' autograd and the float64 reference; ``forced``: whether the config lets

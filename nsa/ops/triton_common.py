@@ -215,14 +215,19 @@ class GroupTunedKernel:
     without descriptors (``tma=False``) tunes over the others only. ``pre_hook`` (a Triton config
     pre-hook) sizes such descriptors to each config's tiles. Under the interpreter autotuning is
     bypassed: the first allowed config's block sizes are passed (after its ``pre_hook``).
+
+    Autotuning times each config by launching it on the call's arguments: a launch that changes
+    a tensor in place (adds to it, or completes what it holds) names it in ``restore``, and those
+    are put back after each timed launch. Per launch, not per kernel: a placeholder argument (an
+    input standing in for a pointer the launch does not use) is then never copied over.
     """
 
     def __init__(self, kernel, options: list[tuple], key: list[str], extra: dict | None = None,
                  pre_hook=None, **autotune_kwargs):
         self.kernel, self.options, self.key, self.extra = kernel, options, key, extra or {}
         self.pre_hook, self.autotune_kwargs = pre_hook, autotune_kwargs
-        # (G, size class, max_positions, TMA configs allowed)
-        self._tuned: dict[tuple[int, int, int | None, bool], object] = {}
+        # (G, size class, max_positions, TMA configs allowed, restored arguments)
+        self._tuned: dict[tuple[int, int, int | None, bool, tuple[str, ...]], object] = {}
 
     def configs(self, group: int, max_positions: int | None = None, tma: bool = True) -> list[triton.Config]:
         configs = row_tile_configs(group, self.options, max_positions)
@@ -242,7 +247,7 @@ class GroupTunedKernel:
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class, every group size (empty
         before any launch there, and under the interpreter)."""
-        return _chosen([t for (_, size, _, _), t in self._tuned.items() if size == size_class(seq_len)])
+        return _chosen([t for (_, size, *_), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, option: tuple):
         """Within the ``with`` block, ``option`` is the whole list (autotuning has nothing to
@@ -250,19 +255,21 @@ class GroupTunedKernel:
         return _pinned(self, "options", [option])
 
     def __call__(self, grid, *args, G: int, seq_len: int, max_positions: int | None = None, tma: bool = False,
-                 **kwargs):
+                 restore: tuple[str, ...] = (), **kwargs):
         """Launch on ``grid``; ``max_positions`` caps ``BT`` (see :func:`row_tile_configs`); ``tma``:
-        ``args`` hold tensor descriptors, so options with ``TMA`` may run."""
+        ``args`` hold tensor descriptors, so options with ``TMA`` may run; ``restore``: the
+        arguments (by name) this launch changes in place."""
         if INTERPRET:
             config = self.configs(G, max_positions, tma)[0]
             if config.pre_hook is not None:
                 config.pre_hook({**dict(zip(self.kernel.arg_names, args)), **kwargs, **config.kwargs, "G": G})
             self.kernel[grid(config.kwargs)](*args, G=G, **kwargs, **config.kwargs)
             return
-        tune_key = (G, size_class(seq_len), max_positions, tma)
+        tune_key = (G, size_class(seq_len), max_positions, tma, tuple(restore))
         if tune_key not in self._tuned:
+            restored = {"restore_value": list(restore)} if restore else {}
             self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions, tma), key=self.key,
-                                                    **self.autotune_kwargs)(self.kernel)
+                                                    **self.autotune_kwargs, **restored)(self.kernel)
         self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
 

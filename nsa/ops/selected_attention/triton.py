@@ -279,13 +279,9 @@ _POINTER_OPTIONS = [(16, 2, 2), (16, 4, 2), (64, 4, 2), (16, 1, 2), (16, 2, 3)]
 TMA_OPTIONS = [(16, 2, 2, {"TMA": True}), (16, 2, 3, {"TMA": True}), (16, 1, 2, {"TMA": True}),
                (16, 4, 3, {"TMA": True}), (16, 2, 4, {"TMA": True})]
 _TMA_PRODUCTION = [TMA_OPTIONS[1], TMA_OPTIONS[2], TMA_OPTIONS[3]]
-# dq runs in place when it adds to another branch's (DQ_ADD), and the forward completing the
-# window's forced blocks (SKIP_FORCED) reads and overwrites o and lse: autotuning restores them
-# after each timed launch. Where no tensor descriptor can be made (see _block_descriptors) the
-# pointer options run.
+# Where no tensor descriptor can be made (see _block_descriptors) the pointer options run.
 _query_kernel = GroupTunedKernel(_sel_query_kernel, _POINTER_OPTIONS + _TMA_PRODUCTION,
-                                 key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False},
-                                 restore_value=["dq", "o", "lse"])
+                                 key=["G", "DK", "DV", "BS", "BACKWARD"], extra={"TMA": False})
 
 
 def _block_descriptors(k: torch.Tensor, v: torch.Tensor, meta: dict, wanted: bool = True):
@@ -344,11 +340,15 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     def grid(cfg):
         return (triton.cdiv(seq_len, cfg["BT"]), batch * meta["HK"])
 
+    # In place (restored after each of autotuning's timed launches): dq when it adds to another
+    # branch's (DQ_ADD); o and lse in the forward that completes the window's forced blocks.
+    restore = ("dq",) if dq_add else ("o", "lse") if forced is not None else ()
     _query_kernel(grid, q, k, v, idx, o, lse, do, delta, dq, *descriptors,
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
                   *o.stride()[:3], *lse.stride(),
                   seq_len, n, scale * LOG2E, scale, N_PAD=n_pad, BACKWARD=backward, DQ_ADD=dq_add,
-                  SKIP_FORCED=skip_forced, seq_len=seq_len, max_positions=max_positions, tma=tma, **meta)
+                  SKIP_FORCED=skip_forced, seq_len=seq_len, max_positions=max_positions, tma=tma,
+                  restore=restore, **meta)
     return dq if backward else (o, lse)
 
 

@@ -243,8 +243,6 @@ def _win_dkdv_kernel(q, k, v, do, lse, delta, dk, dv,
 # the first choice; 128-key tiles, which helped compressed attention's dK/dV, were 11-19 ms here).
 # (64, 4, 3) with 32-key steps: the fastest forward at 16/4 heads and dq at 64/4 (H100, 64k,
 # fourteenth session: 0.92 against 1.00 ms, 4.26 against 4.35).
-# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
-# timed launch.
 # TMA_OPTIONS: the same walks with the key/value tiles loaded by the TMA (the launcher passes
 # descriptors where it can, rows sized to each config's BN by the pre_hook; elsewhere the pointer
 # options run). H100, seventeenth session, 64k, 64/4 heads: forward 3.61 -> 3.24 ms ((64, 4, 3)
@@ -256,8 +254,7 @@ _query_kernel = GroupTunedKernel(_win_query_kernel,
                                  [(64, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3, {"BN": 32}), *TMA_OPTIONS],
                                  key=["G", "DK", "DV", "BACKWARD", "SECOND"], extra={"BN": 64, "TMA": False},
                                  pre_hook=functools.partial(set_kv_tile_rows, rows="BN",
-                                                            names=("k_desc_a", "k_desc_b", "v_desc")),
-                                 restore_value=["dq"])
+                                                            names=("k_desc_a", "k_desc_b", "v_desc")))
 # dK/dV with keys as the M of the dots (KEYS_AS_M, compressed attention's dK/dV form): measured
 # on an H100 (fourteenth session, tune_kernels.py --only win at 8k and 64k, 64/4 and 16/4 heads),
 # 32 rows x 128 keys on 8 warps, 3 stages won at 64/4 (64k 7.17 ms against 8.14 for the best of
@@ -265,13 +262,11 @@ _query_kernel = GroupTunedKernel(_win_query_kernel,
 # against 0.29). (32, 4, 3) and (64, 4, 2) stay for the head dims not swept (192/128), and
 # (32, 8, 2), never the fastest, as the option that spills nothing (the compile suite's rule: the
 # first option spills 72 bytes per thread under Triton 3.9, 40 under 3.6 in the three-run walk;
-# none and 24 since the single masked loop). With ADD it adds to dk/dv in place: autotuning
-# restores them after each timed launch.
+# none and 24 since the single masked loop).
 _dkdv_kernel = GroupTunedKernel(_win_dkdv_kernel, [(32, 8, 3, {"KEYS_AS_M": True, "BN": 128}),
                                                    (64, 4, 2, {"KEYS_AS_M": True}), (32, 4, 3), (64, 4, 2),
                                                    (32, 8, 2)],
-                                key=["G", "DK", "DV", "ADD"], extra={"BN": 64, "KEYS_AS_M": False},
-                                restore_value=["dk", "dv"])
+                                key=["G", "DK", "DV", "ADD"], extra={"BN": 64, "KEYS_AS_M": False})
 
 
 class SelectionForcedBlocks(NamedTuple):
@@ -341,7 +336,8 @@ def _query_pass(q, k, v, window, scale, *, lse=None, do=None, delta=None, dq=Non
                   *(descs or (k, k, v)),
                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(), seq_len,
                   window, scale * LOG2E, scale, BACKWARD=backward, DQ_ADD=dq_add, SECOND=second,
-                  BS=select_block, seq_len=seq_len, tma=descs is not None, **meta)
+                  BS=select_block, seq_len=seq_len, tma=descs is not None,
+                  restore=("dq",) if dq_add else (), **meta)  # in place: dq when it adds to another's
     if backward:
         return dq
     return (o, lse) if o_b is None else (o, lse, o_b, lse_b)
@@ -365,7 +361,8 @@ def _dkdv_pass(q, k, v, do, lse, delta, window, scale, add_to=None):
 
     _dkdv_kernel(grid, q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                  *do.stride()[:3], *lse.stride(), seq_len, window, scale * LOG2E, scale,
-                 ADD=add_to is not None, seq_len=seq_len, **meta)
+                 ADD=add_to is not None, seq_len=seq_len,
+                 restore=("dk", "dv") if add_to is not None else (), **meta)  # in place: the sums
     return dk, dv
 
 
