@@ -59,7 +59,7 @@ def autotune_relaunches(monkeypatch):
         twice(self.kernel, args, kwargs.get("restore", ()), lambda: group_call(self, grid, *args, **kwargs))
 
     def size_twice(self, seq_len, grid, args, *rest, **kwargs):
-        twice(self.kernel, args, self.autotune_kwargs.get("restore_value", ()),
+        twice(self.kernel, args, kwargs.get("restore", ()),
               lambda: size_launch(self, seq_len, grid, args, *rest, **kwargs))
 
     monkeypatch.setattr(triton_common.GroupTunedKernel, "__call__", group_twice)

@@ -86,6 +86,10 @@ def test_launches_that_change_a_tensor_in_place_have_it_restored(fake_autotune):
     launched = [tuner for tuner, _ in fake_autotune.launches]
     assert launched[0] is launched[2] is not launched[1]
     assert all("restore" not in kwargs for _, kwargs in fake_autotune.launches)
+    sized = SizeTunedKernel("kernel", [triton_common.triton.Config({"BLOCK_M": 64})], key=["G"])
+    sized.launch(8192, lambda meta: (1,), ("arg",), {"G": 4}, {}, restore=("DQ",))
+    sized.launch(8192, lambda meta: (1,), ("arg",), {"G": 4}, {})
+    assert [t.kwargs.get("restore_value") for t in fake_autotune.made[2:]] == [["DQ"], None]
 
 
 def test_max_positions_rounds_position_tiles_down_to_a_capped_power_of_two(fake_autotune):

@@ -155,27 +155,39 @@ def _pinned(tuned, attr: str, choices: list):
         tuned._tuned = saved[1]
 
 
+def _autotuned(kernel, configs: list[triton.Config], key: list[str], autotune_kwargs: dict,
+               restore: tuple[str, ...]):
+    """``triton.autotune`` of ``kernel``; ``restore`` names the arguments the launch changes in
+    place, which autotuning puts back after each timed launch (none: nothing is copied)."""
+    restored = {"restore_value": list(restore)} if restore else {}
+    return triton.autotune(configs, key=key, **autotune_kwargs, **restored)(kernel)
+
+
 class SizeTunedKernel:
     """``triton.autotune(configs, key=key, **autotune_kwargs)(kernel)``, one autotuner per
-    :func:`size_class` of the sequence length: ``at(seq_len)`` is the one to launch."""
+    :func:`size_class` of the sequence length: ``at(seq_len)`` is the one to launch. What a
+    launch changes in place is named per launch (``restore``), as for :class:`GroupTunedKernel`."""
 
     def __init__(self, kernel, configs: list[triton.Config], key: list[str], **autotune_kwargs):
         self.kernel, self.configs, self.key, self.autotune_kwargs = kernel, configs, key, autotune_kwargs
-        self._tuned: dict[tuple[int, bool], object] = {}  # (size class, TMA configs allowed)
+        # (size class, TMA configs allowed, restored arguments)
+        self._tuned: dict[tuple[int, bool, tuple[str, ...]], object] = {}
 
-    def at(self, seq_len: int, tma: bool = True):
+    def at(self, seq_len: int, tma: bool = True, restore: tuple[str, ...] = ()):
         """The autotuner of ``seq_len``'s size class; without ``tma`` (no tensor descriptors could
-        be made) over the configs that load by pointers only."""
-        key = (size_class(seq_len), tma)
+        be made) over the configs that load by pointers only; ``restore``: the arguments (by name)
+        the launch changes in place."""
+        key = (size_class(seq_len), tma, tuple(restore))
         if key not in self._tuned:
             configs = self.configs if tma else [c for c in self.configs if not c.kwargs.get("TMA")]
-            self._tuned[key] = triton.autotune(configs, key=self.key, **self.autotune_kwargs)(self.kernel)
+            self._tuned[key] = _autotuned(self.kernel, configs, self.key, self.autotune_kwargs,
+                                          tuple(restore))
         return self._tuned[key]
 
     def chosen(self, seq_len: int) -> list[str]:
         """The configs autotuning chose in ``seq_len``'s size class (empty before any launch
         there, and under the interpreter)."""
-        return _chosen([t for (size, _), t in self._tuned.items() if size == size_class(seq_len)])
+        return _chosen([t for (size, *_), t in self._tuned.items() if size == size_class(seq_len)])
 
     def only(self, config: triton.Config):
         """Within the ``with`` block, ``config`` is the whole list (autotuning has nothing to
@@ -191,12 +203,13 @@ class SizeTunedKernel:
         return any(c.kwargs.get("TMA") for c in self.configs)
 
     def launch(self, seq_len: int, grid, args, fixed: dict, interpret_config: dict,
-               tma: bool = False) -> None:
+               tma: bool = False, restore: tuple[str, ...] = ()) -> None:
         """Launch the autotuner of ``seq_len``'s size class or, under the interpreter (which
         bypasses autotuning), the kernel with ``interpret_config``'s tiles.
 
         ``grid`` is a callable of the meta-parameters; ``fixed`` holds the non-tuned constexprs;
-        ``tma``: ``args`` hold tensor descriptors, so configs with ``TMA`` may run.
+        ``tma``: ``args`` hold tensor descriptors, so configs with ``TMA`` may run; ``restore``:
+        the arguments (by name) this launch changes in place.
         """
         if INTERPRET:
             meta = {**fixed, **interpret_config}
@@ -204,7 +217,7 @@ class SizeTunedKernel:
                 meta["TMA"] = meta["TMA"] and tma
             self.kernel[grid(meta)](*args, **meta)
         else:
-            self.at(seq_len, tma)[grid](*args, **fixed)
+            self.at(seq_len, tma, restore)[grid](*args, **fixed)
 
 
 class GroupTunedKernel:
@@ -267,9 +280,8 @@ class GroupTunedKernel:
             return
         tune_key = (G, size_class(seq_len), max_positions, tma, tuple(restore))
         if tune_key not in self._tuned:
-            restored = {"restore_value": list(restore)} if restore else {}
-            self._tuned[tune_key] = triton.autotune(self.configs(G, max_positions, tma), key=self.key,
-                                                    **self.autotune_kwargs, **restored)(self.kernel)
+            self._tuned[tune_key] = _autotuned(self.kernel, self.configs(G, max_positions, tma), self.key,
+                                               self.autotune_kwargs, tuple(restore))
         self._tuned[tune_key][grid](*args, G=G, **kwargs)
 
 

@@ -533,11 +533,8 @@ _DQ_CONFIGS = group_configs([(128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), 
 _TUNE_KEY = ["G", "DK", "DV", "BLOCK", "STRIDE", "PRECISION"]
 _cmp_bwd_dkdv_tuned = SizeTunedKernel(_cmp_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by={"early_config_prune": prune_group_rows})
-# dq runs in place when it adds to another branch's (DQ_ADD): autotuning restores it after each
-# timed launch.
 _cmp_bwd_dq_tuned = SizeTunedKernel(_cmp_bwd_dq_kernel, _DQ_CONFIGS, key=_TUNE_KEY,
-                                    prune_configs_by={"early_config_prune": prune_group_rows},
-                                    restore_value=["DQ"])
+                                    prune_configs_by={"early_config_prune": prune_group_rows})
 
 # Interpreter tiles: small enough that the tests' short sequences cross several key and query
 # tiles (masked and unmasked loops both run), large enough to keep numpy busy.
@@ -730,8 +727,9 @@ def compressed_attention_backward_dq(q, k_cmp, v_cmp, lse, do, delta, block: int
     def dq_grid(meta):
         return (triton.cdiv(seq_len, meta["BLOCK_M"] // gp), batch * num_kv)
 
+    # In place (restored after each of autotuning's timed launches) when it adds to another's dq.
     _cmp_bwd_dq_tuned.launch(seq_len, dq_grid, dq_args, {**consts, "DQ_ADD": dq_add}, _interpret_tiles(gp),
-                             tma)
+                             tma, restore=("DQ",) if dq_add else ())
     return dq
 
 
