@@ -98,11 +98,11 @@ class _NSATriton(torch.autograd.Function):
             # positions; selection's walk completes that softmax with the blocks it chose.
             o_win, lse_win, *forced = window_attention_forward_with_forced(q, k_win, v_win, c.window, scale,
                                                                            c.select_block)
-            o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale,
-                                                        forced=forced)
         else:
-            o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale)
             o_win, lse_win = window_attention_forward(q, k_win, v_win, c.window, scale)
+            forced = None
+        o_slc, lse_slc = selected_attention_forward(q, k_slc, v_slc, idx, c.select_block, scale,
+                                                    forced=forced)
         out = combine_forward(o_cmp, o_slc, o_win, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win)
@@ -222,15 +222,24 @@ SHARED_KV_FORWARD = True
 SHARED_KV_BACKWARD = True
 
 
+def _not_shared(switch: str, k_slc, v_slc, k_win, v_win) -> str:
+    """Why selection and window share no work (``switch``, this module's flag, is off, or they
+    read different key/value tensors); empty when they read one."""
+    if not globals()[switch]:
+        return f"turned off (nsa.ops.triton_nsa.{switch})"
+    if not (k_slc is k_win and v_slc is v_win):
+        return "selection and window read different key/value tensors"
+    return ""
+
+
 def shared_kv_forward(k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor,
                       v_win: torch.Tensor) -> tuple[bool, str]:
     """``(forced_in_window, why)``: whether the window's forward computes selection's softmax over
     its forced blocks (0, ``c - 1``, ``c``), which selection's forward then completes with the
     blocks it chose: where both read one key/value tensor (the same objects), at any window."""
-    if not SHARED_KV_FORWARD:
-        return False, "turned off (nsa.ops.triton_nsa.SHARED_KV_FORWARD)"
-    if not (k_slc is k_win and v_slc is v_win):
-        return False, "selection and window read different key/value tensors"
+    why_not = _not_shared("SHARED_KV_FORWARD", k_slc, v_slc, k_win, v_win)
+    if why_not:
+        return False, why_not
     return True, "one key/value tensor: selection's forced blocks in the window's forward"
 
 
@@ -242,10 +251,9 @@ def shared_kv_backward(k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Te
     :func:`nsa.nsa_attention` passes its ``k, v`` by default; the layer's separate projections do
     not); ``forced_in_window`` when besides the window holds both local blocks (``w >= 2 l'``). The
     backward also requires no negative gate for the latter (each branch then reads the same dO)."""
-    if not SHARED_KV_BACKWARD:
-        return False, False, "turned off (nsa.ops.triton_nsa.SHARED_KV_BACKWARD)"
-    if not (k_slc is k_win and v_slc is v_win):
-        return False, False, "selection and window read different key/value tensors"
+    why_not = _not_shared("SHARED_KV_BACKWARD", k_slc, v_slc, k_win, v_win)
+    if why_not:
+        return False, False, why_not
     if config.window < 2 * config.select_block:
         return True, False, (f"one key/value tensor; selection's forced blocks in its own dq pass: window="
                              f"{config.window} < 2 x select_block={config.select_block}")

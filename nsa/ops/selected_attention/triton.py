@@ -102,9 +102,9 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
     kk = tl.arange(0, BS)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
     if BACKWARD:
         do_t = load_rows(do + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
-        lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
         lse2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta_t = tl.load(delta + lse_rows, mask=row_ok, other=0.0)
         acc, acc_b = split_acc(BLOCK_M, DK_A, DK_B)
@@ -112,7 +112,6 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
         if SKIP_FORCED:
             # The forced blocks' normalised softmax as the online softmax's state: running max
             # their lse (base 2), sum 1, accumulator their output.
-            lse_rows = b * slb + row_pos.to(tl.int64) * slt + head * slh
             m_i = tl.load(lse + lse_rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
             l_i = tl.where(row_ok, 1.0, 0.0)
             acc = load_rows(o + b * sob, row_pos, head, sot, soh, row_ok, DV, DV_PAD).to(tl.float32)
@@ -173,7 +172,7 @@ def _sel_query_kernel(q, k, v, idx, o, lse, do, delta, dq, k_desc_a, k_desc_b, v
     else:
         out, lse_t = softmax_finish(m_i, l_i, acc)
         store_rows(o + b * sob, out, row_pos, head, sot, soh, row_ok, DV, DV_PAD)
-        tl.store(lse + b * slb + row_pos.to(tl.int64) * slt + head * slh, lse_t, mask=row_ok)
+        tl.store(lse + lse_rows, lse_t, mask=row_ok)
 
 
 @triton.jit
@@ -322,13 +321,13 @@ def _query_pass(q, k, v, idx, scale, select_block, *, lse=None, do=None, delta=N
     if backward:
         dq = dq if dq_add else torch.empty_like(q)
         o = do  # unused by the dq pass; do's strides are the output's
-    elif forced is not None:
-        o, lse = forced
-        skip_forced = True
-        do, delta, dq = o, lse, q  # unused in the forward
     else:
-        o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
-        lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
+        if forced is not None:
+            o, lse = forced  # completed in place
+            skip_forced = True
+        else:
+            o = q.new_empty(batch, seq_len, num_heads, v.shape[-1])
+            lse = torch.empty(batch, seq_len, num_heads, dtype=torch.float32, device=q.device)
         do, delta, dq = o, lse, q  # unused in the forward
     n = idx.shape[-1]
     n_pad = triton.next_power_of_2(max(n, 1))
