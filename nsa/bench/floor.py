@@ -234,7 +234,7 @@ def forward_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_
     row("nsa forward", _bench(lambda: nsa_attention(q, k, v, x["gates"], config, backend="triton")),
         "nsa_attention, Triton backend")
     for dense in dense_rows(seq_len, head_dim, v_head_dim, num_heads, num_kv_heads):
-        row(f"{dense.name} causal forward", dense.fwd_ms, dense.note or "dense baseline (nsa bench's rows)")
+        row(f"{dense.impl} causal forward", dense.fwd_ms, dense.note or "dense baseline (nsa bench's rows)")
     return rows
 
 
