@@ -63,9 +63,88 @@ def test_gather_selected_blocks_names_what_it_cannot_take():
         gather_selected_blocks(k[..., :16], k[..., :16], lists.long(), select_block=16)
 
 
-def test_floor_script_says_it_needs_a_gpu(run_gpu_script):
+@pytest.mark.parametrize("script", ["forward_floor.py", "decode_floor.py"])
+def test_floor_scripts_say_they_need_a_gpu(run_gpu_script, script):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only message; on a GPU the script runs")
-    result = run_gpu_script("forward_floor.py", "--seq-lens", "8192")
+    result = run_gpu_script(script)
     assert result.returncode != 0
     assert "needs a CUDA GPU" in result.stderr
+
+
+def tile_sums(k, v, tiles, rows):
+    """float64 sum of every element of k and v in ``tiles`` (batch, first row, head)."""
+    total = 0.0
+    for b, row0, h in tiles.tolist():
+        keys = slice(row0, row0 + rows)
+        total += k[b, keys, h].double().sum().item() + v[b, keys, h].double().sum().item()
+    return total
+
+
+@pytest.fixture
+def tiled_cache():
+    from nsa.bench.floor import TILE_ROWS
+
+    gen = torch.Generator().manual_seed(11)
+    k = torch.randn(2, 6 * TILE_ROWS, 2, 16, generator=gen)
+    v = torch.randn(2, 6 * TILE_ROWS, 2, 32, generator=gen)
+    tiles = torch.tensor([(b, r * TILE_ROWS, h) for b in range(2) for r in (0, 5, 2) for h in range(2)],
+                         dtype=torch.int32)
+    return k, v, tiles, tile_sums(k, v, tiles, TILE_ROWS)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 16])
+def test_read_tiles_reads_each_tile_once(tiled_cache, programs):
+    from nsa.bench.floor import read_tiles
+
+    k, v, tiles, want = tiled_cache
+    got = read_tiles(k, v, tiles, programs=programs).double().sum().item()
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-3)
+    # The two phases as two launches cover the same tiles.
+    first = read_tiles(k, v, tiles, programs=programs, stop=5)
+    rest = read_tiles(k, v, tiles, programs=programs, start=5)
+    assert (first.double().sum() + rest.double().sum()).item() == pytest.approx(want, rel=1e-5, abs=1e-3)
+    assert first.double().sum().item() == pytest.approx(tile_sums(k, v, tiles[:5], 64), rel=1e-5, abs=1e-3)
+
+
+def test_read_tiles_barrier_reads_both_phases_and_counts_arrivals(tiled_cache):
+    from nsa.bench.floor import read_tiles
+
+    k, v, tiles, want = tiled_cache
+    arrivals = torch.zeros(1, dtype=torch.int32)
+    # One program: the interpreter runs programs one after another, so only a grid of one can
+    # pass a barrier here; the GPU script times the full grid.
+    for launch in range(1, 3):
+        got = read_tiles(k, v, tiles, programs=1, split=5, arrivals=arrivals).double().sum().item()
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-3)
+        assert arrivals.item() == launch
+    with pytest.raises(ValueError, match="split and arrivals come together"):
+        read_tiles(k, v, tiles, programs=1, split=5)
+
+
+def test_decode_step_tiles_follow_the_spec_reads():
+    from nsa.bench.floor import TILE_ROWS, decode_step_tiles
+    from nsa.config import NSAConfig
+
+    config = NSAConfig(num_heads=8, num_kv_heads=2, head_dim=16, v_head_dim=16)
+    context, batch = 2048, 3
+    gen = torch.Generator().manual_seed(0)
+    tiles, first_phase, rows_total = decode_step_tiles(config, batch, context, gen)
+    cmp_tiles = -(-config.num_compressed(context) // TILE_ROWS)
+    assert first_phase == batch * config.num_kv_heads * cmp_tiles
+    per_sequence_rest = config.select_count + config.window // TILE_ROWS
+    assert tiles.shape == (first_phase + batch * config.num_kv_heads * per_sequence_rest, 3)
+    assert rows_total == cmp_tiles * TILE_ROWS + context + config.window
+    # Tile bytes match the spec's formula up to the compressed keys' rounding to whole tiles.
+    assert (tiles.shape[0] * TILE_ROWS - batch * config.num_kv_heads * config.decode_reads(context)
+            == batch * config.num_kv_heads * (cmp_tiles * TILE_ROWS - config.num_compressed(context)))
+    current = (context - 1) // config.select_block
+    rest = tiles[first_phase:]
+    for b in range(batch):
+        for h in range(config.num_kv_heads):
+            mine = rest[(rest[:, 0] == b) & (rest[:, 2] == h), 1]
+            blocks = (mine[mine < cmp_tiles * TILE_ROWS + context] - cmp_tiles * TILE_ROWS) // TILE_ROWS
+            assert len(set(blocks.tolist())) == config.select_count
+            assert {0, current - 1, current} <= set(blocks.tolist())
+            assert blocks.max() <= current
+    assert (tiles[:, 1] + TILE_ROWS <= rows_total).all() and (tiles[:, 1] >= 0).all()

@@ -20,6 +20,14 @@ position. The bounds, each measured, none of them a model:
 
 A forward at least as long as their sum is as fast as this algorithm gets on that card for
 those inputs, so ``cuDNN / floor`` bounds the ratio any kernel of it can reach.
+
+The decode step's floor (:func:`decode_floor`) is the time to read the bytes the spec says a step
+reads, in the order the step's data dependence imposes: the compressed keys and values first
+(the top-n needs every block's score), then the chosen blocks and the window. Measured three
+ways with one kernel that only loads 64-row tiles of keys and values (:func:`read_tiles`): all
+tiles in one launch with no order (the bytes alone), the two phases as two launches of a CUDA
+graph, and the two phases in one launch split by a grid-wide barrier. The floor is the faster of
+the last two.
 """
 
 from __future__ import annotations
@@ -242,10 +250,189 @@ def forward_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_
 FLOOR_PIECES = ("selection gathers", "compressed products", "scoring products", "window products", "combine")
 
 
-def floor_summary(rows: list[FloorRow]) -> dict[str, float]:
-    """``{"floor_ms", "nsa_ms", "cudnn_ms", "max_ratio", "nsa_ratio"}`` of one length's rows:
-    ``max_ratio`` is cuDNN's forward over the floor, the most any kernel of this algorithm gets."""
+def floor_summary(rows: list[FloorRow], nsa: str = "nsa forward", baseline: str = "sdpa-cudnn causal forward",
+                  ) -> dict[str, float]:
+    """``{"floor_ms", "nsa_ms", "baseline_ms", "max_ratio", "nsa_ratio"}`` of one shape's rows:
+    ``max_ratio`` is the baseline's time over the floor, the most any kernel of this algorithm
+    gets (the decode rows: ``nsa="nsa step", baseline="dense step"``)."""
     by_name = {r.name: r.ms for r in rows}
-    floor, nsa, cudnn = by_name["floor"], by_name["nsa forward"], by_name["sdpa-cudnn causal forward"]
-    return {"floor_ms": floor, "nsa_ms": nsa, "cudnn_ms": cudnn, "max_ratio": cudnn / floor,
-            "nsa_ratio": cudnn / nsa}
+    floor, nsa_ms, base = by_name["floor"], by_name[nsa], by_name[baseline]
+    return {"floor_ms": floor, "nsa_ms": nsa_ms, "baseline_ms": base, "max_ratio": base / floor,
+            "nsa_ratio": base / nsa_ms}
+
+
+# ----- decode: the step's bytes in its dependence order --------------------------------------------
+
+# Rows per tile of the decode floor's reads: one selection block (l' = 64).
+TILE_ROWS = 64
+
+
+@triton.jit
+def _read_tile_range(K, V, TILES, start, stop, acc_k, acc_v, strides, ROWS: tl.constexpr, DK: tl.constexpr,
+                     DV: tl.constexpr, STAGES: tl.constexpr):
+    """Adds tiles ``start + pid, start + pid + P, ... < stop`` of ``TILES`` (``[n, 3]``: batch,
+    first row, head) of k and v to the accumulators; ``strides``: k's then v's (batch, row, head)."""
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh = strides
+    rows = tl.arange(0, ROWS)
+    for i in tl.range(start + tl.program_id(0), stop, tl.num_programs(0), num_stages=STAGES):
+        b = tl.load(TILES + 3 * i).to(tl.int64)
+        key = tl.load(TILES + 3 * i + 1).to(tl.int64) + rows
+        h = tl.load(TILES + 3 * i + 2)
+        acc_k += tl.load(K + b * stride_kb + h * stride_kh + key[:, None] * stride_kt
+                         + tl.arange(0, DK)[None, :]).to(tl.float32)
+        acc_v += tl.load(V + b * stride_vb + h * stride_vh + key[:, None] * stride_vt
+                         + tl.arange(0, DV)[None, :]).to(tl.float32)
+    return acc_k, acc_v
+
+
+@triton.jit
+def _read_tiles_kernel(K, V, TILES, OUT, ARRIVALS, start, split, stop,
+                       stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                       ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, STAGES: tl.constexpr,
+                       BARRIER: tl.constexpr):
+    """A persistent grid reads tiles ``[start, split)``; with ``BARRIER`` every program then waits
+    until all have, and reads ``[split, stop)``. Each program writes the sum of the elements it read
+    (so that no load can be dropped)."""
+    strides = (stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh)
+    acc_k = tl.zeros([ROWS, DK], tl.float32)
+    acc_v = tl.zeros([ROWS, DV], tl.float32)
+    acc_k, acc_v = _read_tile_range(K, V, TILES, start, split, acc_k, acc_v, strides, ROWS, DK, DV, STAGES)
+    if BARRIER:
+        # Arrivals only ever grow, by the grid size per launch: a program waits for the multiple
+        # of it its own arrival completes (graph replays need no reset).
+        programs = tl.num_programs(0)
+        arrived = tl.atomic_add(ARRIVALS, 1) + 1
+        target = ((arrived - 1) // programs + 1) * programs
+        while arrived < target:
+            arrived = tl.atomic_add(ARRIVALS, 0)
+        acc_k, acc_v = _read_tile_range(K, V, TILES, split, stop, acc_k, acc_v, strides, ROWS, DK, DV, STAGES)
+    total = tl.sum(tl.sum(acc_k, axis=1), axis=0) + tl.sum(tl.sum(acc_v, axis=1), axis=0)
+    tl.store(OUT + tl.program_id(0), total)
+
+
+def read_tiles(k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, *, programs: int, start: int = 0,
+               stop: int | None = None, split: int | None = None, arrivals: torch.Tensor | None = None,
+               num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Loads ``[TILE_ROWS, D]`` tiles of ``k`` and ``v`` on a persistent grid of ``programs``.
+
+    Args:
+        k: ``[B, R, HK, Dk]``, v: ``[B, R, HK, Dv]`` (``Dk``, ``Dv`` powers of two >= 16).
+        tiles: int32 ``[n, 3]``: batch, first row, head of each tile (rows within ``R``).
+        start, stop: the tiles read (default all).
+        split: with ``arrivals`` (an int32 ``[1]`` zeroed once, one per grid size), tiles
+            ``[start, split)`` are read first and the programs wait for each other before the rest:
+            ``programs`` must all be resident at once (at most one per SM is safe).
+
+    Returns:
+        float32 ``[programs]``: each program's sum of the elements it read.
+    """
+    stop = tiles.shape[0] if stop is None else stop
+    for name, value in (("Dk", k.shape[-1]), ("Dv", v.shape[-1])):
+        if value & (value - 1) or value < 16:
+            raise ValueError(f"read_tiles: {name}={value} must be a power of two >= 16")
+    if tiles.dim() != 2 or tiles.shape[1] != 3 or tiles.dtype != torch.int32:
+        raise ValueError(f"read_tiles: tiles must be int32 [n, 3], got {tiles.dtype} {tuple(tiles.shape)}")
+    if (split is None) != (arrivals is None):
+        raise ValueError("read_tiles: split and arrivals come together (the barrier needs both)")
+    out = torch.empty(programs, dtype=torch.float32, device=k.device)
+    barrier = split is not None
+    _read_tiles_kernel[(programs,)](
+        k, v, tiles, out, arrivals if barrier else out, start, split if barrier else stop, stop,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        ROWS=TILE_ROWS, DK=k.shape[-1], DV=v.shape[-1], STAGES=num_stages, BARRIER=barrier,
+        num_warps=num_warps)
+    return out
+
+
+def decode_step_tiles(config, batch: int, context: int, generator: torch.Generator | None = None,
+                      ) -> tuple[torch.Tensor, int, int]:
+    """The tiles one decode step reads (the new token at position ``context - 1`` of each
+    sequence), over one ``[B, R, HK, D]`` layout: the compressed cache, then the selection cache,
+    then the window's ring.
+
+    Returns:
+        int32 ``[n, 3]`` tiles (the compressed ones first), their count before the selection's, and
+        ``R``. Compressed keys round up to whole tiles; the chosen blocks are 0, ``c - 1``, ``c``
+        and ``n - 3`` others drawn at random (distinct), the window its last ``w`` rows.
+    """
+    if context % TILE_ROWS or config.window % TILE_ROWS or config.select_block != TILE_ROWS:
+        raise ValueError(f"decode_step_tiles: context={context}, window={config.window} must be multiples of "
+                         f"{TILE_ROWS} and select_block={config.select_block} equal to it")
+    cmp_tiles = -(-config.num_compressed(context) // TILE_ROWS)
+    cmp_rows = cmp_tiles * TILE_ROWS
+    current = (context - 1) // config.select_block
+    count = min(config.select_count, current + 1)
+    forced = sorted({0, max(current - 1, 0), current})
+    others = torch.tensor([j for j in range(1, max(current - 1, 1))], dtype=torch.int64)
+    tiles_cmp, tiles_rest = [], []
+    for b in range(batch):
+        for h in range(config.num_kv_heads):
+            tiles_cmp += [(b, i * TILE_ROWS, h) for i in range(cmp_tiles)]
+            pick = others[torch.randperm(len(others), generator=generator)[:count - len(forced)]].tolist()
+            tiles_rest += [(b, cmp_rows + j * TILE_ROWS, h) for j in sorted(forced + pick)]
+            tiles_rest += [(b, cmp_rows + context + r, h) for r in range(0, config.window, TILE_ROWS)]
+    tiles = torch.tensor(tiles_cmp + tiles_rest, dtype=torch.int32)
+    return tiles, len(tiles_cmp), cmp_rows + context + config.window
+
+
+# Persistent-grid shapes of the decode floor: (programs per SM, warps, stages). The barrier runs
+# one program per SM only (all must be resident at once).
+READ_SHAPES = [(per_sm, w, s) for per_sm in (1, 2, 4) for w in (4, 8) for s in (2, 3)]
+
+
+def decode_floor(context: int, batch: int, head_dim: int = 128, v_head_dim: int = 128,
+                 shapes: list[tuple[int, int, int]] = READ_SHAPES) -> list[FloorRow]:
+    """The decode step's floor at one context and batch (bf16, the paper's config, CUDA), beside
+    the Triton step and the best dense SDPA (``nsa bench decode``'s rows), all in this process."""
+    from nsa.bench.decode import bench_us, dense_rows, graphed, nsa_row, paper_config, read_bytes
+
+    config = paper_config(head_dim, v_head_dim)
+    gen = torch.Generator().manual_seed(context + batch)
+    tiles, first_phase, rows_total = decode_step_tiles(config, batch, context, gen)
+    tiles = tiles.cuda()
+    k = torch.randn(batch, rows_total, config.num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, rows_total, config.num_kv_heads, v_head_dim, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(k.device).multi_processor_count
+    nbytes = tiles.shape[0] * TILE_ROWS * (head_dim + v_head_dim) * k.element_size()
+    _, formula_bytes = read_bytes(config, batch, context, 2)
+    rows, label = [], f"{context} B{batch}"
+
+    def row(name: str, us: float, what: str) -> None:
+        rows.append(FloorRow(context, name, us / 1000.0, f"{label}: {what}"))
+
+    reference = float(read_tiles(k, v, tiles, programs=1).sum())
+    best: dict[str, float] = {}
+    for per_sm, warps, stages in shapes:
+        programs = per_sm * sms
+        variants = {
+            "one launch": lambda p=programs, w=warps, s=stages: read_tiles(
+                k, v, tiles, programs=p, num_warps=w, num_stages=s),
+            "two launches": lambda p=programs, w=warps, s=stages: (
+                read_tiles(k, v, tiles, programs=p, stop=first_phase, num_warps=w, num_stages=s),
+                read_tiles(k, v, tiles, programs=p, start=first_phase, num_warps=w, num_stages=s)),
+        }
+        if per_sm == 1:
+            arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+            variants["barrier"] = lambda p=programs, w=warps, s=stages, a=arrivals: read_tiles(
+                k, v, tiles, programs=p, split=first_phase, arrivals=a, num_warps=w, num_stages=s)
+        for name, fn in variants.items():
+            result = fn()
+            got = sum(float(x.sum()) for x in (result if isinstance(result, tuple) else (result,)))
+            if abs(got - reference) > 1e-3 * max(abs(reference), 1.0) + 1.0:
+                raise AssertionError(f"{name} {per_sm}/SM {warps}w {stages}s read other elements: "
+                                     f"{got} against {reference}")
+            graph_fn, in_graph, note = graphed(fn)
+            us = bench_us(graph_fn)
+            row(f"{name} {per_sm}/SM {warps}w {stages}s", us, note or f"CUDA graph={in_graph}")
+            best[name] = min(best.get(name, float("inf")), us)
+    row("bytes alone", best["one launch"], f"{nbytes / 1e6:.1f} MB in tiles (formula "
+        f"{formula_bytes / 1e6:.1f}), {nbytes / best['one launch'] / 1e3:.0f} GB/s, no order")
+    row("two launches", best["two launches"], "compressed tiles, then the rest (graph)")
+    row("barrier", best["barrier"], "both phases in one launch, a grid barrier between")
+    row("floor", min(best["two launches"], best["barrier"]), "the faster of the dependence-respecting two")
+    nsa = nsa_row(batch, context, head_dim, v_head_dim)
+    row("nsa step", nsa.us, f"nsa bench decode's Triton step (graph={nsa.cuda_graph}) {nsa.note}".strip())
+    dense = [d for d in dense_rows(batch, context, head_dim, v_head_dim) if d.us is not None]
+    fastest = min(dense, key=lambda d: d.us)
+    row("dense step", fastest.us, f"best dense SDPA: {fastest.impl}")
+    return rows
