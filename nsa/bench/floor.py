@@ -425,6 +425,9 @@ def decode_floor(context: int, batch: int, head_dim: int = 128, v_head_dim: int 
             us = bench_us(graph_fn)
             row(f"{name} {per_sm}/SM {warps}w {stages}s", us, note or f"CUDA graph={in_graph}")
             best[name] = min(best.get(name, float("inf")), us)
+    empty_fn, in_graph, note = graphed(lambda: read_tiles(k, v, tiles, programs=sms, stop=0))
+    row("empty launch", bench_us(empty_fn),
+        note or f"the reader over no tiles, one program per SM (graph={in_graph})")
     row("bytes alone", best["one launch"], f"{nbytes / 1e6:.1f} MB in tiles (formula "
         f"{formula_bytes / 1e6:.1f}), {nbytes / best['one launch'] / 1e3:.0f} GB/s, no order")
     row("two launches", best["two launches"], "compressed tiles, then the rest (graph)")
