@@ -63,7 +63,7 @@ def test_gather_selected_blocks_names_what_it_cannot_take():
         gather_selected_blocks(k[..., :16], k[..., :16], lists.long(), select_block=16)
 
 
-@pytest.mark.parametrize("script", ["forward_floor.py", "decode_floor.py"])
+@pytest.mark.parametrize("script", ["prefill_floor.py", "decode_floor.py"])
 def test_floor_scripts_say_they_need_a_gpu(run_gpu_script, script):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only message; on a GPU the script runs")
@@ -148,3 +148,27 @@ def test_decode_step_tiles_follow_the_spec_reads():
             assert {0, current - 1, current} <= set(blocks.tolist())
             assert blocks.max() <= current
     assert (tiles[:, 1] + TILE_ROWS <= rows_total).all() and (tiles[:, 1] >= 0).all()
+
+
+@pytest.mark.parametrize("positions", [1, 4])
+@pytest.mark.parametrize("group", [4, 3])
+def test_gather_reader_rows_reads_each_readers_rows(positions, group):
+    from nsa.bench.floor import gather_reader_rows
+
+    gen = torch.Generator().manual_seed(positions * 10 + group)
+    batch, seq_len, num_kv, select_block = 2, 80, 2, 16
+    q = torch.randn(batch, seq_len, num_kv * group, 16, generator=gen)
+    do = torch.randn(batch, seq_len, num_kv * group, 32, generator=gen)
+    blocks = torch.full((batch, seq_len, num_kv, 3), -1, dtype=torch.int64)
+    want = 0.0
+    for b in range(batch):
+        for t in range(seq_len):
+            for h in range(num_kv):
+                chosen = torch.randperm(t // select_block + 1, generator=gen)[:int(torch.randint(0, 4, (1,),
+                                                                                                  generator=gen))]
+                blocks[b, t, h, :len(chosen)] = chosen
+                heads = slice(h * group, (h + 1) * group)
+                want += len(chosen) * (q[b, t, heads].double().sum() + do[b, t, heads].double().sum()).item()
+    got = gather_reader_rows(q, do, blocks, select_block=select_block, num_kv_heads=num_kv, positions=positions,
+                             num_stages=2)
+    assert got.double().sum().item() == pytest.approx(want, rel=1e-5, abs=1e-3)

@@ -19,7 +19,11 @@ position. The bounds, each measured, none of them a model:
   the two other branches' outputs.
 
 A forward at least as long as their sum is as fast as this algorithm gets on that card for
-those inputs, so ``cuDNN / floor`` bounds the ratio any kernel of it can reach.
+those inputs, so ``cuDNN / floor`` bounds the ratio any kernel of it can reach. The backward's
+floor is built the same way (:func:`prefill_floor`): selection's dq gathers (the forward's
+blocks again) and its dK/dV reads (each key block's readers' q and dO rows,
+:func:`gather_reader_rows`), compressed attention's and the window's backward at cuDNN's rate,
+two output copies for the gate sum's backward.
 
 The decode step's floor (:func:`decode_floor`) is the time to read the bytes the spec says a step
 reads, in the order the step's data dependence imposes: the compressed keys and values first
@@ -42,7 +46,7 @@ from nsa.ops import triton_common
 from nsa.ops.triton_common import load_box, tile_descriptors
 
 # Launch shapes timed for the gather bound (warps, pipeline stages, TMA): the bound is the best.
-GATHER_SHAPES = [(w, s, tma) for tma in (False, True) for w in (2, 4, 8) for s in (2, 3, 4)]
+GATHER_SHAPES = [(w, s, tma) for tma in (False, True) for w in (4, 8) for s in (2, 3, 4)]
 
 
 @triton.jit
@@ -147,6 +151,71 @@ def gather_selected_blocks(k: torch.Tensor, v: torch.Tensor, blocks: torch.Tenso
     return out
 
 
+@triton.jit
+def _gather_reader_rows_kernel(Q, DO, QPOS, ITEM_GROUP, ITEM_START, ITEM_LEN, OUT, NB, HK,
+                               stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh,
+                               G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                               POSITIONS: tl.constexpr, STAGES: tl.constexpr):
+    """One program per work item (a chunk of the positions that chose one key block): loads the
+    ``G`` query heads' rows of q and dO of each position, ``POSITIONS`` positions per step, and
+    writes the sum of all their elements."""
+    item = tl.program_id(0)
+    group = tl.load(ITEM_GROUP + item)
+    start = tl.load(ITEM_START + item)
+    length = tl.load(ITEM_LEN + item)
+    bh = group // NB
+    b = (bh // HK).to(tl.int64)
+    r = tl.arange(0, POSITIONS * GP)
+    head = (bh % HK) * G + r % GP
+    q_cols = tl.arange(0, DK)
+    o_cols = tl.arange(0, DV)
+    acc_q = tl.zeros([POSITIONS * GP, DK], tl.float32)
+    acc_o = tl.zeros([POSITIONS * GP, DV], tl.float32)
+    for e in tl.range(0, length, POSITIONS, num_stages=STAGES):
+        entry = e + r // GP
+        ok = (entry < length) & (r % GP < G)
+        t = tl.load(QPOS + start + entry, mask=ok, other=0).to(tl.int64)
+        q_rows = Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh
+        o_rows = DO + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh
+        acc_q += tl.load(q_rows + q_cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        acc_o += tl.load(o_rows + o_cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    total = tl.sum(tl.sum(acc_q, axis=1), axis=0) + tl.sum(tl.sum(acc_o, axis=1), axis=0)
+    tl.store(OUT + item, total)
+
+
+def gather_reader_rows(q: torch.Tensor, do: torch.Tensor, blocks: torch.Tensor, *, select_block: int,
+                       num_kv_heads: int, positions: int = 1, num_warps: int = 4, num_stages: int = 3,
+                       ) -> torch.Tensor:
+    """Selection dK/dV's reads without its arithmetic: for every key block, the query-head rows of
+    q and dO of each position that chose it (keys-major, the lists :func:`nsa.ops.selected_attention.
+    triton.invert_selection` makes for the backend's dK/dV pass).
+
+    Args:
+        q: ``[B, T, HQ, Dk]``, do: ``[B, T, HQ, Dv]`` (``Dk``, ``Dv`` powers of two >= 16).
+        blocks: int ``[B, T, HK, m]`` chosen blocks, ``-1`` for none.
+        positions: positions loaded per step (a power of two).
+
+    Returns:
+        float32 ``[items]``: each work item's sum of the elements it read (spare items 0).
+    """
+    from nsa.ops.selected_attention.triton import invert_selection
+
+    _, seq_len, num_heads, head_dim = q.shape
+    for name, value in (("Dk", head_dim), ("Dv", do.shape[-1]), ("positions", positions)):
+        if value & (value - 1) or (value < 16 and name != "positions"):
+            raise ValueError(f"gather_reader_rows: {name}={value} must be a power of two"
+                             + (" >= 16" if name != "positions" else ""))
+    qpos, item_group, item_start, item_len, _, _ = invert_selection(blocks, seq_len, select_block)
+    out = torch.empty(item_group.shape[0], dtype=torch.float32, device=q.device)
+    group = num_heads // num_kv_heads
+    _gather_reader_rows_kernel[(item_group.shape[0],)](
+        q, do, qpos, item_group, item_start, item_len, out, -(-seq_len // select_block), num_kv_heads,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        G=group, GP=triton.next_power_of_2(group), DK=head_dim, DV=do.shape[-1], POSITIONS=positions,
+        STAGES=num_stages, num_warps=num_warps)
+    return out
+
+
 @dataclass
 class FloorRow:
     """One measured piece of the bound (``ms``), or a time it is compared with."""
@@ -157,14 +226,45 @@ class FloorRow:
     what: str
 
 
-def forward_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_heads: int = 64,
-                  num_kv_heads: int = 4, shapes: list[tuple[int, int, bool]] = GATHER_SHAPES,
-                  ) -> list[FloorRow]:
+def _best_time(name: str, shapes: list[tuple], run, row) -> tuple[float, tuple]:
+    """Times ``run(*shape)`` (a kernel launch returning per-program sums) for every launch shape,
+    each checked to sum the same elements as the first, records a row per shape and returns the
+    best time and its shape. A shape that cannot compile or launch is recorded, not fatal."""
+    from nsa.bench.prefill import _bench
+
+    times, reference = {}, None
+    for shape in shapes:
+        label = f"{name} {' '.join(str(x) for x in shape)}"
+        try:
+            total = float(run(*shape).double().sum())
+        except Exception as exc:  # noqa: BLE001 - recorded, the other shapes still count
+            row(label, float("nan"), f"cannot run: {type(exc).__name__}: {str(exc)[:160]}")
+            continue
+        reference = total if reference is None else reference
+        # Every shape must read the same elements (sums in another order: float32 rounding).
+        if abs(total - reference) > 1e-4 * abs(reference) + 1.0:
+            raise AssertionError(f"{label} summed other elements: {total} against {reference}")
+        times[shape] = _bench(lambda shape=shape: run(*shape))
+        row(label, times[shape], f"one launch shape of the {name}")
+    best = min(times, key=times.get)
+    return times[best], best
+
+
+def prefill_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_heads: int = 64,
+                  num_kv_heads: int = 4, backward: bool = True,
+                  shapes: list[tuple[int, int, bool]] = GATHER_SHAPES) -> list[FloorRow]:
     """The bound's pieces at one length (bf16, B = 1, the paper's blocks, random data, CUDA), the
-    backend's forward and selection kernel, and dense causal cuDNN, all in this process."""
+    backend's forward (and backward) and selection kernel, and dense causal SDPA, in this process.
+
+    The backward's pieces (rows ``bwd: ...``): selection's dq pass gathers the forward's blocks
+    again; its dK/dV pass reads, for every key block, the q and dO rows of each position that
+    chose it (:func:`gather_reader_rows`; block 0 included, the local blocks left to the window's
+    pass); compressed attention's and the window's backward at cuDNN's rate over their mean keys;
+    the gate sum's backward two copies of an output (dO and the three outputs read for dgates).
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from nsa.bench.prefill import _bench, bench_config, dense_rows, nsa_inputs
+    from nsa.bench.prefill import _bench, _time_fwd_bwd, bench_config, dense_rows, nsa_inputs
     from nsa.functional import nsa_attention
     from nsa.ops.compressed_attention.triton import compressed_attention_triton
     from nsa.ops.compression import compress_mean
@@ -173,8 +273,8 @@ def forward_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_
     from nsa.ops.selection.triton import select_blocks_triton
 
     config = bench_config(head_dim, v_head_dim, num_heads, num_kv_heads)
-    x = {name: t.detach() for name, t in nsa_inputs(config, seq_len).items()}
-    q, k, v = x["q"], x["k"], x["v"]
+    leaves = nsa_inputs(config, seq_len)
+    q, k, v = (leaves[name].detach() for name in ("q", "k", "v"))
     sel = config.select_block
     k_cmp = compress_mean(k, config.compress_block, config.compress_stride)
     v_cmp = compress_mean(v, config.compress_block, config.compress_stride)
@@ -188,76 +288,93 @@ def forward_floor(seq_len: int, head_dim: int = 128, v_head_dim: int = 128, num_
     def row(name: str, ms: float, what: str) -> None:
         rows.append(FloorRow(seq_len, name, ms, what))
 
-    reference = gather_selected_blocks(k, v, lists, select_block=sel)
-    gathers = {}
-    for warps, stages, tma in shapes:
-        try:
-            out = gather_selected_blocks(k, v, lists, select_block=sel, num_warps=warps, num_stages=stages,
-                                         tma=tma)
-        except Exception as exc:  # noqa: BLE001 - a shape that cannot compile or launch: recorded
-            row(f"gathers {warps}w {stages}s tma={tma}", float("nan"),
-                f"cannot run: {type(exc).__name__}: {str(exc)[:160]}")
-            continue
-        # Every shape must read the same elements (sums in another order: float32 rounding).
-        if not torch.allclose(out, reference, rtol=1e-4, atol=1e-2):
-            raise AssertionError(f"gather shape {warps}w {stages}s tma={tma} summed other elements")
-        gathers[(warps, stages, tma)] = _bench(lambda w=warps, s=stages, m=tma: gather_selected_blocks(
-            k, v, lists, select_block=sel, num_warps=w, num_stages=s, tma=m))
-        row(f"gathers {warps}w {stages}s tma={tma}", gathers[(warps, stages, tma)],
-            "one launch shape of the selection gathers")
-    best = min(gathers, key=gathers.get)
+    gathers_ms, best = _best_time("gathers", shapes, lambda w, s, m: gather_selected_blocks(
+        k, v, lists, select_block=sel, num_warps=w, num_stages=s, tma=m), row)
     listed = int((lists >= 0).sum())
     gib = listed * sel * (head_dim + v_head_dim) * q.element_size() / 2**30
-    row("selection gathers", gathers[best], f"{listed} blocks, {gib:.1f} GiB, best shape {best}: "
-        f"{gib * 2**30 / gathers[best] / 1e9:.2f} TB/s")
+    row("selection gathers", gathers_ms, f"{listed} blocks, {gib:.1f} GiB, best shape (warps, stages, tma) "
+        f"{best}: {gib * 2**30 / gathers_ms / 1e9:.2f} TB/s")
     all_lists = blocks.to(torch.int32)
     row("selection gathers, all n", _bench(lambda: gather_selected_blocks(
         k, v, all_lists, select_block=sel, num_warps=best[0], num_stages=best[1], tma=best[2])),
         "the same over every chosen block (forced ones too): compare with the backend's selection forward")
 
-    def dense_ms(keys: int) -> float:
-        """cuDNN SDPA, not causal, every query over ``keys`` keys."""
-        qd = torch.randn(1, num_heads, seq_len, head_dim, device="cuda", dtype=q.dtype)
-        kd = torch.randn(1, num_heads, keys, head_dim, device="cuda", dtype=q.dtype)
-        vd = torch.randn(1, num_heads, keys, v_head_dim, device="cuda", dtype=q.dtype)
+    def dense_ms(keys: int) -> tuple[float, float | None]:
+        """cuDNN SDPA, not causal, every query over ``keys`` keys: forward (and backward) ms."""
+        qd, kd, vd = (torch.randn(1, num_heads, n, d, device="cuda", dtype=q.dtype, requires_grad=backward)
+                      for n, d in ((seq_len, head_dim), (keys, head_dim), (keys, v_head_dim)))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return _bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd))
+            def attend():
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
+            return _time_fwd_bwd(attend, [qd, kd, vd])[:2] if backward else (_bench(attend), None)
 
     positions = torch.arange(seq_len)
     mean_cmp = max(round(float(compressed_reads(positions, block=config.compress_block,
                                                 stride=config.compress_stride).float().mean())), 1)
-    cmp_ms = dense_ms(mean_cmp)
-    row("compressed products", cmp_ms,
-        f"cuDNN, not causal, {mean_cmp} keys (mean visible of {k_cmp.shape[1]})")
-    row("scoring products", cmp_ms / 2, "half of the compressed products (q.k only)")
     mean_win = max(round(float(window_reads(positions, window=config.window).float().mean())), 1)
-    row("window products", dense_ms(mean_win), f"cuDNN, not causal, {mean_win} keys (mean visible)")
+    cmp_ms, win_ms = dense_ms(mean_cmp), dense_ms(mean_win)
+    row("compressed products", cmp_ms[0],
+        f"cuDNN, not causal, {mean_cmp} keys (mean visible of {k_cmp.shape[1]})")
+    row("scoring products", cmp_ms[0] / 2, "half of the compressed products (q.k only)")
+    row("window products", win_ms[0], f"cuDNN, not causal, {mean_win} keys (mean visible)")
     o = torch.randn(1, seq_len, num_heads, v_head_dim, device="cuda", dtype=q.dtype)
-    out = torch.empty_like(o)
-    row("combine", _bench(lambda: out.copy_(o)), "one copy of an output (two passes over it)")
+    copy = torch.empty_like(o)
+    copy_ms = _bench(lambda: copy.copy_(o))
+    row("combine", copy_ms, "one copy of an output (two passes over it)")
     row("floor", sum(r.ms for r in rows if r.name in FLOOR_PIECES), "sum of: " + ", ".join(FLOOR_PIECES))
-
     row("nsa selection forward", _bench(lambda: selected_attention_triton(q, k, v, blocks, select_block=sel)),
         "the backend's selection attention over all n blocks (forced ones included)")
-    row("nsa forward", _bench(lambda: nsa_attention(q, k, v, x["gates"], config, backend="triton")),
-        "nsa_attention, Triton backend")
+
+    def forward():
+        return nsa_attention(leaves["q"], leaves["k"], leaves["v"], leaves["gates"], config, backend="triton")
+
+    if backward:
+        row("bwd: selection dq gathers", gathers_ms,
+            "the forward's selection gathers (dq reads the same blocks)")
+        # dK/dV's lists: the non-forced blocks and block 0 (the local ones lie in the window's band).
+        readers = torch.cat([torch.zeros_like(lists[..., :1]), lists], dim=-1)
+        do = torch.randn_like(o)
+        dkdv_ms, dkdv_best = _best_time("dK/dV gathers", DKDV_SHAPES, lambda p, w, s: gather_reader_rows(
+            q, do, readers, select_block=sel, num_kv_heads=num_kv_heads, positions=p, num_warps=w,
+            num_stages=s), row)
+        row("bwd: selection dK/dV gathers", dkdv_ms,
+            f"q and dO rows of each block's readers, best shape (positions, warps, stages) {dkdv_best}")
+        row("bwd: compressed products", cmp_ms[1], f"cuDNN backward, not causal, {mean_cmp} keys")
+        row("bwd: window products", win_ms[1], f"cuDNN backward, not causal, {mean_win} keys")
+        row("bwd: combine", 2 * copy_ms, "two copies of an output (dO and the three outputs read)")
+        row("backward floor", sum(r.ms for r in rows if r.name in BACKWARD_PIECES),
+            "sum of: " + ", ".join(BACKWARD_PIECES))
+        nsa_fwd, nsa_bwd, _, _ = _time_fwd_bwd(forward, list(leaves.values()))
+        row("nsa backward", nsa_bwd, "nsa_attention, Triton backend (nsa bench's timing)")
+    else:
+        with torch.no_grad():
+            nsa_fwd = _bench(forward)
+    row("nsa forward", nsa_fwd, "nsa_attention, Triton backend")
     for dense in dense_rows(seq_len, head_dim, v_head_dim, num_heads, num_kv_heads):
-        row(f"{dense.impl} causal forward", dense.fwd_ms, dense.note or "dense baseline (nsa bench's rows)")
+        what = dense.note or "dense baseline (nsa bench's rows)"
+        row(f"{dense.impl} causal forward", dense.fwd_ms, what)
+        if backward:
+            row(f"{dense.impl} causal backward", dense.bwd_ms, what)
     return rows
 
 
-# The pieces summed into the bound.
+# The pieces summed into each bound.
 FLOOR_PIECES = ("selection gathers", "compressed products", "scoring products", "window products", "combine")
+BACKWARD_PIECES = ("bwd: selection dq gathers", "bwd: selection dK/dV gathers", "bwd: compressed products",
+                   "bwd: window products", "bwd: combine")
+# Launch shapes of the dK/dV gathers: (positions per step, warps, stages).
+DKDV_SHAPES = [(p, w, s) for p in (1, 4) for w in (4, 8) for s in (2, 3)]
 
 
 def floor_summary(rows: list[FloorRow], nsa: str = "nsa forward", baseline: str = "sdpa-cudnn causal forward",
-                  ) -> dict[str, float]:
+                  floor: str = "floor") -> dict[str, float]:
     """``{"floor_ms", "nsa_ms", "baseline_ms", "max_ratio", "nsa_ratio"}`` of one shape's rows:
     ``max_ratio`` is the baseline's time over the floor, the most any kernel of this algorithm
-    gets (the decode rows: ``nsa="nsa step", baseline="dense step"``)."""
+    gets (the decode rows: ``nsa="nsa step", baseline="dense step"``; the backward's:
+    ``floor="backward floor"``, ``nsa="nsa backward"``, ``baseline="sdpa-cudnn causal backward"``)."""
     by_name = {r.name: r.ms for r in rows}
-    floor, nsa_ms, base = by_name["floor"], by_name[nsa], by_name[baseline]
-    return {"floor_ms": floor, "nsa_ms": nsa_ms, "baseline_ms": base, "max_ratio": base / floor,
+    floor_ms, nsa_ms, base = by_name[floor], by_name[nsa], by_name[baseline]
+    return {"floor_ms": floor_ms, "nsa_ms": nsa_ms, "baseline_ms": base, "max_ratio": base / floor_ms,
             "nsa_ratio": base / nsa_ms}
 
 
