@@ -1,5 +1,5 @@
-"""Measured lower bounds of the NSA forward on one card: how fast the work each branch cannot
-avoid runs on that card's fastest kernels, beside dense cuDNN in the same process.
+"""Measured lower bounds of NSA on one card (prefill forward and backward, the decode step): how
+fast the work each branch cannot avoid runs there, beside dense attention in the same process.
 
 The spec's rough floor (~16 ms at 64k) prices all three attentions at dense attention's
 TFLOP/s. Selection attention is not dense: each position's query heads of one KV head read their
