@@ -164,11 +164,39 @@ def test_gather_reader_rows_reads_each_readers_rows(positions, group):
     for b in range(batch):
         for t in range(seq_len):
             for h in range(num_kv):
-                chosen = torch.randperm(t // select_block + 1, generator=gen)[:int(torch.randint(0, 4, (1,),
-                                                                                                  generator=gen))]
+                count = int(torch.randint(0, 4, (1,), generator=gen))
+                chosen = torch.randperm(t // select_block + 1, generator=gen)[:count]
                 blocks[b, t, h, :len(chosen)] = chosen
                 heads = slice(h * group, (h + 1) * group)
                 want += len(chosen) * (q[b, t, heads].double().sum() + do[b, t, heads].double().sum()).item()
-    got = gather_reader_rows(q, do, blocks, select_block=select_block, num_kv_heads=num_kv, positions=positions,
-                             num_stages=2)
+    got = gather_reader_rows(q, do, blocks, select_block=select_block, num_kv_heads=num_kv,
+                             positions=positions, num_stages=2)
     assert got.double().sum().item() == pytest.approx(want, rel=1e-5, abs=1e-3)
+
+
+def test_best_time_checks_every_shape_against_the_reference_and_records_failures():
+    from nsa.bench.floor import _best_time
+
+    rows = []
+
+    def row(name, ms, what):
+        rows.append((name, ms, what))
+
+    def run(shape_id):
+        if shape_id == 2:
+            raise RuntimeError("no such launch")
+        return (torch.ones(3), torch.ones(2)) if shape_id == 1 else torch.full((5,), 1.0)
+
+    timings = {0: 2.0, 1: 1.5}
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return timings[len(calls) - 1]
+
+    best_ms, best_shape = _best_time("reads", [(0,), (1,), (2,)], run, row, timer, reference=5.0)
+    assert (best_ms, best_shape) == (1.5, (1,))
+    assert [r[0] for r in rows] == ["reads 0", "reads 1", "reads 2"]
+    assert "cannot run: RuntimeError: no such launch" in rows[2][2]
+    with pytest.raises(AssertionError, match="summed other elements"):
+        _best_time("reads", [(0,)], run, row, timer, reference=50.0)

@@ -226,25 +226,32 @@ class FloorRow:
     what: str
 
 
-def _best_time(name: str, shapes: list[tuple], run, row) -> tuple[float, tuple]:
-    """Times ``run(*shape)`` (a kernel launch returning per-program sums) for every launch shape,
-    each checked to sum the same elements as the first, records a row per shape and returns the
-    best time and its shape. A shape that cannot compile or launch is recorded, not fatal."""
+def _best_time(name: str, shapes: list[tuple], run, row, timer=None, reference: float | None = None,
+               ) -> tuple[float, tuple]:
+    """Times ``run(*shape)`` (launches returning per-program sums of what they read: a tensor or a
+    tuple of them) for every launch shape with ``timer`` (a callable's milliseconds; default
+    :func:`nsa.bench.prefill._bench`), each checked to sum the same elements as ``reference``
+    (default: the first shape's), records a row per shape and returns the best time and its
+    shape. A shape that cannot compile, launch or be timed is recorded, not fatal."""
     from nsa.bench.prefill import _bench
 
-    times, reference = {}, None
+    timer = timer or _bench
+    times = {}
     for shape in shapes:
         label = f"{name} {' '.join(str(x) for x in shape)}"
         try:
-            total = float(run(*shape).double().sum())
+            sums = run(*shape)
+            total = sum(float(x.double().sum()) for x in (sums if isinstance(sums, tuple) else (sums,)))
+            reference = total if reference is None else reference
+            # Every shape must read the same elements (sums in another order: float32 rounding).
+            if abs(total - reference) > 1e-4 * abs(reference) + 1.0:
+                raise AssertionError(f"{label} summed other elements: {total} against {reference}")
+            times[shape] = timer(lambda shape=shape: run(*shape))
+        except AssertionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded, the other shapes still count
             row(label, float("nan"), f"cannot run: {type(exc).__name__}: {str(exc)[:160]}")
             continue
-        reference = total if reference is None else reference
-        # Every shape must read the same elements (sums in another order: float32 rounding).
-        if abs(total - reference) > 1e-4 * abs(reference) + 1.0:
-            raise AssertionError(f"{label} summed other elements: {total} against {reference}")
-        times[shape] = _bench(lambda shape=shape: run(*shape))
         row(label, times[shape], f"one launch shape of the {name}")
     best = min(times, key=times.get)
     return times[best], best
@@ -514,45 +521,46 @@ def decode_floor(context: int, batch: int, head_dim: int = 128, v_head_dim: int 
     _, formula_bytes = read_bytes(config, batch, context, 2)
     rows, label = [], f"{context} B{batch}"
 
-    def row(name: str, us: float, what: str) -> None:
-        rows.append(FloorRow(context, name, us / 1000.0, f"{label}: {what}"))
+    def row(name: str, ms: float, what: str) -> None:
+        rows.append(FloorRow(context, name, ms, f"{label}: {what}"))
 
-    reference = float(read_tiles(k, v, tiles, programs=1).sum())
-    best: dict[str, float] = {}
-    for per_sm, warps, stages in shapes:
-        programs = per_sm * sms
-        variants = {
-            "one launch": lambda p=programs, w=warps, s=stages: read_tiles(
-                k, v, tiles, programs=p, num_warps=w, num_stages=s),
-            "two launches": lambda p=programs, w=warps, s=stages: (
-                read_tiles(k, v, tiles, programs=p, stop=first_phase, num_warps=w, num_stages=s),
-                read_tiles(k, v, tiles, programs=p, start=first_phase, num_warps=w, num_stages=s)),
-        }
-        if per_sm == 1:
-            arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
-            variants["barrier"] = lambda p=programs, w=warps, s=stages, a=arrivals: read_tiles(
-                k, v, tiles, programs=p, split=first_phase, arrivals=a, num_warps=w, num_stages=s)
-        for name, fn in variants.items():
-            result = fn()
-            got = sum(float(x.sum()) for x in (result if isinstance(result, tuple) else (result,)))
-            if abs(got - reference) > 1e-3 * max(abs(reference), 1.0) + 1.0:
-                raise AssertionError(f"{name} {per_sm}/SM {warps}w {stages}s read other elements: "
-                                     f"{got} against {reference}")
-            graph_fn, in_graph, note = graphed(fn)
-            us = bench_us(graph_fn)
-            row(f"{name} {per_sm}/SM {warps}w {stages}s", us, note or f"CUDA graph={in_graph}")
-            best[name] = min(best.get(name, float("inf")), us)
-    empty_fn, in_graph, note = graphed(lambda: read_tiles(k, v, tiles, programs=sms, stop=0))
-    row("empty launch", bench_us(empty_fn),
-        note or f"the reader over no tiles, one program per SM (graph={in_graph})")
-    row("bytes alone", best["one launch"], f"{nbytes / 1e6:.1f} MB in tiles (formula "
-        f"{formula_bytes / 1e6:.1f}), {nbytes / best['one launch'] / 1e3:.0f} GB/s, no order")
-    row("two launches", best["two launches"], "compressed tiles, then the rest (graph)")
-    row("barrier", best["barrier"], "both phases in one launch, a grid barrier between")
-    row("floor", min(best["two launches"], best["barrier"]), "the faster of the dependence-respecting two")
+    def graph_ms(fn) -> float:
+        """``fn`` replayed from a CUDA graph, as ``nsa bench decode`` times a step."""
+        replay, in_graph, note = graphed(fn)
+        if not in_graph:
+            raise RuntimeError(note)
+        return bench_us(replay) / 1000.0
+
+    reference = float(read_tiles(k, v, tiles, programs=1).double().sum())
+
+    def launches(per_sm: int, warps: int, stages: int, first: int = 0, stop: int | None = None):
+        return read_tiles(k, v, tiles, programs=per_sm * sms, start=first, stop=stop, num_warps=warps,
+                          num_stages=stages)
+
+    one_ms, _ = _best_time("one launch", shapes, launches, row, graph_ms, reference)
+    two_ms, _ = _best_time("two launches", shapes, lambda *shape: (
+        launches(*shape, stop=first_phase), launches(*shape, first=first_phase)), row, graph_ms, reference)
+    arrivals = {}  # one counter per grid size: arrivals grow by the grid size per launch
+
+    def barrier(per_sm: int, warps: int, stages: int):
+        counter = arrivals.setdefault(per_sm, torch.zeros(1, dtype=torch.int32, device="cuda"))
+        return read_tiles(k, v, tiles, programs=per_sm * sms, split=first_phase, arrivals=counter,
+                          num_warps=warps, num_stages=stages)
+
+    # One program per SM only: a barrier's programs must all be resident at once.
+    resident = [shape for shape in shapes if shape[0] == 1]
+    barrier_ms, _ = _best_time("barrier", resident, barrier, row, graph_ms, reference)
+    row("empty launch", graph_ms(lambda: read_tiles(k, v, tiles, programs=sms, stop=0)),
+        "the reader over no tiles, one program per SM (graph)")
+    row("bytes alone", one_ms, f"{nbytes / 1e6:.1f} MB in tiles (formula {formula_bytes / 1e6:.1f}), "
+        f"{nbytes / one_ms / 1e6:.0f} GB/s, no order")
+    row("two launches", two_ms, "compressed tiles, then the rest (graph)")
+    row("barrier", barrier_ms, "both phases in one launch, a grid barrier between")
+    row("floor", min(two_ms, barrier_ms), "the faster of the dependence-respecting two")
     nsa = nsa_row(batch, context, head_dim, v_head_dim)
-    row("nsa step", nsa.us, f"nsa bench decode's Triton step (graph={nsa.cuda_graph}) {nsa.note}".strip())
+    row("nsa step", nsa.us / 1000.0,
+        f"nsa bench decode's Triton step (graph={nsa.cuda_graph}) {nsa.note}".strip())
     dense = [d for d in dense_rows(batch, context, head_dim, v_head_dim) if d.us is not None]
     fastest = min(dense, key=lambda d: d.us)
-    row("dense step", fastest.us, f"best dense SDPA: {fastest.impl}")
+    row("dense step", fastest.us / 1000.0, f"best dense SDPA: {fastest.impl}")
     return rows
