@@ -37,6 +37,7 @@ the last two.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -44,6 +45,9 @@ import triton.language as tl
 
 from nsa.ops import triton_common
 from nsa.ops.triton_common import load_box, tile_descriptors
+
+if TYPE_CHECKING:
+    from nsa.config import NSAConfig
 
 # Launch shapes timed for the gather bound (warps, pipeline stages, TMA): the bound is the best.
 GATHER_SHAPES = [(w, s, tma) for tma in (False, True) for w in (4, 8) for s in (2, 3, 4)]
@@ -468,7 +472,7 @@ def read_tiles(k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, *, program
     return out
 
 
-def decode_step_tiles(config, batch: int, context: int, generator: torch.Generator | None = None,
+def decode_step_tiles(config: NSAConfig, batch: int, context: int, generator: torch.Generator | None = None,
                       ) -> tuple[torch.Tensor, int, int]:
     """The tiles one decode step reads (the new token at position ``context - 1`` of each
     sequence), over one ``[B, R, HK, D]`` layout: the compressed cache, then the selection cache,
@@ -487,7 +491,7 @@ def decode_step_tiles(config, batch: int, context: int, generator: torch.Generat
     current = (context - 1) // config.select_block
     count = min(config.select_count, current + 1)
     forced = sorted({0, max(current - 1, 0), current})
-    others = torch.tensor([j for j in range(1, max(current - 1, 1))], dtype=torch.int64)
+    others = torch.arange(1, max(current - 1, 1))  # the blocks that are not forced
     tiles_cmp, tiles_rest = [], []
     for b in range(batch):
         for h in range(config.num_kv_heads):
