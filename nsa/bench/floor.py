@@ -53,6 +53,13 @@ if TYPE_CHECKING:
 GATHER_SHAPES = [(w, s, tma) for tma in (False, True) for w in (4, 8) for s in (2, 3, 4)]
 
 
+def _require_powers_of_two(caller: str, minimum: int = 16, **sizes: int) -> None:
+    """Tile sizes the floor kernels take whole (``tl.arange``): powers of two, at least ``minimum``."""
+    for name, value in sizes.items():
+        if value < minimum or value & (value - 1):
+            raise ValueError(f"{caller}: {name}={value} must be a power of two >= {minimum}")
+
+
 @triton.jit
 def _gather_blocks_kernel(K, V, K_DESC, V_DESC, BLOCKS, OUT, T, HK,
                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -133,9 +140,7 @@ def gather_selected_blocks(k: torch.Tensor, v: torch.Tensor, blocks: torch.Tenso
     """
     batch, seq_len, num_kv, head_dim = k.shape
     v_head_dim = v.shape[-1]
-    for name, value in (("Dk", head_dim), ("Dv", v_head_dim), ("select_block", select_block)):
-        if value & (value - 1) or value < 16:
-            raise ValueError(f"gather_selected_blocks: {name}={value} must be a power of two >= 16")
+    _require_powers_of_two("gather_selected_blocks", Dk=head_dim, Dv=v_head_dim, select_block=select_block)
     if v.shape[:3] != k.shape[:3] or blocks.shape[:3] != k.shape[:3] or blocks.dtype != torch.int32:
         raise ValueError(f"gather_selected_blocks: k {tuple(k.shape)}, v {tuple(v.shape)} and int32 blocks "
                          f"{tuple(blocks.shape)} {blocks.dtype} must share [B, T, HK]")
@@ -205,10 +210,8 @@ def gather_reader_rows(q: torch.Tensor, do: torch.Tensor, blocks: torch.Tensor, 
     from nsa.ops.selected_attention.triton import invert_selection
 
     _, seq_len, num_heads, head_dim = q.shape
-    for name, value in (("Dk", head_dim), ("Dv", do.shape[-1]), ("positions", positions)):
-        if value & (value - 1) or (value < 16 and name != "positions"):
-            raise ValueError(f"gather_reader_rows: {name}={value} must be a power of two"
-                             + (" >= 16" if name != "positions" else ""))
+    _require_powers_of_two("gather_reader_rows", Dk=head_dim, Dv=do.shape[-1])
+    _require_powers_of_two("gather_reader_rows", minimum=1, positions=positions)
     qpos, item_group, item_start, item_len, _, _ = invert_selection(blocks, seq_len, select_block)
     out = torch.empty(item_group.shape[0], dtype=torch.float32, device=q.device)
     group = num_heads // num_kv_heads
@@ -455,9 +458,7 @@ def read_tiles(k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, *, program
         float32 ``[programs]``: each program's sum of the elements it read.
     """
     stop = tiles.shape[0] if stop is None else stop
-    for name, value in (("Dk", k.shape[-1]), ("Dv", v.shape[-1])):
-        if value & (value - 1) or value < 16:
-            raise ValueError(f"read_tiles: {name}={value} must be a power of two >= 16")
+    _require_powers_of_two("read_tiles", Dk=k.shape[-1], Dv=v.shape[-1])
     if tiles.dim() != 2 or tiles.shape[1] != 3 or tiles.dtype != torch.int32:
         raise ValueError(f"read_tiles: tiles must be int32 [n, 3], got {tiles.dtype} {tuple(tiles.shape)}")
     if (split is None) != (arrivals is None):
